@@ -1,0 +1,3 @@
+from grenadine_sv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""The grenadine-sv command: argument parsing, output formatting and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from grenadine_sv import __version__
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+
+DEFAULT_CONFIG_LOCATIONS = (Path("grenadine.toml"), Path("/etc/grenadine-sv/grenadine.toml"))
+
+
+class UsageError(Exception):
+    pass
+
+
+def default_config_path() -> Path:
+    from_env = os.environ.get("GRENADINE_SV_CONFIG")
+    if from_env:
+        return Path(from_env)
+    for candidate in DEFAULT_CONFIG_LOCATIONS:
+        if candidate.exists():
+            return candidate
+    return DEFAULT_CONFIG_LOCATIONS[-1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grenadine-sv",
+        description="Supervise daemons in namespace sandboxes; "
+        "checkpoint and restore them with CRIU.",
+    )
+    parser.add_argument("-c", "--config", type=Path, help="configuration file (TOML)")
+    parser.add_argument("--version", action="version", version=f"grenadine-sv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str, *, json_output: bool = False) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if json_output:
+            command.add_argument("--json", action="store_true", help="print JSON for scripts")
+        return command
+
+    add("run", "run the supervisor in the foreground (the default)")
+    add("status", "one line per program", json_output=True).add_argument("names", nargs="*")
+    for verb in ("start", "stop", "restart"):
+        add(verb, f"{verb} programs (or all)", json_output=True).add_argument("names", nargs="+")
+    add("reload", "re-read the configuration and apply the difference", json_output=True)
+    logs = add("logs", "show a program's captured output")
+    logs.add_argument("name")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+    logs.add_argument("-n", "--bytes", type=int, default=4096, help="bytes from the end to show")
+    add("check", "validate the configuration and exit (0 valid, 2 invalid)")
+    add("doctor", "report what CRIU needs on this host and what will not work", json_output=True)
+    add("schema", "print the JSON Schema of the configuration")
+    add_checkpoint_commands(add)
+    return parser
+
+
+def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    checkpoint = add("checkpoint", "checkpoint programs now", json_output=True)
+    checkpoint.add_argument("names", nargs="+")
+    checkpoint.add_argument("--stop", action="store_true", help="stop the program after the dump")
+    restore = add("restore", "restore a program from an image", json_output=True)
+    restore.add_argument("name")
+    restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    images = add("images", "list checkpoint images", json_output=True)
+    images.add_argument("name", nargs="?")
+    prune = add("prune", "delete old images", json_output=True)
+    prune.add_argument("name", nargs="?")
+    prune.add_argument("--keep", type=int, help="images to keep per program (default: its keep)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
+    command = args.command or "run"
+    out = sys.stdout
+    try:
+        return dispatch(command, args, out)
+    except UsageError as exc:
+        print(f"grenadine-sv: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv import commands
+
+    handlers: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
+        "run": commands.run,
+        "check": commands.check,
+        "doctor": commands.doctor,
+        "schema": commands.schema,
+        "logs": commands.logs,
+        "images": commands.images,
+    }
+    handler = handlers.get(command, commands.remote)
+    return handler(args, out)
+
+
+def print_json(data: Any, out: TextIO) -> None:
+    json.dump(data, out, indent=2, default=str)
+    out.write("\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

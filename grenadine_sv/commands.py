@@ -1,0 +1,167 @@
+"""The sub-commands of grenadine-sv; each returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from grenadine_sv.cli import (
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    default_config_path,
+    print_json,
+)
+from grenadine_sv.config import Config, ConfigError, config_json_schema, load_config
+from grenadine_sv.control import ControlError, SupervisorNotRunning, request
+from grenadine_sv.formatting import format_images, format_status
+
+# A remote request waits at most this long for the supervisor's reply.
+REQUEST_TIMEOUT_SECONDS = 600.0
+
+
+def load_or_explain(args: argparse.Namespace) -> Config | None:
+    path = args.config if args.config is not None else default_config_path()
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"grenadine-sv: invalid configuration, nothing started:\n{exc}", file=sys.stderr)
+        return None
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.logs import configure_logging
+    from grenadine_sv.supervisor import StartupError, Supervisor
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    configure_logging(config.supervisor.log_format, config.supervisor.log_level)
+    try:
+        trio.run(Supervisor(config).run)
+    except (StartupError, ControlError) as exc:
+        print(f"grenadine-sv: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def check(args: argparse.Namespace, out: TextIO) -> int:
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    files = ", ".join(str(f) for f in config.files)
+    out.write(f"configuration valid: {len(config.programs)} programs from {files}\n")
+    return EXIT_OK
+
+
+def doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.doctor import run_doctor
+
+    criu_path: Path | None = None
+    if args.config is not None:
+        config = load_or_explain(args)
+        if config is None:
+            return EXIT_USAGE
+        criu_path = config.supervisor.criu
+    return run_doctor(as_json=args.json, out=out, criu_path=criu_path)
+
+
+def schema(args: argparse.Namespace, out: TextIO) -> int:
+    print_json(config_json_schema(), out)
+    return EXIT_OK
+
+
+def logs(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.output import follow
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    program = config.programs.get(args.name)
+    if program is None:
+        print(f"grenadine-sv: no such program: {args.name}", file=sys.stderr)
+        return EXIT_USAGE
+    log_dir = config.supervisor.log_dir
+    path = program.stderr_path(log_dir) if args.stderr else program.stdout_path(log_dir)
+    if not args.follow:
+        if not path.exists():
+            return EXIT_OK
+        with path.open("rb") as log_file:
+            size = log_file.seek(0, 2)
+            log_file.seek(max(size - args.bytes, 0))
+            sys.stdout.buffer.write(log_file.read())
+        return EXIT_OK
+
+    async def stream() -> None:
+        async for chunk in follow(path, args.bytes):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+
+    trio.run(stream)
+    return EXIT_OK
+
+
+def images(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.images import ImageStore
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    store = ImageStore(config.supervisor.state_dir)
+    listed = store.list(args.name)
+    if args.json:
+        print_json([image.model_dump(mode="json") for image in listed], out)
+    else:
+        out.write(format_images(listed))
+    return EXIT_OK
+
+
+def remote(args: argparse.Namespace, out: TextIO) -> int:
+    """Commands answered by the running supervisor through its control socket."""
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    request_args: dict[str, Any] = {}
+    for key in ("names", "stop", "keep"):
+        if getattr(args, key, None) is not None:
+            request_args[key] = getattr(args, key)
+    for key in ("name", "image"):
+        if getattr(args, key, None) is not None:
+            request_args[key] = getattr(args, key)
+    try:
+        result = request(
+            config.supervisor.control_socket, args.command, request_args, REQUEST_TIMEOUT_SECONDS
+        )
+    except SupervisorNotRunning as exc:
+        print(f"grenadine-sv: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"grenadine-sv: {args.command} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"grenadine-sv: {args.command} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if getattr(args, "json", False):
+        print_json(result, out)
+    elif args.command in ("status", "start", "stop", "restart"):
+        out.write(format_status(result))
+    else:
+        print_json(result, out)
+    return operation_exit_code(args.command, result)
+
+
+def operation_exit_code(command: str, result: Any) -> int:
+    wanted = {"start": {"RUNNING"}, "restart": {"RUNNING"}, "stop": {"STOPPED", "EXITED", "FATAL"}}
+    if (
+        command in wanted
+        and isinstance(result, list)
+        and any(entry.get("state") not in wanted[command] for entry in result)
+    ):
+        return EXIT_FAILED
+    return EXIT_OK

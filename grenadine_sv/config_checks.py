@@ -1,0 +1,153 @@
+"""Checks across programs: dependencies and log files. Pure functions over validated models."""
+
+import difflib
+import heapq
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from grenadine_sv.config_errors import Problem, key_path
+from grenadine_sv.config_models import ProgramConfig
+
+PathDisplay = Callable[[Path], str]
+
+
+def program_problems(
+    programs: Mapping[str, ProgramConfig], log_dir: Path, display: PathDisplay = str
+) -> list[Problem]:
+    """Everything wrong between programs that no single program's table can show."""
+    return [
+        *_table_key_problems(programs),
+        *_dependency_problems(programs),
+        *_cycle_problems(programs),
+        *_log_path_problems(programs, log_dir, display),
+    ]
+
+
+def start_order(programs: Mapping[str, ProgramConfig]) -> list[str]:
+    """Names in dependency order; among programs free to start, by name.
+
+    Raises ValueError on a dependency cycle or an unknown dependency.
+    """
+    waiting_on = {name: set(program.depends_on) for name, program in programs.items()}
+    dependents: dict[str, list[str]] = {name: [] for name in programs}
+    for name, dependencies in waiting_on.items():
+        for dependency in dependencies:
+            if dependency not in dependents:
+                raise ValueError(f"program {name!r} depends on unknown program {dependency!r}")
+            dependents[dependency].append(name)
+    ready = [name for name, dependencies in waiting_on.items() if not dependencies]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        name = heapq.heappop(ready)
+        order.append(name)
+        for dependent in dependents[name]:
+            waiting_on[dependent].discard(name)
+            if not waiting_on[dependent]:
+                heapq.heappush(ready, dependent)
+    if len(order) != len(programs):
+        stuck = sorted(set(programs) - set(order))
+        raise ValueError(f"dependency cycle among programs {', '.join(stuck)}")
+    return order
+
+
+def _depends_key(name: str) -> str:
+    return key_path(["programs", name, "depends_on"])
+
+
+def _table_key_problems(programs: Mapping[str, ProgramConfig]) -> list[Problem]:
+    return [
+        Problem(program.source, key_path(["programs", key]), f"holds program {program.name!r}")
+        for key, program in programs.items()
+        if key != program.name
+    ]
+
+
+def _dependency_problems(programs: Mapping[str, ProgramConfig]) -> list[Problem]:
+    problems = []
+    for name, program in programs.items():
+        for dependency in program.depends_on:
+            if dependency == name:
+                message = f'expected names of other programs, got "{name}" (the program itself)'
+            elif dependency not in programs:
+                message = f'expected names of defined programs, got "{dependency}" (no such program'
+                close = difflib.get_close_matches(dependency, list(programs), n=1)
+                message += f', did you mean "{close[0]}"?)' if close else ")"
+            else:
+                continue
+            problems.append(Problem(program.source, _depends_key(name), message))
+    return problems
+
+
+def _cycle_problems(programs: Mapping[str, ProgramConfig]) -> list[Problem]:
+    return [
+        Problem(
+            programs[cycle[0]].source,
+            _depends_key(cycle[0]),
+            "expected no dependency cycle, got " + " -> ".join(cycle),
+        )
+        for cycle in find_cycles(
+            {
+                name: [d for d in program.depends_on if d in programs and d != name]
+                for name, program in programs.items()
+            }
+        )
+    ]
+
+
+def find_cycles(graph: Mapping[str, list[str]]) -> list[list[str]]:
+    """Cycles of a dependency graph found by one depth-first search (at least one if the
+    graph has any), each written from its smallest name back to it: ["a", "b", "a"]."""
+    cycles: list[list[str]] = []
+    seen_cycles: set[tuple[str, ...]] = set()
+    finished: set[str] = set()
+    for root in sorted(graph):
+        if root in finished:
+            continue
+        path: list[str] = [root]
+        on_path = {root}
+        stack = [iter(sorted(graph[root]))]
+        while stack:
+            following = next(stack[-1], None)
+            if following is None:
+                stack.pop()
+                finished.add(path[-1])
+                on_path.discard(path.pop())
+            elif following in on_path:
+                cycle = path[path.index(following) :]
+                start = cycle.index(min(cycle))
+                rotated = (*cycle[start:], *cycle[:start])
+                if rotated not in seen_cycles:
+                    seen_cycles.add(rotated)
+                    cycles.append([*rotated, rotated[0]])
+            elif following not in finished:
+                path.append(following)
+                on_path.add(following)
+                stack.append(iter(sorted(graph[following])))
+    return cycles
+
+
+def _log_path_problems(
+    programs: Mapping[str, ProgramConfig], log_dir: Path, display: PathDisplay
+) -> list[Problem]:
+    problems = []
+    writers: dict[Path, tuple[str, str]] = {}
+    for name, program in programs.items():
+        for stream, path in (
+            ("stdout", program.stdout_path(log_dir)),
+            ("stderr", program.stderr_path(log_dir)),
+        ):
+            if path in writers:
+                other_name, other_stream = writers[path]
+                other_file = display(programs[other_name].source)
+                problems.append(
+                    Problem(
+                        program.source,
+                        key_path(["programs", name, f"{stream}_logfile"]),
+                        f'expected a log file of its own, got "{path}" (also the {other_stream}'
+                        f' log of program "{other_name}" in {other_file})',
+                    )
+                )
+            else:
+                writers[path] = (name, stream)
+    return problems

@@ -1,0 +1,351 @@
+"""Pydantic models of the configuration's tables: what each key accepts.
+
+The loader (grenadine_sv.config) validates each file with these models, passing
+{"base_dir": <directory of the file>} as validation context so relative paths
+are resolved against the file that wrote them.
+"""
+
+import hashlib
+import json
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+from grenadine_sv.config_units import (
+    HOST_PORT_EXPECTED,
+    parse_duration,
+    parse_host_port,
+    parse_positive_duration,
+    parse_signal,
+    parse_size,
+    parse_umask,
+    split_command,
+)
+
+PROGRAM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+IMAGE_REF_PATTERN = r"[0-9a-f-]{1,64}|latest"
+# sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+MIB = 1024 * 1024
+
+# ProgramConfig's fields that the loader sets and users may not write.
+LOADER_FIELDS = frozenset({"name", "source"})
+
+# The fields whose change means a different process: reload restarts a program
+# whose digest changed, and an image is restored only into an equal definition.
+DIGEST_FIELDS = (
+    "command",
+    "directory",
+    "environment",
+    "umask",
+    "user",
+    "group",
+    "binds",
+    "stopsignal",
+)
+
+_DURATION_JSON: dict[str, Any] = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*(\d+(\.\d+)?(ms|s|m|h|d)\s*)+$"},
+    ],
+    "description": 'seconds, or a duration such as "90s", "15m", "1h30m", "500ms"',
+}
+_SIZE_JSON: dict[str, Any] = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([kmgtKMGT]i?B|B)?\s*$"},
+    ],
+    "description": 'bytes, or a size such as "50MB" (10**6) or "10KiB" (2**10)',
+}
+
+
+def _check_program_name(name: str) -> str:
+    if not re.fullmatch(PROGRAM_NAME_PATTERN, name):
+        raise ValueError(
+            'expected a program name of letters, digits, "_", "." and "-"'
+            " starting with a letter or digit, at most 64 characters"
+        )
+    return name
+
+
+def _check_image_ref(ref: str) -> str:
+    if not re.fullmatch(IMAGE_REF_PATTERN, ref):
+        raise ValueError('expected an image id (hex digits and "-") or "latest"')
+    return ref
+
+
+def _check_command(words: list[str]) -> list[str]:
+    if not words or not words[0]:
+        raise ValueError("expected a non-empty command")
+    if any("\0" in word for word in words):
+        raise ValueError("expected a command without NUL characters")
+    return words
+
+
+def _check_variable_name(name: str) -> str:
+    if not name or "=" in name or "\0" in name:
+        raise ValueError('expected an environment variable name without "=" or NUL')
+    return name
+
+
+def _check_no_nul(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("expected a string without NUL characters")
+    return text
+
+
+def _check_host_port(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+def _check_listen(value: str) -> str:
+    if value:
+        parse_host_port(value)
+    return value
+
+
+def _reject_empty_path(value: object) -> object:
+    if value == "":
+        raise ValueError("expected a path, not an empty string")
+    return value
+
+
+def _resolve_path(path: Path, info: ValidationInfo) -> Path:
+    if "\0" in str(path):
+        raise ValueError("expected a path without NUL characters")
+    context = info.context if isinstance(info.context, dict) else {}
+    base_dir = Path(context.get("base_dir") or Path.cwd())
+    return Path(os.path.normpath(base_dir / path))
+
+
+def _check_absolute(path: Path) -> Path:
+    if "\0" in str(path):
+        raise ValueError("expected a path without NUL characters")
+    if not path.is_absolute():
+        raise ValueError("expected an absolute path")
+    return Path(os.path.normpath(path))
+
+
+def _check_socket_path(path: Path) -> Path:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ValueError(f"expected a socket path of at most {MAX_SOCKET_PATH_BYTES} bytes")
+    return path
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+StrictBool = Annotated[bool, Strict()]
+Count = Annotated[int, Strict(), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_JSON)]
+PositiveDuration = Annotated[
+    float, BeforeValidator(parse_positive_duration), WithJsonSchema(_DURATION_JSON)
+]
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_JSON)]
+SignalName = Annotated[
+    str,
+    BeforeValidator(parse_signal),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}],
+            "description": 'a signal name ("TERM", "SIGTERM") or number',
+        }
+    ),
+]
+Umask = Annotated[
+    int,
+    BeforeValidator(parse_umask),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": "^(0o)?[0-7]{1,4}$"},
+                {"type": "integer", "minimum": 0, "maximum": 0o777},
+            ],
+            "description": 'an octal string such as "022", or an integer',
+        }
+    ),
+]
+Command = Annotated[
+    list[str],
+    BeforeValidator(split_command),
+    AfterValidator(_check_command),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                {"type": "string", "minLength": 1},
+            ],
+            "description": "a list of arguments, or a string split as a shell would (shlex)",
+        }
+    ),
+]
+HostPort = Annotated[
+    str,
+    AfterValidator(_check_host_port),
+    WithJsonSchema({"type": "string", "description": HOST_PORT_EXPECTED.removeprefix("expected ")}),
+]
+ResolvedPath = Annotated[Path, BeforeValidator(_reject_empty_path), AfterValidator(_resolve_path)]
+AbsolutePath = Annotated[Path, AfterValidator(_check_absolute)]
+SocketPath = Annotated[ResolvedPath, AfterValidator(_check_socket_path)]
+ProgramName = Annotated[str, AfterValidator(_check_program_name)]
+ImageRef = Annotated[str, AfterValidator(_check_image_ref)]
+Environment = dict[
+    Annotated[str, AfterValidator(_check_variable_name)],
+    Annotated[str, AfterValidator(_check_no_nul)],
+]
+ExitCode = Annotated[int, Strict(), Field(ge=0, le=255)]
+
+TABLE_CONFIG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class MetricsSettings(BaseModel):
+    """[supervisor.metrics]: the Prometheus endpoint."""
+
+    model_config = TABLE_CONFIG
+
+    listen: Annotated[str, AfterValidator(_check_listen)] = "127.0.0.1:9847"
+    """host:port of the /metrics endpoint; "" disables it"""
+
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, IPv6 hosts without brackets; None when disabled."""
+        return parse_host_port(self.listen) if self.listen else None
+
+
+class SupervisorSettings(BaseModel):
+    """[supervisor]: settings of the supervisor itself (main file only)."""
+
+    model_config = TABLE_CONFIG
+
+    state_dir: ResolvedPath = Path("/var/lib/grenadine-sv")
+    """images live in state_dir/images"""
+    control_socket: SocketPath = Path("/run/grenadine-sv.sock")
+    log_dir: ResolvedPath = Path("/var/log/grenadine-sv")
+    include: list[Annotated[NonEmptyStr, AfterValidator(_check_no_nul)]] = []
+    """globs of files with more [programs.*] tables, relative to this file"""
+    criu: ResolvedPath | None = None
+    """path of the criu binary; found automatically when absent"""
+    log_format: Literal["auto", "console", "json"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics: MetricsSettings = MetricsSettings()
+
+
+class ReadyProbe(BaseModel):
+    """When a started program counts as ready: a TCP port accepts, or a command succeeds."""
+
+    model_config = TABLE_CONFIG
+
+    tcp: HostPort | None = None
+    """host:port that accepts connections once the program is ready"""
+    command: Command | None = None
+    """a command that exits 0 once the program is ready"""
+    timeout: PositiveDuration = 10.0
+    """how long the program has to become ready"""
+    interval: PositiveDuration = 0.2
+    """time between two attempts"""
+
+    @model_validator(mode="after")
+    def _exactly_one_probe(self) -> Self:
+        if (self.tcp is None) == (self.command is None):
+            raise ValueError('expected exactly one of "tcp" or "command"')
+        return self
+
+
+class CheckpointPolicy(BaseModel):
+    """[programs.NAME.checkpoint]: when a program is checkpointed and what is kept."""
+
+    model_config = TABLE_CONFIG
+
+    on_signal: StrictBool = False
+    """checkpoint when the supervisor receives SIGUSR1"""
+    interval: PositiveDuration | None = None
+    """periodic checkpoint"""
+    pre_deploy: StrictBool = False
+    """checkpoint before reload replaces the program"""
+    leave_running: StrictBool = True
+    keep: Annotated[int, Strict(), Field(ge=1)] = 5
+    """images kept for this program"""
+    rollback: StrictBool = False
+    """restore the pre-deploy image when the new instance never gets ready"""
+    tcp_established: StrictBool = False
+    """let CRIU checkpoint established TCP connections"""
+
+
+class ProgramConfig(BaseModel):
+    """[programs.NAME]: one supervised program."""
+
+    model_config = TABLE_CONFIG
+
+    name: SkipJsonSchema[ProgramName]
+    command: Command
+    directory: ResolvedPath = Path("/")
+    environment: Environment = {}
+    umask: Umask | None = None
+    user: NonEmptyStr | None = None
+    group: NonEmptyStr | None = None
+    autostart: StrictBool = True
+    autorestart: Literal["always", "on-failure", "never"] = "on-failure"
+    exitcodes: list[ExitCode] = [0]
+    """exit codes that count as a success (see autorestart)"""
+    startsecs: Duration = 1.0
+    """how long the program must stay up to count as started (without a ready probe)"""
+    startretries: Count = 3
+    stopsignal: SignalName = "TERM"
+    stopwaitsecs: PositiveDuration = 10.0
+    """time between stopsignal and SIGKILL"""
+    depends_on: list[NonEmptyStr] = []
+    """programs to start (and be ready) before this one, and to stop after it"""
+    ready: ReadyProbe | None = None
+    restore: ImageRef | None = None
+    """start from this image id, or "latest", instead of from scratch"""
+    restore_fallback: Literal["cold", "fail"] = "cold"
+    """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
+    binds: list[AbsolutePath] = []
+    """host paths bound into the sandbox at the same path"""
+    stdout_logfile: ResolvedPath | None = None
+    """default: log_dir/NAME.out.log"""
+    stderr_logfile: ResolvedPath | None = None
+    """default: log_dir/NAME.err.log"""
+    stdout_logfile_maxbytes: Size = 50 * MIB
+    """0: never rotate"""
+    stdout_logfile_backups: Count = 10
+    stderr_logfile_maxbytes: Size = 50 * MIB
+    """0: never rotate"""
+    stderr_logfile_backups: Count = 10
+    log_timestamps: StrictBool = False
+    """prefix each captured line with an ISO-8601 UTC timestamp"""
+    checkpoint: CheckpointPolicy = CheckpointPolicy()
+    source: SkipJsonSchema[Path]
+    """the file that defines this program (set by the loader)"""
+
+    @property
+    def stop_signal(self) -> signal.Signals:
+        return signal.Signals["SIG" + self.stopsignal]
+
+    def stdout_path(self, log_dir: Path) -> Path:
+        return self.stdout_logfile or log_dir / f"{self.name}.out.log"
+
+    def stderr_path(self, log_dir: Path) -> Path:
+        return self.stderr_logfile or log_dir / f"{self.name}.err.log"
+
+    def definition_digest(self) -> str:
+        """sha256 (hex) of the fields that shape the running process (DIGEST_FIELDS)."""
+        fields = self.model_dump(mode="json", include=set(DIGEST_FIELDS))
+        canonical = json.dumps(
+            {"digest_version": 1, **fields}, sort_keys=True, separators=(",", ":")
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,181 @@
+"""The control socket: a Unix socket speaking JSON lines, one request and one reply each.
+
+Request:  {"command": "status", "args": {...}}
+Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "sentence"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+MAX_LINE_BYTES = 1 << 20
+CLIENT_IDLE_SECONDS = 30.0
+
+Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
+class ControlError(Exception):
+    """A request the supervisor refused; the message is shown to the user."""
+
+
+class SupervisorNotRunning(Exception):
+    pass
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"not a JSON object: {exc}") from exc
+    if not isinstance(message, dict):
+        raise ProtocolError("a request must be a JSON object")
+    command = message.get("command")
+    args = message.get("args", {})
+    if not isinstance(command, str) or not isinstance(args, dict):
+        raise ProtocolError('a request needs "command" (a string) and optional "args" (an object)')
+    return command, args
+
+
+async def read_line(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+    """Read one newline-terminated line; None at EOF. Raises ProtocolError past MAX_LINE_BYTES."""
+    while True:
+        end = buffer.find(b"\n")
+        if end >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            return line
+        if len(buffer) > MAX_LINE_BYTES:
+            raise ProtocolError(f"request longer than {MAX_LINE_BYTES} bytes")
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        buffer += chunk
+
+
+def bind_socket(path: Path) -> trio.socket.SocketType:
+    """Bind the control socket, mode 0600, replacing a stale one but never a live one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ControlError(f"{path} exists and is not a socket; remove it or choose another")
+        if socket_is_live(path):
+            raise ControlError(f"another supervisor is listening on {path}")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(os.fspath(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    sock.listen(64)
+    return trio.socket.from_stdlib_socket(sock)
+
+
+def socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+async def serve(
+    sock: trio.socket.SocketType,
+    handler: Handler,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    await trio.serve_listeners(
+        lambda stream: _serve_client(stream, handler),  # type: ignore[arg-type]
+        [listener],
+    )
+
+
+async def _serve_client(stream: trio.SocketStream, handler: Handler) -> None:
+    log = structlog.get_logger()
+    buffer = bytearray()
+    async with stream:
+        while True:
+            try:
+                with trio.fail_after(CLIENT_IDLE_SECONDS):
+                    line = await read_line(stream, buffer)
+            except (ProtocolError, trio.TooSlowError) as exc:
+                reason = str(exc) or "client idle too long"
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(encode({"ok": False, "error": reason}))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if line is None:
+                return
+            try:
+                command, args = decode_request(line)
+                result = await handler(command, args)
+                reply = {"ok": True, "result": result}
+            except ProtocolError as exc:
+                reply = {"ok": False, "error": str(exc)}
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(encode(reply))
+                return
+            except ControlError as exc:
+                reply = {"ok": False, "error": str(exc)}
+            except Exception as exc:
+                log.exception("control_request_failed")
+                reply = {"ok": False, "error": f"internal error: {exc!r}"}
+            try:
+                await stream.send_all(encode(reply))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
+    """Send one request to the running supervisor (blocking client for the CLI)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise SupervisorNotRunning(
+                f"no supervisor is running (nothing listens on {path})"
+            ) from exc
+        sock.sendall(encode({"command": command, "args": args}))
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    if not data:
+        raise ControlError("the supervisor closed the connection without a reply")
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "unknown error")))
+    return reply.get("result")

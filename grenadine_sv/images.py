@@ -1,0 +1,543 @@
+"""The image store: where checkpoints live on disk, and how they appear and disappear atomically.
+
+Layout (DESIGN.md, "Image store")::
+
+    {state_dir}/images/{program}/{image_id}/meta.json
+    {state_dir}/images/{program}/{image_id}/criu/         CRIU's files
+    {state_dir}/images/{program}/.partial-{image_id}/     while dumping
+    {state_dir}/images/{program}/.deleting-{image_id}/    while deleting
+
+An image is listed only once its directory has its final name, and it gets that name by one
+`rename` after every file in it is on disk. Anything whose name starts with "." is never listed,
+so an interrupted dump or delete never shows up as an image; `remove_stale_partials` clears
+those leftovers when the supervisor starts.
+
+Everything here blocks on disk I/O: the supervisor calls it through `trio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import re
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from grenadine_sv import __version__
+from grenadine_sv.image_facts import DumpFacts
+
+Trigger = Literal["signal", "interval", "pre-deploy", "manual"]
+
+IMAGES_SUBDIR = "images"
+META_FILE = "meta.json"
+CRIU_SUBDIR = "criu"
+PARTIAL_PREFIX = ".partial-"
+DELETING_PREFIX = ".deleting-"
+MIN_PREFIX_LEN = 4
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+_IMAGE_ID = re.compile(r"[0-9a-f]{32}")
+_DECIMAL = re.compile(r"[0-9]+")
+_HEX = re.compile(r"[0-9a-f]+")
+_MAX_NAME_BYTES = 255
+
+log = structlog.get_logger(__name__)
+
+
+def validate_program_name(program: str) -> str:
+    """Return `program` if it can name a directory under the store, else raise ValueError."""
+    if (
+        not program
+        or "/" in program
+        or "\0" in program
+        or program.startswith(".")
+        or len(program.encode()) > _MAX_NAME_BYTES
+    ):
+        raise ValueError(
+            f"program name {program!r} cannot name an image directory: it must be 1 to "
+            f"{_MAX_NAME_BYTES} bytes, contain no '/' or NUL, and not start with '.'"
+        )
+    return program
+
+
+def validate_image_id(image_id: str) -> str:
+    """Return `image_id` if it is 32 lowercase hex digits (uuid4().hex), else raise ValueError."""
+    if not _IMAGE_ID.fullmatch(image_id):
+        raise ValueError(
+            f"image id {image_id!r} is not valid: it must be 32 lowercase hexadecimal digits"
+        )
+    return image_id
+
+
+class ImageMeta(BaseModel):
+    """What meta.json records about one image."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    program: str
+    created: datetime
+    trigger: Trigger
+    comm: str
+    root_pid: int
+    memory_bytes: int
+    image_bytes: int
+    criu_version: str
+    definition_digest: str
+    stdio_pipes: dict[str, int]
+    dump_stats: dict[str, int]
+    leave_running: bool
+    checksums: dict[str, str]
+    """Relative path under criu/ -> sha256 hex digest."""
+    file_sizes: dict[str, int]
+    """Relative path under criu/ -> size in bytes (lets `verify` name a truncation cheaply)."""
+    grenadine_version: str
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        return validate_image_id(value)
+
+    @field_validator("program")
+    @classmethod
+    def _check_program(cls, value: str) -> str:
+        return validate_program_name(value)
+
+    @field_validator("created")
+    @classmethod
+    def _check_created(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("created must carry a time zone (it is stored in UTC)")
+        return value.astimezone(UTC)
+
+
+class ImageNotFound(LookupError):
+    """No image of a program matches a reference."""
+
+
+class AmbiguousImage(LookupError):
+    """A reference matches more than one image of a program."""
+
+
+class ImageCorrupt(Exception):
+    """An image's files do not match the checksums recorded when it was made."""
+
+    def __init__(self, image: ImageMeta, path: str, reason: str) -> None:
+        super().__init__(
+            f"image {image.id} of program {image.program!r} is corrupt: {path} {reason}; "
+            f"delete it (grenadine-sv prune) or restore another image"
+        )
+        self.image = image
+        self.path = path
+        self.reason = reason
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable size with binary units, as in the seed's MEM_SIZE column: "1.79MiB"."""
+    if n < 0:
+        raise ValueError(f"a size cannot be negative, got {n}")
+    if n < 1024:
+        return f"{n}B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.2f}{unit}"
+
+
+@dataclass(frozen=True)
+class _FileRecord:
+    size: int
+    sha256: str
+
+
+class PendingImage:
+    """A dump in progress: CRIU writes into `criu_dir`, then `commit` publishes it or `abort`
+    removes it. As a context manager it aborts on leaving unless committed."""
+
+    def __init__(self, program_dir: Path, program: str, image_id: str) -> None:
+        self.id = image_id
+        self.program = program
+        self._program_dir = program_dir
+        self._partial_dir = program_dir / f"{PARTIAL_PREFIX}{image_id}"
+        self.criu_dir = self._partial_dir / CRIU_SUBDIR
+        self._state: Literal["open", "committed", "aborted"] = "open"
+        _make_private_dir(self._partial_dir)
+        _make_private_dir(self.criu_dir)
+
+    def commit(
+        self,
+        facts: DumpFacts,
+        *,
+        trigger: Trigger,
+        criu_version: str,
+        definition_digest: str,
+        leave_running: bool,
+        created: datetime | None = None,
+    ) -> ImageMeta:
+        """Seal the dump: make every file private and durable, write meta.json, and publish the
+        image by renaming its directory. On failure the partial directory is removed."""
+        self._require_open("commit")
+        try:
+            records = _seal_tree(self.criu_dir)
+            meta = ImageMeta(
+                id=self.id,
+                program=self.program,
+                created=created if created is not None else datetime.now(UTC),
+                trigger=trigger,
+                comm=facts.comm,
+                root_pid=facts.root_pid,
+                memory_bytes=facts.memory_bytes,
+                image_bytes=sum(r.size for r in records.values()),
+                criu_version=criu_version,
+                definition_digest=definition_digest,
+                stdio_pipes=dict(facts.stdio_pipes),
+                dump_stats=dict(facts.dump_stats),
+                leave_running=leave_running,
+                checksums={path: r.sha256 for path, r in records.items()},
+                file_sizes={path: r.size for path, r in records.items()},
+                grenadine_version=__version__,
+            )
+            _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
+            _fsync_dir(self._partial_dir)
+            os.rename(self._partial_dir, self._program_dir / self.id)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        _fsync_dir(self._program_dir)
+        log.info("image_committed", program=self.program, image_id=self.id, trigger=trigger)
+        return meta
+
+    def abort(self) -> None:
+        """Remove the partial directory; nothing of this dump remains. Safe to call twice."""
+        if self._state == "committed":
+            raise RuntimeError(f"image {self.id} of {self.program!r} is committed: delete it")
+        self._state = "aborted"
+        shutil.rmtree(self._partial_dir, ignore_errors=True)
+
+    def _require_open(self, action: str) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"cannot {action} image {self.id}: it is already {self._state}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state == "open":
+            self.abort()
+
+
+class ImageStore:
+    """Images of every program under `{state_dir}/images`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.root = state_dir / IMAGES_SUBDIR
+
+    def begin(self, program: str) -> PendingImage:
+        """Start a dump of `program`: CRIU writes into the returned image's `criu_dir`."""
+        program_dir = self._program_dir(program)
+        if not self.state_dir.is_dir():
+            self.state_dir.mkdir(mode=DIR_MODE, parents=True)
+        self._ensure_dir(self.root)
+        self._ensure_dir(program_dir)
+        return PendingImage(program_dir, program, uuid.uuid4().hex)
+
+    def list(self, program: str | None = None) -> list[ImageMeta]:
+        """Images newest first (IDX 0 is the newest); with no program, all programs in name
+        order, each newest first. Directories without a valid meta.json are skipped."""
+        programs = [program] if program is not None else self.programs()
+        images: list[ImageMeta] = []
+        for name in programs:
+            found = list(self._read_program(name))
+            found.sort(key=lambda m: (m.created, m.id), reverse=True)
+            images.extend(found)
+        return images
+
+    def resolve(self, program: str, ref: str) -> ImageMeta:
+        """The one image of `program` that `ref` names: a full id, a unique id prefix of at
+        least 4 characters, an IDX from `list(program)`, or "latest"."""
+        images = self.list(program)
+        if not images:
+            raise ImageNotFound(f"program {program!r} has no images")
+        ref = ref.strip().lower()
+        if ref == "latest":
+            return images[0]
+        matches = _match_ref(images, ref)
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            ids = ", ".join(m.id for m in matches)
+            raise AmbiguousImage(
+                f"image reference {ref!r} of program {program!r} matches {len(matches)} "
+                f"images ({ids}); give more characters of the id"
+            )
+        hint = ""
+        if _HEX.fullmatch(ref) and len(ref) < MIN_PREFIX_LEN and not _DECIMAL.fullmatch(ref):
+            hint = f" (an id prefix needs at least {MIN_PREFIX_LEN} characters)"
+        raise ImageNotFound(
+            f"program {program!r} has no image {ref!r}{hint}; it has {len(images)} "
+            f"(IDX 0 to {len(images) - 1}, see `grenadine-sv images {program}`)"
+        )
+
+    def criu_dir(self, image: ImageMeta) -> Path:
+        """Where CRIU's files of `image` are (to restore from)."""
+        return self._image_dir(image) / CRIU_SUBDIR
+
+    def verify(self, image: ImageMeta) -> None:
+        """Check every file of `image` against its recorded size and sha256; raise ImageCorrupt
+        naming the first file that is missing, extra, resized or altered."""
+        criu_dir = self.criu_dir(image)
+        if not criu_dir.is_dir():
+            raise ImageCorrupt(image, f"{CRIU_SUBDIR}/", "is missing")
+        present = dict(_walk_files(criu_dir))
+        # Cheap checks on every file first, so a truncated image fails before any hashing.
+        for rel in sorted(image.checksums):
+            path = present.pop(rel, None)
+            if path is None:
+                raise ImageCorrupt(image, f"{CRIU_SUBDIR}/{rel}", "is missing")
+            st = path.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageCorrupt(image, f"{CRIU_SUBDIR}/{rel}", "is not a regular file")
+            expected_size = image.file_sizes.get(rel, st.st_size)
+            if st.st_size != expected_size:
+                raise ImageCorrupt(
+                    image,
+                    f"{CRIU_SUBDIR}/{rel}",
+                    f"has {st.st_size} bytes, expected {expected_size}",
+                )
+        if present:
+            raise ImageCorrupt(
+                image,
+                f"{CRIU_SUBDIR}/{min(present)}",
+                "was not part of the dump (is CRIU's work dir for restores inside the image?)",
+            )
+        for rel, digest in sorted(image.checksums.items()):
+            if _sha256_of(criu_dir / rel) != digest:
+                raise ImageCorrupt(
+                    image, f"{CRIU_SUBDIR}/{rel}", "does not match its sha256 checksum"
+                )
+
+    def delete(self, image: ImageMeta) -> None:
+        """Remove `image`: first unlisted by one rename, then its files."""
+        program_dir = self._program_dir(image.program)
+        doomed = program_dir / f"{DELETING_PREFIX}{validate_image_id(image.id)}"
+        try:
+            os.rename(program_dir / image.id, doomed)
+        except FileNotFoundError:
+            raise ImageNotFound(
+                f"program {image.program!r} has no image {image.id} (already deleted?)"
+            ) from None
+        _fsync_dir(program_dir)
+        shutil.rmtree(doomed)
+        log.info("image_deleted", program=image.program, image_id=image.id)
+
+    def prune(self, program: str, keep: int) -> builtins.list[ImageMeta]:
+        """Delete all but the `keep` newest images of `program`, and return the deleted ones.
+
+        The newest pre-deploy image is never deleted and does not count against `keep`: it is
+        what a rollback restores, however many checkpoints were taken since the deploy.
+        """
+        if keep < 0:
+            raise ValueError(f"keep must be 0 or more, got {keep}")
+        images = self.list(program)
+        protected = next((m for m in images if m.trigger == "pre-deploy"), None)
+        candidates = [m for m in images if m is not protected]
+        doomed = candidates[keep:]
+        for image in doomed:
+            self.delete(image)
+        return doomed
+
+    def remove_stale_partials(self) -> int:
+        """Delete what interrupted dumps and deletes left behind; return how many. Call it only
+        when no dump is in progress (at supervisor start)."""
+        removed = 0
+        for program in self.programs():
+            program_dir = self.root / program
+            for entry in sorted(program_dir.iterdir()):
+                if entry.name.startswith((PARTIAL_PREFIX, DELETING_PREFIX)):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                    log.info("stale_partial_removed", program=program, path=str(entry))
+                    removed += 1
+        return removed
+
+    def programs(self) -> builtins.list[str]:
+        """Names of programs that have an image directory, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".")
+        )
+
+    def usage(self, program: str) -> tuple[int, int]:
+        """(number of images, bytes their files take, meta.json included) of `program`."""
+        images = self.list(program)
+        total = sum(
+            path.lstat().st_size
+            for image in images
+            for _, path in _walk_files(self._image_dir(image))
+        )
+        return len(images), total
+
+    def free_bytes(self) -> int:
+        """Bytes available to the supervisor on the filesystem of state_dir."""
+        path = self.state_dir
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
+    def _program_dir(self, program: str) -> Path:
+        return self.root / validate_program_name(program)
+
+    def _image_dir(self, image: ImageMeta) -> Path:
+        return self._program_dir(image.program) / validate_image_id(image.id)
+
+    def _read_program(self, program: str) -> Iterator[ImageMeta]:
+        program_dir = self._program_dir(program)
+        if not program_dir.is_dir():
+            return
+        for entry in program_dir.iterdir():
+            if not _IMAGE_ID.fullmatch(entry.name):
+                continue
+            meta = _read_meta(entry / META_FILE)
+            if meta is None:
+                continue
+            if meta.id != entry.name or meta.program != program:
+                log.warning(
+                    "image_skipped",
+                    path=str(entry),
+                    reason=f"meta.json names image {meta.id} of program {meta.program!r}",
+                )
+                continue
+            yield meta
+
+    def _ensure_dir(self, path: Path) -> None:
+        if path.is_dir():
+            return
+        _make_private_dir(path)
+        _fsync_dir(path.parent)
+
+
+def _match_ref(images: list[ImageMeta], ref: str) -> list[ImageMeta]:
+    """Images `ref` can mean, as a full id, an id prefix or an IDX (a 4-digit decimal ref may
+    be both; it resolves only if both readings agree)."""
+    matches: dict[str, ImageMeta] = {}
+    if _HEX.fullmatch(ref) and len(ref) >= MIN_PREFIX_LEN:
+        matches.update((m.id, m) for m in images if m.id.startswith(ref))
+    if _DECIMAL.fullmatch(ref) and int(ref) < len(images):
+        chosen = images[int(ref)]
+        matches[chosen.id] = chosen
+    return list(matches.values())
+
+
+def _read_meta(path: Path) -> ImageMeta | None:
+    try:
+        return ImageMeta.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        log.warning("image_skipped", path=str(path.parent), reason="no meta.json")
+    except (OSError, ValidationError) as exc:
+        log.warning("image_skipped", path=str(path.parent), reason=f"bad meta.json: {exc}")
+    return None
+
+
+def _make_private_dir(path: Path) -> None:
+    path.mkdir(mode=DIR_MODE)
+    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_private_file(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        os.fchmod(fd, FILE_MODE)
+        file.write(text)
+        file.flush()
+        os.fsync(fd)
+
+
+def _walk_files(top: Path) -> Iterator[tuple[str, Path]]:
+    """(posix path relative to `top`, path) of every non-directory under `top`."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        base = Path(dirpath)
+        for name in sorted(filenames):
+            path = base / name
+            yield path.relative_to(top).as_posix(), path
+        # os.walk lists symlinks to directories among dirnames without descending: treat
+        # them as files so that they are reported rather than silently ignored.
+        for name in [d for d in dirnames if (base / d).is_symlink()]:
+            path = base / name
+            yield path.relative_to(top).as_posix(), path
+
+
+def _seal_tree(top: Path) -> Mapping[str, _FileRecord]:
+    """In one pass over what CRIU wrote: make files 0600 and directories 0700, hash and fsync
+    every file, fsync every directory. Returns each file's size and digest."""
+    records: dict[str, _FileRecord] = {}
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        base = Path(dirpath)
+        linked_dirs = [d for d in dirnames if (base / d).is_symlink()]
+        for name in [*filenames, *linked_dirs]:
+            path = base / name
+            records[path.relative_to(top).as_posix()] = _seal_file(path)
+        os.chmod(base, DIR_MODE)
+        _fsync_dir(base)
+    return records
+
+
+_NOT_REGULAR = (
+    "cannot store {path} in an image ({why}): an image holds only regular files "
+    "(incremental dumps with a parent link are not supported)"
+)
+
+
+def _seal_file(path: Path) -> _FileRecord:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(_NOT_REGULAR.format(path=path, why=exc.strerror)) from exc
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(_NOT_REGULAR.format(path=path, why="not a regular file"))
+        os.fchmod(fd, FILE_MODE)
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+        os.fsync(fd)
+        return _FileRecord(size=st.st_size, sha256=digest)
+
+
+def _sha256_of(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()

@@ -1,0 +1,64 @@
+"""Readiness probes: is a freshly started program ready to serve?"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import trio
+
+
+class ProbeFailed(Exception):
+    pass
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def probe_tcp(address: str) -> None:
+    host, port = split_host_port(address)
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise ProbeFailed(f"tcp {address}: {exc.strerror or exc}") from exc
+    await stream.aclose()
+
+
+async def probe_command(command: Sequence[str]) -> None:
+    try:
+        result = await trio.run_process(
+            list(command), check=False, capture_stdout=True, capture_stderr=True
+        )
+    except OSError as exc:
+        raise ProbeFailed(f"command {command[0]}: {exc.strerror or exc}") from exc
+    if result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()
+        tail = f": {detail[-1]}" if detail else ""
+        raise ProbeFailed(f"command {command[0]} exited with {result.returncode}{tail}")
+
+
+async def wait_until_ready(
+    *, tcp: str | None, command: Sequence[str] | None, timeout: float, interval: float
+) -> None:
+    """Retry the probe until it passes; raise ProbeFailed with the last reason after `timeout`."""
+    last = "no attempt finished"
+    deadline = trio.current_time() + timeout
+    while True:
+        try:
+            with trio.fail_after(max(deadline - trio.current_time(), 0.0)):
+                if tcp is not None:
+                    await probe_tcp(tcp)
+                elif command is not None:
+                    await probe_command(command)
+                return
+        except ProbeFailed as exc:
+            last = str(exc)
+        except trio.TooSlowError:
+            pass
+        if trio.current_time() + interval >= deadline or math.isclose(timeout, 0.0):
+            raise ProbeFailed(f"not ready after {timeout:g}s: {last}")
+        await trio.sleep(interval)

@@ -1,0 +1,364 @@
+"""One program's lifecycle as a pure state machine: events in, actions out, no I/O.
+
+The states and their meaning follow supervisord's. Every event that comes from
+a process instance carries that instance's number, so a late event from an
+instance that is already gone (a timer, a readiness probe, an exit) is ignored
+instead of disturbing the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+AutoRestart = Literal["always", "on-failure", "never"]
+
+MAX_BACKOFF_SECONDS = 60.0
+
+
+class State(StrEnum):
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    FATAL = "FATAL"
+
+
+ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
+RESTING_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
+
+
+@dataclass(frozen=True)
+class LifecyclePolicy:
+    autorestart: AutoRestart = "on-failure"
+    exitcodes: frozenset[int] = frozenset({0})
+    startsecs: float = 1.0
+    startretries: int = 3
+    stopwaitsecs: float = 10.0
+    has_ready_probe: bool = False
+    ready_timeout: float = 10.0
+
+
+# Events --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartRequested:
+    now: float
+
+
+@dataclass(frozen=True)
+class StopRequested:
+    now: float
+    # The process ends by other means (a checkpoint that stops it): no signal is sent.
+    by_checkpoint: bool = False
+
+
+@dataclass(frozen=True)
+class Spawned:
+    instance: int
+    pid: int
+    now: float
+
+
+@dataclass(frozen=True)
+class SpawnFailed:
+    instance: int
+    reason: str
+    now: float
+    # No retry: the failure would repeat (a pinned image that cannot be restored).
+    fatal: bool = False
+
+
+@dataclass(frozen=True)
+class StopAborted:
+    """A checkpoint meant to stop the program failed; the instance goes on running."""
+
+    instance: int
+    now: float
+
+
+@dataclass(frozen=True)
+class BecameReady:
+    instance: int
+    now: float
+
+
+@dataclass(frozen=True)
+class ReadyFailed:
+    instance: int
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Exited:
+    instance: int
+    returncode: int
+    now: float
+
+
+@dataclass(frozen=True)
+class BackoffElapsed:
+    attempt: int
+    now: float
+
+
+@dataclass(frozen=True)
+class StopTimeout:
+    instance: int
+    now: float
+
+
+Event = (
+    StartRequested
+    | StopRequested
+    | Spawned
+    | SpawnFailed
+    | BecameReady
+    | ReadyFailed
+    | Exited
+    | BackoffElapsed
+    | StopTimeout
+    | StopAborted
+)
+
+# Actions -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spawn:
+    instance: int
+
+
+@dataclass(frozen=True)
+class WatchReadiness:
+    """Probe readiness (or wait startsecs) and report BecameReady / ReadyFailed."""
+
+    instance: int
+    startsecs: float
+    use_probe: bool
+    timeout: float
+
+
+@dataclass(frozen=True)
+class ScheduleRetry:
+    attempt: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class SendStopSignal:
+    instance: int
+
+
+@dataclass(frozen=True)
+class ScheduleKill:
+    instance: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class Kill:
+    instance: int
+
+
+Action = Spawn | WatchReadiness | ScheduleRetry | SendStopSignal | ScheduleKill | Kill
+
+
+def backoff_delay(attempt: int) -> float:
+    """Seconds to wait before start attempt number `attempt` (1-based) after a failure."""
+    return min(float(2 ** max(attempt - 1, 0)), MAX_BACKOFF_SECONDS)
+
+
+@dataclass
+class ProgramMachine:
+    policy: LifecyclePolicy
+    state: State = State.STOPPED
+    instance: int = 0
+    pid: int | None = None
+    failures: int = 0
+    since: float = 0.0
+    started_at: float | None = None
+    last_exit: int | None = None
+    reason: str = ""
+    restart_count: int = 0
+    history: list[tuple[float, State]] = field(default_factory=list)
+
+    def handle(self, event: Event) -> list[Action]:
+        match event:
+            case StartRequested():
+                return self._on_start(event)
+            case StopRequested():
+                return self._on_stop(event)
+            case Spawned():
+                return self._on_spawned(event)
+            case SpawnFailed():
+                return self._on_spawn_failed(event)
+            case BecameReady():
+                return self._on_ready(event)
+            case ReadyFailed():
+                return self._on_ready_failed(event)
+            case Exited():
+                return self._on_exited(event)
+            case BackoffElapsed():
+                return self._on_backoff_elapsed(event)
+            case StopTimeout():
+                return self._on_stop_timeout(event)
+            case StopAborted():
+                return self._on_stop_aborted(event)
+
+    # transitions -------------------------------------------------------------
+
+    def _on_start(self, event: StartRequested) -> list[Action]:
+        if self.state in ACTIVE_STATES:
+            return []
+        self.failures = 0
+        self.reason = ""
+        return self._spawn(event.now)
+
+    def _on_stop(self, event: StopRequested) -> list[Action]:
+        if self.state == State.BACKOFF:
+            self._enter(State.STOPPED, event.now)
+            return []
+        if self.state not in (State.STARTING, State.RUNNING):
+            return []
+        self._enter(State.STOPPING, event.now)
+        if event.by_checkpoint or self.pid is None:
+            return []
+        return [
+            SendStopSignal(self.instance),
+            ScheduleKill(self.instance, self.policy.stopwaitsecs),
+        ]
+
+    def _on_spawned(self, event: Spawned) -> list[Action]:
+        if event.instance != self.instance:
+            return []
+        if self.state == State.STOPPING:
+            # A stop came while the instance was being spawned.
+            self.pid = event.pid
+            return [
+                SendStopSignal(self.instance),
+                ScheduleKill(self.instance, self.policy.stopwaitsecs),
+            ]
+        if self.state != State.STARTING:
+            return []
+        self.pid = event.pid
+        self.started_at = event.now
+        return [
+            WatchReadiness(
+                self.instance,
+                startsecs=self.policy.startsecs,
+                use_probe=self.policy.has_ready_probe,
+                timeout=self.policy.ready_timeout,
+            )
+        ]
+
+    def _on_spawn_failed(self, event: SpawnFailed) -> list[Action]:
+        if event.instance != self.instance:
+            return []
+        self.reason = event.reason
+        self.pid = None
+        if self.state == State.STOPPING:
+            self._enter(State.STOPPED, event.now)
+            return []
+        if event.fatal:
+            self._enter(State.FATAL, event.now)
+            return []
+        return self._start_failed(event.now)
+
+    def _on_ready(self, event: BecameReady) -> list[Action]:
+        if event.instance != self.instance or self.state != State.STARTING:
+            return []
+        self.failures = 0
+        self.reason = ""
+        self._enter(State.RUNNING, event.now)
+        return []
+
+    def _on_ready_failed(self, event: ReadyFailed) -> list[Action]:
+        if event.instance != self.instance or self.state != State.STARTING:
+            return []
+        self.reason = event.reason
+        # The instance is alive but never became ready: stop it; its exit then
+        # counts as a failed start.
+        return [
+            SendStopSignal(self.instance),
+            ScheduleKill(self.instance, self.policy.stopwaitsecs),
+        ]
+
+    def _on_exited(self, event: Exited) -> list[Action]:
+        if event.instance != self.instance:
+            return []
+        self.pid = None
+        self.last_exit = event.returncode
+        if self.state == State.STOPPING:
+            self._enter(State.STOPPED, event.now)
+            return []
+        if self.state == State.STARTING:
+            if not self.reason:
+                self.reason = f"exited with {describe_returncode(event.returncode)} while starting"
+            return self._start_failed(event.now)
+        if self.state != State.RUNNING:
+            return []
+        expected = event.returncode in self.policy.exitcodes
+        self.reason = "" if expected else f"exited with {describe_returncode(event.returncode)}"
+        restart = self.policy.autorestart == "always" or (
+            self.policy.autorestart == "on-failure" and not expected
+        )
+        self._enter(State.EXITED, event.now)
+        if not restart:
+            return []
+        self.restart_count += 1
+        return self._spawn(event.now)
+
+    def _on_backoff_elapsed(self, event: BackoffElapsed) -> list[Action]:
+        if self.state != State.BACKOFF or event.attempt != self.failures:
+            return []
+        self.restart_count += 1
+        return self._spawn(event.now)
+
+    def _on_stop_timeout(self, event: StopTimeout) -> list[Action]:
+        if event.instance != self.instance or self.pid is None:
+            return []
+        if self.state not in (State.STOPPING, State.STARTING):
+            return []
+        return [Kill(self.instance)]
+
+    def _on_stop_aborted(self, event: StopAborted) -> list[Action]:
+        if event.instance == self.instance and self.state == State.STOPPING and self.pid:
+            self._enter(State.RUNNING, event.now)
+        return []
+
+    # helpers -----------------------------------------------------------------
+
+    def _spawn(self, now: float) -> list[Action]:
+        self.instance += 1
+        self.pid = None
+        self.started_at = None
+        self._enter(State.STARTING, now)
+        return [Spawn(self.instance)]
+
+    def _start_failed(self, now: float) -> list[Action]:
+        self.failures += 1
+        if self.failures > self.policy.startretries:
+            self._enter(State.FATAL, now)
+            return []
+        self._enter(State.BACKOFF, now)
+        return [ScheduleRetry(self.failures, backoff_delay(self.failures))]
+
+    def _enter(self, state: State, now: float) -> None:
+        self.state = state
+        self.since = now
+        if state in RESTING_STATES or state == State.BACKOFF:
+            self.started_at = None
+        self.history.append((now, state))
+        del self.history[:-50]
+
+
+def describe_returncode(returncode: int) -> str:
+    if returncode < 0:
+        return f"signal {-returncode}"
+    return f"code {returncode}"

@@ -1,0 +1,294 @@
+"""Drives one program: feeds its state machine with events and carries out its actions."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from grenadine_sv.config import ProgramConfig
+from grenadine_sv.output import RotatingLogFile, open_output_pipe, pump_output
+from grenadine_sv.probes import ProbeFailed, wait_until_ready
+from grenadine_sv.program import (
+    Action,
+    BackoffElapsed,
+    BecameReady,
+    Event,
+    Exited,
+    Kill,
+    LifecyclePolicy,
+    ProgramMachine,
+    ReadyFailed,
+    ScheduleKill,
+    ScheduleRetry,
+    SendStopSignal,
+    Spawn,
+    Spawned,
+    SpawnFailed,
+    StartRequested,
+    State,
+    StopRequested,
+    StopTimeout,
+    WatchReadiness,
+)
+from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
+
+StateObserver = Callable[["ProgramRunner", State, State], None]
+
+WAITING_STATES = frozenset({State.STARTING, State.BACKOFF, State.STOPPING})
+
+
+@dataclass(frozen=True)
+class RunnerContext:
+    log_dir: Path
+    root_anchor: Path
+    observers: tuple[StateObserver, ...] = ()
+
+
+@dataclass
+class LaunchedInstance:
+    process: SandboxProcess
+    stdout: trio.abc.ReceiveStream
+    stderr: trio.abc.ReceiveStream
+
+
+# A launcher starts an instance of the program: from scratch, or from an image.
+Launcher = Callable[["ProgramRunner"], Awaitable[LaunchedInstance]]
+
+
+def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
+    return LifecyclePolicy(
+        autorestart=config.autorestart,
+        exitcodes=frozenset(config.exitcodes),
+        startsecs=config.startsecs,
+        startretries=config.startretries,
+        stopwaitsecs=config.stopwaitsecs,
+        has_ready_probe=config.ready is not None,
+        ready_timeout=config.ready.timeout if config.ready is not None else 0.0,
+    )
+
+
+def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
+    environment = dict(os.environ)
+    environment.update(config.environment)
+    environment["GRENADINE_SV_PROGRAM"] = config.name
+    return SandboxSpec(
+        name=config.name,
+        command=tuple(config.command),
+        directory=str(config.directory),
+        environment=environment,
+        umask=config.umask,
+        user=config.user,
+        group=config.group,
+        binds=tuple(str(path) for path in config.binds),
+        root_anchor=str(root_anchor),
+    )
+
+
+class ProgramRunner:
+    def __init__(self, config: ProgramConfig, context: RunnerContext) -> None:
+        self.config = config
+        self.context = context
+        self.machine = ProgramMachine(lifecycle_policy(config))
+        self.process: SandboxProcess | None = None
+        self.log = structlog.get_logger().bind(program=config.name)
+        self._send, self._receive = trio.open_memory_channel[Event](math.inf)
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.stdout_log = RotatingLogFile(
+            config.stdout_path(context.log_dir),
+            config.stdout_logfile_maxbytes,
+            config.stdout_logfile_backups,
+            timestamps=config.log_timestamps,
+        )
+        self.stderr_log = RotatingLogFile(
+            config.stderr_path(context.log_dir),
+            config.stderr_logfile_maxbytes,
+            config.stderr_logfile_backups,
+            timestamps=config.log_timestamps,
+        )
+        # Replaced by the checkpoint layer to start from an image instead.
+        self.launcher: Launcher = launch_cold
+        # Used once, for the next instance only (a restore asked for by a user or a rollback).
+        self.next_launcher: Launcher | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    def uptime(self) -> float | None:
+        started = self.machine.started_at
+        if started is None or self.state != State.RUNNING:
+            return None
+        return trio.current_time() - started
+
+    def update_config(self, config: ProgramConfig) -> None:
+        """Take a definition whose process-affecting part is unchanged (policies, probes)."""
+        self.config = config
+        self.machine.policy = lifecycle_policy(config)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                async for event in self._receive:
+                    self._dispatch(event)
+        finally:
+            self.stdout_log.close()
+            self.stderr_log.close()
+
+    def post(self, event: Event) -> None:
+        self._send.send_nowait(event)
+
+    def handle_now(self, event: Event) -> None:
+        """Apply an event at once (from any task of this trio run), not through the queue."""
+        self._dispatch(event)
+
+    def request_start(self) -> None:
+        # Handled at once rather than queued, so the state has changed on return.
+        self._dispatch(StartRequested(trio.current_time()))
+
+    def request_stop(self) -> None:
+        self._dispatch(StopRequested(trio.current_time()))
+
+    async def wait_until(self, predicate: Callable[[State], bool], timeout: float) -> State:
+        with trio.move_on_after(timeout):
+            while not predicate(self.state):
+                await self._changed.wait()
+        return self.state
+
+    async def start(self, timeout: float) -> State:
+        self.request_start()
+        return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
+
+    async def stop(self, timeout: float) -> State:
+        self.request_stop()
+        return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
+
+    def stop_timeout_bound(self) -> float:
+        return self.config.stopwaitsecs + 5.0
+
+    # event loop --------------------------------------------------------------
+
+    def _dispatch(self, event: Event) -> None:
+        before = self.machine.state
+        actions = self.machine.handle(event)
+        after = self.machine.state
+        if before != after or isinstance(event, Spawned):
+            self._announce(before, after)
+        for action in actions:
+            self._perform(action)
+
+    def _announce(self, before: State, after: State) -> None:
+        fields: dict[str, Any] = {"from_state": before.value, "to_state": after.value}
+        if self.machine.pid is not None:
+            fields["pid"] = self.machine.pid
+        if self.machine.reason and after in (State.BACKOFF, State.FATAL, State.EXITED):
+            fields["reason"] = self.machine.reason
+        level = "warning" if after in (State.BACKOFF, State.FATAL) else "info"
+        if before != after:
+            getattr(self.log, level)("program_state", **fields)
+        for observer in self.context.observers:
+            observer(self, before, after)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _perform(self, action: Action) -> None:
+        assert self._nursery is not None
+        match action:
+            case Spawn(instance=instance):
+                self._nursery.start_soon(self._spawn, instance)
+            case WatchReadiness():
+                self._nursery.start_soon(self._watch_readiness, action)
+            case ScheduleRetry(attempt=attempt, delay=delay):
+                self.log.info("backoff", attempt=attempt, delay_seconds=delay)
+                self._nursery.start_soon(self._post_later, delay, BackoffElapsed(attempt, 0.0))
+            case SendStopSignal():
+                self._signal(self.config.stop_signal)
+            case ScheduleKill(instance=instance, delay=delay):
+                self._nursery.start_soon(self._post_later, delay, StopTimeout(instance, 0.0))
+            case Kill():
+                self.log.warning("stop_timeout_kill", stopwaitsecs=self.config.stopwaitsecs)
+                self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(sig)
+
+    async def _post_later(self, delay: float, event: BackoffElapsed | StopTimeout) -> None:
+        await trio.sleep(delay)
+        now = trio.current_time()
+        if isinstance(event, BackoffElapsed):
+            self.post(BackoffElapsed(event.attempt, now))
+        else:
+            self.post(StopTimeout(event.instance, now))
+
+    async def _spawn(self, instance: int) -> None:
+        launcher = self.next_launcher or self.launcher
+        self.next_launcher = None
+        try:
+            launched = await launcher(self)
+        except (SandboxError, OSError) as exc:
+            self.log.warning("spawn_failed", error=str(exc))
+            fatal = bool(getattr(exc, "fatal", False))
+            self.post(SpawnFailed(instance, str(exc), trio.current_time(), fatal=fatal))
+            return
+        self.adopt_instance(instance, launched)
+
+    def adopt_instance(self, instance: int, launched: LaunchedInstance) -> None:
+        """Watch a started process: its exit and its output."""
+        assert self._nursery is not None
+        self.process = launched.process
+        self._nursery.start_soon(pump_output, launched.stdout, self.stdout_log)
+        self._nursery.start_soon(pump_output, launched.stderr, self.stderr_log)
+        self._nursery.start_soon(self._watch_exit, instance, launched.process)
+        self.post(Spawned(instance, launched.process.pid, trio.current_time()))
+
+    async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
+        returncode = await process.wait()
+        process.close()
+        self.post(Exited(instance, returncode, trio.current_time()))
+
+    async def _watch_readiness(self, action: WatchReadiness) -> None:
+        ready = self.config.ready
+        if not action.use_probe or ready is None:
+            await trio.sleep(action.startsecs)
+            self.post(BecameReady(action.instance, trio.current_time()))
+            return
+        try:
+            await wait_until_ready(
+                tcp=ready.tcp, command=ready.command, timeout=ready.timeout, interval=ready.interval
+            )
+        except ProbeFailed as exc:
+            self.post(ReadyFailed(action.instance, str(exc), trio.current_time()))
+            return
+        self.post(BecameReady(action.instance, trio.current_time()))
+
+
+async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:
+    """Start the program from scratch in a fresh sandbox."""
+    spec = sandbox_spec(runner.config, runner.context.root_anchor)
+    stdout_fd, stdout_stream = open_output_pipe()
+    stderr_fd, stderr_stream = open_output_pipe()
+    try:
+        process = await spawn_sandbox(spec, stdout_fd, stderr_fd)
+    except BaseException:
+        await stdout_stream.aclose()
+        await stderr_stream.aclose()
+        raise
+    finally:
+        os.close(stdout_fd)
+        os.close(stderr_fd)
+    return LaunchedInstance(process, stdout_stream, stderr_stream)

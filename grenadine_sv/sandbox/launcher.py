@@ -1,0 +1,284 @@
+"""Start one program as PID 1 of new PID and mount namespaces, in a root that CRIU can dump.
+
+Run as ``python -I -S launcher.py STATUS_FD`` with the sandbox spec (JSON) on stdin and the
+program's stdout/stderr already in place. Standard library only: it runs without site-packages.
+
+Reports on STATUS_FD, one JSON object per line: ``{"pid": N}`` (the program's host pid) as soon
+as it is forked, and ``{"error": "..."}`` if any step fails. STATUS_FD is close-on-exec, so the
+reader sees EOF once this launcher has exited and the program has exec'ed or died.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import json
+import os
+import pwd
+import re
+import signal
+import sys
+from typing import Any, NoReturn
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+MNT_DETACH = 0x2
+PIVOT_ROOT_SYSCALL = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_MOUNTS = ("/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/tmp", "/sys")
+CGROUP_ROOT = "/sys/fs/cgroup"
+EXIT_STEP_FAILED = 127
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = (
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_void_p,
+)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+
+
+class StepFailed(Exception):
+    """A step of the launch failed; the message is the sentence the supervisor shows."""
+
+
+def _failure(what: str) -> StepFailed:
+    code = ctypes.get_errno()
+    return StepFailed(f"{what}: {os.strerror(code)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, what: str) -> None:
+    encoded = [None if value is None else os.fsencode(value) for value in (source, target, fstype)]
+    if _libc.mount(encoded[0], encoded[1], encoded[2], flags, None) != 0:
+        raise _failure(what)
+
+
+def _bind(source: str, target: str) -> None:
+    _mount(source, target, None, MS_BIND, f"cannot bind-mount {source} onto {target}")
+
+
+def _pivot_root_here() -> None:
+    """Make "." the root and detach the old one (runc's trick: no put_old directory needed)."""
+    machine = os.uname().machine
+    number = PIVOT_ROOT_SYSCALL.get(machine)
+    if number is None:
+        raise StepFailed(f"pivot_root: unsupported architecture {machine}")
+    if _libc.syscall(ctypes.c_long(number), ctypes.c_char_p(b"."), ctypes.c_char_p(b".")) != 0:
+        raise _failure("cannot pivot_root into the sandbox root")
+    if _libc.umount2(b".", MNT_DETACH) != 0:
+        raise _failure("cannot detach the old root after pivot_root")
+
+
+def _host_cgroup_mounts() -> list[str]:
+    """The cgroup mount points under /sys/fs/cgroup, parents before children (mount order)."""
+    points = []
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:
+            escaped = line.split()[4]
+            point = os.fsdecode(re.sub(rb"\\([0-7]{3})", _octal_byte, escaped))
+            if point == CGROUP_ROOT or point.startswith(CGROUP_ROOT + "/"):
+                points.append(point)
+    return list(dict.fromkeys(points))
+
+
+def _octal_byte(match: re.Match[bytes]) -> bytes:
+    return bytes([int(match.group(1), 8)])
+
+
+def build_root(root: str, binds: list[str]) -> None:
+    """In this (new) mount namespace, bind the host's mounts under ``root``, then pivot into it."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE, "cannot make the mounts private (make-rprivate /)")
+    _bind("/", root)
+    _mount(
+        "proc",
+        root + "/proc",
+        "proc",
+        MS_NOSUID | MS_NODEV | MS_NOEXEC,
+        f"cannot mount a new proc on {root}/proc",
+    )
+    for path in HOST_MOUNTS:
+        if path != "/dev/mqueue" or os.path.isdir(path):
+            _bind(path, root + path)
+    for path in _host_cgroup_mounts():
+        _bind(path, root + path)
+    for path in binds:
+        _bind(path, root + path)
+    try:
+        os.chdir(root)
+    except OSError as error:
+        raise StepFailed(f"cannot enter the sandbox root {root}: {error.strerror}") from error
+    _pivot_root_here()
+    os.chdir("/")
+
+
+class Identity:
+    """Who the program runs as, resolved before fds are closed (NSS may open files)."""
+
+    def __init__(self, user: str | None, group: str | None) -> None:
+        self.uid: int | None = None
+        self.gid: int | None = None
+        self.groups: list[int] | None = None
+        if user is not None:
+            account = _lookup_user(user)
+            self.uid = account.pw_uid
+            self.gid = account.pw_gid if group is None else _lookup_group(group)
+            self.groups = os.getgrouplist(account.pw_name, self.gid)
+        elif group is not None:
+            self.gid = _lookup_group(group)
+            self.groups = [self.gid]
+
+    def assume(self) -> None:
+        if self.gid is not None:
+            try:
+                os.setgid(self.gid)
+            except OSError as error:
+                raise StepFailed(
+                    f"cannot switch to group id {self.gid}: {error.strerror}"
+                ) from error
+        if self.groups is not None:
+            try:
+                os.setgroups(self.groups)
+            except OSError as error:
+                raise StepFailed(f"cannot set supplementary groups: {error.strerror}") from error
+        if self.uid is not None:
+            try:
+                os.setuid(self.uid)
+            except OSError as error:
+                raise StepFailed(
+                    f"cannot switch to user id {self.uid}: {error.strerror}"
+                ) from error
+
+
+def _lookup_user(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        if name.isdigit():
+            try:
+                return pwd.getpwuid(int(name))
+            except KeyError:
+                pass
+    raise StepFailed(f"unknown user {name!r}: no such user in the passwd database")
+
+
+def _lookup_group(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+    raise StepFailed(f"unknown group {name!r}: no such group in the group database")
+
+
+def _keep_only_stdio(status_fd: int) -> None:
+    """Close every fd above 2 but the (close-on-exec) status fd; stdin becomes /dev/null."""
+    os.closerange(3, status_fd)
+    os.closerange(status_fd + 1, os.sysconf("SC_OPEN_MAX"))
+    try:
+        null = os.open("/dev/null", os.O_RDONLY)
+    except OSError as error:
+        raise StepFailed(f"cannot open /dev/null inside the sandbox: {error.strerror}") from error
+    os.dup2(null, 0)
+    os.close(null)
+
+
+def _exec(command: list[str], environment: dict[str, str]) -> NoReturn:
+    name = command[0]
+    search_path = environment.get("PATH", DEFAULT_PATH)
+    if "/" in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(folder or ".", name) for folder in search_path.split(":")]
+    denied: str | None = None
+    for candidate in candidates:
+        try:
+            os.execve(candidate, command, environment)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError:
+            denied = denied or candidate
+        except OSError as error:
+            raise StepFailed(f"cannot execute {candidate}: {error.strerror}") from error
+    if denied is not None:
+        raise StepFailed(f"cannot execute {denied}: permission denied")
+    if "/" in name:
+        raise StepFailed(f"command not found: {name} does not exist")
+    raise StepFailed(f"command not found: {name!r} is in no directory of PATH={search_path}")
+
+
+def run_program(spec: dict[str, Any], status_fd: int) -> NoReturn:
+    """In the forked child (PID 1 of the new PID namespace): build the sandbox and exec."""
+    build_root(spec["root_anchor"].rstrip("/"), list(spec["binds"]))
+    os.setsid()
+    identity = Identity(spec["user"], spec["group"])
+    _keep_only_stdio(status_fd)
+    if spec["umask"] is not None:
+        os.umask(spec["umask"])
+    identity.assume()
+    directory = spec["directory"]
+    try:
+        os.chdir(directory)
+    except OSError as error:
+        raise StepFailed(f"cannot change directory to {directory}: {error.strerror}") from error
+    for number in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    _exec(list(spec["command"]), dict(spec["environment"]))
+
+
+def report(status_fd: int, **fields: object) -> None:
+    os.write(status_fd, (json.dumps(fields) + "\n").encode())
+
+
+def read_spec() -> dict[str, Any]:
+    chunks = []
+    while chunk := os.read(0, 65536):
+        chunks.append(chunk)
+    try:
+        spec = json.loads(b"".join(chunks))
+    except ValueError as error:
+        raise StepFailed(f"the sandbox launcher received an invalid spec: {error}") from error
+    if not isinstance(spec, dict):
+        raise StepFailed("the sandbox launcher received a spec that is not a JSON object")
+    return spec
+
+
+def main(argv: list[str]) -> int:
+    status_fd = int(argv[1])
+    os.set_inheritable(status_fd, False)
+    try:
+        spec = read_spec()
+        if _libc.unshare(CLONE_NEWPID | CLONE_NEWNS) != 0:
+            raise _failure("cannot create the PID and mount namespaces (unshare)")
+        pid = os.fork()
+    except StepFailed as error:
+        report(status_fd, error=str(error))
+        return 1
+    except OSError as error:
+        report(status_fd, error=f"the sandbox launcher failed: {error}")
+        return 1
+    if pid == 0:
+        try:
+            run_program(spec, status_fd)
+        except StepFailed as error:
+            report(status_fd, error=str(error))
+        except Exception as error:  # anything unforeseen must still reach the supervisor
+            report(status_fd, error=f"the sandbox launcher failed unexpectedly: {error!r}")
+        finally:
+            os._exit(EXIT_STEP_FAILED)  # never return into the parent's code path
+    report(status_fd, pid=pid)
+    return 0
+
+
+if __name__ == "__main__":
+    os._exit(main(sys.argv))

@@ -1,0 +1,44 @@
+"""The few Linux facts the supervisor side needs: child-subreaper status and process identity."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_child_subreaper(enabled: bool) -> None:
+    """Make orphaned descendants re-parent to this process (or stop doing so)."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(int(enabled)), 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(code)}")
+
+
+def become_subreaper() -> None:
+    """Adopt orphaned descendants, so sandboxed programs become this process's children."""
+    set_child_subreaper(True)
+
+
+def is_subreaper() -> bool:
+    flag = ctypes.c_int(0)
+    if _libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_GET_CHILD_SUBREAPER) failed: {os.strerror(code)}")
+    return flag.value != 0
+
+
+def read_start_time(pid: int) -> int:
+    """Field 22 of /proc/PID/stat: start time in clock ticks since boot (pid reuse detector)."""
+    with open(f"/proc/{pid}/stat", "rb") as stat:
+        text = stat.read()
+    # Fields after the command name, which may itself hold spaces and parentheses.
+    after_comm = text[text.rindex(b")") + 2 :].split()
+    return int(after_comm[22 - 3])
+
+
+def read_pid_ns_inode(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/pid").st_ino

@@ -1,0 +1,220 @@
+"""Supervisor side of the sandbox: start the launcher, learn the program's pid, wait for it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from grenadine_sv.sandbox.linux import is_subreaper, read_pid_ns_inode, read_start_time
+from grenadine_sv.sandbox.spec import SandboxSpec
+
+LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
+LAUNCH_TIMEOUT = 10.0
+
+
+class SandboxError(Exception):
+    """The sandbox could not start the program; the message says which step failed and why."""
+
+
+class SandboxProcess:
+    """A sandboxed program: PID 1 of its own PID namespace, and a direct child of this process.
+
+    Waiting and signalling go through a pidfd, and reaping waits for this pid only, so the
+    children of trio and pycriu are left to them.
+    """
+
+    def __init__(self, pid: int, pidfd: int, start_time: int, pid_ns_inode: int) -> None:
+        self.pid = pid
+        self.start_time = start_time
+        self.pid_ns_inode = pid_ns_inode
+        self.returncode: int | None = None
+        self._pidfd: int | None = pidfd
+        self._wait_lock = trio.Lock()
+
+    @classmethod
+    def adopt(cls, pid: int) -> SandboxProcess:
+        """Take charge of ``pid``, which must already be a child of this process."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise SandboxError(f"cannot adopt pid {pid}: there is no such process") from None
+        try:
+            try:
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                raise SandboxError(
+                    f"cannot adopt pid {pid}: it is not a child of this process"
+                    " (is this process a child subreaper?)"
+                ) from None
+            return cls(pid, pidfd, read_start_time(pid), read_pid_ns_inode(pid))
+        except BaseException:
+            os.close(pidfd)
+            raise
+
+    def __repr__(self) -> str:
+        return f"<SandboxProcess pid={self.pid} returncode={self.returncode}>"
+
+    async def wait(self) -> int:
+        """Wait for the program to exit and reap it; negative means killed by that signal."""
+        async with self._wait_lock:
+            if self.returncode is None:
+                await trio.lowlevel.wait_readable(self._open_pidfd())
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the program; does nothing once it has been reaped or if it has just exited."""
+        if self.returncode is not None:
+            return
+        pidfd = self._open_pidfd()
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            if not _has_exited(pidfd):
+                raise
+
+    def close(self) -> None:
+        if self._pidfd is None:
+            return
+        pidfd, self._pidfd = self._pidfd, None
+        with contextlib.suppress(RuntimeError):  # outside trio.run nobody can be waiting on it
+            trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+
+    def _open_pidfd(self) -> int:
+        if self._pidfd is None:
+            raise RuntimeError(f"{self!r} was closed")
+        return self._pidfd
+
+
+def _has_exited(pidfd: int) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+async def spawn_sandbox(spec: SandboxSpec, stdout: int, stderr: int) -> SandboxProcess:
+    """Start ``spec``'s program in a new sandbox, with ``stdout``/``stderr`` as its fds 1 and 2.
+
+    Returns once the program has exec'ed; raises SandboxError with the failing step otherwise.
+    """
+    if not is_subreaper():
+        raise SandboxError(
+            "cannot start a sandbox: this process is not a child subreaper, so the program would"
+            " be re-parented away from it; call become_subreaper() once at start-up"
+        )
+    read_fd, write_fd = _status_pipe()
+    async with trio.lowlevel.FdStream(read_fd) as status:
+        try:
+            launcher = await trio.lowlevel.open_process(
+                [sys.executable, "-I", "-S", "-X", "utf8", LAUNCHER, str(write_fd)],
+                stdin=subprocess.PIPE,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(write_fd,),
+            )
+        except OSError as error:
+            raise SandboxError(f"cannot start the sandbox launcher {LAUNCHER}: {error}") from error
+        finally:
+            os.close(write_fd)
+        received = bytearray()
+        try:
+            with trio.fail_after(LAUNCH_TIMEOUT):
+                await _send_spec(launcher, spec)
+                await _read_to_end(status, received)
+                await launcher.wait()
+        except BaseException as error:
+            with trio.CancelScope(shield=True):
+                await _abandon(launcher, _parse_reports(received))
+            if isinstance(error, trio.TooSlowError):
+                raise SandboxError(
+                    f"the sandbox launcher did not start {spec.name!r} within {LAUNCH_TIMEOUT:g} s"
+                ) from None
+            raise
+    reports = _parse_reports(received)
+    pid = next((report["pid"] for report in reports if "pid" in report), None)
+    failure = next((report["error"] for report in reports if "error" in report), None)
+    if failure is not None:
+        if pid is not None:
+            with trio.CancelScope(shield=True):
+                await _kill_and_reap(pid)
+        raise SandboxError(str(failure))
+    if pid is None:
+        raise SandboxError(
+            f"the sandbox launcher exited with code {launcher.returncode} without starting"
+            f" {spec.name!r} (see the program's stderr)"
+        )
+    return SandboxProcess.adopt(pid)
+
+
+def _status_pipe() -> tuple[int, int]:
+    """A close-on-exec pipe whose write end is above 2, where the launcher's stdio cannot land."""
+    read_fd, write_fd = os.pipe()
+    if write_fd > 2:
+        return read_fd, write_fd
+    try:
+        return read_fd, fcntl.fcntl(write_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+
+
+async def _send_spec(launcher: trio.Process, spec: SandboxSpec) -> None:
+    if launcher.stdin is None:
+        raise RuntimeError("the sandbox launcher was started without a stdin pipe")
+    try:
+        await launcher.stdin.send_all(spec.to_json().encode())
+        await launcher.stdin.aclose()
+    except trio.BrokenResourceError:
+        pass  # it died before reading: its status report or exit code says why
+
+
+async def _read_to_end(stream: trio.lowlevel.FdStream, received: bytearray) -> None:
+    while chunk := await stream.receive_some():
+        received += chunk
+
+
+def _parse_reports(received: bytearray) -> list[dict[str, Any]]:
+    """One report per complete line (a launcher killed mid-write may leave a partial one)."""
+    reports = []
+    for line in received.split(b"\n")[:-1]:
+        try:
+            report = json.loads(line)
+        except ValueError:
+            report = None
+        if not isinstance(report, dict):
+            report = {"error": f"the sandbox launcher wrote an unreadable status line: {line!r}"}
+        reports.append(report)
+    return reports
+
+
+async def _abandon(launcher: trio.Process, reports: list[dict[str, Any]]) -> None:
+    """Kill the launcher and, once it is reaped (so it is our child), the program it forked."""
+    with contextlib.suppress(ProcessLookupError):
+        launcher.kill()
+    await launcher.wait()
+    for report in reports:
+        if "pid" in report:
+            await _kill_and_reap(report["pid"])
+
+
+async def _kill_and_reap(pid: int) -> None:
+    process = SandboxProcess.adopt(pid)
+    try:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+    finally:
+        process.close()

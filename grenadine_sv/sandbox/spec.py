@@ -1,0 +1,174 @@
+"""What the launcher needs to start one program: a frozen, validated description sent as JSON."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+_FIELDS = (
+    "name",
+    "command",
+    "directory",
+    "environment",
+    "umask",
+    "user",
+    "group",
+    "binds",
+    "root_anchor",
+)
+
+
+class InvalidSandboxSpec(ValueError):
+    """A sandbox spec (or its JSON form) that the launcher cannot use; the message says why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxSpec:
+    """One program's sandbox: what to run, as whom, where, and which host paths to bind in.
+
+    ``root_anchor`` is an empty directory on the host onto which the launcher bind-mounts ``/``
+    inside the program's own mount namespace; every program may share the same one.
+    ``binds`` are host mount points to bind (non-recursively) at the same path inside.
+    """
+
+    name: str
+    command: tuple[str, ...]
+    directory: str = "/"
+    environment: Mapping[str, str] = field(default_factory=dict)
+    umask: int | None = None
+    user: str | None = None
+    group: str | None = None
+    binds: tuple[str, ...] = ()
+    root_anchor: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "command", tuple(self.command))
+        object.__setattr__(self, "binds", tuple(self.binds))
+        object.__setattr__(self, "environment", MappingProxyType(dict(self.environment)))
+        _check_spec(self)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "name": self.name,
+                "command": list(self.command),
+                "directory": self.directory,
+                "environment": dict(self.environment),
+                "umask": self.umask,
+                "user": self.user,
+                "group": self.group,
+                "binds": list(self.binds),
+                "root_anchor": self.root_anchor,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SandboxSpec:
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidSandboxSpec(f"sandbox spec is not valid JSON: {error}") from error
+        if not isinstance(document, dict):
+            raise InvalidSandboxSpec("sandbox spec must be a JSON object")
+        unknown = sorted(set(document) - set(_FIELDS))
+        if unknown:
+            raise InvalidSandboxSpec(f"sandbox spec has unknown keys: {', '.join(unknown)}")
+        missing = [key for key in ("name", "command", "root_anchor") if key not in document]
+        if missing:
+            raise InvalidSandboxSpec(f"sandbox spec lacks required keys: {', '.join(missing)}")
+        return cls(
+            name=_typed(document, "name", str),
+            command=tuple(_string_list(document, "command")),
+            directory=_typed(document, "directory", str, "/"),
+            environment=_string_map(document, "environment"),
+            umask=_optional(document, "umask", int),
+            user=_optional(document, "user", str),
+            group=_optional(document, "group", str),
+            binds=tuple(_string_list(document, "binds")),
+            root_anchor=_typed(document, "root_anchor", str),
+        )
+
+
+def _check_spec(spec: SandboxSpec) -> None:
+    if not isinstance(spec.name, str) or not spec.name:
+        raise InvalidSandboxSpec("sandbox spec: name must be a non-empty string")
+    where = f"sandbox spec for {spec.name!r}"
+    if not spec.command or not all(isinstance(arg, str) for arg in spec.command):
+        raise InvalidSandboxSpec(f"{where}: command must be a non-empty list of strings")
+    if not spec.command[0]:
+        raise InvalidSandboxSpec(f"{where}: command[0] (the program to run) must not be empty")
+    _check_no_nul(where, "command", spec.command)
+    _check_absolute(where, "directory", spec.directory)
+    for key, value in spec.environment.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidSandboxSpec(f"{where}: environment keys and values must be strings")
+        if not key or "=" in key:
+            raise InvalidSandboxSpec(
+                f"{where}: environment variable name {key!r} is empty or has '='"
+            )
+        _check_no_nul(where, "environment", (key, value))
+    if spec.umask is not None and (
+        isinstance(spec.umask, bool)
+        or not isinstance(spec.umask, int)
+        or not 0 <= spec.umask <= 0o777
+    ):
+        raise InvalidSandboxSpec(
+            f"{where}: umask must be an integer from 0 to 0o777, got {spec.umask!r}"
+        )
+    for key, name in (("user", spec.user), ("group", spec.group)):
+        if name is not None and (not isinstance(name, str) or not name or "\0" in name):
+            raise InvalidSandboxSpec(f"{where}: {key} must be a non-empty name")
+    for path in spec.binds:
+        _check_absolute(where, "binds", path)
+        if posixpath.normpath(path) == "/":
+            raise InvalidSandboxSpec(
+                f"{where}: binds may not contain '/' (the root is always there)"
+            )
+    if len(set(map(posixpath.normpath, spec.binds))) != len(spec.binds):
+        raise InvalidSandboxSpec(f"{where}: binds lists the same path twice")
+    _check_absolute(where, "root_anchor", spec.root_anchor)
+    if posixpath.normpath(spec.root_anchor) == "/":
+        raise InvalidSandboxSpec(f"{where}: root_anchor must be an empty directory, not '/'")
+
+
+def _check_absolute(where: str, key: str, path: object) -> None:
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise InvalidSandboxSpec(f"{where}: {key} must be an absolute path, got {path!r}")
+    if ".." in path.split("/"):
+        raise InvalidSandboxSpec(f"{where}: {key} must not contain '..', got {path!r}")
+
+
+def _check_no_nul(where: str, key: str, values: tuple[str, ...]) -> None:
+    if any("\0" in value for value in values):
+        raise InvalidSandboxSpec(f"{where}: {key} must not contain NUL characters")
+
+
+def _typed(document: dict[str, Any], key: str, kind: type[Any], default: Any = None) -> Any:
+    value = document.get(key, default)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidSandboxSpec(f"sandbox spec: {key} must be of type {kind.__name__}")
+    return value
+
+
+def _optional(document: dict[str, Any], key: str, kind: type[Any]) -> Any:
+    if document.get(key) is None:
+        return None
+    return _typed(document, key, kind)
+
+
+def _string_list(document: dict[str, Any], key: str) -> list[str]:
+    value = document.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise InvalidSandboxSpec(f"sandbox spec: {key} must be a list of strings")
+    return value
+
+
+def _string_map(document: dict[str, Any], key: str) -> dict[str, str]:
+    value = document.get(key, {})
+    if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
+        raise InvalidSandboxSpec(f"sandbox spec: {key} must be an object of strings")
+    return value

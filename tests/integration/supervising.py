@@ -1,0 +1,97 @@
+"""Helpers for tests that run a real Supervisor in the test's own trio loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from grenadine_sv.config import load_config
+from grenadine_sv.program import State
+from grenadine_sv.supervisor import Supervisor, open_checkpoint_service
+
+PYTHON = sys.executable
+
+
+def python_program(code: str) -> str:
+    """A TOML command array running `code` with this interpreter, unbuffered.
+
+    JSON string escapes are valid TOML, so json.dumps writes the array."""
+    return json.dumps([PYTHON, "-u", "-c", code])
+
+
+# A service that exits cleanly on SIGTERM and prints a line every 0.1 s.
+TICKER = python_program(
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "n = 0\n"
+    "while True:\n"
+    "    print('tick', n); n += 1; time.sleep(0.1)\n"
+)
+
+# Waits for SIGTERM, printing nothing.
+IDLE = python_program(
+    "import signal, sys\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "print('ready')\n"
+    "signal.pause()\n"
+)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    """Poll `predicate` until it holds; fail after `timeout` seconds."""
+    try:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        raise AssertionError(f"not true within {timeout}s: {what or predicate}") from None
+
+
+async def wait_state(sv: Supervisor, name: str, state: State, timeout: float = 15.0) -> int:
+    """Wait until `name` is in `state`; return its pid (0 when it has none)."""
+    await wait_for(
+        lambda: name in sv.runners and sv.runners[name].state == state,
+        timeout,
+        f"{name} {state.value} (now {sv.runners[name].state.value if name in sv.runners else '-'})",
+    )
+    return sv.runners[name].machine.pid or 0
+
+
+@asynccontextmanager
+async def running_supervisor(config_path: Path) -> AsyncIterator[Supervisor]:
+    """Run the supervisor on this configuration; on leaving, shut it down like SIGTERM would."""
+    config = load_config(config_path)
+    supervisor = Supervisor(config, checkpoints=open_checkpoint_service(config, None))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        try:
+            yield supervisor
+        finally:
+            supervisor.request_shutdown()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.extend(int(child) for child in text)
+    return found
