@@ -246,18 +246,26 @@ class CheckpointService:
         return await self.launch_with_fallback(runner, ref)
 
     async def launch_with_fallback(
-        self, runner: ProgramRunner, image: ImageMeta | str
+        self,
+        runner: ProgramRunner,
+        image: ImageMeta | str,
+        on_fallback: Callable[[str], None] | None = None,
     ) -> LaunchedInstance:
         """Restore from `image` (or a reference to one); on failure follow restore_fallback:
         "cold" starts the program from scratch, "fail" makes it FATAL with the reason."""
         try:
             if isinstance(image, str):
-                image = await trio.to_thread.run_sync(self.store.resolve, runner.name, image)
+                try:
+                    image = await trio.to_thread.run_sync(self.store.resolve, runner.name, image)
+                except (LookupError, ValueError) as exc:
+                    raise RestoreError(f"image {image!r} not usable: {exc}") from exc
             return await self.launch_from_image(runner, image)
-        except (RestoreError, LookupError, ValueError) as exc:
+        except RestoreError as exc:
             if runner.config.restore_fallback == "fail":
                 raise RestoreError(str(exc), fatal=True) from exc
             log.warning("restore_fallback_cold", program=runner.name, reason=str(exc))
+            if on_fallback is not None:
+                on_fallback(str(exc))
             return await launch_cold(runner)
 
 

@@ -37,14 +37,15 @@ def load_or_explain(args: argparse.Namespace) -> Config | None:
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     from grenadine_sv.logs import configure_logging
-    from grenadine_sv.supervisor import StartupError, Supervisor
+    from grenadine_sv.supervisor import StartupError, Supervisor, open_checkpoint_service
 
     config = load_or_explain(args)
     if config is None:
         return EXIT_USAGE
     configure_logging(config.supervisor.log_format, config.supervisor.log_level)
     try:
-        trio.run(Supervisor(config).run)
+        supervisor = Supervisor(config, checkpoints=open_checkpoint_service(config, None))
+        trio.run(supervisor.run)
     except (StartupError, ControlError) as exc:
         print(f"grenadine-sv: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,7 +1,7 @@
 """The configuration: load the TOML files, validate them, and report every problem at once.
 
-config = load_config("grenadine.toml")     # raises ConfigError
-for name in config.start_order(): ...
+load_config(path) returns a Config or raises ConfigError, whose message has one line per
+problem, each naming the file and the key.
 """
 
 import glob
@@ -151,8 +151,9 @@ class _TomlJsonSchema(GenerateJsonSchema):
 
     def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
         json_schema = super().default_schema(schema)
-        if "default" in json_schema and json_schema["default"] is None:
-            del json_schema["default"]
+        # A nested table's keys carry their own defaults.
+        if json_schema.get("default") is None or "$ref" in json_schema:
+            json_schema.pop("default", None)
         return json_schema
 
 

@@ -57,7 +57,11 @@ def _depends_key(name: str) -> str:
 
 def _table_key_problems(programs: Mapping[str, ProgramConfig]) -> list[Problem]:
     return [
-        Problem(program.source, key_path(["programs", key]), f"holds program {program.name!r}")
+        Problem(
+            program.source,
+            key_path(["programs", key]),
+            f'expected the program named by this key, got program "{program.name}"',
+        )
         for key, program in programs.items()
         if key != program.name
     ]

@@ -203,7 +203,11 @@ ResolvedPath = Annotated[Path, BeforeValidator(_reject_empty_path), AfterValidat
 AbsolutePath = Annotated[Path, AfterValidator(_check_absolute)]
 SocketPath = Annotated[ResolvedPath, AfterValidator(_check_socket_path)]
 ProgramName = Annotated[str, AfterValidator(_check_program_name)]
-ImageRef = Annotated[str, AfterValidator(_check_image_ref)]
+ImageRef = Annotated[
+    str,
+    AfterValidator(_check_image_ref),
+    WithJsonSchema({"type": "string", "pattern": f"^({IMAGE_REF_PATTERN})$"}),
+]
 Environment = dict[
     Annotated[str, AfterValidator(_check_variable_name)],
     Annotated[str, AfterValidator(_check_no_nul)],

@@ -238,10 +238,13 @@ async def follow(
     """
     if from_end_bytes < 0:
         raise ValueError(f"cannot show the last {from_end_bytes} bytes: give 0 or more")
-    file = await _open_when_present(path, poll_seconds)
     try:
-        size = os.fstat(file.fileno()).st_size
-        file.seek(max(0, size - from_end_bytes))
+        file = io.FileIO(path, "rb")
+    except FileNotFoundError:
+        file = await _open_when_present(path, poll_seconds)  # all it will hold is new
+    else:
+        file.seek(max(0, os.fstat(file.fileno()).st_size - from_end_bytes))
+    try:
         while True:
             if chunk := file.read(READ_CHUNK_BYTES):
                 yield chunk

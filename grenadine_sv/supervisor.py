@@ -140,10 +140,23 @@ class Supervisor:
                     programs.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
         finally:
+            with trio.CancelScope(shield=True):
+                await self._kill_leftovers()
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
             log.info("supervisor_stopped")
+
+    async def _kill_leftovers(self) -> None:
+        """After a crash or a cancellation: no program outlives the supervisor."""
+        for runner in self.runners.values():
+            process = runner.process
+            if process is None or process.returncode is not None:
+                continue
+            log.warning("program_killed_on_exit", program=runner.name, pid=process.pid)
+            process.send_signal(signal.SIGKILL)
+            with trio.move_on_after(5.0):
+                await process.wait()
 
     # programs ----------------------------------------------------------------
 
@@ -441,14 +454,10 @@ class Supervisor:
             await runner.stop(runner.stop_timeout_bound())
         restored: dict[str, Any] = {"image": image.id, "fallback": None}
 
-        async def restore_or_fallback(r: ProgramRunner) -> Any:
-            try:
-                return await service.launch_from_image(r, image)
-            except Exception as exc:
-                restored["fallback"] = str(exc)
-                return await service.launch_with_fallback(r, "")
+        def note_fallback(reason: str) -> None:
+            restored["fallback"] = reason
 
-        runner.next_launcher = restore_or_fallback
+        runner.next_launcher = lambda r: service.launch_with_fallback(r, image, note_fallback)
         await runner.start(self.start_timeout_bound(runner.config))
         return restored | self.describe(runner)
 

@@ -70,10 +70,9 @@ async def running_supervisor(config_path: Path) -> AsyncIterator[Supervisor]:
     supervisor = Supervisor(config, checkpoints=open_checkpoint_service(config, None))
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
-        try:
-            yield supervisor
-        finally:
-            supervisor.request_shutdown()
+        # On an exception the nursery cancels the supervisor, which then kills its programs.
+        yield supervisor
+        supervisor.request_shutdown()
 
 
 def pid_alive(pid: int) -> bool:

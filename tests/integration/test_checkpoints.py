@@ -1,0 +1,256 @@
+"""Checkpoint and restore with real CRIU and real daemons, driven through the supervisor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+from structlog.testing import capture_logs
+
+from grenadine_sv.control import ControlError
+from grenadine_sv.criu_binary import CriuNotFound, find_criu
+from grenadine_sv.images import ImageStore
+from grenadine_sv.program import State
+from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.integration.supervising import (
+    TICKER,
+    python_program,
+    running_supervisor,
+    wait_for,
+    wait_state,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.criu]
+
+MEMCACHED = "/usr/bin/memcached"
+
+
+@pytest.fixture(autouse=True)
+def _needs_criu() -> None:
+    require_root()
+    try:
+        find_criu()
+    except CriuNotFound as exc:
+        pytest.skip(str(exc))
+
+
+def memcached_command(port: int) -> str:
+    return f'["{MEMCACHED}", "-u", "root", "-l", "127.0.0.1", "-p", "{port}"]'
+
+
+def memcached(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        reply = b""
+        while not reply.endswith((b"END\r\n", b"STORED\r\n")):
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        return reply
+
+
+def counter_command(port: int) -> str:
+    """An HTTP service whose only state is an in-memory hit counter."""
+    return python_program(
+        "import http.server, signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "hits = 0\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        global hits\n"
+        "        hits += 1\n"
+        "        body = str(hits).encode()\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(body)\n"
+        "    def log_message(self, *a): pass\n"
+        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
+    )
+
+
+def hit(port: int) -> int:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+    return int(data.split(b"\r\n\r\n", 1)[1])
+
+
+async def test_seed_scenario_memcached_key_survives_signal_checkpoint_and_restore(
+    sv_dirs: SupervisorDirs,
+):
+    port = free_port()
+    config = sv_dirs.write_config(
+        f"[programs.memcached]\ncommand = {memcached_command(port)}\n"
+        f'ready = {{ tcp = "127.0.0.1:{port}" }}\n'
+        "[programs.memcached.checkpoint]\non_signal = true\n"
+    )
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        first_pid = await wait_state(sv, "memcached", State.RUNNING)
+        assert memcached(port, b"set foo 0 0 10\r\ngrenadine!\r\n") == b"STORED\r\n"
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await wait_for(lambda: len(store.list("memcached")) == 1, what="an image after USR1")
+        [image] = store.list("memcached")
+        assert image.comm == "memcached"
+        assert image.trigger == "signal"
+        assert image.memory_bytes > 0
+        assert image.dump_stats["frozen_time"] > 0
+        assert sv.runners["memcached"].state == State.RUNNING
+        await sv.stop_programs(["memcached"])
+
+        result = await sv.restore_program("memcached", "latest")
+        assert result["fallback"] is None
+        new_pid = await wait_state(sv, "memcached", State.RUNNING)
+        assert new_pid != first_pid
+        assert b"grenadine!" in memcached(port, b"get foo\r\n")
+        nspid = Path(f"/proc/{new_pid}/status").read_text().split("NSpid:")[1].split("\n")[0]
+        assert nspid.split()[-1] == "1"
+
+
+async def test_output_keeps_flowing_into_the_log_after_a_restore(sv_dirs: SupervisorDirs):
+    config = sv_dirs.write_config(f"[programs.ticker]\ncommand = {TICKER}\nstartsecs = 0.2\n")
+    log = sv_dirs.stdout_log("ticker")
+
+    def last_tick() -> int:
+        ticks = re.findall(rb"tick (\d+)", log.read_bytes())
+        return int(ticks[-1]) if ticks else -1
+
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "ticker", State.RUNNING)
+        await wait_for(lambda: last_tick() >= 2)
+        [entry] = await sv.checkpoint_programs(["ticker"], stop=True)
+        assert entry["ok"]
+        await wait_state(sv, "ticker", State.STOPPED)
+        stopped_at = last_tick()
+        await sv.restore_program("ticker", entry["image"]["id"])
+        await wait_state(sv, "ticker", State.RUNNING)
+        # The restored process goes on counting from where it was dumped.
+        await wait_for(lambda: last_tick() >= stopped_at + 3, what="ticks after the restore")
+
+
+async def test_interval_policy_checkpoints_and_applies_retention(sv_dirs: SupervisorDirs):
+    config = sv_dirs.write_config(
+        f"[programs.ticker]\ncommand = {TICKER}\nstartsecs = 0.2\n"
+        '[programs.ticker.checkpoint]\ninterval = "0.5s"\nkeep = 2\n'
+    )
+    store = ImageStore(sv_dirs.state_dir)
+    with capture_logs() as logs:
+        async with running_supervisor(config) as sv:
+            await wait_state(sv, "ticker", State.RUNNING)
+
+            def done() -> int:
+                return sum(1 for e in logs if e["event"] == "checkpoint_done")
+
+            await wait_for(lambda: done() >= 3, timeout=20, what="three interval checkpoints")
+            assert all(image.trigger == "interval" for image in store.list("ticker"))
+    assert len(store.list("ticker")) == 2
+
+
+async def test_deploy_that_never_gets_ready_is_rolled_back_with_its_state(
+    sv_dirs: SupervisorDirs,
+):
+    port = free_port()
+    good = (
+        f"[programs.counter]\ncommand = {counter_command(port)}\n"
+        f'ready = {{ tcp = "127.0.0.1:{port}", timeout = "10s" }}\n'
+        "[programs.counter.checkpoint]\npre_deploy = true\nrollback = true\n"
+    )
+    broken = (
+        f'[programs.counter]\ncommand = ["/bin/sleep", "1000"]\nstartretries = 0\n'
+        f'stopwaitsecs = 0.5\nready = {{ tcp = "127.0.0.1:{port}", timeout = "1s" }}\n'
+        "[programs.counter.checkpoint]\npre_deploy = true\nrollback = true\n"
+    )
+    config = sv_dirs.write_config(good)
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "counter", State.RUNNING)
+        assert [hit(port) for _ in range(3)] == [1, 2, 3]
+        sv_dirs.write_config(broken)
+        summary = await sv.reload()
+        assert summary["changed"] == ["counter"]
+        assert summary["rolled_back"] == ["counter"]
+        [image] = store.list("counter")
+        assert image.trigger == "pre-deploy"
+        assert summary["pre_deploy_images"] == {"counter": image.id}
+        await wait_state(sv, "counter", State.RUNNING)
+        assert hit(port) == 4
+        assert "rolled back" in sv.describe(sv.runners["counter"])["reason"]
+
+
+async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: SupervisorDirs):
+    # CRIU cannot dump an io_uring instance (syscall 425 on x86-64).
+    undumpable = python_program(
+        "import ctypes, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.syscall(425, 4, ctypes.create_string_buffer(120)) >= 0\n"
+        "while True: print('alive'); time.sleep(0.1)\n"
+    )
+    config = sv_dirs.write_config(f"[programs.odd]\ncommand = {undumpable}\nstartsecs = 0.2\n")
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        pid = await wait_state(sv, "odd", State.RUNNING)
+        for stop in (False, True):
+            with pytest.raises(ControlError, match="criu dump failed"):
+                await sv.checkpoint_programs(["odd"], stop=stop)
+            assert sv.runners["odd"].state == State.RUNNING
+            assert sv.runners["odd"].machine.pid == pid
+        assert store.list("odd") == []
+        assert not any(p.name.startswith(".") for p in (store.root / "odd").iterdir())
+        size = sv_dirs.stdout_log("odd").stat().st_size
+        await wait_for(lambda: sv_dirs.stdout_log("odd").stat().st_size > size)
+
+
+async def test_corrupt_image_is_refused_before_criu_runs(sv_dirs: SupervisorDirs):
+    config = sv_dirs.write_config(f"[programs.ticker]\ncommand = {TICKER}\nstartsecs = 0.2\n")
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        first = await wait_state(sv, "ticker", State.RUNNING)
+        [entry] = await sv.checkpoint_programs(["ticker"], stop=True)
+        image = store.resolve("ticker", entry["image"]["id"])
+        pages = next(store.criu_dir(image).glob("pages-*.img"))
+        data = bytearray(pages.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        pages.write_bytes(bytes(data))
+        result = await sv.restore_program("ticker", image.id)
+        assert "pages-" in result["fallback"]
+        assert result["state"] == "RUNNING"
+        assert result["pid"] != first
+        assert not list((sv_dirs.state_dir / "restore-logs").rglob("*.log"))
+
+
+async def test_pinned_image_that_does_not_exist_follows_restore_fallback(sv_dirs: SupervisorDirs):
+    missing = "0123456789abcdef0123456789abcdef"
+    config = sv_dirs.write_config(
+        f"[programs.cold]\ncommand = {TICKER}\nstartsecs = 0.2\nrestore = '{missing}'\n"
+        f"[programs.strict]\ncommand = {TICKER}\nstartsecs = 0.2\nrestore = '{missing}'\n"
+        "restore_fallback = 'fail'\n"
+    )
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "cold", State.RUNNING)
+        await wait_state(sv, "strict", State.FATAL)
+        assert missing[:8] in sv.runners["strict"].machine.reason
+        await trio.lowlevel.checkpoint()
+
+
+async def test_pinned_latest_image_starts_the_program_from_it(sv_dirs: SupervisorDirs):
+    port = free_port()
+    program = (
+        f"[programs.counter]\ncommand = {counter_command(port)}\n"
+        f'ready = {{ tcp = "127.0.0.1:{port}" }}\n'
+    )
+    config = sv_dirs.write_config(program)
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "counter", State.RUNNING)
+        assert [hit(port) for _ in range(2)] == [1, 2]
+        await sv.checkpoint_programs(["counter"], stop=False)
+    config = sv_dirs.write_config(program + 'restore = "latest"\n')
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "counter", State.RUNNING)
+        assert hit(port) == 3
