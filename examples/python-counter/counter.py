@@ -13,21 +13,26 @@ import signal
 import sys
 import time
 
-STARTED = time.time()
-HITS = 0
+
+class Counter:
+    def __init__(self) -> None:
+        self.hits = 0
+        self.started = time.time()
+
+
+COUNTER = Counter()
 
 
 class CounterHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        global HITS
-        HITS += 1
-        body = json.dumps({"hits": HITS, "started": STARTED}).encode() + b"\n"
+        COUNTER.hits += 1
+        body = json.dumps({"hits": COUNTER.hits, "started": COUNTER.started}).encode() + b"\n"
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        print(f"hit {HITS}", flush=True)
+        print(f"hit {COUNTER.hits}", flush=True)
 
     def log_message(self, format: str, *args: object) -> None:
         pass

@@ -10,7 +10,6 @@ import trio
 from structlog.testing import capture_logs
 
 from grenadine_sv.program import State
-
 from tests.conftest import SupervisorDirs, free_port, require_root
 from tests.integration.supervising import (
     IDLE,
