@@ -12,6 +12,7 @@ from typing import Protocol
 import structlog
 import trio
 
+from grenadine_sv.config import ProgramConfig
 from grenadine_sv.criu import Criu, CriuError, DumpRequest, RestoreRequest, pipe_key
 from grenadine_sv.image_facts import ImageFactsError, read_dump_facts
 from grenadine_sv.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
@@ -120,7 +121,7 @@ class CheckpointService:
             try:
                 image = await trio.to_thread.run_sync(
                     self._dump,
-                    runner,
+                    runner.config,
                     pid,
                     trigger,
                     leave_running,
@@ -151,13 +152,13 @@ class CheckpointService:
 
     def _dump(
         self,
-        runner: ProgramRunner,
+        config: ProgramConfig,
         pid: int,
         trigger: Trigger,
         leave_running: bool,
         tcp_established: bool,
     ) -> ImageMeta:
-        with self.store.begin(runner.name) as pending:
+        with self.store.begin(config.name) as pending:
             self.criu.dump(
                 DumpRequest(
                     pid=pid,
@@ -170,9 +171,29 @@ class CheckpointService:
                 read_dump_facts(pending.criu_dir),
                 trigger=trigger,
                 criu_version=self.criu_version,
-                definition_digest=runner.config.definition_digest(),
+                definition_digest=config.definition_digest(),
                 leave_running=leave_running,
             )
+
+    async def recover_orphan(self, config: ProgramConfig, pid: int) -> ImageMeta:
+        """Checkpoint a sandbox left running by a previous supervisor, ending it, so that it
+        can be restored as a child of this one."""
+        async with self.images_of(config.name).lock:
+            try:
+                image = await trio.to_thread.run_sync(
+                    self._dump,
+                    config,
+                    pid,
+                    "recovery",
+                    False,
+                    config.checkpoint.tcp_established,
+                    abandon_on_cancel=False,
+                )
+            except (CriuError, ImageFactsError, OSError, ValueError) as exc:
+                self.metrics.checkpoint_failed(config.name, "recovery")
+                raise CheckpointError(str(exc)) from exc
+            self.images_of(config.name).last_checkpoint = image
+            return image
 
     # restore -------------------------------------------------------------------
 

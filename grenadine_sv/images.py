@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from grenadine_sv import __version__
 from grenadine_sv.image_facts import DumpFacts
 
-Trigger = Literal["signal", "interval", "pre-deploy", "manual"]
+Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery"]
 
 IMAGES_SUBDIR = "images"
 META_FILE = "meta.json"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -230,7 +230,7 @@ async def pump_output(
 
 async def follow(
     path: Path, from_end_bytes: int, *, poll_seconds: float = FOLLOW_POLL_SECONDS
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the last `from_end_bytes` of `path`, then new data as it is written, like `tail -F`.
 
     Follows rotation: the old file is read to its end, then the new one from its start.

@@ -8,6 +8,7 @@ import os
 import signal
 import stat
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,16 @@ from grenadine_sv.criu_binary import CriuNotFound, CriuVersionUnknown, criu_vers
 from grenadine_sv.images import ImageMeta, ImageStore, Trigger
 from grenadine_sv.policies import CoalescingTrigger, run_interval
 from grenadine_sv.program import State
+from grenadine_sv.recovery import (
+    RecordedInstance,
+    StateDirBusy,
+    state_dir_lock,
+    stop_orphan,
+    surviving_instances,
+    write_state,
+)
 from grenadine_sv.reload import ProgramDiff, diff_programs
-from grenadine_sv.runner import ProgramRunner, RunnerContext, StateObserver
+from grenadine_sv.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
 from grenadine_sv.sandbox import become_subreaper
 
 log = structlog.get_logger()
@@ -76,7 +85,8 @@ class Supervisor:
         self.config = config
         self.runners: dict[str, ProgramRunner] = {}
         self.checkpoints = checkpoints
-        self._observers = tuple(observers)
+        self._observers = (*tuple(observers), self._record_instances)
+        self._recorded: dict[str, RecordedInstance] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._interval_scopes: dict[str, trio.CancelScope] = {}
         self._programs: trio.Nursery | None = None
@@ -106,8 +116,15 @@ class Supervisor:
         self._shutdown.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        settings = self.config.supervisor
         prepare_state_dir(self.state_dir)
+        try:
+            with state_dir_lock(self.state_dir):
+                await self._run_locked(task_status)
+        except StateDirBusy as exc:
+            raise StartupError(str(exc)) from exc
+
+    async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
+        settings = self.config.supervisor
         self.root_anchor.mkdir(mode=0o700, exist_ok=True)
         settings.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         become_subreaper()
@@ -129,9 +146,13 @@ class Supervisor:
                 nursery.start_soon(self.signal_rounds.run)
                 async with trio.open_nursery() as programs:
                     self._programs = programs
+                    recovered = await self._take_back_orphans()
                     for name in self.config.start_order():
-                        await self._add(self.config.programs[name])
-                    self._autostart(self.config.start_order())
+                        runner = await self._add(self.config.programs[name])
+                        launcher = recovered.get(name)
+                        if launcher is not None:
+                            runner.next_launcher = launcher
+                    self._autostart(self.config.start_order(), also=set(recovered))
                     self.started.set()
                     task_status.started()
                     await self._shutdown.wait()
@@ -215,11 +236,63 @@ class Supervisor:
         await runner.stop(runner.stop_timeout_bound())
         self._forget(name)
 
-    def _autostart(self, names: Iterable[str]) -> None:
+    def _autostart(self, names: Iterable[str], also: set[str] | None = None) -> None:
         assert self._programs is not None
         for name in names:
-            if self.runners[name].config.autostart:
+            if self.runners[name].config.autostart or name in (also or set()):
                 self._programs.start_soon(self._start_after_dependencies, name)
+
+    # a previous supervisor's programs -------------------------------------------
+
+    def _record_instances(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """Keep state_dir/supervisor.json listing every live instance (see recovery.py)."""
+        process = runner.process
+        name = runner.name
+        alive = process is not None and process.returncode is None and runner.machine.pid
+        if alive and process is not None:
+            entry = RecordedInstance(
+                pid=process.pid,
+                start_time=process.start_time,
+                pid_ns_inode=process.pid_ns_inode,
+                definition_digest=runner.config.definition_digest(),
+            )
+            if self._recorded.get(name) == entry:
+                return
+            self._recorded[name] = entry
+        elif self._recorded.pop(name, None) is None:
+            return
+        try:
+            write_state(self.state_dir, self._recorded)
+        except OSError as exc:
+            log.error("state_file_write_failed", error=str(exc))
+
+    async def _take_back_orphans(self) -> dict[str, Launcher]:
+        """Sandboxes a killed supervisor left running: checkpoint each and restore it as our
+        child (its memory kept, its output captured again); stop the others cleanly."""
+        launchers: dict[str, Launcher] = {}
+        orphans = await trio.to_thread.run_sync(surviving_instances, self.state_dir)
+        for name, instance in orphans.items():
+            program = self.config.programs.get(name)
+            bound = log.bind(program=name, pid=instance.pid)
+            if (
+                program is not None
+                and self.checkpoints is not None
+                and program.definition_digest() == instance.definition_digest
+            ):
+                try:
+                    image = await self.checkpoints.recover_orphan(program, instance.pid)
+                except CheckpointError as exc:
+                    bound.warning("orphan_not_recovered", error=str(exc))
+                else:
+                    bound.info("orphan_checkpointed", image_id=image.id)
+                    service = self.checkpoints
+                    launchers[name] = partial(service.launch_with_fallback, image=image)
+                    continue
+            stop_signal = program.stop_signal if program is not None else signal.SIGTERM
+            stop_wait = program.stopwaitsecs if program is not None else 10.0
+            bound.warning("orphan_stopping")
+            await stop_orphan(name, instance, stop_signal, stop_wait)
+        return launchers
 
     async def _start_after_dependencies(self, name: str) -> State:
         runner = self.runners[name]

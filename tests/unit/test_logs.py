@@ -93,11 +93,15 @@ def test_debug_level_keeps_debug_events() -> None:
     assert [entry["event"] for entry in json_lines(stream)] == ["probe_attempt"]
 
 
+def fail_restore() -> None:
+    raise RuntimeError("criu said no")
+
+
 def test_json_exceptions_become_a_traceback_string() -> None:
     stream = io.StringIO()
     configure_logging("json", stream=stream)
     try:
-        raise RuntimeError("criu said no")
+        fail_restore()
     except RuntimeError:
         get_logger().exception("restore_failed")
     [entry] = json_lines(stream)

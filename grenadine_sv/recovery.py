@@ -1,0 +1,140 @@
+"""What survives a supervisor killed with SIGKILL: its programs' sandboxes.
+
+The supervisor records every running instance (pid, start time, PID namespace
+inode) in `state_dir/supervisor.json`. The next supervisor finds those that are
+still running, proves they are the same processes (never trusting a pid or a
+name alone), and takes them back: it checkpoints each one and restores it as its
+own child, so the program keeps its memory and its output is captured again. An
+orphan that cannot be taken back that way is stopped cleanly and started anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import structlog
+import trio
+
+from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time
+
+log = structlog.get_logger()
+
+STATE_FILE = "supervisor.json"
+LOCK_FILE = "supervisor.lock"
+
+
+class StateDirBusy(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RecordedInstance:
+    pid: int
+    start_time: int
+    pid_ns_inode: int
+    definition_digest: str
+
+
+def state_path(state_dir: Path) -> Path:
+    return state_dir / STATE_FILE
+
+
+@contextlib.contextmanager
+def state_dir_lock(state_dir: Path) -> Iterator[IO[str]]:
+    """Hold an exclusive lock on state_dir for the supervisor's lifetime."""
+    path = state_dir / LOCK_FILE
+    handle = open(path, "a+")  # noqa: SIM115 - held open for the whole block
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StateDirBusy(
+                f"another supervisor is using {state_dir} (it holds {path})"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield handle
+    finally:
+        handle.close()
+
+
+def write_state(state_dir: Path, instances: Mapping[str, RecordedInstance]) -> None:
+    """Replace the state file atomically (a crash leaves the old or the new one)."""
+    path = state_path(state_dir)
+    temporary = path.with_name(f".{STATE_FILE}.tmp")
+    document = {
+        "supervisor_pid": os.getpid(),
+        "programs": {name: asdict(instance) for name, instance in instances.items()},
+    }
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(document, handle)
+    os.replace(temporary, path)
+
+
+def read_state(state_dir: Path) -> dict[str, RecordedInstance]:
+    path = state_path(state_dir)
+    try:
+        document: Any = json.loads(path.read_text())
+        return {
+            str(name): RecordedInstance(
+                pid=int(entry["pid"]),
+                start_time=int(entry["start_time"]),
+                pid_ns_inode=int(entry["pid_ns_inode"]),
+                definition_digest=str(entry["definition_digest"]),
+            )
+            for name, entry in document["programs"].items()
+        }
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("state_file_unreadable", path=str(path), error=str(exc))
+        return {}
+
+
+def is_same_process(instance: RecordedInstance) -> bool:
+    """True when the recorded pid still names the very process that was recorded."""
+    try:
+        return (
+            read_start_time(instance.pid) == instance.start_time
+            and read_pid_ns_inode(instance.pid) == instance.pid_ns_inode
+            and instance.pid_ns_inode != read_pid_ns_inode(os.getpid())
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def surviving_instances(state_dir: Path) -> dict[str, RecordedInstance]:
+    return {name: inst for name, inst in read_state(state_dir).items() if is_same_process(inst)}
+
+
+async def stop_orphan(
+    name: str, instance: RecordedInstance, stop_signal: int, stop_wait: float
+) -> None:
+    """Stop a sandbox that is not our child: stop signal, grace period, SIGKILL."""
+    try:
+        pidfd = os.pidfd_open(instance.pid)
+    except ProcessLookupError:
+        return
+    try:
+        for sig, grace in ((stop_signal, stop_wait), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, sig)
+            with trio.move_on_after(grace):
+                await trio.lowlevel.wait_readable(pidfd)
+                log.info("orphan_stopped", program=name, pid=instance.pid)
+                return
+        log.error("orphan_did_not_stop", program=name, pid=instance.pid)
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
