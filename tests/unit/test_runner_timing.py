@@ -1,0 +1,136 @@
+"""The runner's timers (backoff, stop timeout) on trio's MockClock, with fake processes."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import cast
+
+import pytest
+import trio
+import trio.testing
+
+from grenadine_sv.config import ProgramConfig
+from grenadine_sv.program import State
+from grenadine_sv.runner import LaunchedInstance, ProgramRunner, RunnerContext
+from grenadine_sv.sandbox import SandboxProcess
+
+
+class FakeProcess:
+    """Stands in for a sandboxed process: exits when told, or on a signal it does not ignore."""
+
+    def __init__(self, pid: int, *, ignore: frozenset[int] = frozenset()) -> None:
+        self.pid = pid
+        self.start_time = 0
+        self.pid_ns_inode = 0
+        self.returncode: int | None = None
+        self.signals: list[tuple[float, int]] = []
+        self._ignore = ignore
+        self._exited = trio.Event()
+
+    def exit(self, returncode: int) -> None:
+        if self.returncode is None:
+            self.returncode = returncode
+            self._exited.set()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append((trio.current_time(), sig))
+        if sig not in self._ignore:
+            self.exit(-sig)
+
+    def close(self) -> None:
+        pass
+
+
+def closed_stream() -> trio.abc.ReceiveStream:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    send.close()
+    return receive
+
+
+def program(tmp_path: Path, **fields: object) -> ProgramConfig:
+    return ProgramConfig.model_validate(
+        {"name": "p", "command": ["/bin/true"], "source": tmp_path / "x.toml", **fields}
+    )
+
+
+def runner_with(tmp_path: Path, config: ProgramConfig, make: object) -> ProgramRunner:
+    runner = ProgramRunner(config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path))
+    pids = iter(range(100, 200))
+
+    async def launch(_: ProgramRunner) -> LaunchedInstance:
+        process = make(next(pids))  # type: ignore[operator]
+        return LaunchedInstance(cast(SandboxProcess, process), closed_stream(), closed_stream())
+
+    runner.launcher = launch
+    return runner
+
+
+async def test_failed_starts_back_off_one_then_two_seconds_then_fatal(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    def crash_at_once(pid: int) -> FakeProcess:
+        process = FakeProcess(pid)
+        process.exit(1)
+        return process
+
+    runner = runner_with(tmp_path, program(tmp_path, startretries=2), crash_at_once)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        await runner.start(timeout=100)
+        assert runner.state == State.FATAL
+        starts = [t for t, s in runner.machine.history if s == State.STARTING]
+        backoffs = [t for t, s in runner.machine.history if s == State.BACKOFF]
+        assert [b - a for a, b in zip(backoffs, starts[1:], strict=True)] == pytest.approx(
+            [1.0, 2.0]
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_stop_escalates_to_sigkill_after_stopwaitsecs(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    made: list[FakeProcess] = []
+
+    def stubborn(pid: int) -> FakeProcess:
+        made.append(FakeProcess(pid, ignore=frozenset({signal.SIGTERM})))
+        return made[-1]
+
+    config = program(tmp_path, startsecs=1, stopwaitsecs=7)
+    runner = runner_with(tmp_path, config, stubborn)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        assert await runner.start(timeout=10) == State.RUNNING
+        began = trio.current_time()
+        assert await runner.stop(timeout=30) == State.STOPPED
+        [(term_at, term), (kill_at, kill)] = made[0].signals
+        assert (term, kill) == (signal.SIGTERM, signal.SIGKILL)
+        assert term_at == pytest.approx(began)
+        assert kill_at - term_at == pytest.approx(7.0)
+        assert runner.machine.last_exit == -signal.SIGKILL
+        nursery.cancel_scope.cancel()
+
+
+async def test_running_program_that_crashes_is_restarted(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    made: list[FakeProcess] = []
+
+    def service(pid: int) -> FakeProcess:
+        made.append(FakeProcess(pid))
+        return made[-1]
+
+    runner = runner_with(tmp_path, program(tmp_path, startsecs=1), service)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        assert await runner.start(timeout=10) == State.RUNNING
+        made[0].exit(-11)
+        await runner.wait_until(lambda s: s == State.RUNNING and len(made) == 2, 10)
+        assert runner.machine.restart_count == 1
+        assert runner.machine.pid == made[1].pid
+        nursery.cancel_scope.cancel()
