@@ -10,7 +10,7 @@ import stat
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -48,6 +48,18 @@ class StartupError(Exception):
     """The supervisor cannot start; the message says why and what to do."""
 
 
+class ProgramMetrics(CheckpointMetrics, Protocol):
+    def add_program(self, program: str) -> None: ...
+
+    def forget_program(self, program: str) -> None: ...
+
+    def program_restarted(self, program: str) -> None: ...
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[tuple[str, int]] = ...
+    ) -> None: ...
+
+
 def open_checkpoint_service(
     config: Config, metrics: CheckpointMetrics | None
 ) -> CheckpointService | None:
@@ -81,11 +93,13 @@ class Supervisor:
         config: Config,
         observers: Iterable[StateObserver] = (),
         checkpoints: CheckpointService | None = None,
+        metrics: ProgramMetrics | None = None,
     ) -> None:
         self.config = config
         self.runners: dict[str, ProgramRunner] = {}
         self.checkpoints = checkpoints
-        self._observers = (*tuple(observers), self._record_instances)
+        self.metrics = metrics
+        self._observers = (*tuple(observers), self._record_instances, self._count_restarts)
         self._recorded: dict[str, RecordedInstance] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
         self._interval_scopes: dict[str, trio.CancelScope] = {}
@@ -144,6 +158,8 @@ class Supervisor:
                 await nursery.start(control.serve, sock, self.handle_request)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self.signal_rounds.run)
+                if self.metrics is not None:
+                    await self._serve_metrics(nursery, self.metrics)
                 async with trio.open_nursery() as programs:
                     self._programs = programs
                     recovered = await self._take_back_orphans()
@@ -181,8 +197,31 @@ class Supervisor:
 
     # programs ----------------------------------------------------------------
 
+    async def _serve_metrics(self, nursery: trio.Nursery, metrics: ProgramMetrics) -> None:
+        address = self.config.supervisor.metrics.address()
+        if address is None:
+            return
+        host, port = address
+        for name in self.config.programs:
+            metrics.add_program(name)
+        try:
+            bound = await nursery.start(metrics.serve, host, port)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StartupError(f"cannot listen on {host}:{port} for metrics: {reason}") from exc
+        log.info("metrics_listening", address=f"{bound[0]}:{bound[1]}")
+
+    def _count_restarts(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """A restart is a new instance the supervisor starts by itself: after an exit
+        (RUNNING -> STARTING) or a failed start (BACKOFF -> STARTING)."""
+        restarted = after == State.STARTING and before in (State.RUNNING, State.BACKOFF)
+        if restarted and self.metrics is not None:
+            self.metrics.program_restarted(runner.name)
+
     async def _add(self, program: ProgramConfig) -> ProgramRunner:
         assert self._programs is not None
+        if self.metrics is not None:
+            self.metrics.add_program(program.name)
         runner = ProgramRunner(program, self.context())
         if self.checkpoints is not None:
             runner.launcher = self.checkpoints.launch_pinned
@@ -224,8 +263,10 @@ class Supervisor:
 
         self._programs.start_soon(interval_task)
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, *, for_good: bool = False) -> None:
         self.runners.pop(name)
+        if for_good and self.metrics is not None:
+            self.metrics.forget_program(name)
         self._scopes.pop(name).cancel()
         interval = self._interval_scopes.pop(name, None)
         if interval is not None:
@@ -234,7 +275,7 @@ class Supervisor:
     async def _remove(self, name: str) -> None:
         runner = self.runners[name]
         await runner.stop(runner.stop_timeout_bound())
-        self._forget(name)
+        self._forget(name, for_good=True)
 
     def _autostart(self, names: Iterable[str], also: set[str] | None = None) -> None:
         assert self._programs is not None
