@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -20,7 +21,15 @@ from grenadine_sv.cli import (
 )
 from grenadine_sv.config import Config, ConfigError, config_json_schema, load_config
 from grenadine_sv.control import ControlError, SupervisorNotRunning, request
-from grenadine_sv.formatting import format_images, format_status
+from grenadine_sv.formatting import (
+    format_checkpoints,
+    format_images,
+    format_prune,
+    format_reload,
+    format_restore,
+    format_status,
+    restore_succeeded,
+)
 
 # A remote request waits at most this long for the supervisor's reply.
 REQUEST_TIMEOUT_SECONDS = 600.0
@@ -150,19 +159,39 @@ def remote(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_FAILED
     if getattr(args, "json", False):
         print_json(result, out)
-    elif args.command in ("status", "start", "stop", "restart"):
-        out.write(format_status(result))
     else:
-        print_json(result, out)
+        out.write(format_result(args.command, result))
     return operation_exit_code(args.command, result)
 
 
+def format_result(command: str, result: Any) -> str:
+    """The human form of a supervisor's reply; unknown shapes are printed as JSON."""
+    formatters: dict[str, Callable[[Any], str]] = {
+        "status": format_status,
+        "start": format_status,
+        "stop": format_status,
+        "restart": format_status,
+        "checkpoint": format_checkpoints,
+        "restore": format_restore,
+        "reload": format_reload,
+        "prune": format_prune,
+    }
+    formatter = formatters.get(command)
+    if formatter is None:
+        return json.dumps(result, indent=2, default=str) + "\n"
+    return formatter(result)
+
+
 def operation_exit_code(command: str, result: Any) -> int:
+    """EXIT_FAILED when the supervisor answered but did not do what was asked."""
     wanted = {"start": {"RUNNING"}, "restart": {"RUNNING"}, "stop": {"STOPPED", "EXITED", "FATAL"}}
-    if (
-        command in wanted
-        and isinstance(result, list)
-        and any(entry.get("state") not in wanted[command] for entry in result)
-    ):
-        return EXIT_FAILED
-    return EXIT_OK
+    failed = False
+    if command in wanted:
+        failed = any(entry.get("state") not in wanted[command] for entry in result)
+    elif command == "checkpoint":
+        failed = any(not entry.get("ok") for entry in result)
+    elif command == "restore":
+        failed = not restore_succeeded(result)
+    elif command == "reload":
+        failed = bool(result.get("rolled_back"))
+    return EXIT_FAILED if failed else EXIT_OK

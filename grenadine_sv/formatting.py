@@ -1,13 +1,40 @@
-"""Human-readable tables for the command line."""
+"""Human-readable output for the command line: one function per kind of supervisor reply.
+
+Each takes the JSON-shaped result the control socket returned (what `--json` prints as is)
+and returns the text to print, ending with a newline.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+from grenadine_sv.images import format_bytes
 
 if TYPE_CHECKING:
     from grenadine_sv.images import ImageMeta
+
+SHORT_ID_LENGTH = 12
+MICROSECONDS = 1_000_000
+# Reload sections in the order they are printed; "unchanged" programs are not listed.
+RELOAD_SECTIONS = ("removed", "added", "changed", "updated")
+
+__all__ = [
+    "format_bytes",
+    "format_checkpoints",
+    "format_duration",
+    "format_images",
+    "format_prune",
+    "format_reload",
+    "format_restore",
+    "format_status",
+    "short_id",
+]
+
+
+def short_id(image_id: str) -> str:
+    return image_id[:SHORT_ID_LENGTH]
 
 
 def format_duration(seconds: float) -> str:
@@ -16,30 +43,38 @@ def format_duration(seconds: float) -> str:
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
     clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{days} days, {clock}" if days else clock
+    if not days:
+        return clock
+    return f"{days} day{'s' if days > 1 else ''}, {clock}"
 
 
-def format_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.2f}{unit}"
-        value /= 1024
-    return f"{value:.2f}TiB"
+def format_moment(created: datetime | str) -> str:
+    """`2026-11-27 05:46:25`, in UTC like the CTIME column of `images`."""
+    moment = datetime.fromisoformat(created) if isinstance(created, str) else created
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# status, start, stop, restart -------------------------------------------------
 
 
 def describe_program(entry: Mapping[str, Any]) -> str:
+    """What follows the state in a status line, as supervisorctl: `pid 42, uptime 0:01:02`."""
     state = entry["state"]
     details: list[str] = []
     if entry.get("pid") is not None and state in ("RUNNING", "STARTING", "STOPPING"):
         details.append(f"pid {entry['pid']}")
     if entry.get("uptime_seconds") is not None:
         details.append(f"uptime {format_duration(entry['uptime_seconds'])}")
-    if entry.get("reason") and state not in ("RUNNING",):
+    if entry.get("reason"):
         details.append(str(entry["reason"]))
     checkpoint = entry.get("last_checkpoint")
     if checkpoint:
-        details.append(f"last checkpoint {checkpoint['id'][:12]} ({checkpoint['created']})")
+        details.append(
+            f"last checkpoint {short_id(checkpoint['id'])} at "
+            f"{format_moment(checkpoint['created'])} ({checkpoint['trigger']})"
+        )
     return ", ".join(details)
 
 
@@ -49,6 +84,94 @@ def format_status(entries: Sequence[Mapping[str, Any]]) -> str:
     width = max(len(str(e["name"])) for e in entries) + 2
     lines = [f"{e['name']:<{width}}{e['state']:<10}{describe_program(e)}".rstrip() for e in entries]
     return "\n".join(lines) + "\n"
+
+
+# checkpoint, restore ----------------------------------------------------------
+
+
+def describe_image(image: Mapping[str, Any]) -> str:
+    """`2.37MiB image, 2.25MiB memory, frozen 0.052s` (CRIU reports frozen_time in µs)."""
+    parts = [
+        f"{format_bytes(int(image['image_bytes']))} image",
+        f"{format_bytes(int(image['memory_bytes']))} memory",
+    ]
+    frozen = image.get("dump_stats", {}).get("frozen_time")
+    if frozen is not None:
+        parts.append(f"frozen {frozen / MICROSECONDS:.3f}s")
+    if image.get("leave_running") is False:
+        parts.append("program stopped")
+    return ", ".join(parts)
+
+
+def format_checkpoints(results: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for result in results:
+        if result.get("ok") and result.get("image"):
+            image = result["image"]
+            lines.append(
+                f"{result['program']}: checkpoint {short_id(image['id'])} ({describe_image(image)})"
+            )
+        else:
+            lines.append(f"{result['program']}: checkpoint failed: {result.get('error')}")
+    return "".join(line + "\n" for line in lines)
+
+
+def restore_succeeded(result: Mapping[str, Any]) -> bool:
+    return not result.get("fallback") and result.get("state") == "RUNNING"
+
+
+def format_restore(result: Mapping[str, Any]) -> str:
+    name = result["name"]
+    image = short_id(str(result["image"]))
+    now = result["state"] if result.get("pid") is None else f"{result['state']} pid {result['pid']}"
+    if result.get("fallback"):
+        return (
+            f"{name}: restore from {image} failed ({result['fallback']}); "
+            f"started cold as restore_fallback says, {now}\n"
+        )
+    if result.get("state") != "RUNNING":
+        reason = f" ({result['reason']})" if result.get("reason") else ""
+        return f"{name}: restore from {image} failed{reason}, {now}\n"
+    return f"{name}: restored from {image}, {now}\n"
+
+
+# reload, prune ----------------------------------------------------------------
+
+
+def format_reload(summary: Mapping[str, Any]) -> str:
+    pre_deploy: Mapping[str, str] = summary.get("pre_deploy_images") or {}
+    lines: list[str] = []
+    for section in RELOAD_SECTIONS:
+        for name in summary.get(section) or []:
+            line = f"{section}: {name}"
+            if section == "changed" and name in pre_deploy:
+                line += f" (pre-deploy image {short_id(pre_deploy[name])})"
+            lines.append(line)
+    for name in summary.get("rolled_back") or []:
+        line = f"rolled back: {name}"
+        if name in pre_deploy:
+            line += f" (new instance never got ready; restored {short_id(pre_deploy[name])})"
+        lines.append(line)
+    if not lines:
+        return "no changes\n"
+    return "".join(line + "\n" for line in lines)
+
+
+def format_prune(deleted: Mapping[str, Sequence[str]]) -> str:
+    if not deleted:
+        return "no programs\n"
+    lines = []
+    for program, ids in deleted.items():
+        if not ids:
+            lines.append(f"{program}: nothing to delete")
+            continue
+        noun = "image" if len(ids) == 1 else "images"
+        shown = ", ".join(short_id(image_id) for image_id in ids)
+        lines.append(f"{program}: deleted {len(ids)} {noun} ({shown})")
+    return "".join(line + "\n" for line in lines)
+
+
+# images -----------------------------------------------------------------------
 
 
 def format_images(images: Sequence[ImageMeta]) -> str:
