@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -46,6 +47,7 @@ def load_or_explain(args: argparse.Namespace) -> Config | None:
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
     from grenadine_sv.logs import configure_logging
+    from grenadine_sv.sandbox.linux import set_process_name
     from grenadine_sv.supervisor import StartupError, Supervisor, open_checkpoint_service
 
     config = load_or_explain(args)
@@ -53,6 +55,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     configure_logging(config.supervisor.log_format, config.supervisor.log_level)
     try:
+        set_process_name("grenadine-sv")
         supervisor = Supervisor(config, checkpoints=open_checkpoint_service(config, None))
         trio.run(supervisor.run)
     except (StartupError, ControlError) as exc:
@@ -109,9 +112,10 @@ def logs(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_OK
 
     async def stream() -> None:
-        async for chunk in follow(path, args.bytes):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+        async with contextlib.aclosing(follow(path, args.bytes)) as chunks:
+            async for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
 
     trio.run(stream)
     return EXIT_OK

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 PR_GET_CHILD_SUBREAPER = 37
 
@@ -29,6 +30,11 @@ def is_subreaper() -> bool:
         code = ctypes.get_errno()
         raise OSError(code, f"prctl(PR_GET_CHILD_SUBREAPER) failed: {os.strerror(code)}")
     return flag.value != 0
+
+
+def set_process_name(name: str) -> None:
+    """Set this process's comm (at most 15 bytes), so `pidof NAME` finds it."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def read_start_time(pid: int) -> int:
