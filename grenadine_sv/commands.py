@@ -48,7 +48,7 @@ def load_or_explain(args: argparse.Namespace) -> Config | None:
 def run(args: argparse.Namespace, out: TextIO) -> int:
     from grenadine_sv.logs import configure_logging
     from grenadine_sv.sandbox.linux import set_process_name
-    from grenadine_sv.supervisor import StartupError, Supervisor, open_checkpoint_service
+    from grenadine_sv.supervisor import StartupError, build_supervisor
 
     config = load_or_explain(args)
     if config is None:
@@ -56,12 +56,25 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     configure_logging(config.supervisor.log_format, config.supervisor.log_level)
     try:
         set_process_name("grenadine-sv")
-        supervisor = Supervisor(config, checkpoints=open_checkpoint_service(config, None))
-        trio.run(supervisor.run)
-    except (StartupError, ControlError) as exc:
-        print(f"grenadine-sv: cannot start: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        trio.run(build_supervisor(config).run)
+    except (StartupError, ControlError, ExceptionGroup) as raised:
+        reason = startup_failure(raised)
+        if reason is None:
+            raise
+        print(f"grenadine-sv: cannot start: {reason}", file=sys.stderr)
+        configuration = isinstance(reason, StartupError) and reason.configuration
+        return EXIT_USAGE if configuration else EXIT_FAILED
     return EXIT_OK
+
+
+def startup_failure(raised: BaseException) -> Exception | None:
+    """The StartupError or ControlError that stopped the supervisor from starting, if that is
+    what happened (trio may deliver it inside exception groups)."""
+    from grenadine_sv.supervisor import StartupError
+
+    while isinstance(raised, BaseExceptionGroup) and len(raised.exceptions) == 1:
+        raised = raised.exceptions[0]
+    return raised if isinstance(raised, StartupError | ControlError) else None
 
 
 def check(args: argparse.Namespace, out: TextIO) -> int:

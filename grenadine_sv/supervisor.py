@@ -10,18 +10,19 @@ import stat
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 import trio
 
-from grenadine_sv import control
+from grenadine_sv import __version__, control
 from grenadine_sv.checkpoints import CheckpointError, CheckpointMetrics, CheckpointService
 from grenadine_sv.config import Config, ConfigError, ProgramConfig, load_config
 from grenadine_sv.control import ControlError
 from grenadine_sv.criu import Criu
 from grenadine_sv.criu_binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
 from grenadine_sv.images import ImageMeta, ImageStore, Trigger
+from grenadine_sv.metrics import Metrics, MetricsListenError, serve_metrics
 from grenadine_sv.policies import CoalescingTrigger, run_interval
 from grenadine_sv.program import State
 from grenadine_sv.recovery import (
@@ -47,33 +48,52 @@ PARALLEL_CHECKPOINTS = max(os.cpu_count() or 1, 1)
 class StartupError(Exception):
     """The supervisor cannot start; the message says why and what to do."""
 
-
-class ProgramMetrics(CheckpointMetrics, Protocol):
-    def add_program(self, program: str) -> None: ...
-
-    def forget_program(self, program: str) -> None: ...
-
-    def program_restarted(self, program: str) -> None: ...
-
-    async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[tuple[str, int]] = ...
-    ) -> None: ...
+    def __init__(self, message: str, *, configuration: bool = False) -> None:
+        super().__init__(message)
+        # True when the configuration cannot work here (exit 2 rather than 1).
+        self.configuration = configuration
 
 
-def open_checkpoint_service(
-    config: Config, metrics: CheckpointMetrics | None
-) -> CheckpointService | None:
-    """The checkpoint layer, or None (with a warning) when no usable CRIU is installed."""
+def find_usable_criu(config: Config) -> tuple[Path, str] | None:
+    """The CRIU binary and its version, or None (with a warning) when none is usable."""
     try:
         binary = find_criu(config.supervisor.criu)
         version = ".".join(str(part) for part in criu_version(binary))
     except (CriuNotFound, CriuVersionUnknown) as exc:
         log.warning("checkpoints_unavailable", reason=str(exc))
         return None
+    return binary, version
+
+
+def open_checkpoint_service(
+    config: Config, metrics: CheckpointMetrics | None = None, criu: tuple[Path, str] | None = None
+) -> CheckpointService | None:
+    """The checkpoint layer, or None when no usable CRIU is installed."""
+    found = criu or find_usable_criu(config)
+    if found is None:
+        return None
+    binary, version = found
     state_dir = config.supervisor.state_dir
     return CheckpointService(
         ImageStore(state_dir), Criu(binary), version, state_dir / "restore-logs", metrics
     )
+
+
+def build_supervisor(config: Config) -> Supervisor:
+    """A supervisor with everything the configuration asks for: checkpoints, metrics."""
+    criu = find_usable_criu(config)
+    metrics: Metrics | None = None
+    supervisor: Supervisor
+    if config.supervisor.metrics.address() is not None:
+        metrics = Metrics(
+            store=ImageStore(config.supervisor.state_dir),
+            programs=lambda: dict(supervisor.runners),
+            criu_version=criu[1] if criu is not None else "none",
+            version=__version__,
+        )
+    checkpoints = open_checkpoint_service(config, metrics, criu) if criu is not None else None
+    supervisor = Supervisor(config, checkpoints=checkpoints, metrics=metrics)
+    return supervisor
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -93,7 +113,7 @@ class Supervisor:
         config: Config,
         observers: Iterable[StateObserver] = (),
         checkpoints: CheckpointService | None = None,
-        metrics: ProgramMetrics | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.runners: dict[str, ProgramRunner] = {}
@@ -197,7 +217,7 @@ class Supervisor:
 
     # programs ----------------------------------------------------------------
 
-    async def _serve_metrics(self, nursery: trio.Nursery, metrics: ProgramMetrics) -> None:
+    async def _serve_metrics(self, nursery: trio.Nursery, metrics: Metrics) -> None:
         address = self.config.supervisor.metrics.address()
         if address is None:
             return
@@ -205,10 +225,10 @@ class Supervisor:
         for name in self.config.programs:
             metrics.add_program(name)
         try:
-            bound = await nursery.start(metrics.serve, host, port)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise StartupError(f"cannot listen on {host}:{port} for metrics: {reason}") from exc
+            bound = await nursery.start(serve_metrics, metrics, host, port)
+        except MetricsListenError as exc:
+            message = f"{self.config.path}: supervisor.metrics.listen: {exc}"
+            raise StartupError(message, configuration=True) from exc
         log.info("metrics_listening", address=f"{bound[0]}:{bound[1]}")
 
     def _count_restarts(self, runner: ProgramRunner, before: State, after: State) -> None:

@@ -33,7 +33,9 @@ class SupervisorDirs:
     def config(self) -> Path:
         return self.root / "grenadine.toml"
 
-    def write_config(self, programs: str, *, extra_supervisor: str = "") -> Path:
+    def write_config(
+        self, programs: str, *, extra_supervisor: str = "", metrics_listen: str = ""
+    ) -> Path:
         """Write a configuration with these [programs.*] tables and return its path."""
         self.config.write_text(
             f"""
@@ -45,7 +47,7 @@ log_format = "json"
 {extra_supervisor}
 
 [supervisor.metrics]
-listen = ""
+listen = "{metrics_listen}"
 
 {programs}
 """

@@ -13,7 +13,7 @@ import trio
 
 from grenadine_sv.config import load_config
 from grenadine_sv.program import State
-from grenadine_sv.supervisor import Supervisor, open_checkpoint_service
+from grenadine_sv.supervisor import Supervisor, build_supervisor
 
 PYTHON = sys.executable
 
@@ -67,7 +67,7 @@ async def wait_state(sv: Supervisor, name: str, state: State, timeout: float = 1
 async def running_supervisor(config_path: Path) -> AsyncIterator[Supervisor]:
     """Run the supervisor on this configuration; on leaving, shut it down like SIGTERM would."""
     config = load_config(config_path)
-    supervisor = Supervisor(config, checkpoints=open_checkpoint_service(config, None))
+    supervisor = build_supervisor(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         # On an exception the nursery cancels the supervisor, which then kills its programs.

@@ -1,0 +1,494 @@
+"""Prometheus metrics: what the supervisor counts, what the image store holds, and the /metrics
+endpoint that serves both.
+
+Counters and histograms are updated by the supervisor as things happen. Image figures and
+whether each program is up are read when scraped (`StoreCollector`), so they are true after a
+restart of the supervisor and after a prune. Metric names are a contract (DESIGN.md, "Metrics").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+import prometheus_client
+import structlog
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+log = structlog.get_logger()
+
+# The values images.Trigger allows; their counters start at 0 so rate() works at once.
+CHECKPOINT_TRIGGERS = ("signal", "interval", "pre-deploy", "manual", "recovery")
+# From a small idle daemon (tens of milliseconds) to a large memory image (a minute).
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+RUNNING = "RUNNING"
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_REQUEST_HEAD_BYTES = 8 * 1024
+REQUEST_TIMEOUT_SECONDS = 10.0
+SEND_TIMEOUT_SECONDS = 30.0
+LINGER_SECONDS = 2.0
+MAX_DRAIN_BYTES = 1024 * 1024
+# Scrapes that arrive together wait for each other rather than walking the disk in parallel.
+CONCURRENT_RENDERS = 1
+MAX_PORT = 65535
+
+
+class ImageMetaLike(Protocol):
+    @property
+    def memory_bytes(self) -> int: ...
+
+
+class ImageStoreLike(Protocol):
+    """What the metrics read from the image store (grenadine_sv.images.ImageStore)."""
+
+    def programs(self) -> Sequence[str]: ...
+
+    def usage(self, program: str) -> tuple[int, int]: ...
+
+    def list(self, program: str) -> Sequence[ImageMetaLike]: ...
+
+    def free_bytes(self) -> int: ...
+
+
+class ProgramStatusLike(Protocol):
+    @property
+    def state(self) -> str: ...
+
+
+ProgramTable = Callable[[], Mapping[str, ProgramStatusLike]]
+
+
+class MetricsListenError(Exception):
+    """The metrics endpoint cannot listen on its address."""
+
+
+@dataclass(frozen=True)
+class ImageFigures:
+    count: int
+    bytes: int
+    latest_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class StoreFamilies:
+    up: GaugeMetricFamily
+    images: GaugeMetricFamily
+    image_bytes: GaugeMetricFamily
+    latest_memory: GaugeMetricFamily
+    free_bytes: GaugeMetricFamily
+
+    @classmethod
+    def empty(cls) -> StoreFamilies:
+        return cls(
+            up=GaugeMetricFamily(
+                "grenadine_program_up",
+                "1 if the program is RUNNING, else 0",
+                labels=["program"],
+            ),
+            images=GaugeMetricFamily(
+                "grenadine_images",
+                "Number of checkpoint images the program has in the image store",
+                labels=["program"],
+            ),
+            image_bytes=GaugeMetricFamily(
+                "grenadine_image_bytes",
+                "Bytes of disk used by the program's checkpoint images",
+                labels=["program"],
+            ),
+            latest_memory=GaugeMetricFamily(
+                "grenadine_latest_image_memory_bytes",
+                "Memory bytes recorded in the program's newest checkpoint image",
+                labels=["program"],
+            ),
+            free_bytes=GaugeMetricFamily(
+                "grenadine_state_dir_free_bytes",
+                "Bytes available to the supervisor on the filesystem of state_dir",
+            ),
+        )
+
+    def all(self) -> list[Metric]:
+        return [self.up, self.images, self.image_bytes, self.latest_memory, self.free_bytes]
+
+
+class StoreCollector:
+    """Collects, at scrape time, grenadine_program_up and the image figures.
+
+    `programs` is called from the thread that renders the scrape: it must return a snapshot
+    (a dict copy such as `lambda: dict(supervisor.runners)` is one; CPython copies a dict
+    atomically), not a view that the event loop changes while it is read.
+    """
+
+    def __init__(self, store: ImageStoreLike, programs: ProgramTable) -> None:
+        self._store = store
+        self._programs = programs
+
+    def describe(self) -> Iterable[Metric]:
+        return StoreFamilies.empty().all()
+
+    def collect(self) -> Iterable[Metric]:
+        families = StoreFamilies.empty()
+        states = {name: status.state for name, status in dict(self._programs()).items()}
+        for name in sorted(states):
+            families.up.add_metric([name], 1.0 if states[name] == RUNNING else 0.0)
+
+        try:
+            on_disk = set(self._store.programs())
+        except OSError as exc:
+            log.warning("metrics_images_unreadable", error=str(exc))
+            on_disk = set()
+        for name in sorted(on_disk | set(states)):
+            figures = self._read_figures(name)
+            if figures is None:
+                continue
+            families.images.add_metric([name], figures.count)
+            families.image_bytes.add_metric([name], figures.bytes)
+            if figures.latest_memory_bytes is not None:
+                families.latest_memory.add_metric([name], figures.latest_memory_bytes)
+        try:
+            families.free_bytes.add_metric([], self._store.free_bytes())
+        except OSError as exc:
+            log.warning("metrics_free_space_unreadable", error=str(exc))
+        return families.all()
+
+    def _read_figures(self, program: str) -> ImageFigures | None:
+        try:
+            count, size = self._store.usage(program)
+            newest = self._store.list(program)[:1]
+        except OSError as exc:
+            # An image deleted while it was measured, or an unreadable directory: this scrape
+            # leaves the program's figures out rather than failing whole.
+            log.warning("metrics_images_unreadable", program=program, error=str(exc))
+            return None
+        latest = newest[0].memory_bytes if newest else None
+        return ImageFigures(count=count, bytes=size, latest_memory_bytes=latest)
+
+
+class Metrics:
+    """Every metric of the supervisor, in a registry of its own."""
+
+    def __init__(
+        self,
+        *,
+        store: ImageStoreLike,
+        programs: ProgramTable,
+        criu_version: str,
+        version: str,
+    ) -> None:
+        # prometheus-client would add a `_created` series beside every counter and histogram;
+        # the switch is process-wide and the supervisor has no other metrics.
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._triggers: dict[str, set[str]] = {}
+
+        build_info = Gauge(
+            "grenadine_build_info",
+            "Versions of grenadine-sv and of the CRIU it uses; always 1",
+            ["version", "criu_version"],
+            registry=self.registry,
+        )
+        build_info.labels(version=version, criu_version=criu_version).set(1)
+
+        self._restarts = Counter(
+            "grenadine_program_restarts",
+            "Times the program was started again after an exit or a failed start",
+            ["program"],
+            registry=self.registry,
+        )
+        self._checkpoints = Counter(
+            "grenadine_checkpoints",
+            "Checkpoints that produced an image",
+            ["program", "trigger"],
+            registry=self.registry,
+        )
+        self._checkpoint_failures = Counter(
+            "grenadine_checkpoint_failures",
+            "Checkpoints that failed and kept no image",
+            ["program", "trigger"],
+            registry=self.registry,
+        )
+        self._checkpoint_duration = Histogram(
+            "grenadine_checkpoint_duration_seconds",
+            "Wall time of successful checkpoints, from freeze to durable image",
+            ["program"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._checkpoint_frozen = Histogram(
+            "grenadine_checkpoint_frozen_seconds",
+            "Time the program was frozen during successful checkpoints (CRIU frozen_time)",
+            ["program"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._last_success = Gauge(
+            "grenadine_last_checkpoint_success_timestamp_seconds",
+            "Unix time of the program's last successful checkpoint (absent until one since start)",
+            ["program"],
+            registry=self.registry,
+        )
+        self._restores = Counter(
+            "grenadine_restores",
+            "Restores that brought the program back from an image",
+            ["program"],
+            registry=self.registry,
+        )
+        self._restore_failures = Counter(
+            "grenadine_restore_failures",
+            "Restores that failed",
+            ["program"],
+            registry=self.registry,
+        )
+        self._restore_duration = Histogram(
+            "grenadine_restore_duration_seconds",
+            "Wall time of successful restores, image verification included",
+            ["program"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(StoreCollector(store, programs))
+
+    def add_program(self, program: str) -> None:
+        """Start the program's counters and histograms at 0, so rate() works from the first
+        scrape rather than from the first event."""
+        self._restarts.labels(program=program)
+        for trigger in CHECKPOINT_TRIGGERS:
+            self._count_trigger(program, trigger)
+            self._checkpoints.labels(program=program, trigger=trigger)
+            self._checkpoint_failures.labels(program=program, trigger=trigger)
+        self._checkpoint_duration.labels(program=program)
+        self._checkpoint_frozen.labels(program=program)
+        self._restores.labels(program=program)
+        self._restore_failures.labels(program=program)
+        self._restore_duration.labels(program=program)
+
+    def forget_program(self, program: str) -> None:
+        """Drop the program's series (it was removed from the configuration)."""
+        for trigger in self._triggers.pop(program, set()):
+            for counter in (self._checkpoints, self._checkpoint_failures):
+                counter.remove(program, trigger)
+        for metric in (
+            self._restarts,
+            self._checkpoint_duration,
+            self._checkpoint_frozen,
+            self._last_success,
+            self._restores,
+            self._restore_failures,
+            self._restore_duration,
+        ):
+            metric.remove(program)
+
+    def program_restarted(self, program: str) -> None:
+        self._restarts.labels(program=program).inc()
+
+    def checkpoint_succeeded(
+        self, program: str, trigger: str, duration_seconds: float, frozen_seconds: float
+    ) -> None:
+        self._count_trigger(program, trigger)
+        self._checkpoints.labels(program=program, trigger=trigger).inc()
+        self._checkpoint_duration.labels(program=program).observe(duration_seconds)
+        self._checkpoint_frozen.labels(program=program).observe(frozen_seconds)
+        self._last_success.labels(program=program).set(time.time())
+
+    def checkpoint_failed(self, program: str, trigger: str) -> None:
+        self._count_trigger(program, trigger)
+        self._checkpoint_failures.labels(program=program, trigger=trigger).inc()
+
+    def restore_succeeded(self, program: str, duration_seconds: float) -> None:
+        self._restores.labels(program=program).inc()
+        self._restore_duration.labels(program=program).observe(duration_seconds)
+
+    def restore_failed(self, program: str) -> None:
+        self._restore_failures.labels(program=program).inc()
+
+    def render(self) -> bytes:
+        """The text exposition format (0.0.4). Reads the image store: call it off the loop."""
+        return generate_latest(self.registry)
+
+    def _count_trigger(self, program: str, trigger: str) -> None:
+        self._triggers.setdefault(program, set()).add(trigger)
+
+
+# The endpoint -------------------------------------------------------------------------------
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    """(host, port) from "127.0.0.1:9847", "[::1]:9847" or "localhost:0" (port 0: any free
+    port). The host of an IPv6 address is returned without its brackets."""
+    expected = (
+        f'metrics listen address {address!r} is not valid: expected "host:port" such as '
+        f'"127.0.0.1:9847" or "[::1]:9847", with a port from 0 to {MAX_PORT}'
+    )
+    host, colon, port_text = address.strip().rpartition(":")
+    if not colon or not host or not port_text.isascii() or not port_text.isdecimal():
+        raise ValueError(expected)
+    port = int(port_text)
+    if port > MAX_PORT:
+        raise ValueError(expected)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1])), port
+        except ValueError:
+            raise ValueError(f"{expected} ({host} is not an IPv6 address)") from None
+    if ":" in host or any(c.isspace() or c in "[]/" for c in host):
+        raise ValueError(f"{expected} (write an IPv6 address in brackets: [::1]:9847)")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve GET /metrics on host:port until cancelled. Reports (host, bound port) once it
+    listens; raises MetricsListenError before that if it cannot bind."""
+    listeners = await _open_listeners(host, port)
+    bound_port = int(listeners[0].socket.getsockname()[1])
+    log.info("metrics_listening", address=format_address(host, bound_port))
+    task_status.started((host, bound_port))
+    limiter = trio.CapacityLimiter(CONCURRENT_RENDERS)
+    await trio.serve_listeners(partial(_serve_connection, metrics, limiter), listeners)
+
+
+async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise MetricsListenError(
+            f"cannot listen on {format_address(host, port)} for metrics: {reason}"
+        ) from exc
+    if port == 0 and len(listeners) > 1:
+        # A name with several addresses would get a different free port on each: keep one.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        listeners = listeners[:1]
+    return listeners
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    reason: str
+    content_type: str
+    body: bytes
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self, *, include_body: bool) -> bytes:
+        headers = [
+            f"HTTP/1.1 {self.status} {self.reason}",
+            f"Content-Type: {self.content_type}",
+            f"Content-Length: {len(self.body)}",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in self.extra_headers),
+        ]
+        head = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii")
+        return head + self.body if include_body else head
+
+
+INDEX_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>grenadine-sv</title></head>"
+    b'<body><h1>grenadine-sv</h1><p><a href="/metrics">Metrics</a></p></body></html>\n'
+)
+
+
+def _text(status: int, reason: str, message: str, *extra: tuple[str, str]) -> Response:
+    return Response(status, reason, "text/plain; charset=utf-8", f"{message}\n".encode(), extra)
+
+
+class BadRequest(Exception):
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.reason)
+        self.response = response
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+
+
+def parse_request_head(head: bytes) -> Request:
+    """The method and path of an HTTP/1.x request head (headers are not needed here)."""
+    request_line = head.split(b"\r\n", 1)[0]
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise BadRequest(_text(400, "Bad Request", "malformed request line"))
+    method, target = parts[0].decode("ascii", "replace"), parts[1].decode("ascii", "replace")
+    return Request(method=method, path=target.split("?", 1)[0])
+
+
+async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes:
+    buffer = bytearray()
+    while b"\r\n\r\n" not in buffer:
+        if len(buffer) > MAX_REQUEST_HEAD_BYTES:
+            raise BadRequest(
+                _text(431, "Request Header Fields Too Large", "request head too large")
+            )
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise BadRequest(_text(400, "Bad Request", "connection closed mid-request"))
+        buffer += chunk
+    return bytes(buffer[: buffer.index(b"\r\n\r\n")])
+
+
+async def _respond(metrics: Metrics, limiter: trio.CapacityLimiter, request: Request) -> Response:
+    if request.method not in ("GET", "HEAD"):
+        return _text(405, "Method Not Allowed", "only GET and HEAD", ("Allow", "GET, HEAD"))
+    if request.path == "/metrics":
+        body = await trio.to_thread.run_sync(metrics.render, limiter=limiter)
+        return Response(200, "OK", CONTENT_TYPE, body)
+    if request.path == "/":
+        return Response(200, "OK", "text/html; charset=utf-8", INDEX_PAGE)
+    return _text(404, "Not Found", "not found; metrics are at /metrics")
+
+
+async def _serve_connection(
+    metrics: Metrics, limiter: trio.CapacityLimiter, stream: trio.SocketStream
+) -> None:
+    async with stream:
+        include_body = True
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT_SECONDS):
+                request = parse_request_head(await _read_request_head(stream))
+            include_body = request.method != "HEAD"
+            response = await _respond(metrics, limiter, request)
+        except BadRequest as exc:
+            response = exc.response
+        except trio.TooSlowError:
+            response = _text(408, "Request Timeout", "request head not received in time")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            # A failing scrape must not take the supervisor down with it.
+            log.exception("metrics_render_failed")
+            response = _text(500, "Internal Server Error", "rendering the metrics failed")
+        with trio.move_on_after(SEND_TIMEOUT_SECONDS):
+            try:
+                await stream.send_all(response.encode(include_body=include_body))
+                await _close_gracefully(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+async def _close_gracefully(stream: trio.SocketStream) -> None:
+    """Half-close, then read what the client still sends until it closes too. Closing with
+    unread data makes the kernel send a reset, which can destroy the reply in flight (an
+    oversized request is answered before it is read to its end)."""
+    await stream.send_eof()
+    drained = 0
+    with trio.move_on_after(LINGER_SECONDS):
+        while drained <= MAX_DRAIN_BYTES and (chunk := await stream.receive_some(65536)):
+            drained += len(chunk)
