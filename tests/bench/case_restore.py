@@ -1,0 +1,138 @@
+"""Case 2: a service that takes seconds to warm up (it builds an in-memory search index before it
+listens), from `grenadine-sv start` to its first correct answer, against `grenadine-sv restore`
+of a checkpoint taken once it was warm, to its first correct answer."""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.bench.baselines import settle_disk
+from tests.bench.grenadine import GrenadineSupervisor
+from tests.bench.payloads.warm_service import document
+from tests.bench.procs import BenchError, scratch_dir, wait_until
+from tests.bench.programs import free_port, warm_service
+from tests.bench.settings import Settings
+from tests.bench.stats import Comparison, Target
+
+PROGRAM = "search"
+ANSWER_TIMEOUT = 600.0
+COMMAND_TIMEOUT = 120.0
+
+
+def http_get(port: int, path: str) -> bytes | None:
+    """The body of a 200 answer, or None (refused, reset, another status)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+    except OSError:
+        return None
+    head, _, body = data.partition(b"\r\n\r\n")
+    return body if head.startswith(b"HTTP/1.0 200") else None
+
+
+def correct_answer(port: int, documents: int) -> Callable[[], bool]:
+    """True once the service answers with the last document it indexes (so it is warm)."""
+    number = documents - 1
+    expected = document(number).encode()
+    return lambda: http_get(port, f"/doc/{number}") == expected
+
+
+def time_to_answer(
+    sv: GrenadineSupervisor, args: tuple[str, ...], answered: Callable[[], bool]
+) -> tuple[float, str]:
+    """Seconds from issuing `grenadine-sv ARGS` to the first correct answer; the command's
+    output (it may still be finishing when the answer comes)."""
+    settle_disk()
+    began = time.monotonic()
+    command = subprocess.Popen(
+        sv.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        answered_at = wait_until(answered, ANSWER_TIMEOUT, f"an answer after {' '.join(args)}")
+    finally:
+        try:
+            output, errors = command.communicate(timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            command.kill()
+            output, errors = command.communicate()
+    if command.returncode != 0:
+        raise BenchError(f"grenadine-sv {' '.join(args)} failed: {errors.strip()}")
+    return answered_at - began, output
+
+
+def stop(sv: GrenadineSupervisor) -> None:
+    sv.request("stop", names=[PROGRAM])
+    if not sv.all_in_state("STOPPED", [PROGRAM]):
+        raise BenchError(f"{PROGRAM} did not stop: {sv.status()}")
+
+
+def run(settings: Settings) -> list[Comparison]:
+    documents = settings.warm_documents
+    port = free_port()
+    answered = correct_answer(port, documents)
+    cold: list[float] = []
+    restored: list[float] = []
+    with (
+        scratch_dir("gsvb-rst-") as root,
+        GrenadineSupervisor(
+            root, [warm_service(PROGRAM, port, documents)], settings.profile("restore")
+        ) as sv,
+    ):
+        time_to_answer(sv, ("start", PROGRAM), answered)
+        [entry] = json.loads(sv.run_cli("checkpoint", PROGRAM, "--json"))
+        image = entry["image"]
+        stop(sv)
+
+        def from_scratch() -> None:
+            seconds, _ = time_to_answer(sv, ("start", PROGRAM), answered)
+            cold.append(seconds)
+            stop(sv)
+
+        def from_image() -> None:
+            seconds, output = time_to_answer(
+                sv, ("restore", PROGRAM, image["id"], "--json"), answered
+            )
+            outcome = json.loads(output)
+            if outcome.get("fallback"):
+                raise BenchError(f"the restore fell back: {outcome['fallback']}")
+            restored.append(seconds)
+            stop(sv)
+
+        steps = [from_scratch, from_image]
+        for number in range(settings.runs):
+            for step in steps if number % 2 == 0 else reversed(steps):
+                step()
+        restore_durations = [float(e["duration_seconds"]) for e in sv.log_events("restore_done")]
+    details: dict[str, Any] = {
+        "documents": documents,
+        "image_bytes": image["image_bytes"],
+        "memory_bytes": image["memory_bytes"],
+        "median_supervisor_restore_seconds": round(statistics.median(restore_durations), 4),
+    }
+    return [
+        Comparison(
+            case="2. restore vs cold start",
+            metric="to first correct answer",
+            unit="s",
+            ours_label="restore",
+            baseline_label="cold start",
+            ours=tuple(restored),
+            baseline=tuple(cold),
+            target=Target(">=", 10.0),
+            inverse=True,
+            note=f"a search service indexing {documents} generated documents "
+            f"({image['memory_bytes'] / (1 << 20):.0f} MiB dumped) before it listens; "
+            "from `grenadine-sv start` or `grenadine-sv restore NAME IMAGE` issued until it "
+            "answers with the last indexed document",
+            details=details,
+        )
+    ]
