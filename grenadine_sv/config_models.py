@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     ValidationInfo,
     WithJsonSchema,
@@ -293,6 +294,7 @@ class ProgramConfig(BaseModel):
     """[programs.NAME]: one supervised program."""
 
     model_config = TABLE_CONFIG
+    _digest: str | None = PrivateAttr(default=None)
 
     name: SkipJsonSchema[ProgramName]
     command: Command
@@ -348,8 +350,10 @@ class ProgramConfig(BaseModel):
 
     def definition_digest(self) -> str:
         """sha256 (hex) of the fields that shape the running process (DIGEST_FIELDS)."""
-        fields = self.model_dump(mode="json", include=set(DIGEST_FIELDS))
-        canonical = json.dumps(
-            {"digest_version": 1, **fields}, sort_keys=True, separators=(",", ":")
-        )
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        if self._digest is None:
+            fields = self.model_dump(mode="json", include=set(DIGEST_FIELDS))
+            canonical = json.dumps(
+                {"digest_version": 1, **fields}, sort_keys=True, separators=(",", ":")
+            )
+            self._digest = hashlib.sha256(canonical.encode()).hexdigest()
+        return self._digest

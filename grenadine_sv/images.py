@@ -25,6 +25,7 @@ import shutil
 import stat
 import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,8 @@ DELETING_PREFIX = ".deleting-"
 MIN_PREFIX_LEN = 4
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+# Threads that seal an image: fsyncs wait on the disk while hashes use the CPUs.
+SEAL_WORKERS = 4
 
 _IMAGE_ID = re.compile(r"[0-9a-f]{32}")
 _DECIMAL = re.compile(r"[0-9]+")
@@ -503,17 +506,30 @@ def _walk_files(top: Path) -> Iterator[tuple[str, Path]]:
 
 
 def _seal_tree(top: Path) -> Mapping[str, _FileRecord]:
-    """In one pass over what CRIU wrote: make files 0600 and directories 0700, hash and fsync
-    every file, fsync every directory. Returns each file's size and digest."""
-    records: dict[str, _FileRecord] = {}
+    """Over what CRIU wrote: make files 0600 and directories 0700, hash and fsync every file,
+    fsync every directory. Returns each file's size and digest.
+
+    Hashing is CPU work and fsync waits on the disk: both run at once in worker threads
+    (hashlib and fsync release the GIL), so sealing costs about the larger of the two."""
+    files: list[tuple[str, Path]] = []
+    directories: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(top, topdown=False):
         base = Path(dirpath)
         linked_dirs = [d for d in dirnames if (base / d).is_symlink()]
         for name in [*filenames, *linked_dirs]:
             path = base / name
-            records[path.relative_to(top).as_posix()] = _seal_file(path)
-        os.chmod(base, DIR_MODE)
-        _fsync_dir(base)
+            files.append((path.relative_to(top).as_posix(), path))
+        directories.append(base)
+    with ThreadPoolExecutor(max_workers=SEAL_WORKERS) as pool:
+        synced = {rel: pool.submit(_sync_file, path) for rel, path in files}
+        hashed = {rel: pool.submit(_hash_file, path) for rel, path in files}
+        records = {
+            rel: _FileRecord(size=synced[rel].result(), sha256=hashed[rel].result())
+            for rel, _ in files
+        }
+    for directory in directories:
+        os.chmod(directory, DIR_MODE)
+        _fsync_dir(directory)
     return records
 
 
@@ -523,19 +539,31 @@ _NOT_REGULAR = (
 )
 
 
-def _seal_file(path: Path) -> _FileRecord:
+def _open_regular(path: Path) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise ValueError(_NOT_REGULAR.format(path=path, why=exc.strerror)) from exc
-    with os.fdopen(fd, "rb") as file:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(_NOT_REGULAR.format(path=path, why="not a regular file"))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(_NOT_REGULAR.format(path=path, why="not a regular file"))
+    return fd
+
+
+def _sync_file(path: Path) -> int:
+    """Make the file private and durable; returns its size."""
+    fd = _open_regular(path)
+    try:
         os.fchmod(fd, FILE_MODE)
-        digest = hashlib.file_digest(file, "sha256").hexdigest()
         os.fsync(fd)
-        return _FileRecord(size=st.st_size, sha256=digest)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _hash_file(path: Path) -> str:
+    with os.fdopen(_open_regular(path), "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _sha256_of(path: Path) -> str:
