@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 import trio
 
 from grenadine_sv.config import ProgramConfig
-from grenadine_sv.criu import Criu, CriuError, DumpRequest, RestoreRequest, pipe_key
+from grenadine_sv.criu import (
+    Criu,
+    CriuError,
+    DumpRequest,
+    RestoreRequest,
+    TaskCondition,
+    pipe_key,
+    task_condition,
+)
 from grenadine_sv.image_facts import ImageFactsError, read_dump_facts
 from grenadine_sv.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
-from grenadine_sv.output import open_output_pipe
 from grenadine_sv.program import StopAborted, StopRequested
 from grenadine_sv.runner import LaunchedInstance, ProgramRunner, launch_cold
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
@@ -24,6 +35,12 @@ from grenadine_sv.sandbox import SandboxError, SandboxProcess
 log = structlog.get_logger()
 
 MICROSECONDS = 1_000_000
+DUMP_LOGS_SUBDIR = "dump-logs"
+# Logs of failed dumps kept per program (the newest), for a user to read after the fact.
+FAILED_DUMP_LOGS_KEPT = 5
+NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
+# Below this, a failed dump is taken to have failed for want of space.
+NEARLY_FULL_BYTES = 1 << 20
 
 
 class CheckpointError(Exception):
@@ -89,6 +106,8 @@ class CheckpointService:
         self.work_dir = work_dir
         self.metrics: CheckpointMetrics = metrics or NoMetrics()
         self._programs: dict[str, ProgramImages] = {}
+        # Dumps run in worker threads; ImageStore.begin creates shared directories unguarded.
+        self._begin_lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
 
     def images_of(self, program: str) -> ProgramImages:
@@ -115,6 +134,7 @@ class CheckpointService:
             leave_running = policy.leave_running and not stop
             instance = runner.machine.instance
             bound = log.bind(program=program, pid=pid, trigger=trigger)
+            before = task_condition(pid)
             if not leave_running:
                 runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
             began = self.clock()
@@ -132,8 +152,10 @@ class CheckpointService:
                 if not leave_running:
                     runner.handle_now(StopAborted(instance, trio.current_time()))
                 self.metrics.checkpoint_failed(program, trigger)
-                bound.error("checkpoint_failed", error=str(exc))
-                raise CheckpointError(str(exc)) from exc
+                message = self._failure_message(exc)
+                bound.error("checkpoint_failed", error=message)
+                _examine_after_failed_dump(runner, pid, before, bound)
+                raise CheckpointError(message) from exc
             duration = self.clock() - began
             frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
             self.metrics.checkpoint_succeeded(program, trigger, duration, frozen)
@@ -158,15 +180,27 @@ class CheckpointService:
         leave_running: bool,
         tcp_established: bool,
     ) -> ImageMeta:
-        with self.store.begin(config.name) as pending:
-            self.criu.dump(
-                DumpRequest(
-                    pid=pid,
-                    images_dir=pending.criu_dir,
-                    leave_running=leave_running,
-                    tcp_established=tcp_established,
+        with self._begin_lock:
+            pending = self.store.begin(config.name)
+        with pending:
+            try:
+                self.criu.dump(
+                    DumpRequest(
+                        pid=pid,
+                        images_dir=pending.criu_dir,
+                        leave_running=leave_running,
+                        tcp_established=tcp_established,
+                    )
                 )
-            )
+            except CriuError as exc:
+                detail = exc.detail
+                free = self.store.free_bytes()
+                if free < NEARLY_FULL_BYTES and NO_SPACE_TEXT not in detail:
+                    # CRIU's own log may be cut short by the full disk: say it here.
+                    detail = f"{NO_SPACE_TEXT} ({free} bytes free); {detail}"
+                # The partial image, and the log in it, go when `pending` is aborted.
+                kept = self._keep_failed_dump_log(config.name, pending.id, exc.log_path)
+                raise CriuError(exc.action, detail, kept) from exc
             return pending.commit(
                 read_dump_facts(pending.criu_dir),
                 trigger=trigger,
@@ -174,6 +208,40 @@ class CheckpointService:
                 definition_digest=config.definition_digest(),
                 leave_running=leave_running,
             )
+
+    def _keep_failed_dump_log(
+        self, program: str, image_id: str, dump_log: Path | None
+    ) -> Path | None:
+        """Move a failed dump's log to state_dir/dump-logs/PROGRAM/ (0600), keeping the newest
+        few; returns where it now is (or None when there was none)."""
+        if dump_log is None or not dump_log.is_file():
+            return None
+        logs_dir = self.store.state_dir / DUMP_LOGS_SUBDIR / program
+        kept = logs_dir / f"dump-{image_id}.log"
+        try:
+            logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.rename(dump_log, kept)  # same filesystem: needs no free space
+            os.chmod(kept, 0o600)
+            older = sorted(logs_dir.glob("dump-*.log"), key=lambda p: p.stat().st_mtime)
+            for old in older[:-FAILED_DUMP_LOGS_KEPT]:
+                old.unlink()
+        except OSError as exc:
+            log.warning("dump_log_not_kept", path=str(dump_log), error=str(exc))
+            return None
+        return kept
+
+    def _failure_message(self, exc: Exception) -> str:
+        """What went wrong, and for a full disk what to do about it."""
+        no_space = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or (
+            isinstance(exc, CriuError) and NO_SPACE_TEXT in exc.detail
+        )
+        if not no_space:
+            return str(exc)
+        return (
+            f"no space left on the filesystem of state_dir {self.store.state_dir} (ENOSPC): "
+            "the dump was discarded and earlier images are untouched; free some space, lower "
+            f"checkpoint.keep or run grenadine-sv prune ({exc})"
+        )
 
     async def recover_orphan(self, config: ProgramConfig, pid: int) -> ImageMeta:
         """Checkpoint a sandbox left running by a previous supervisor, ending it, so that it
@@ -191,7 +259,7 @@ class CheckpointService:
                 )
             except (CriuError, ImageFactsError, OSError, ValueError) as exc:
                 self.metrics.checkpoint_failed(config.name, "recovery")
-                raise CheckpointError(str(exc)) from exc
+                raise CheckpointError(self._failure_message(exc)) from exc
             self.images_of(config.name).last_checkpoint = image
             return image
 
@@ -206,13 +274,14 @@ class CheckpointService:
         async with self.images_of(program).lock:
             began = self.clock()
             try:
-                launched = await trio.to_thread.run_sync(
+                pid, output_fds = await trio.to_thread.run_sync(
                     self._restore, runner, image, abandon_on_cancel=False
                 )
             except (CriuError, ImageCorrupt, OSError) as exc:
                 self.metrics.restore_failed(program)
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
+            launched = _launched_instance(pid, image, output_fds)
             duration = self.clock() - began
             self.metrics.restore_succeeded(program, duration)
             log.info(
@@ -224,18 +293,22 @@ class CheckpointService:
             )
             return launched
 
-    def _restore(self, runner: ProgramRunner, image: ImageMeta) -> LaunchedInstance:
+    def _restore(self, runner: ProgramRunner, image: ImageMeta) -> tuple[int, dict[int, int]]:
+        """Run CRIU's restore (in a worker thread). Returns the restored root's pid and, per
+        stdio pipe inode of the image, the read end of the new pipe that replaces it.
+
+        Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
         self.store.verify(image)
         work_dir = self.work_dir / runner.name
-        work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for directory in (self.work_dir, work_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
         write_fds: dict[int, int] = {}
-        streams: dict[int, trio.lowlevel.FdStream] = {}
+        read_fds: dict[int, int] = {}
         try:
             for inode in dict.fromkeys(image.stdio_pipes.values()):
-                write_fd, stream = open_output_pipe()
-                os.set_inheritable(write_fd, True)
-                write_fds[inode] = write_fd
-                streams[inode] = stream
+                read_fds[inode], write_fds[inode] = os.pipe()
+                os.set_inheritable(write_fds[inode], True)
             pid = self.criu.restore(
                 RestoreRequest(
                     images_dir=self.store.criu_dir(image),
@@ -246,16 +319,14 @@ class CheckpointService:
                 )
             )
         except BaseException:
-            for stream in streams.values():
-                stream.close()
+            for fd in read_fds.values():
+                os.close(fd)
             raise
         finally:
             for fd in write_fds.values():
                 os.close(fd)
-        process = SandboxProcess.adopt(pid)
-        stdout = streams.get(image.stdio_pipes.get("stdout", -1))
-        stderr = streams.get(image.stdio_pipes.get("stderr", -1))
-        return LaunchedInstance(process, stdout or _empty_stream(), stderr or _empty_stream())
+            _make_files_private(work_dir)
+        return pid, read_fds
 
     # launchers -----------------------------------------------------------------
 
@@ -288,6 +359,58 @@ class CheckpointService:
             if on_fallback is not None:
                 on_fallback(str(exc))
             return await launch_cold(runner)
+
+
+def _examine_after_failed_dump(
+    runner: ProgramRunner, pid: int, before: TaskCondition | None, bound: Any
+) -> None:
+    """CRIU that fails (or dies) mid-dump lets go of the program: the kernel detaches it and
+    its parasite code returns it to where it was. Check that, and say what was left behind."""
+    after = task_condition(pid)
+    if after is None:
+        # The exit reaches the runner, which restarts the program per its autorestart.
+        bound.warning("program_gone_after_failed_checkpoint")
+        return
+    if after.parasite_mappings > (before.parasite_mappings if before is not None else 0):
+        bound.warning(
+            "criu_parasite_left_mapped",
+            mappings=after.parasite_mappings,
+            detail="the program runs on; CRIU's code stays mapped in it until its next restart",
+        )
+    was_stopped = before is not None and before.stopped
+    if after.stopped and not was_stopped and after.tracer_pid == 0:
+        process = runner.process
+        if process is not None and process.pid == pid and process.returncode is None:
+            process.send_signal(signal.SIGCONT)
+            bound.warning("program_resumed_after_failed_checkpoint")
+
+
+def _make_files_private(directory: Path) -> None:
+    """CRIU creates its logs and statistics with the process umask: make them 0600."""
+    with contextlib.suppress(OSError):  # best effort: the directory itself is 0700
+        for entry in directory.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                os.chmod(entry, 0o600)
+
+
+def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> LaunchedInstance:
+    """Take charge of a restored root and of its output pipes (in trio's thread)."""
+    stdout_fd = read_fds.pop(image.stdio_pipes.get("stdout", -1), None)
+    stderr_fd = read_fds.pop(image.stdio_pipes.get("stderr", -1), None)
+    for unused in read_fds.values():
+        os.close(unused)
+    try:
+        process = SandboxProcess.adopt(pid)
+    except BaseException:
+        for fd in (stdout_fd, stderr_fd):
+            if fd is not None:
+                os.close(fd)
+        raise
+    return LaunchedInstance(process, _stream(stdout_fd), _stream(stderr_fd))
+
+
+def _stream(read_fd: int | None) -> trio.lowlevel.FdStream:
+    return trio.lowlevel.FdStream(read_fd) if read_fd is not None else _empty_stream()
 
 
 def _empty_stream() -> trio.lowlevel.FdStream:

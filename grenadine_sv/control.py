@@ -6,7 +6,6 @@ Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "sentence"}
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -43,7 +42,7 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; absurdly deep nesting
         raise ProtocolError(f"not a JSON object: {exc}") from exc
     if not isinstance(message, dict):
         raise ProtocolError("a request must be a JSON object")
@@ -117,6 +116,9 @@ async def serve(
 
 
 async def _serve_client(stream: trio.SocketStream, handler: Handler) -> None:
+    """Answer requests until the client closes; after an error reply (a malformed line, an
+    unknown command, a refused request) the connection is closed, so a confused client
+    cannot go on talking past it."""
     log = structlog.get_logger()
     buffer = bytearray()
     async with stream:
@@ -125,9 +127,9 @@ async def _serve_client(stream: trio.SocketStream, handler: Handler) -> None:
                 with trio.fail_after(CLIENT_IDLE_SECONDS):
                     line = await read_line(stream, buffer)
             except (ProtocolError, trio.TooSlowError) as exc:
-                reason = str(exc) or "client idle too long"
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(encode({"ok": False, "error": reason}))
+                await _send_quietly(
+                    stream, {"ok": False, "error": str(exc) or "client idle too long"}
+                )
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
@@ -135,22 +137,29 @@ async def _serve_client(stream: trio.SocketStream, handler: Handler) -> None:
                 return
             try:
                 command, args = decode_request(line)
-                result = await handler(command, args)
-                reply = {"ok": True, "result": result}
             except ProtocolError as exc:
-                reply = {"ok": False, "error": str(exc)}
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(encode(reply))
+                await _send_quietly(stream, {"ok": False, "error": str(exc)})
                 return
-            except ControlError as exc:
-                reply = {"ok": False, "error": str(exc)}
-            except Exception as exc:
-                log.exception("control_request_failed")
-                reply = {"ok": False, "error": f"internal error: {exc!r}"}
             try:
-                await stream.send_all(encode(reply))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                result = await handler(command, args)
+            except ControlError as exc:
+                await _send_quietly(stream, {"ok": False, "error": str(exc)})
                 return
+            except Exception as exc:
+                log.exception("control_request_failed", command=command)
+                await _send_quietly(stream, {"ok": False, "error": f"internal error: {exc!r}"})
+                return
+            if not await _send_quietly(stream, {"ok": True, "result": result}):
+                return
+
+
+async def _send_quietly(stream: trio.SocketStream, reply: dict[str, Any]) -> bool:
+    """Send a reply; False when the client has gone away."""
+    try:
+        await stream.send_all(encode(reply))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
 
 
 def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120.0) -> Any:

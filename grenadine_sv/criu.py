@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,14 @@ import pycriu
 LOG_LEVEL = 4
 ERROR_LINES_SHOWN = 8
 SWRK_EXIT_SECONDS = 30.0
+
+# Logged as an error by every run on hosts without CAP_SYS_RESOURCE, and harmless
+# (CRIU-NOTES.md): it would otherwise be the first "cause" shown for any failure.
+_HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
+# CRIU's summary line says nothing the action name does not.
+_SUMMARY_ERROR = re.compile(r"^(Dumping|Restoring) FAILED\.?$")
+# "(00.037781)      1: Error (criu/page-xfer.c:263): " before the message itself.
+_LINE_PREFIX = re.compile(r"^\(\s*[0-9.]+\)\s*(?:[0-9]+:\s*)?Error \([^)]*\):\s*")
 
 
 class CriuError(Exception):
@@ -51,13 +62,33 @@ class RestoreRequest:
 
 
 def error_lines(log_path: Path) -> list[str]:
-    """CRIU's own error lines from its log, the most telling last."""
+    """CRIU's own error messages from its log, first (the cause) first, without repeats,
+    timestamps, source locations or the lines every run logs."""
     try:
         text = log_path.read_text(errors="replace")
     except OSError:
         return []
-    lines = [line.strip() for line in text.splitlines() if "Error" in line or "error" in line]
-    return lines[-ERROR_LINES_SHOWN:]
+    messages: dict[str, None] = {}
+    for line in text.splitlines():
+        if "Error" not in line and "error" not in line:
+            continue
+        message = _LINE_PREFIX.sub("", line.strip())
+        if any(harmless in message for harmless in _HARMLESS_ERRORS):
+            continue
+        if _SUMMARY_ERROR.match(message):
+            continue
+        messages.setdefault(message, None)
+    return list(messages)[:ERROR_LINES_SHOWN]
+
+
+@dataclass
+class _Session:
+    """One `criu swrk` child and the pycriu client speaking to it."""
+
+    client: Any
+    process: subprocess.Popen[bytes]
+    # Children of the calling thread before CRIU ran (a restore makes new ones).
+    children_before: frozenset[int] = field(default_factory=frozenset)
 
 
 class Criu:
@@ -66,8 +97,12 @@ class Criu:
 
     def dump(self, request: DumpRequest) -> None:
         log_path = request.images_dir / request.log_name
-        with self._session((), "dump", log_path) as criu, _open_dir(request.images_dir) as dir_fd:
-            opts = criu.opts
+        failure: pycriu.CRIUException | None = None
+        with (
+            self._session((), "dump", log_path) as session,
+            _open_dir(request.images_dir) as dir_fd,
+        ):
+            opts = session.client.opts
             opts.images_dir_fd = dir_fd
             opts.pid = request.pid
             opts.leave_running = request.leave_running
@@ -76,20 +111,23 @@ class Criu:
             opts.log_file = request.log_name
             opts.log_level = LOG_LEVEL
             try:
-                criu.dump()
+                session.client.dump()
             except pycriu.CRIUException as exc:
-                raise self._failure("dump", exc, log_path) from exc
+                failure = exc
+        if failure is not None:
+            raise self._failure("dump", failure, log_path, session.process) from failure
 
     def restore(self, request: RestoreRequest) -> int:
         """Restore the tree as a child of this process; returns the root's host pid."""
         log_path = request.work_dir / request.log_name
         fds = tuple(request.inherit_fds.values())
+        failure: pycriu.CRIUException | None = None
         with (
-            self._session(fds, "restore", log_path) as criu,
+            self._session(fds, "restore", log_path) as session,
             _open_dir(request.images_dir) as dir_fd,
             _open_dir(request.work_dir) as work_fd,
         ):
-            opts = criu.opts
+            opts = session.client.opts
             opts.images_dir_fd = dir_fd
             opts.work_dir_fd = work_fd
             opts.root = "/"
@@ -103,18 +141,24 @@ class Criu:
                 entry.key = key
                 entry.fd = fd
             try:
-                response = criu.restore()
+                response = session.client.restore()
             except pycriu.CRIUException as exc:
-                raise self._failure("restore", exc, log_path) from exc
-            return int(response.pid)
+                failure = exc
+        if failure is not None:
+            _end_restore_leftovers(session)
+            raise self._failure("restore", failure, log_path, session.process) from failure
+        return int(response.pid)
 
     @contextlib.contextmanager
-    def _session(self, pass_fds: tuple[int, ...], action: str, log_path: Path) -> Iterator[Any]:
+    def _session(
+        self, pass_fds: tuple[int, ...], action: str, log_path: Path
+    ) -> Iterator[_Session]:
         """A `criu swrk` child speaking to a pycriu client over a socketpair.
 
         The child is started with subprocess (no fork of this threaded process), and
-        receives the fds a restore must inherit.
+        receives the fds a restore must inherit. On leaving, the child has exited.
         """
+        children_before = _thread_children()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             swrk = subprocess.Popen(
@@ -129,11 +173,16 @@ class Criu:
             raise CriuError(action, f"cannot run {self.binary}: {exc.strerror}", None) from exc
         finally:
             theirs.close()
+        client = pycriu.criu()
         try:
-            client = pycriu.criu()
             client.use_fd(ours.fileno())
-            yield client
+            yield _Session(client, swrk, children_before)
         finally:
+            # pycriu talks through its own dup of `ours`, and leaves it open when CRIU
+            # fails to answer (killed mid-request, say).
+            comm_socket = getattr(client._comm, "sk", None)
+            if comm_socket is not None:
+                comm_socket.close()
             ours.close()
             try:
                 swrk.wait(timeout=SWRK_EXIT_SECONDS)
@@ -142,10 +191,36 @@ class Criu:
                 swrk.wait()
 
     @staticmethod
-    def _failure(action: str, exc: Exception, log_path: Path) -> CriuError:
+    def _failure(
+        action: str, exc: Exception, log_path: Path, swrk: subprocess.Popen[bytes]
+    ) -> CriuError:
         lines = error_lines(log_path)
+        if swrk.returncode is not None and swrk.returncode < 0:
+            name = signal.Signals(-swrk.returncode).name
+            lines.insert(0, f"criu (pid {swrk.pid}) was killed by {name} before it finished")
         detail = "; ".join(lines) if lines else str(exc)
         return CriuError(action, detail, log_path)
+
+
+def _thread_children() -> frozenset[int]:
+    """Children of the calling thread (those it forked), as the kernel lists them."""
+    path = f"/proc/self/task/{threading.get_native_id()}/children"
+    try:
+        with open(path) as listing:
+            return frozenset(int(pid) for pid in listing.read().split())
+    except OSError:
+        return frozenset()
+
+
+def _end_restore_leftovers(session: _Session) -> None:
+    """A failed restore may leave the partly restored root behind as our child (restored as
+    CRIU's sibling): a zombie CRIU already killed, or a task it gave up on. End and reap it,
+    so that no unsupervised copy runs and no zombie accumulates."""
+    for pid in _thread_children() - session.children_before - {session.process.pid}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 @contextlib.contextmanager
@@ -155,6 +230,43 @@ def _open_dir(path: Path) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class TaskCondition:
+    """What a dump that went wrong can leave in a task (CRIU seizes it with ptrace and runs
+    its parasite code inside it)."""
+
+    stopped: bool
+    """In a group stop or a ptrace stop."""
+    tracer_pid: int
+    parasite_mappings: int
+    """Mappings of CRIU's parasite blob, left when CRIU dies before removing it."""
+
+
+PARASITE_MAPPING = "/memfd:CRIUMFD"
+
+
+def task_condition(pid: int) -> TaskCondition | None:
+    """The condition of task `pid`, or None when it is gone (or a zombie)."""
+    try:
+        stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        status = Path(f"/proc/{pid}/status").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    state = stat_fields[0]
+    if state in ("Z", "X"):
+        return None
+    tracer = next(
+        (int(line.split()[1]) for line in status.splitlines() if line.startswith("TracerPid:")),
+        0,
+    )
+    return TaskCondition(
+        stopped=state in ("T", "t"),
+        tracer_pid=tracer,
+        parasite_mappings=sum(1 for line in maps.splitlines() if PARASITE_MAPPING in line),
+    )
 
 
 def pipe_key(inode: int) -> str:
