@@ -167,10 +167,18 @@ class CheckpointService:
                 frozen_seconds=frozen,
                 image_bytes=image.image_bytes,
             )
-            deleted = await trio.to_thread.run_sync(self.store.prune, program, policy.keep)
+            deleted = await trio.to_thread.run_sync(self.prune_images, program, policy.keep)
             for old in deleted:
                 bound.info("image_pruned", image_id=old.id)
             return image
+
+    def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
+        """Apply retention to `program`'s images, with the restore logs of those deleted."""
+        deleted = self.store.prune(program, keep)
+        for image in deleted:
+            with contextlib.suppress(FileNotFoundError):
+                (self.work_dir / program / restore_log_name(image)).unlink()
+        return deleted
 
     def _dump(
         self,
@@ -315,7 +323,7 @@ class CheckpointService:
                     work_dir=work_dir,
                     inherit_fds={pipe_key(inode): fd for inode, fd in write_fds.items()},
                     tcp_established=runner.config.checkpoint.tcp_established,
-                    log_name=f"restore-{image.id}.log",
+                    log_name=restore_log_name(image),
                 )
             )
         except BaseException:
@@ -359,6 +367,10 @@ class CheckpointService:
             if on_fallback is not None:
                 on_fallback(str(exc))
             return await launch_cold(runner)
+
+
+def restore_log_name(image: ImageMeta) -> str:
+    return f"restore-{image.id}.log"
 
 
 def _examine_after_failed_dump(

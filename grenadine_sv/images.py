@@ -442,7 +442,12 @@ class ImageStore:
     def _ensure_dir(self, path: Path) -> None:
         if path.is_dir():
             return
-        _make_private_dir(path)
+        try:
+            _make_private_dir(path)
+        except FileExistsError:
+            if not path.is_dir():
+                raise
+            return  # made meanwhile by a dump of another program
         _fsync_dir(path.parent)
 
 

@@ -51,7 +51,8 @@ def state_path(state_dir: Path) -> Path:
 def state_dir_lock(state_dir: Path) -> Iterator[IO[str]]:
     """Hold an exclusive lock on state_dir for the supervisor's lifetime."""
     path = state_dir / LOCK_FILE
-    handle = open(path, "a+")  # noqa: SIM115 - held open for the whole block
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    handle = os.fdopen(fd, "r+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

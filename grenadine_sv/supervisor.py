@@ -34,6 +34,7 @@ from grenadine_sv.recovery import (
     write_state,
 )
 from grenadine_sv.reload import ProgramDiff, diff_programs
+from grenadine_sv.requests import RequestHandler, describe
 from grenadine_sv.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
 from grenadine_sv.sandbox import become_subreaper
 
@@ -99,7 +100,13 @@ def build_supervisor(config: Config) -> Supervisor:
 def prepare_state_dir(path: Path) -> None:
     """Create state_dir 0700, or refuse one that other users can write."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = path.stat().st_mode
+    info = path.stat()
+    mode = info.st_mode
+    if info.st_uid != os.geteuid():
+        raise StartupError(
+            f"state_dir {path} belongs to uid {info.st_uid}, not to this supervisor's user "
+            f"(uid {os.geteuid()}); it holds process memory: chown it or choose another"
+        )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StartupError(
             f"state_dir {path} is writable by other users (mode {stat.S_IMODE(mode):o}); "
@@ -175,7 +182,7 @@ class Supervisor:
         )
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(control.serve, sock, self.handle_request)
+                await nursery.start(control.serve, sock, RequestHandler(self).handle)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self.signal_rounds.run)
                 if self.metrics is not None:
@@ -593,7 +600,7 @@ class Supervisor:
 
         runner.next_launcher = lambda r: service.launch_with_fallback(r, image, note_fallback)
         await runner.start(self.start_timeout_bound(runner.config))
-        return restored | self.describe(runner)
+        return restored | describe(self, runner)
 
     async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:
         service = self._service()
@@ -603,7 +610,7 @@ class Supervisor:
             if limit < 0:
                 raise ControlError("--keep must be 0 or more")
             async with service.images_of(name).lock:
-                gone = await trio.to_thread.run_sync(service.store.prune, name, limit)
+                gone = await trio.to_thread.run_sync(service.prune_images, name, limit)
             deleted[name] = [image.id for image in gone]
         return deleted
 
@@ -624,64 +631,3 @@ class Supervisor:
         if unknown:
             raise ControlError(f"no such program: {', '.join(unknown)}")
         return list(dict.fromkeys(names))
-
-    def status(self, names: list[str]) -> list[dict[str, Any]]:
-        selected = self.select(names) if names else list(self.runners)
-        return [self.describe(self.runners[n]) for n in selected]
-
-    def describe(self, runner: ProgramRunner) -> dict[str, Any]:
-        machine = runner.machine
-        return {
-            "name": runner.name,
-            "state": machine.state.value,
-            "pid": machine.pid,
-            "uptime_seconds": runner.uptime(),
-            "restarts": machine.restart_count,
-            "exit_status": machine.last_exit,
-            "reason": self.rollbacks.get(runner.name) or machine.reason,
-            "last_checkpoint": self._last_checkpoint(runner.name),
-        }
-
-    def _last_checkpoint(self, name: str) -> dict[str, Any] | None:
-        if self.checkpoints is None:
-            return None
-        image = self.checkpoints.images_of(name).last_checkpoint
-        if image is None:
-            return None
-        return {"id": image.id, "created": image.created.isoformat(), "trigger": image.trigger}
-
-    async def handle_request(self, command: str, args: dict[str, Any]) -> Any:
-        names = [str(n) for n in args.get("names", [])]
-        match command:
-            case "status":
-                return self.status(names)
-            case "start":
-                selected = self.select(names)
-                await self.start_programs(selected)
-                return self.status(selected)
-            case "stop":
-                selected = self.select(names)
-                await self.stop_programs(selected)
-                return self.status(selected)
-            case "restart":
-                selected = self.select(names)
-                await self.stop_programs(selected)
-                await self.start_programs(selected)
-                return self.status(selected)
-            case "reload":
-                return await self.reload()
-            case "checkpoint":
-                return await self.checkpoint_programs(self.select(names), bool(args.get("stop")))
-            case "restore":
-                return await self.restore_program(str(args.get("name")), str(args.get("image")))
-            case "prune":
-                keep = args.get("keep")
-                name = args.get("name")
-                selected = self.select([str(name)]) if name else []
-                return await self.prune(selected, int(keep) if keep is not None else None)
-            case "ping":
-                return {"pid": os.getpid()}
-            case "shutdown":
-                self.request_shutdown()
-                return {"pid": os.getpid()}
-        raise ControlError(f"unknown command {command!r}")

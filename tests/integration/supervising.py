@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -91,6 +92,7 @@ def pid_alive(pid: int) -> bool:
 def children_of(pid: int) -> list[int]:
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found.extend(int(child) for child in text)
+        # A thread may end between the listing and the read.
+        with contextlib.suppress(FileNotFoundError):
+            found.extend(int(child) for child in (task / "children").read_text().split())
     return found

@@ -16,6 +16,7 @@ from grenadine_sv.control import ControlError
 from grenadine_sv.criu_binary import CriuNotFound, find_criu
 from grenadine_sv.images import ImageStore
 from grenadine_sv.program import State
+from grenadine_sv.requests import describe
 from tests.conftest import SupervisorDirs, free_port, require_root
 from tests.integration.supervising import (
     TICKER,
@@ -180,7 +181,7 @@ async def test_deploy_that_never_gets_ready_is_rolled_back_with_its_state(
         assert summary["pre_deploy_images"] == {"counter": image.id}
         await wait_state(sv, "counter", State.RUNNING)
         assert hit(port) == 4
-        assert "rolled back" in sv.describe(sv.runners["counter"])["reason"]
+        assert "rolled back" in describe(sv, sv.runners["counter"])["reason"]
 
 
 async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: SupervisorDirs):

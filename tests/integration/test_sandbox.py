@@ -24,6 +24,7 @@ from grenadine_sv.sandbox import (
 )
 from grenadine_sv.sandbox import process as sandbox_process
 from grenadine_sv.sandbox.linux import is_subreaper, read_start_time, set_child_subreaper
+from tests.integration.supervising import children_of
 
 pytestmark = [
     pytest.mark.root,
@@ -45,10 +46,7 @@ def _subreaper() -> Iterator[None]:
 
 
 def our_children() -> set[int]:
-    children: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
-        children.update(int(pid) for pid in (task / "children").read_text().split())
-    return children
+    return set(children_of(os.getpid()))
 
 
 @pytest.fixture(autouse=True)
