@@ -8,9 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
-
-import trio
+from typing import TYPE_CHECKING, Any, TextIO
 
 from grenadine_sv.cli import (
     EXIT_FAILED,
@@ -20,8 +18,12 @@ from grenadine_sv.cli import (
     default_config_path,
     print_json,
 )
-from grenadine_sv.config import Config, ConfigError, config_json_schema, load_config
-from grenadine_sv.control import ControlError, SupervisorNotRunning, request
+from grenadine_sv.control_client import (
+    ControlError,
+    SupervisorNotRunning,
+    control_socket_of,
+    request,
+)
 from grenadine_sv.formatting import (
     format_checkpoints,
     format_images,
@@ -32,12 +34,21 @@ from grenadine_sv.formatting import (
     restore_succeeded,
 )
 
+if TYPE_CHECKING:
+    from grenadine_sv.config import Config
+
 # A remote request waits at most this long for the supervisor's reply.
 REQUEST_TIMEOUT_SECONDS = 600.0
 
 
+def config_path_of(args: argparse.Namespace) -> Path:
+    return Path(args.config) if args.config is not None else default_config_path()
+
+
 def load_or_explain(args: argparse.Namespace) -> Config | None:
-    path = args.config if args.config is not None else default_config_path()
+    from grenadine_sv.config import ConfigError, load_config
+
+    path = config_path_of(args)
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -46,6 +57,8 @@ def load_or_explain(args: argparse.Namespace) -> Config | None:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
+    import trio
+
     from grenadine_sv.logs import configure_logging
     from grenadine_sv.sandbox.linux import set_process_name
     from grenadine_sv.supervisor import StartupError, build_supervisor
@@ -99,11 +112,15 @@ def doctor(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def schema(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.config import config_json_schema
+
     print_json(config_json_schema(), out)
     return EXIT_OK
 
 
 def logs(args: argparse.Namespace, out: TextIO) -> int:
+    import trio
+
     from grenadine_sv.output import follow
 
     config = load_or_explain(args)
@@ -150,10 +167,16 @@ def images(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def remote(args: argparse.Namespace, out: TextIO) -> int:
-    """Commands answered by the running supervisor through its control socket."""
-    config = load_or_explain(args)
-    if config is None:
-        return EXIT_USAGE
+    """Commands answered by the running supervisor through its control socket.
+
+    Only the socket's path is read from the configuration: the running supervisor has its
+    own, validated copy, and a file being edited does not lock the user out."""
+    socket_path = control_socket_of(config_path_of(args))
+    if socket_path is None:
+        config = load_or_explain(args)
+        if config is None:
+            return EXIT_USAGE
+        socket_path = config.supervisor.control_socket
     request_args: dict[str, Any] = {}
     for key in ("names", "stop", "keep"):
         if getattr(args, key, None) is not None:
@@ -162,9 +185,7 @@ def remote(args: argparse.Namespace, out: TextIO) -> int:
         if getattr(args, key, None) is not None:
             request_args[key] = getattr(args, key)
     try:
-        result = request(
-            config.supervisor.control_socket, args.command, request_args, REQUEST_TIMEOUT_SECONDS
-        )
+        result = request(socket_path, args.command, request_args, REQUEST_TIMEOUT_SECONDS)
     except SupervisorNotRunning as exc:
         print(f"grenadine-sv: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING

@@ -17,26 +17,25 @@ from typing import Any
 import structlog
 import trio
 
+from grenadine_sv.control_client import ControlError, SupervisorNotRunning, encode, request
+
+__all__ = [
+    "ControlError",
+    "SupervisorNotRunning",
+    "bind_socket",
+    "encode",
+    "request",
+    "serve",
+]
+
 MAX_LINE_BYTES = 1 << 20
 CLIENT_IDLE_SECONDS = 30.0
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
-class ControlError(Exception):
-    """A request the supervisor refused; the message is shown to the user."""
-
-
-class SupervisorNotRunning(Exception):
-    pass
-
-
 class ProtocolError(Exception):
     pass
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
 
 
 def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
@@ -160,31 +159,3 @@ async def _send_quietly(stream: trio.SocketStream, reply: dict[str, Any]) -> boo
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return False
     return True
-
-
-def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
-    """Send one request to the running supervisor (blocking client for the CLI)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        try:
-            sock.connect(os.fspath(path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise SupervisorNotRunning(
-                f"no supervisor is running (nothing listens on {path})"
-            ) from exc
-        sock.sendall(encode({"command": command, "args": args}))
-        data = bytearray()
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        sock.close()
-    if not data:
-        raise ControlError("the supervisor closed the connection without a reply")
-    reply = json.loads(data)
-    if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")))
-    return reply.get("result")

@@ -10,8 +10,6 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from grenadine_sv.images import format_bytes
-
 if TYPE_CHECKING:
     from grenadine_sv.images import ImageMeta
 
@@ -31,6 +29,20 @@ __all__ = [
     "format_status",
     "short_id",
 ]
+
+
+def format_bytes(n: int) -> str:
+    """Human-readable size with binary units, as in the seed's MEM_SIZE column: "1.79MiB"."""
+    if n < 0:
+        raise ValueError(f"a size cannot be negative, got {n}")
+    if n < 1024:
+        return f"{n}B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.2f}{unit}"
 
 
 def short_id(image_id: str) -> str:

@@ -147,20 +147,6 @@ class ImageCorrupt(Exception):
         self.reason = reason
 
 
-def format_bytes(n: int) -> str:
-    """Human-readable size with binary units, as in the seed's MEM_SIZE column: "1.79MiB"."""
-    if n < 0:
-        raise ValueError(f"a size cannot be negative, got {n}")
-    if n < 1024:
-        return f"{n}B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.2f}{unit}"
-
-
 @dataclass(frozen=True)
 class _FileRecord:
     size: int

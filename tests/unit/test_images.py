@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from grenadine_sv import __version__
+from grenadine_sv.formatting import format_bytes
 from grenadine_sv.image_facts import DumpFacts
 from grenadine_sv.images import (
     AmbiguousImage,
@@ -23,7 +24,6 @@ from grenadine_sv.images import (
     ImageStore,
     PendingImage,
     Trigger,
-    format_bytes,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

@@ -1,0 +1,70 @@
+"""The client side of the control socket, standard library only: the command line loads
+nothing else to talk to a running supervisor, so every command answers quickly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONTROL_SOCKET = Path("/run/grenadine-sv.sock")
+
+
+class ControlError(Exception):
+    """A request the supervisor refused; the message is shown to the user."""
+
+
+class SupervisorNotRunning(Exception):
+    pass
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def control_socket_of(config_path: Path) -> Path | None:
+    """The control socket a configuration names, read without validating the rest of it
+    (only the main file can set it); None when the file cannot tell (then the full
+    validation explains why)."""
+    try:
+        document = tomllib.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    settings = document.get("supervisor", {})
+    value = settings.get("control_socket") if isinstance(settings, dict) else None
+    if value is None:
+        return DEFAULT_CONTROL_SOCKET
+    if not isinstance(value, str) or not value:
+        return None
+    return (config_path.parent / value).resolve(strict=False)
+
+
+def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
+    """Send one request to the running supervisor (blocking client for the CLI)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise SupervisorNotRunning(
+                f"no supervisor is running (nothing listens on {path})"
+            ) from exc
+        sock.sendall(encode({"command": command, "args": args}))
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        sock.close()
+    if not data:
+        raise ControlError("the supervisor closed the connection without a reply")
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise ControlError(str(reply.get("error", "unknown error")))
+    return reply.get("result")
