@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from grenadine_sv.criu_binary import CriuNotFound, find_criu
+
 
 @dataclass(frozen=True)
 class SupervisorDirs:
@@ -77,3 +79,14 @@ def free_port() -> int:
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: namespaces and mounts")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip, saying why, tests whose markers ask for what this machine lacks."""
+    if item.get_closest_marker("root") is not None:
+        require_root()
+    if item.get_closest_marker("criu") is not None:
+        try:
+            find_criu()
+        except CriuNotFound as exc:
+            pytest.skip(str(exc))

@@ -13,11 +13,10 @@ import trio
 from structlog.testing import capture_logs
 
 from grenadine_sv.control import ControlError
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
 from grenadine_sv.images import ImageStore
 from grenadine_sv.program import State
 from grenadine_sv.requests import describe
-from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,
     python_program,
@@ -29,15 +28,6 @@ from tests.integration.supervising import (
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
 MEMCACHED = "/usr/bin/memcached"
-
-
-@pytest.fixture(autouse=True)
-def _needs_criu() -> None:
-    require_root()
-    try:
-        find_criu()
-    except CriuNotFound as exc:
-        pytest.skip(str(exc))
 
 
 def memcached_command(port: int) -> str:

@@ -19,7 +19,7 @@ import pytest
 from grenadine_sv.control import ControlError, SupervisorNotRunning, request
 from grenadine_sv.criu_binary import CriuNotFound, find_criu
 from grenadine_sv.images import ImageStore
-from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.conftest import SupervisorDirs, free_port
 
 pytestmark = pytest.mark.root
 
@@ -40,11 +40,6 @@ IDLE = json.dumps(
         "signal.pause()\n",
     ]
 )
-
-
-@pytest.fixture(autouse=True)
-def _root() -> None:
-    require_root()
 
 
 @pytest.fixture

@@ -11,22 +11,12 @@ import urllib.request
 import pytest
 import trio
 
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
 from grenadine_sv.program import State
-from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.conftest import SupervisorDirs, free_port
 from tests.integration.prometheus_server import PrometheusLauncher, value_of
 from tests.integration.supervising import TICKER, running_supervisor, wait_state
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
-
-
-@pytest.fixture(autouse=True)
-def _needs_criu() -> None:
-    require_root()
-    try:
-        find_criu()
-    except CriuNotFound as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture

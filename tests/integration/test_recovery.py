@@ -13,23 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
-from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import pid_alive
 from tests.integration.test_checkpoints import counter_command, hit
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
 GRENADINE_SV = [sys.executable, "-m", "grenadine_sv"]
-
-
-@pytest.fixture(autouse=True)
-def _needs_criu() -> None:
-    require_root()
-    try:
-        find_criu()
-    except CriuNotFound as exc:
-        pytest.skip(str(exc))
 
 
 def wait_until(predicate, timeout: float = 15.0, what: str = "") -> None:

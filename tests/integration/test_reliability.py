@@ -22,10 +22,10 @@ from structlog.testing import capture_logs
 from grenadine_sv import control
 from grenadine_sv.control import ControlError
 from grenadine_sv.criu import CriuError, DumpRequest, RestoreRequest, task_condition
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
+from grenadine_sv.criu_binary import find_criu
 from grenadine_sv.images import ImageStore
 from grenadine_sv.program import State
-from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,
     python_program,
@@ -36,15 +36,6 @@ from tests.integration.supervising import (
 from tests.integration.test_checkpoints import counter_command, hit
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
-
-
-@pytest.fixture(autouse=True)
-def _needs_criu() -> None:
-    require_root()
-    try:
-        find_criu()
-    except CriuNotFound as exc:
-        pytest.skip(str(exc))
 
 
 def scrape(port: int) -> str:

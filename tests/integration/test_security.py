@@ -18,10 +18,9 @@ import trio
 
 from grenadine_sv.config import load_config
 from grenadine_sv.config_models import MetricsSettings
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
 from grenadine_sv.images import ImageStore
 from grenadine_sv.program import State
-from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import TICKER, running_supervisor, wait_state
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
@@ -29,15 +28,6 @@ pytestmark = [pytest.mark.root, pytest.mark.criu]
 GRENADINE_SV = [sys.executable, "-m", "grenadine_sv"]
 # The system's interpreter: the project's venv need not be readable by other users.
 SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-@pytest.fixture(autouse=True)
-def _needs_criu() -> None:
-    require_root()
-    try:
-        find_criu()
-    except CriuNotFound as exc:
-        pytest.skip(str(exc))
 
 
 @pytest.fixture

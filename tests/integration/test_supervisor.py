@@ -10,7 +10,7 @@ import trio
 from structlog.testing import capture_logs
 
 from grenadine_sv.program import State
-from tests.conftest import SupervisorDirs, free_port, require_root
+from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     IDLE,
     TICKER,
@@ -23,11 +23,6 @@ from tests.integration.supervising import (
 )
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture(autouse=True)
-def _root() -> None:
-    require_root()
 
 
 def ns_inode(pid: int | str, kind: str) -> int:
