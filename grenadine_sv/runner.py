@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -214,11 +215,11 @@ class ProgramRunner:
                 self._nursery.start_soon(self._watch_readiness, action)
             case ScheduleRetry(attempt=attempt, delay=delay):
                 self.log.info("backoff", attempt=attempt, delay_seconds=delay)
-                self._nursery.start_soon(self._post_later, delay, BackoffElapsed(attempt, 0.0))
+                self._nursery.start_soon(self._post_later, delay, partial(BackoffElapsed, attempt))
             case SendStopSignal():
                 self._signal(self.config.stop_signal)
             case ScheduleKill(instance=instance, delay=delay):
-                self._nursery.start_soon(self._post_later, delay, StopTimeout(instance, 0.0))
+                self._nursery.start_soon(self._post_later, delay, partial(StopTimeout, instance))
             case Kill():
                 self.log.warning("stop_timeout_kill", stopwaitsecs=self.config.stopwaitsecs)
                 self._signal(signal.SIGKILL)
@@ -227,13 +228,10 @@ class ProgramRunner:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(sig)
 
-    async def _post_later(self, delay: float, event: BackoffElapsed | StopTimeout) -> None:
+    async def _post_later(self, delay: float, make_event: Callable[[float], Event]) -> None:
+        """After `delay`, post the event made for the time it fires."""
         await trio.sleep(delay)
-        now = trio.current_time()
-        if isinstance(event, BackoffElapsed):
-            self.post(BackoffElapsed(event.attempt, now))
-        else:
-            self.post(StopTimeout(event.instance, now))
+        self.post(make_event(trio.current_time()))
 
     async def _spawn(self, instance: int) -> None:
         launcher = self.next_launcher or self.launcher
