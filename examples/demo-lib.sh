@@ -111,6 +111,7 @@ stop_supervisor() {
     fi
     if [[ $DEMO_PASSED == true && $code == 0 ]]; then
         rm -rf "$DEMO_WORK"
+        rmdir "$(dirname "$DEMO_WORK")" 2>/dev/null || true # the shared parent, once empty
         printf '\ndemo passed\n'
     else
         printf '\nkept %s for a look (supervisor.log, logs/, state/)\n' "$DEMO_WORK" >&2
