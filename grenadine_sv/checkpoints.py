@@ -113,12 +113,10 @@ class CheckpointService:
     def images_of(self, program: str) -> ProgramImages:
         return self._programs.setdefault(program, ProgramImages())
 
-    def last_checkpoint(self, program: str) -> ImageMeta | None:
-        known = self.images_of(program).last_checkpoint
-        if known is not None:
-            return known
+    def learn_last_checkpoint(self, program: str) -> None:
+        """Take a program's newest image from the store (status shows it after a restart)."""
         listed = self.store.list(program)
-        return listed[0] if listed else None
+        self.images_of(program).last_checkpoint = listed[0] if listed else None
 
     # checkpoint ----------------------------------------------------------------
 
@@ -175,6 +173,8 @@ class CheckpointService:
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
         deleted = self.store.prune(program, keep)
+        if self.images_of(program).last_checkpoint in deleted:
+            self.learn_last_checkpoint(program)
         for image in deleted:
             with contextlib.suppress(FileNotFoundError):
                 (self.work_dir / program / restore_log_name(image)).unlink()

@@ -252,6 +252,7 @@ class Supervisor:
         runner = ProgramRunner(program, self.context())
         if self.checkpoints is not None:
             runner.launcher = self.checkpoints.launch_pinned
+            await trio.to_thread.run_sync(self.checkpoints.learn_last_checkpoint, program.name)
         scope = trio.CancelScope()
         self.runners[program.name] = runner
         self._scopes[program.name] = scope

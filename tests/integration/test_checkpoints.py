@@ -240,8 +240,11 @@ async def test_pinned_latest_image_starts_the_program_from_it(sv_dirs: Superviso
     async with running_supervisor(config) as sv:
         await wait_state(sv, "counter", State.RUNNING)
         assert [hit(port) for _ in range(2)] == [1, 2]
-        await sv.checkpoint_programs(["counter"], stop=False)
+        [entry] = await sv.checkpoint_programs(["counter"], stop=False)
     config = sv_dirs.write_config(program + 'restore = "latest"\n')
     async with running_supervisor(config) as sv:
         await wait_state(sv, "counter", State.RUNNING)
         assert hit(port) == 3
+        # A new supervisor knows the last checkpoint from the image store.
+        last = describe(sv, sv.runners["counter"])["last_checkpoint"]
+        assert last["id"] == entry["image"]["id"]
