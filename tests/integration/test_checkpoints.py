@@ -76,11 +76,12 @@ async def test_seed_scenario_memcached_key_survives_signal_checkpoint_and_restor
     sv_dirs: SupervisorDirs,
 ):
     port = free_port()
-    config = sv_dirs.write_config(
+    program = (
         f"[programs.memcached]\ncommand = {memcached_command(port)}\n"
         f'ready = {{ tcp = "127.0.0.1:{port}" }}\n'
-        "[programs.memcached.checkpoint]\non_signal = true\n"
     )
+    policy = "[programs.memcached.checkpoint]\non_signal = true\n"
+    config = sv_dirs.write_config(program + policy)
     store = ImageStore(sv_dirs.state_dir)
     async with running_supervisor(config) as sv:
         first_pid = await wait_state(sv, "memcached", State.RUNNING)
@@ -90,11 +91,13 @@ async def test_seed_scenario_memcached_key_survives_signal_checkpoint_and_restor
         [image] = store.list("memcached")
         assert image.comm == "memcached"
         assert image.trigger == "signal"
-        assert image.memory_bytes > 0
         assert image.dump_stats["frozen_time"] > 0
+        assert image.memory_bytes == image.dump_stats["pages_written"] * os.sysconf("SC_PAGESIZE")
+        on_disk = sum(f.stat().st_size for f in store.criu_dir(image).rglob("*") if f.is_file())
+        assert image.image_bytes >= on_disk > image.memory_bytes > 0
         assert sv.runners["memcached"].state == State.RUNNING
-        await sv.stop_programs(["memcached"])
 
+        await sv.stop_programs(["memcached"])
         result = await sv.restore_program("memcached", "latest")
         assert result["fallback"] is None
         new_pid = await wait_state(sv, "memcached", State.RUNNING)
@@ -102,6 +105,13 @@ async def test_seed_scenario_memcached_key_survives_signal_checkpoint_and_restor
         assert b"grenadine!" in memcached(port, b"get foo\r\n")
         nspid = Path(f"/proc/{new_pid}/status").read_text().split("NSpid:")[1].split("\n")[0]
         assert nspid.split()[-1] == "1"
+
+    # The supervisor stopped (and memcached with it); started again with the image pinned,
+    # memcached comes back with its data.
+    config = sv_dirs.write_config(program + 'restore = "latest"\n' + policy)
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "memcached", State.RUNNING)
+        assert b"grenadine!" in memcached(port, b"get foo\r\n")
 
 
 async def test_output_keeps_flowing_into_the_log_after_a_restore(sv_dirs: SupervisorDirs):
