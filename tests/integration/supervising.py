@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,8 @@ from grenadine_sv.program import State
 from grenadine_sv.supervisor import Supervisor, build_supervisor
 
 PYTHON = sys.executable
+# The example service whose only state is an in-memory hit counter.
+COUNTER_SERVICE = Path(__file__).resolve().parents[2] / "examples" / "python-counter" / "counter.py"
 
 
 def python_program(code: str) -> str:
@@ -24,6 +27,21 @@ def python_program(code: str) -> str:
 
     JSON string escapes are valid TOML, so json.dumps writes the array."""
     return json.dumps([PYTHON, "-u", "-c", code])
+
+
+def counter_command(port: int) -> str:
+    """A TOML command array running the example counter service on `port`."""
+    return json.dumps([PYTHON, "-u", os.fspath(COUNTER_SERVICE), "--port", str(port)])
+
+
+def hit(port: int) -> int:
+    """GET the counter service once; returns its count of hits."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := conn.recv(4096):
+            data += chunk
+    return int(json.loads(data.split(b"\r\n\r\n", 1)[1])["hits"])
 
 
 # A service that exits cleanly on SIGTERM and prints a line every 0.1 s.

@@ -19,6 +19,8 @@ from grenadine_sv.requests import describe
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,
+    counter_command,
+    hit,
     python_program,
     running_supervisor,
     wait_for,
@@ -44,32 +46,6 @@ def memcached(port: int, request: bytes) -> bytes:
                 break
             reply += chunk
         return reply
-
-
-def counter_command(port: int) -> str:
-    """An HTTP service whose only state is an in-memory hit counter."""
-    return python_program(
-        "import http.server, signal, sys\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-        "hits = 0\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        global hits\n"
-        "        hits += 1\n"
-        "        body = str(hits).encode()\n"
-        "        self.send_response(200); self.end_headers(); self.wfile.write(body)\n"
-        "    def log_message(self, *a): pass\n"
-        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
-    )
-
-
-def hit(port: int) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-    return int(data.split(b"\r\n\r\n", 1)[1])
 
 
 async def test_seed_scenario_memcached_key_survives_signal_checkpoint_and_restore(

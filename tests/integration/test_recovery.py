@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SupervisorDirs, free_port
-from tests.integration.supervising import pid_alive
-from tests.integration.test_checkpoints import counter_command, hit
+from tests.integration.supervising import counter_command, hit, pid_alive
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 

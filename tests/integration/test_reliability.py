@@ -28,12 +28,13 @@ from grenadine_sv.program import State
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,
+    counter_command,
+    hit,
     python_program,
     running_supervisor,
     wait_for,
     wait_state,
 )
-from tests.integration.test_checkpoints import counter_command, hit
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 

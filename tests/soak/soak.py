@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,10 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from grenadine_sv import control
+from tests.conftest import free_port
 
 PYTHON = sys.executable
+COUNTER_SERVICE = Path(__file__).resolve().parents[2] / "examples" / "python-counter" / "counter.py"
 TICKERS = 10
 CRASHERS = 10
 SERVERS = 10
@@ -58,30 +59,12 @@ CRASHER = (
 )
 
 
-def server(port: int) -> str:
-    return (
-        "import http.server, signal, sys\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-        "hits = 0\n"
-        "class H(http.server.BaseHTTPRequestHandler):\n"
-        "    def do_GET(self):\n"
-        "        global hits\n"
-        "        hits += 1\n"
-        "        self.send_response(200); self.end_headers()\n"
-        "        self.wfile.write(str(hits).encode())\n"
-        "    def log_message(self, *a): pass\n"
-        f"http.server.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n"
-    )
+def python_code(code: str) -> list[str]:
+    return [PYTHON, "-u", "-c", code]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def program_table(name: str, code: str, extra: str = "", checkpoint: str = "") -> str:
-    command = json.dumps([PYTHON, "-u", "-c", code])
+def program_table(name: str, argv: list[str], extra: str = "", checkpoint: str = "") -> str:
+    command = json.dumps(argv)
     table = f"[programs.{name}]\ncommand = {command}\nstopwaitsecs = 2\n{extra}"
     if checkpoint:
         table += f"[programs.{name}.checkpoint]\n{checkpoint}"
@@ -98,7 +81,7 @@ def write_config(root: Path, metrics_port: int, server_ports: list[int]) -> Path
         tables.append(
             program_table(
                 f"ticker{i}",
-                TICKER,
+                python_code(TICKER),
                 "startsecs = 0.5\n",
                 "on_signal = true\nkeep = 2\n",
             )
@@ -107,7 +90,7 @@ def write_config(root: Path, metrics_port: int, server_ports: list[int]) -> Path
         tables.append(
             program_table(
                 f"crasher{i}",
-                CRASHER,
+                python_code(CRASHER),
                 "startsecs = 0.5\nautorestart = 'always'\n",
                 "on_signal = true\nkeep = 1\n",
             )
@@ -116,7 +99,7 @@ def write_config(root: Path, metrics_port: int, server_ports: list[int]) -> Path
         tables.append(
             program_table(
                 f"server{i}",
-                server(port),
+                [PYTHON, "-u", os.fspath(COUNTER_SERVICE), "--port", str(port)],
                 f'ready = {{ tcp = "127.0.0.1:{port}" }}\n',
                 'interval = "15s"\nkeep = 2\n',
             )
