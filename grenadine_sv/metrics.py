@@ -8,7 +8,6 @@ restart of the supervisor and after a prune. Metric names are a contract (DESIGN
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,6 @@ LINGER_SECONDS = 2.0
 MAX_DRAIN_BYTES = 1024 * 1024
 # Scrapes that arrive together wait for each other rather than walking the disk in parallel.
 CONCURRENT_RENDERS = 1
-MAX_PORT = 65535
 
 
 class ImageMetaLike(Protocol):
@@ -316,29 +314,6 @@ class Metrics:
 
 
 # The endpoint -------------------------------------------------------------------------------
-
-
-def parse_listen(address: str) -> tuple[str, int]:
-    """(host, port) from "127.0.0.1:9847", "[::1]:9847" or "localhost:0" (port 0: any free
-    port). The host of an IPv6 address is returned without its brackets."""
-    expected = (
-        f'metrics listen address {address!r} is not valid: expected "host:port" such as '
-        f'"127.0.0.1:9847" or "[::1]:9847", with a port from 0 to {MAX_PORT}'
-    )
-    host, colon, port_text = address.strip().rpartition(":")
-    if not colon or not host or not port_text.isascii() or not port_text.isdecimal():
-        raise ValueError(expected)
-    port = int(port_text)
-    if port > MAX_PORT:
-        raise ValueError(expected)
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(host[1:-1])), port
-        except ValueError:
-            raise ValueError(f"{expected} ({host} is not an IPv6 address)") from None
-    if ":" in host or any(c.isspace() or c in "[]/" for c in host):
-        raise ValueError(f"{expected} (write an IPv6 address in brackets: [::1]:9847)")
-    return host, port
 
 
 def format_address(host: str, port: int) -> str:

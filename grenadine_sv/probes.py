@@ -7,20 +7,15 @@ from collections.abc import Sequence
 
 import trio
 
+from grenadine_sv.config_units import parse_host_port
+
 
 class ProbeFailed(Exception):
     pass
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected host:port, got {address!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 async def probe_tcp(address: str) -> None:
-    host, port = split_host_port(address)
+    host, port = parse_host_port(address)
     try:
         stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:

@@ -16,7 +16,7 @@ import structlog
 import trio
 
 from grenadine_sv import __version__, control
-from grenadine_sv.checkpoints import CheckpointError, CheckpointMetrics, CheckpointService
+from grenadine_sv.checkpoints import CheckpointError, CheckpointService
 from grenadine_sv.config import Config, ConfigError, ProgramConfig, load_config
 from grenadine_sv.control import ControlError
 from grenadine_sv.criu import Criu
@@ -66,33 +66,26 @@ def find_usable_criu(config: Config) -> tuple[Path, str] | None:
     return binary, version
 
 
-def open_checkpoint_service(
-    config: Config, metrics: CheckpointMetrics | None = None, criu: tuple[Path, str] | None = None
-) -> CheckpointService | None:
-    """The checkpoint layer, or None when no usable CRIU is installed."""
-    found = criu or find_usable_criu(config)
-    if found is None:
-        return None
-    binary, version = found
-    state_dir = config.supervisor.state_dir
-    return CheckpointService(
-        ImageStore(state_dir), Criu(binary), version, state_dir / "restore-logs", metrics
-    )
-
-
 def build_supervisor(config: Config) -> Supervisor:
     """A supervisor with everything the configuration asks for: checkpoints, metrics."""
     criu = find_usable_criu(config)
+    state_dir = config.supervisor.state_dir
+    store = ImageStore(state_dir)
     metrics: Metrics | None = None
     supervisor: Supervisor
     if config.supervisor.metrics.address() is not None:
         metrics = Metrics(
-            store=ImageStore(config.supervisor.state_dir),
+            store=store,
             programs=lambda: dict(supervisor.runners),
             criu_version=criu[1] if criu is not None else "none",
             version=__version__,
         )
-    checkpoints = open_checkpoint_service(config, metrics, criu) if criu is not None else None
+    checkpoints = None
+    if criu is not None:
+        binary, version = criu
+        checkpoints = CheckpointService(
+            store, Criu(binary), version, state_dir / "restore-logs", metrics
+        )
     supervisor = Supervisor(config, checkpoints=checkpoints, metrics=metrics)
     return supervisor
 
@@ -608,8 +601,6 @@ class Supervisor:
         deleted: dict[str, list[str]] = {}
         for name in names or list(self.runners):
             limit = keep if keep is not None else self.runners[name].config.checkpoint.keep
-            if limit < 0:
-                raise ControlError("--keep must be 0 or more")
             async with service.images_of(name).lock:
                 gone = await trio.to_thread.run_sync(service.prune_images, name, limit)
             deleted[name] = [image.id for image in gone]

@@ -25,7 +25,6 @@ from grenadine_sv.metrics import (
     CONTENT_TYPE,
     Metrics,
     MetricsListenError,
-    parse_listen,
     serve_metrics,
 )
 
@@ -475,43 +474,6 @@ def test_promtool_accepts_the_exposition(state_dir: Path) -> None:
     )
 
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-
-
-# --- parse_listen ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("address", "expected"),
-    [
-        ("127.0.0.1:9847", ("127.0.0.1", 9847)),
-        ("[::1]:9847", ("::1", 9847)),
-        ("localhost:0", ("localhost", 0)),
-        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
-        ("[::]:80", ("::", 80)),
-    ],
-)
-def test_parse_listen_accepts(address: str, expected: tuple[str, int]) -> None:
-    assert parse_listen(address) == expected
-
-
-@pytest.mark.parametrize(
-    ("address", "hint"),
-    [
-        ("127.0.0.1", "host:port"),
-        (":9847", "host:port"),
-        ("localhost:", "host:port"),
-        ("localhost:http", "host:port"),
-        ("localhost:65536", "from 0 to 65535"),
-        ("localhost:-1", "host:port"),
-        ("::1:9847", "in brackets"),
-        ("[nonsense]:9847", "not an IPv6 address"),
-        ("", "host:port"),
-    ],
-)
-def test_parse_listen_rejects_with_a_sentence(address: str, hint: str) -> None:
-    with pytest.raises(ValueError, match="metrics listen address") as info:
-        parse_listen(address)
-    assert hint in str(info.value)
 
 
 # --- the endpoint ----------------------------------------------------------------------------
