@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -72,6 +73,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: s
         raise AssertionError(f"not true within {timeout}s: {what or predicate}") from None
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    """Poll `predicate` until it holds, outside trio; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what or predicate}")
+        time.sleep(0.05)
+
+
 async def wait_state(sv: Supervisor, name: str, state: State, timeout: float = 15.0) -> int:
     """Wait until `name` is in `state`; return its pid (0 when it has none)."""
     await wait_for(
@@ -111,6 +121,6 @@ def children_of(pid: int) -> list[int]:
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         # A thread may end between the listing and the read.
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             found.extend(int(child) for child in (task / "children").read_text().split())
     return found

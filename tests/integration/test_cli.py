@@ -9,8 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from grenadine_sv.control import ControlError, SupervisorNotRunning, request
 from grenadine_sv.criu_binary import CriuNotFound, find_criu
 from grenadine_sv.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
+from tests.integration.supervising import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -48,14 +48,6 @@ def needs_criu() -> None:
         find_criu()
     except CriuNotFound as exc:
         pytest.skip(str(exc))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.05)
 
 
 def process_start_time(pid: int) -> int | None:

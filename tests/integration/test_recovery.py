@@ -8,25 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import SupervisorDirs, free_port
-from tests.integration.supervising import counter_command, hit, pid_alive
+from tests.integration.supervising import counter_command, hit, pid_alive, wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
 GRENADINE_SV = [sys.executable, "-m", "grenadine_sv"]
-
-
-def wait_until(predicate, timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.05)
 
 
 def status(config: Path) -> list[dict]:

@@ -28,6 +28,7 @@ from grenadine_sv.program import State
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,
+    children_of,
     counter_command,
     hit,
     python_program,
@@ -69,15 +70,6 @@ def memory_hog(mebibytes: int) -> str:
         "            print('CORRUPT', page, flush=True); sys.exit(3)\n"
         "    n += 1; print('ok', n, flush=True); time.sleep(0.05)\n"
     )
-
-
-def children_of(pid: int) -> list[int]:
-    """Children of every thread of `pid` (a thread may end while they are listed)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            found.extend(int(child) for child in (task / "children").read_text().split())
-    return found
 
 
 def criu_children() -> list[int]:

@@ -24,7 +24,8 @@ from grenadine_sv.sandbox import (
 )
 from grenadine_sv.sandbox import process as sandbox_process
 from grenadine_sv.sandbox.linux import is_subreaper, read_start_time, set_child_subreaper
-from tests.integration.supervising import children_of
+from tests.conftest import free_port
+from tests.integration.supervising import children_of, wait_for
 
 pytestmark = [
     pytest.mark.root,
@@ -154,12 +155,6 @@ def host_mounts() -> list[str]:
 
 def ns_inode(pid: int | str, kind: str) -> int:
     return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
-
-
-async def wait_for(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(BOUND):
-        while not condition():
-            await trio.sleep(0.01)
 
 
 async def test_program_is_pid_1_of_its_own_namespaces(anchor: str, pipe: Pipe) -> None:
@@ -327,7 +322,7 @@ async def test_sigkill_to_pid_1_ends_every_process_of_the_sandbox(anchor: str, p
     spec = make_spec(anchor, "sh", "-c", "sleep 1000 & sleep 1000 & wait")
     async with sandboxed(spec, pipe) as process:
         children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
-        await wait_for(lambda: len(children_file.read_text().split()) == 2)
+        await wait_for(lambda: len(children_file.read_text().split()) == 2, BOUND)
         children = {
             int(pid): read_start_time(int(pid)) for pid in children_file.read_text().split()
         }
@@ -368,13 +363,6 @@ def criu_binary() -> str:
         if os.access(path, os.X_OK):
             return path
     pytest.skip("no CRIU >= 4.2 binary found")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def memcached_says(port: int, request: bytes) -> bytes:
