@@ -1,3 +1,3 @@
-from grenadine_sv.cli import main
+from grenadine_sv.cli.main import main
 
 raise SystemExit(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
+from grenadine_sv.criu.binary import CriuNotFound, find_criu
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
+from grenadine_sv.criu.binary import CriuNotFound, find_criu
 from tests.bench import case_checkpoint, case_many, case_restore, case_supervision
 from tests.bench.machine import machine_facts
 from tests.bench.procs import BenchError

@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from grenadine_sv.criu import error_lines
-from grenadine_sv.image_facts import read_dump_facts
+from grenadine_sv.criu.client import error_lines
+from grenadine_sv.criu.facts import read_dump_facts
 from tests.bench.procs import BenchError
 
 MIB = 1 << 20

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from grenadine_sv.criu_binary import find_criu
-from grenadine_sv.images import ImageStore
+from grenadine_sv.criu.binary import find_criu
+from grenadine_sv.store.images import ImageStore
 from tests.bench.baselines import DiskWrite, RawDump, dd_write, raw_criu_dump, settle_disk
 from tests.bench.grenadine import GrenadineSupervisor
 from tests.bench.procs import BenchError, scratch_dir

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from grenadine_sv import control
+from grenadine_sv.control import client as control
 from tests.bench.procs import (
     BenchError,
     ProcessRef,

@@ -8,7 +8,7 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
-from grenadine_sv.criu_binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
+from grenadine_sv.criu.binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
 
 
 def _cpu_model() -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import trio
 
-from grenadine_sv.config import load_config
-from grenadine_sv.program import State
-from grenadine_sv.supervisor import Supervisor, build_supervisor
+from grenadine_sv.config.loading import load_config
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.supervisor.core import Supervisor, build_supervisor
 
 PYTHON = sys.executable
 # The example service whose only state is an in-memory hit counter.

@@ -12,10 +12,10 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from grenadine_sv.control import ControlError
-from grenadine_sv.images import ImageStore
-from grenadine_sv.program import State
-from grenadine_sv.requests import describe
+from grenadine_sv.control.handler import describe
+from grenadine_sv.control.server import ControlError
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,

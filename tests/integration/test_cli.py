@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from grenadine_sv.control import ControlError, SupervisorNotRunning, request
-from grenadine_sv.criu_binary import CriuNotFound, find_criu
-from grenadine_sv.images import ImageStore
+from grenadine_sv.control.server import ControlError, SupervisorNotRunning, request
+from grenadine_sv.criu.binary import CriuNotFound, find_criu
+from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import wait_until
 

@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from grenadine_sv import criu_binary
-from grenadine_sv.criu_binary import (
+from grenadine_sv.criu import binary as criu_binary
+from grenadine_sv.criu.binary import (
     MIN_CRIU_VERSION,
     CriuNotFound,
     CriuVersionUnknown,
     criu_version,
     find_criu,
 )
-from grenadine_sv.doctor import run_doctor
+from grenadine_sv.host.doctor import run_doctor
 
 CAP_SYS_RESOURCE_BIT = 24
 LINE = re.compile(r"^(OK|WARN|FAIL)  [^:]+: .+ — .+$")
@@ -246,11 +246,11 @@ def run_as_nobody(code: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.root
 @root_only
 def test_unprivileged_user_is_told_what_fails():
-    if run_as_nobody("import grenadine_sv.doctor").returncode != 0:
+    if run_as_nobody("import grenadine_sv.host.doctor").returncode != 0:
         pytest.skip("user nobody cannot import grenadine_sv from this checkout")
     code = (
         "import sys\n"
-        "from grenadine_sv.doctor import run_doctor\n"
+        "from grenadine_sv.host.doctor import run_doctor\n"
         "sys.exit(run_doctor(as_json=True, out=sys.stdout))\n"
     )
 

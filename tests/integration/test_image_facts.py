@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from grenadine_sv.image_facts import PAGE_SIZE, read_dump_facts
-from grenadine_sv.images import ImageStore
+from grenadine_sv.criu.facts import PAGE_SIZE, read_dump_facts
+from grenadine_sv.store.images import ImageStore
 
 pytestmark = [
     pytest.mark.criu,

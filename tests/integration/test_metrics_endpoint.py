@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import trio
 
-from grenadine_sv.program import State
+from grenadine_sv.lifecycle.machine import State
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.prometheus_server import PrometheusLauncher, value_of
 from tests.integration.supervising import TICKER, running_supervisor, wait_state

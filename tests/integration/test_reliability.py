@@ -19,12 +19,12 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from grenadine_sv import control
-from grenadine_sv.control import ControlError
-from grenadine_sv.criu import CriuError, DumpRequest, RestoreRequest, task_condition
-from grenadine_sv.criu_binary import find_criu
-from grenadine_sv.images import ImageStore
-from grenadine_sv.program import State
+from grenadine_sv.control import client as control
+from grenadine_sv.control.server import ControlError
+from grenadine_sv.criu.binary import find_criu
+from grenadine_sv.criu.client import CriuError, DumpRequest, RestoreRequest, task_condition
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,

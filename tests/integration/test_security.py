@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from grenadine_sv.config import load_config
-from grenadine_sv.config_models import MetricsSettings
-from grenadine_sv.images import ImageStore
-from grenadine_sv.program import State
+from grenadine_sv.config.loading import load_config
+from grenadine_sv.config.models import MetricsSettings
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import TICKER, running_supervisor, wait_state
 

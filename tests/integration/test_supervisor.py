@@ -9,7 +9,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from grenadine_sv.program import State
+from grenadine_sv.lifecycle.machine import State
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     IDLE,

@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from grenadine_sv import control
+from grenadine_sv.control import client as control
 from tests.conftest import free_port
 
 PYTHON = sys.executable

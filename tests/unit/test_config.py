@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from grenadine_sv.config import (
+from grenadine_sv.config.loading import (
     Config,
     ProgramConfig,
     SupervisorSettings,

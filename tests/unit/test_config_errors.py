@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grenadine_sv.config import Config, ConfigError, load_config
+from grenadine_sv.config.loading import Config, ConfigError, load_config
 
 MAIN = "grenadine.toml"
 INCLUDE_CONF_D = '[supervisor]\ninclude = ["conf.d/*.toml"]\n'

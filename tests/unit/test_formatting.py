@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 
-from grenadine_sv.cli import EXIT_FAILED, EXIT_OK
-from grenadine_sv.commands import format_result, operation_exit_code
-from grenadine_sv.formatting import (
+from grenadine_sv.cli.commands import format_result, operation_exit_code
+from grenadine_sv.cli.formatting import (
     format_checkpoints,
     format_duration,
     format_images,
@@ -19,7 +18,8 @@ from grenadine_sv.formatting import (
     format_restore,
     format_status,
 )
-from grenadine_sv.images import ImageMeta
+from grenadine_sv.cli.main import EXIT_FAILED, EXIT_OK
+from grenadine_sv.store.images import ImageMeta
 
 IMAGE_ID = "77bf8f2f3b0a4c1d9e8f7a6b5c4d3e2f"
 OTHER_ID = "1fb3c0de1fb3c0de1fb3c0de1fb3c0de"

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from grenadine_sv.hostcheck import (
+from grenadine_sv.host.facts import (
     CAPABILITY_NAMES,
     Status,
     UnreadableOutputError,

@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from structlog.testing import capture_logs
 
 from grenadine_sv import __version__
-from grenadine_sv.formatting import format_bytes
-from grenadine_sv.image_facts import DumpFacts
-from grenadine_sv.images import (
+from grenadine_sv.cli.formatting import format_bytes
+from grenadine_sv.criu.facts import DumpFacts
+from grenadine_sv.store.images import (
     AmbiguousImage,
     ImageCorrupt,
     ImageMeta,

@@ -20,7 +20,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from grenadine_sv.metrics import (
+from grenadine_sv.metrics.collector import (
     CHECKPOINT_TRIGGERS,
     CONTENT_TYPE,
     Metrics,
@@ -242,8 +242,8 @@ def test_a_configured_program_without_images_has_zero_and_no_latest(state_dir: P
 
 
 def test_the_real_image_store_fits_the_collector(state_dir: Path) -> None:
-    images = pytest.importorskip("grenadine_sv.images")
-    facts = pytest.importorskip("grenadine_sv.image_facts")
+    images = pytest.importorskip("grenadine_sv.store.images")
+    facts = pytest.importorskip("grenadine_sv.criu.facts")
     store = images.ImageStore(state_dir)
     dump = facts.DumpFacts(
         root_pid=1, comm="memcached", memory_bytes=4096, stdio_pipes={}, dump_stats={}

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from grenadine_sv.output import (
+from grenadine_sv.supervisor.output import (
     RotatingLogFile,
     follow,
     format_line_prefix,

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from grenadine_sv.policies import CoalescingTrigger, next_tick, run_interval
+from grenadine_sv.lifecycle.policies import CoalescingTrigger, next_tick, run_interval
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from grenadine_sv.program import (
+from grenadine_sv.lifecycle.machine import (
     BackoffElapsed,
     BecameReady,
     Exited,

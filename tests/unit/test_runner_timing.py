@@ -10,10 +10,10 @@ import pytest
 import trio
 import trio.testing
 
-from grenadine_sv.config import ProgramConfig
-from grenadine_sv.program import State
-from grenadine_sv.runner import LaunchedInstance, ProgramRunner, RunnerContext
+from grenadine_sv.config.loading import ProgramConfig
+from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import SandboxProcess
+from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, RunnerContext
 
 
 class FakeProcess:

@@ -17,7 +17,13 @@ from typing import Any
 import structlog
 import trio
 
-from grenadine_sv.control_client import ControlError, SupervisorNotRunning, encode, request
+from grenadine_sv.control.client import (
+    ControlError,
+    SupervisorNotRunning,
+    encode,
+    request,
+    socket_is_live,
+)
 
 __all__ = [
     "ControlError",
@@ -86,18 +92,6 @@ def bind_socket(path: Path) -> trio.socket.SocketType:
     os.chmod(path, 0o600)
     sock.listen(64)
     return trio.socket.from_stdlib_socket(sock)
-
-
-def socket_is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 async def serve(

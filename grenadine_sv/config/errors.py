@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-from grenadine_sv.config_models import LOADER_FIELDS
+from grenadine_sv.config.models import LOADER_FIELDS
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_VALUE_CHARS = 80

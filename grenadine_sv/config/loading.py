@@ -16,14 +16,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from grenadine_sv.config_checks import program_problems, start_order
-from grenadine_sv.config_errors import (
+from grenadine_sv.config.checks import program_problems, start_order
+from grenadine_sv.config.errors import (
     ConfigError,
     Problem,
     key_path,
     problems_from_validation_error,
 )
-from grenadine_sv.config_models import (
+from grenadine_sv.config.models import (
     DIGEST_FIELDS,
     LOADER_FIELDS,
     PROGRAM_NAME_PATTERN,

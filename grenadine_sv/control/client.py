@@ -68,3 +68,15 @@ def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "unknown error")))
     return reply.get("result")
+
+
+def socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from grenadine_sv.config import ProgramConfig
-from grenadine_sv.criu import (
+from grenadine_sv.config.loading import ProgramConfig
+from grenadine_sv.criu.client import (
     Criu,
     CriuError,
     DumpRequest,
@@ -26,11 +26,11 @@ from grenadine_sv.criu import (
     pipe_key,
     task_condition,
 )
-from grenadine_sv.image_facts import ImageFactsError, read_dump_facts
-from grenadine_sv.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
-from grenadine_sv.program import StopAborted, StopRequested
-from grenadine_sv.runner import LaunchedInstance, ProgramRunner, launch_cold
+from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
+from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
+from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
+from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
 

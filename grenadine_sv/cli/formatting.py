@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from grenadine_sv.images import ImageMeta
+    from grenadine_sv.store.images import ImageMeta
 
 SHORT_ID_LENGTH = 12
 MICROSECONDS = 1_000_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from grenadine_sv.config import ProgramConfig
+from grenadine_sv.config.loading import ProgramConfig
 
 
 @dataclass(frozen=True)

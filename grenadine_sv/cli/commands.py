@@ -10,21 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from grenadine_sv.cli import (
-    EXIT_FAILED,
-    EXIT_NOT_RUNNING,
-    EXIT_OK,
-    EXIT_USAGE,
-    default_config_path,
-    print_json,
-)
-from grenadine_sv.control_client import (
-    ControlError,
-    SupervisorNotRunning,
-    control_socket_of,
-    request,
-)
-from grenadine_sv.formatting import (
+from grenadine_sv.cli.formatting import (
     format_checkpoints,
     format_images,
     format_prune,
@@ -33,9 +19,23 @@ from grenadine_sv.formatting import (
     format_status,
     restore_succeeded,
 )
+from grenadine_sv.cli.main import (
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    default_config_path,
+    print_json,
+)
+from grenadine_sv.control.client import (
+    ControlError,
+    SupervisorNotRunning,
+    control_socket_of,
+    request,
+)
 
 if TYPE_CHECKING:
-    from grenadine_sv.config import Config
+    from grenadine_sv.config.loading import Config
 
 # A remote request waits at most this long for the supervisor's reply.
 REQUEST_TIMEOUT_SECONDS = 600.0
@@ -46,7 +46,7 @@ def config_path_of(args: argparse.Namespace) -> Path:
 
 
 def load_or_explain(args: argparse.Namespace) -> Config | None:
-    from grenadine_sv.config import ConfigError, load_config
+    from grenadine_sv.config.loading import ConfigError, load_config
 
     path = config_path_of(args)
     try:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 
     from grenadine_sv.logs import configure_logging
     from grenadine_sv.sandbox.linux import set_process_name
-    from grenadine_sv.supervisor import StartupError, build_supervisor
+    from grenadine_sv.supervisor.core import StartupError, build_supervisor
 
     config = load_or_explain(args)
     if config is None:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 def startup_failure(raised: BaseException) -> Exception | None:
     """The StartupError or ControlError that stopped the supervisor from starting, if that is
     what happened (trio may deliver it inside exception groups)."""
-    from grenadine_sv.supervisor import StartupError
+    from grenadine_sv.supervisor.core import StartupError
 
     while isinstance(raised, BaseExceptionGroup) and len(raised.exceptions) == 1:
         raised = raised.exceptions[0]
@@ -100,7 +100,7 @@ def check(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def doctor(args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.doctor import run_doctor
+    from grenadine_sv.host.doctor import run_doctor
 
     criu_path: Path | None = None
     if args.config is not None:
@@ -112,7 +112,7 @@ def doctor(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def schema(args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.config import config_json_schema
+    from grenadine_sv.config.loading import config_json_schema
 
     print_json(config_json_schema(), out)
     return EXIT_OK
@@ -121,7 +121,7 @@ def schema(args: argparse.Namespace, out: TextIO) -> int:
 def logs(args: argparse.Namespace, out: TextIO) -> int:
     import trio
 
-    from grenadine_sv.output import follow
+    from grenadine_sv.supervisor.output import follow
 
     config = load_or_explain(args)
     if config is None:
@@ -152,7 +152,7 @@ def logs(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def images(args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.images import ImageStore
+    from grenadine_sv.store.images import ImageStore
 
     config = load_or_explain(args)
     if config is None:

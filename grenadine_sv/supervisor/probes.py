@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import trio
 
-from grenadine_sv.config_units import parse_host_port
+from grenadine_sv.config.units import parse_host_port
 
 
 class ProbeFailed(Exception):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from grenadine_sv.criu_binary import (
+from grenadine_sv.criu.binary import (
     INSTALL_ADVICE,
     MIN_CRIU_VERSION,
     CriuNotFound,
@@ -24,7 +24,7 @@ from grenadine_sv.criu_binary import (
     criu_version,
     find_criu,
 )
-from grenadine_sv.hostcheck import (
+from grenadine_sv.host.facts import (
     Status,
     UnreadableOutputError,
     decode_capabilities,

@@ -36,7 +36,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from grenadine_sv import __version__
-from grenadine_sv.image_facts import DumpFacts
+from grenadine_sv.criu.facts import DumpFacts
 
 Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery"]
 

@@ -1,6 +1,6 @@
 """Pydantic models of the configuration's tables: what each key accepts.
 
-The loader (grenadine_sv.config) validates each file with these models, passing
+The loader (grenadine_sv.config.loading) validates each file with these models, passing
 {"base_dir": <directory of the file>} as validation context so relative paths
 are resolved against the file that wrote them.
 """
@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from grenadine_sv.config_units import (
+from grenadine_sv.config.units import (
     HOST_PORT_EXPECTED,
     parse_duration,
     parse_host_port,

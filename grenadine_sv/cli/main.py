@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv import commands
+    from grenadine_sv.cli import commands
 
     handlers: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
         "run": commands.run,

@@ -14,10 +14,8 @@ from typing import Any
 import structlog
 import trio
 
-from grenadine_sv.config import ProgramConfig
-from grenadine_sv.output import RotatingLogFile, open_output_pipe, pump_output
-from grenadine_sv.probes import ProbeFailed, wait_until_ready
-from grenadine_sv.program import (
+from grenadine_sv.config.loading import ProgramConfig
+from grenadine_sv.lifecycle.machine import (
     Action,
     BackoffElapsed,
     BecameReady,
@@ -40,6 +38,8 @@ from grenadine_sv.program import (
     WatchReadiness,
 )
 from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
+from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
+from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
 
 StateObserver = Callable[["ProgramRunner", State, State], None]
 

@@ -15,17 +15,21 @@ from typing import Any
 import structlog
 import trio
 
-from grenadine_sv import __version__, control
-from grenadine_sv.checkpoints import CheckpointError, CheckpointService
-from grenadine_sv.config import Config, ConfigError, ProgramConfig, load_config
-from grenadine_sv.control import ControlError
-from grenadine_sv.criu import Criu
-from grenadine_sv.criu_binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
-from grenadine_sv.images import ImageMeta, ImageStore, Trigger
-from grenadine_sv.metrics import Metrics, MetricsListenError, serve_metrics
-from grenadine_sv.policies import CoalescingTrigger, run_interval
-from grenadine_sv.program import State
-from grenadine_sv.recovery import (
+from grenadine_sv import __version__
+from grenadine_sv.config.loading import Config, ConfigError, ProgramConfig, load_config
+from grenadine_sv.control import server as control
+from grenadine_sv.control.handler import RequestHandler, describe
+from grenadine_sv.control.server import ControlError
+from grenadine_sv.criu.binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
+from grenadine_sv.criu.client import Criu
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
+from grenadine_sv.lifecycle.reload import ProgramDiff, diff_programs
+from grenadine_sv.metrics.collector import Metrics, MetricsListenError, serve_metrics
+from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.store.images import ImageMeta, ImageStore, Trigger
+from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
+from grenadine_sv.supervisor.recovery import (
     RecordedInstance,
     StateDirBusy,
     state_dir_lock,
@@ -33,10 +37,7 @@ from grenadine_sv.recovery import (
     surviving_instances,
     write_state,
 )
-from grenadine_sv.reload import ProgramDiff, diff_programs
-from grenadine_sv.requests import RequestHandler, describe
-from grenadine_sv.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
-from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
 
 log = structlog.get_logger()
 

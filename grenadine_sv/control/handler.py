@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from grenadine_sv.control import ControlError
+from grenadine_sv.control.server import ControlError
 
 if TYPE_CHECKING:
-    from grenadine_sv.runner import ProgramRunner
-    from grenadine_sv.supervisor import Supervisor
+    from grenadine_sv.supervisor.core import Supervisor
+    from grenadine_sv.supervisor.runner import ProgramRunner
 
 
 def describe(supervisor: Supervisor, runner: ProgramRunner) -> dict[str, Any]:

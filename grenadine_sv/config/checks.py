@@ -5,8 +5,8 @@ import heapq
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from grenadine_sv.config_errors import Problem, key_path
-from grenadine_sv.config_models import ProgramConfig
+from grenadine_sv.config.errors import Problem, key_path
+from grenadine_sv.config.models import ProgramConfig
 
 PathDisplay = Callable[[Path], str]
 

@@ -1,0 +1,1 @@
+"""The grenadine-sv command line: parsing, sub-commands, output formatting."""

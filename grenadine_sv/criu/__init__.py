@@ -1,0 +1,1 @@
+"""CRIU: finding the binary, the pycriu client, and facts read from a finished dump."""

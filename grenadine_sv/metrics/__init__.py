@@ -1,0 +1,1 @@
+"""Prometheus metrics: the collector of image figures and the /metrics endpoint."""

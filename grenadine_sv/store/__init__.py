@@ -1,0 +1,1 @@
+"""The image store on disk: atomic, checksummed, private images."""

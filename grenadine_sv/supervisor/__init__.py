@@ -1,0 +1,1 @@
+"""The supervisor: runs programs in sandboxes, checkpoints, restores, recovers after a crash."""
