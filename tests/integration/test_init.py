@@ -55,11 +55,11 @@ async def stop_and_read_exit(sv_dirs: SupervisorDirs, name: str, command: str) -
         [child] = children_of(pid)
         assert nspid(child)[-1] == 2, "the program is the init's child, PID 2 of the sandbox"
         with capture_logs() as logs:
-            assert await sv.runners[name].stop(15) == State.STOPPED
+            assert await sv.programs.runners[name].stop(15) == State.STOPPED
         assert not any(entry["event"] == "stop_timeout_kill" for entry in logs)
         [exited] = [entry for entry in logs if entry["event"] == "program_exited"]
         assert exited["exit"] == "signal TERM"
-        return sv.runners[name].machine.last_exit or 0
+        return sv.programs.runners[name].machine.last_exit or 0
 
 
 async def test_http_server_without_a_sigterm_handler_stops_at_the_stop_signal(
@@ -86,9 +86,9 @@ async def test_without_the_init_the_program_is_pid_1_and_ignores_sigterm(
         assert comm(pid) == "sleep"
         assert nspid(pid)[-1] == 1
         with capture_logs() as logs:
-            assert await sv.runners["sleeper"].stop(10) == State.STOPPED
+            assert await sv.programs.runners["sleeper"].stop(10) == State.STOPPED
         assert any(entry["event"] == "stop_timeout_kill" for entry in logs)
-        assert sv.runners["sleeper"].machine.last_exit == -signal.SIGKILL
+        assert sv.programs.runners["sleeper"].machine.last_exit == -signal.SIGKILL
 
 
 async def test_exit_codes_and_signals_of_the_program_reach_the_supervisor(
@@ -103,10 +103,10 @@ async def test_exit_codes_and_signals_of_the_program_reach_the_supervisor(
     async with running_supervisor(config) as sv:
         await wait_state(sv, "three", State.EXITED)
         await wait_state(sv, "usr2", State.EXITED)
-        assert sv.runners["three"].machine.last_exit == 3
-        assert sv.runners["three"].machine.reason == "exited with code 3"
-        assert sv.runners["usr2"].machine.last_exit == -signal.SIGUSR2
-        assert sv.runners["usr2"].machine.reason == "exited with signal USR2"
+        assert sv.programs.runners["three"].machine.last_exit == 3
+        assert sv.programs.runners["three"].machine.reason == "exited with code 3"
+        assert sv.programs.runners["usr2"].machine.last_exit == -signal.SIGUSR2
+        assert sv.programs.runners["usr2"].machine.reason == "exited with signal USR2"
 
 
 async def test_orphans_of_the_program_are_reaped_by_the_init(sv_dirs: SupervisorDirs):
@@ -129,7 +129,7 @@ async def test_orphans_of_the_program_are_reaped_by_the_init(sv_dirs: Supervisor
             return len(children_of(pid)) == 1 and not children_of(children_of(pid)[0])
 
         await wait_for(only_the_program_is_left, what="the orphaned sleeps reaped")
-        await sv.stop_programs(["parent"])
+        await sv.operations.stop_programs(["parent"])
 
 
 @pytest.mark.criu
@@ -144,21 +144,21 @@ async def test_the_init_is_checkpointed_and_restored_with_the_program(sv_dirs: S
         await wait_state(sv, "counter", State.RUNNING)
         for _ in range(3):
             hit(port)
-        [result] = await sv.checkpoint_programs(["counter"], stop=True)
+        [result] = await sv.operations.checkpoint_programs(["counter"], stop=True)
         assert result.get("error") is None, result
         await wait_state(sv, "counter", State.STOPPED)
         [image] = store.list("counter")
         assert image.init
         assert image.comm.startswith("python"), image
 
-        await sv.restore_program("counter", "latest")
+        await sv.operations.restore_program("counter", "latest")
         pid = await wait_state(sv, "counter", State.RUNNING)
         assert comm(pid) == "tini"
         assert hit(port) == 4, "the counter kept its hits"
         with capture_logs() as logs:
-            assert await sv.runners["counter"].stop(15) == State.STOPPED
+            assert await sv.programs.runners["counter"].stop(15) == State.STOPPED
         assert not any(entry["event"] == "stop_timeout_kill" for entry in logs)
-        assert sv.runners["counter"].machine.last_exit == 0
+        assert sv.programs.runners["counter"].machine.last_exit == 0
 
 
 def test_tini_is_debians_at_its_packaged_path():
