@@ -23,6 +23,7 @@ from pydantic import (
     Strict,
     ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
@@ -59,6 +60,7 @@ DIGEST_FIELDS = (
     "binds",
     "stopsignal",
     "init",
+    "private_tmp",
 )
 
 _DURATION_JSON: dict[str, Any] = {
@@ -288,7 +290,20 @@ class CheckpointPolicy(BaseModel):
     rollback: StrictBool = False
     """restore the pre-deploy image when the new instance never gets ready"""
     tcp_established: StrictBool = False
-    """let CRIU checkpoint established TCP connections"""
+    """let CRIU checkpoint established TCP connections (and restore them)"""
+    network_lock: Literal["auto", "nftables", "iptables", "skip"] = "auto"
+    """how CRIU keeps the peers of established connections out while the program is frozen
+    or stopped; "auto": nftables if this CRIU has it, else iptables (doctor says which)"""
+    file_locks: StrictBool = True
+    """checkpoint and restore the program's fcntl/flock locks (sqlite, pid files)"""
+    external_unix_sockets: StrictBool = False
+    """allow unix sockets connected to a peer outside the sandbox (such as /dev/log)"""
+    ghost_limit: Annotated[Size, Field(le=0xFFFFFFFF)] = 1 << 20
+    """largest deleted-but-open file copied into the image"""
+    skip_in_flight: StrictBool = True
+    """drop TCP connections not yet accepted (their clients retry) rather than fail"""
+    tcp_close: StrictBool = False
+    """restore established TCP connections closed (their peers see a reset)"""
 
 
 class ProgramConfig(BaseModel):
@@ -321,8 +336,22 @@ class ProgramConfig(BaseModel):
     """start from this image id, or "latest", instead of from scratch"""
     restore_fallback: Literal["cold", "fail"] = "cold"
     """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
+    private_tmp: StrictBool = True
+    """give the program its own /tmp (state_dir/tmp/NAME, emptied at each cold start, kept
+    across restores); false shares the host's /tmp"""
     binds: list[AbsolutePath] = []
     """host paths bound into the sandbox at the same path"""
+
+    @field_validator("binds")
+    @classmethod
+    def _tmp_is_private_or_bound(cls, binds: list[Path], info: ValidationInfo) -> list[Path]:
+        if info.data.get("private_tmp", True) and Path("/tmp") in binds:
+            raise ValueError(
+                'expected no "/tmp" while private_tmp = true gives the program its own /tmp'
+                " (set private_tmp = false to share the host's /tmp)"
+            )
+        return binds
+
     init: StrictBool = True
     """run Debian's tini as PID 1 with the program as its child; false for a program that is
     itself an init"""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,27 +16,25 @@ from typing import Any
 
 import pycriu
 
-LOG_LEVEL = 4
-ERROR_LINES_SHOWN = 8
-SWRK_EXIT_SECONDS = 30.0
+from grenadine_sv.criu.diagnosis import advice_for, cause_lines
+from grenadine_sv.criu.options import CriuOptions, apply_options
 
-# Logged as an error by every run on hosts without CAP_SYS_RESOURCE, and harmless
-# (CRIU-NOTES.md): it would otherwise be the first "cause" shown for any failure.
-_HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
-# CRIU's summary line says nothing the action name does not.
-_SUMMARY_ERROR = re.compile(r"^(Dumping|Restoring) FAILED\.?$")
-# "(00.037781)      1: Error (criu/page-xfer.c:263): " before the message itself.
-_LINE_PREFIX = re.compile(r"^\(\s*[0-9.]+\)\s*(?:[0-9]+:\s*)?Error \([^)]*\):\s*")
+LOG_LEVEL = 4
+SWRK_EXIT_SECONDS = 30.0
 
 
 class CriuError(Exception):
-    """CRIU refused or failed; the message carries CRIU's own error lines."""
+    """CRIU refused or failed; the message carries CRIU's own error lines (the cause first)
+    and, when one applies, what to change in the configuration."""
 
     def __init__(self, action: str, detail: str, log_path: Path | None) -> None:
         where = f" (full log: {log_path})" if log_path is not None else ""
-        super().__init__(f"criu {action} failed: {detail}{where}")
+        advice = advice_for(detail.split("; "))
+        todo = f"; to fix: {'; '.join(advice)}" if advice else ""
+        super().__init__(f"criu {action} failed: {detail}{todo}{where}")
         self.action = action
         self.detail = detail
+        self.advice = advice
         self.log_path = log_path
 
 
@@ -46,7 +43,10 @@ class DumpRequest:
     pid: int
     images_dir: Path
     leave_running: bool
-    tcp_established: bool = False
+    options: CriuOptions = field(default_factory=CriuOptions)
+    # Mount point inside the sandbox -> the name CRIU records it under, for a restore to
+    # bind a directory of its choosing there (other bind mounts are recorded by host path).
+    external_mounts: Mapping[str, str] = field(default_factory=dict)
     log_name: str = "dump.log"
 
 
@@ -57,28 +57,19 @@ class RestoreRequest:
     work_dir: Path
     # "pipe:[INODE]" (the pipe at dump time) -> an inheritable fd of this process.
     inherit_fds: Mapping[str, int]
-    tcp_established: bool = False
+    options: CriuOptions = field(default_factory=CriuOptions)
+    # Name of an external mount in the image -> the host directory bound in its place.
+    external_mounts: Mapping[str, str] = field(default_factory=dict)
     log_name: str = "restore.log"
 
 
 def error_lines(log_path: Path) -> list[str]:
-    """CRIU's own error messages from its log, first (the cause) first, without repeats,
-    timestamps, source locations or the lines every run logs."""
+    """CRIU's own error messages from its log, the cause first (see diagnosis.cause_lines)."""
     try:
         text = log_path.read_text(errors="replace")
     except OSError:
         return []
-    messages: dict[str, None] = {}
-    for line in text.splitlines():
-        if "Error" not in line and "error" not in line:
-            continue
-        message = _LINE_PREFIX.sub("", line.strip())
-        if any(harmless in message for harmless in _HARMLESS_ERRORS):
-            continue
-        if _SUMMARY_ERROR.match(message):
-            continue
-        messages.setdefault(message, None)
-    return list(messages)[:ERROR_LINES_SHOWN]
+    return cause_lines(text)
 
 
 @dataclass
@@ -106,7 +97,9 @@ class Criu:
             opts.images_dir_fd = dir_fd
             opts.pid = request.pid
             opts.leave_running = request.leave_running
-            opts.tcp_established = request.tcp_established
+            apply_options(opts, request.options)
+            for mount_point, name in request.external_mounts.items():
+                opts.external.append(f"mnt[{mount_point}]:{name}")
             opts.external.append("mnt[]")
             opts.log_file = request.log_name
             opts.log_level = LOG_LEVEL
@@ -132,7 +125,9 @@ class Criu:
             opts.work_dir_fd = work_fd
             opts.root = "/"
             opts.rst_sibling = True
-            opts.tcp_established = request.tcp_established
+            apply_options(opts, request.options)
+            for name, host_path in request.external_mounts.items():
+                opts.external.append(f"mnt[{name}]:{host_path}")
             opts.external.append("mnt[]")
             opts.log_file = request.log_name
             opts.log_level = LOG_LEVEL

@@ -20,6 +20,7 @@ _FIELDS = (
     "binds",
     "root_anchor",
     "init",
+    "tmp",
 )
 
 
@@ -35,7 +36,8 @@ class SandboxSpec:
     inside the program's own mount namespace; every program may share the same one.
     ``binds`` are host mount points to bind (non-recursively) at the same path inside.
     ``init`` is the absolute path of an init to run as PID 1 with the program as its child,
-    or None to make the program itself PID 1.
+    or None to make the program itself PID 1. ``tmp`` is a host directory mounted as the
+    program's /tmp, or None to bind the host's /tmp.
     """
 
     name: str
@@ -48,6 +50,7 @@ class SandboxSpec:
     binds: tuple[str, ...] = ()
     root_anchor: str
     init: str | None = None
+    tmp: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
@@ -68,6 +71,7 @@ class SandboxSpec:
                 "binds": list(self.binds),
                 "root_anchor": self.root_anchor,
                 "init": self.init,
+                "tmp": self.tmp,
             }
         )
 
@@ -96,6 +100,7 @@ class SandboxSpec:
             binds=tuple(_string_list(document, "binds")),
             root_anchor=_typed(document, "root_anchor", str),
             init=_optional(document, "init", str),
+            tmp=_optional(document, "tmp", str),
         )
 
 
@@ -139,6 +144,10 @@ def _check_spec(spec: SandboxSpec) -> None:
     _check_absolute(where, "root_anchor", spec.root_anchor)
     if spec.init is not None:
         _check_absolute(where, "init", spec.init)
+    if spec.tmp is not None:
+        _check_absolute(where, "tmp", spec.tmp)
+        if "/tmp" in map(posixpath.normpath, spec.binds):
+            raise InvalidSandboxSpec(f"{where}: binds may not contain /tmp with a private tmp")
     if posixpath.normpath(spec.root_anchor) == "/":
         raise InvalidSandboxSpec(f"{where}: root_anchor must be an empty directory, not '/'")
 

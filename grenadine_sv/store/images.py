@@ -109,6 +109,8 @@ class ImageMeta(BaseModel):
     leave_running: bool
     init: bool = False
     """The root is the sandbox's init (tini), the program its child."""
+    private_tmp: bool = False
+    """The program's /tmp is recorded as an external mount named for it (not by host path)."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -191,6 +193,7 @@ class PendingImage:
         definition_digest: str,
         leave_running: bool,
         init: bool = False,
+        private_tmp: bool = False,
         created: datetime | None = None,
     ) -> ImageMeta:
         """Seal the dump: make every file private and durable, write meta.json, and publish the
@@ -216,6 +219,7 @@ class PendingImage:
                 dump_stats=dict(facts.dump_stats),
                 leave_running=leave_running,
                 init=init,
+                private_tmp=private_tmp,
                 checksums={path: r.digest for path, r in records.items()},
                 file_sizes={path: r.size for path, r in records.items()},
                 grenadine_version=__version__,

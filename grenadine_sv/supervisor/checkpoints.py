@@ -27,8 +27,14 @@ from grenadine_sv.criu.client import (
     tree_condition,
 )
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
+from grenadine_sv.criu.options import CriuOptions, NetworkLocks, probe_network_locks
 from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
+from grenadine_sv.sandbox.private_tmp import (
+    EXTERNAL_MOUNT_NAME,
+    ensure_private_tmp,
+    private_tmp_dir,
+)
 from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
@@ -108,7 +114,41 @@ class CheckpointService:
         self._programs: dict[str, ProgramImages] = {}
         # Dumps run in worker threads; ImageStore.begin creates shared directories unguarded.
         self._begin_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._network_locks: NetworkLocks | None = None
         self.clock: Callable[[], float] = time.monotonic
+
+    def network_locks(self) -> NetworkLocks:
+        """Which network locks work here, probed once (blocking: call it in a worker thread)."""
+        with self._probe_lock:
+            if self._network_locks is None:
+                self._network_locks = probe_network_locks(self.criu.binary)
+            return self._network_locks
+
+    def criu_options(self, config: ProgramConfig) -> CriuOptions:
+        """CRIU's options for `config` (blocking: may probe the network locks)."""
+        policy = config.checkpoint
+        network_lock = self.network_locks().choose(policy.network_lock)
+        if network_lock is None:
+            if policy.tcp_established:
+                raise CriuError(
+                    "dump",
+                    "checkpoint.tcp_established needs a network lock, and this host has none"
+                    " (this CRIU lacks nftables support and iptables is not installed): install"
+                    ' iptables, or set checkpoint.network_lock = "skip" (peers may then see'
+                    " resets while the program is stopped)",
+                    None,
+                )
+            network_lock = "skip"  # only established connections use it
+        return CriuOptions(
+            file_locks=policy.file_locks,
+            tcp_established=policy.tcp_established,
+            network_lock=network_lock,
+            external_unix_sockets=policy.external_unix_sockets,
+            ghost_limit=policy.ghost_limit,
+            skip_in_flight=policy.skip_in_flight,
+            tcp_close=policy.tcp_close,
+        )
 
     def images_of(self, program: str) -> ProgramImages:
         return self._programs.setdefault(program, ProgramImages())
@@ -199,7 +239,10 @@ class CheckpointService:
                             pid=pid,
                             images_dir=pending.criu_dir,
                             leave_running=leave_running,
-                            tcp_established=config.checkpoint.tcp_established,
+                            options=self.criu_options(config),
+                            external_mounts=(
+                                {"/tmp": EXTERNAL_MOUNT_NAME} if config.private_tmp else {}
+                            ),
                         )
                     )
             except CriuError as exc:
@@ -218,6 +261,7 @@ class CheckpointService:
                 definition_digest=config.definition_digest(),
                 leave_running=leave_running,
                 init=under_init,
+                private_tmp=config.private_tmp,
             )
 
     def _keep_failed_dump_log(
@@ -325,7 +369,8 @@ class CheckpointService:
                     images_dir=self.store.criu_dir(image),
                     work_dir=work_dir,
                     inherit_fds={pipe_key(inode): fd for inode, fd in write_fds.items()},
-                    tcp_established=runner.config.checkpoint.tcp_established,
+                    options=self.criu_options(runner.config),
+                    external_mounts=self._restore_mounts(runner.name, image),
                     log_name=restore_log_name(image),
                 )
             )
@@ -338,6 +383,13 @@ class CheckpointService:
                 os.close(fd)
             _make_files_private(work_dir)
         return pid, read_fds
+
+    def _restore_mounts(self, program: str, image: ImageMeta) -> dict[str, str]:
+        """The host directories a restore of `image` binds in place of its named mounts."""
+        if not image.private_tmp:
+            return {}
+        tmp = ensure_private_tmp(private_tmp_dir(self.store.state_dir, program))
+        return {EXTERNAL_MOUNT_NAME: str(tmp)}
 
     # launchers -----------------------------------------------------------------
 

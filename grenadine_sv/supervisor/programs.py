@@ -65,6 +65,7 @@ class Programs:
         return RunnerContext(
             log_dir=self.config.supervisor.log_dir,
             root_anchor=self.config.supervisor.state_dir / "sandbox-root",
+            state_dir=self.config.supervisor.state_dir,
             observers=self._observers,
         )
 

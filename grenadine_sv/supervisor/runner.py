@@ -40,6 +40,7 @@ from grenadine_sv.lifecycle.machine import (
 )
 from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
 from grenadine_sv.sandbox.init import TINI
+from grenadine_sv.sandbox.private_tmp import empty_private_tmp, private_tmp_dir
 from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
 from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
 
@@ -52,6 +53,8 @@ WAITING_STATES = frozenset({State.STARTING, State.BACKOFF, State.STOPPING})
 class RunnerContext:
     log_dir: Path
     root_anchor: Path
+    # Where programs' private /tmp directories live (state_dir/tmp).
+    state_dir: Path
     observers: tuple[StateObserver, ...] = ()
 
 
@@ -78,7 +81,7 @@ def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
     )
 
 
-def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
+def sandbox_spec(config: ProgramConfig, root_anchor: Path, tmp: Path | None = None) -> SandboxSpec:
     environment = dict(os.environ)
     environment.update(config.environment)
     environment["GRENADINE_SV_PROGRAM"] = config.name
@@ -93,6 +96,7 @@ def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
         binds=tuple(str(path) for path in config.binds),
         root_anchor=str(root_anchor),
         init=TINI if config.init else None,
+        tmp=str(tmp) if tmp is not None else None,
     )
 
 
@@ -281,7 +285,11 @@ class ProgramRunner:
 
 async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:
     """Start the program from scratch in a fresh sandbox."""
-    spec = sandbox_spec(runner.config, runner.context.root_anchor)
+    tmp = None
+    if runner.config.private_tmp:
+        tmp = private_tmp_dir(runner.context.state_dir, runner.name)
+        await trio.to_thread.run_sync(empty_private_tmp, tmp)
+    spec = sandbox_spec(runner.config, runner.context.root_anchor, tmp)
     stdout_fd, stdout_stream = open_output_pipe()
     stderr_fd, stderr_stream = open_output_pipe()
     try:

@@ -174,6 +174,8 @@ class CriuLeavingTheTaskStopped:
     """Stands for a CRIU that dies leaving the program in a group stop (not seen with real
     CRIU here, which the kernel detaches cleanly, but what the supervisor must not miss)."""
 
+    binary = find_criu()
+
     def dump(self, request: DumpRequest) -> None:
         tasks = list(tree_condition(request.pid))
         for task in tasks:

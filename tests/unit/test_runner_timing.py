@@ -60,7 +60,9 @@ def program(tmp_path: Path, **fields: object) -> ProgramConfig:
 
 
 def runner_with(tmp_path: Path, config: ProgramConfig, make: object) -> ProgramRunner:
-    runner = ProgramRunner(config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path))
+    runner = ProgramRunner(
+        config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
+    )
     pids = iter(range(100, 200))
 
     async def launch(_: ProgramRunner) -> LaunchedInstance:
