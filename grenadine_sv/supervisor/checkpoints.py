@@ -29,7 +29,15 @@ from grenadine_sv.criu.client import (
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
 from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
-from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
+from grenadine_sv.sandbox.linux import read_start_time, resume_sandbox
+from grenadine_sv.store.images import (
+    DumpIntent,
+    ImageCorrupt,
+    ImageMeta,
+    ImageStore,
+    Trigger,
+    current_boot_id,
+)
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
@@ -41,10 +49,15 @@ FAILED_DUMP_LOGS_KEPT = 5
 NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
 # Below this, a failed dump is taken to have failed for want of space.
 NEARLY_FULL_BYTES = 1 << 20
+ORPHAN_KILL_WAIT_SECONDS = 10.0
 
 
 class CheckpointError(Exception):
     """A checkpoint did not happen; the program is as it was and no image was kept."""
+
+
+class SealError(Exception):
+    """CRIU dumped the program, but its image could not be made durable and listed."""
 
 
 class RestoreError(SandboxError):
@@ -109,6 +122,8 @@ class CheckpointService:
         # Dumps run in worker threads; ImageStore.begin creates shared directories unguarded.
         self._begin_lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
+        # Fds every CRIU dump holds while it runs (the supervisor's state_dir lock).
+        self.hold_fds: tuple[int, ...] = ()
 
     def images_of(self, program: str) -> ProgramImages:
         return self._programs.setdefault(program, ProgramImages())
@@ -123,52 +138,91 @@ class CheckpointService:
     async def checkpoint(
         self, runner: ProgramRunner, trigger: Trigger, *, stop: bool = False
     ) -> ImageMeta:
+        """Checkpoint a RUNNING program; with `stop` (or checkpoint.leave_running = false) it
+        ends once its image is listed (see `checkpoint_and_stop`)."""
+        if stop or not runner.config.checkpoint.leave_running:
+            return await self.checkpoint_and_stop(runner, trigger)
         program = runner.name
         async with self.images_of(program).lock:
-            pid = runner.machine.pid
-            if runner.state.value != "RUNNING" or pid is None:
-                raise CheckpointError(f"{program} is {runner.state.value}, not RUNNING")
-            policy = runner.config.checkpoint
-            leave_running = policy.leave_running and not stop
-            instance = runner.machine.instance
+            pid, start_time = _running_instance(runner)
             bound = log.bind(program=program, pid=pid, trigger=trigger)
             before = task_condition(pid)
-            if not leave_running:
-                runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
             began = self.clock()
             try:
                 image = await trio.to_thread.run_sync(
                     self._dump,
                     runner.config,
                     pid,
+                    start_time,
                     trigger,
-                    leave_running,
-                    policy.tcp_established,
+                    True,
                     abandon_on_cancel=False,
                 )
             except (CriuError, ImageFactsError, OSError, ValueError) as exc:
-                if not leave_running:
-                    runner.handle_now(StopAborted(instance, trio.current_time()))
                 self.metrics.checkpoint_failed(program, trigger)
                 message = self._failure_message(exc)
                 bound.error("checkpoint_failed", error=message)
                 _examine_after_failed_dump(runner, pid, before, bound)
                 raise CheckpointError(message) from exc
-            duration = self.clock() - began
-            frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
-            self.metrics.checkpoint_succeeded(program, trigger, duration, frozen)
-            self.images_of(program).last_checkpoint = image
-            bound.info(
-                "checkpoint_done",
-                image_id=image.id,
-                duration_seconds=round(duration, 3),
-                frozen_seconds=frozen,
-                image_bytes=image.image_bytes,
-            )
-            deleted = await trio.to_thread.run_sync(self.prune_images, program, policy.keep)
-            for old in deleted:
-                bound.info("image_pruned", image_id=old.id)
-            return image
+            return await self._checkpoint_done(runner, image, began, bound)
+
+    async def checkpoint_and_stop(self, runner: ProgramRunner, trigger: Trigger) -> ImageMeta:
+        """Checkpoint a RUNNING program and end it, never losing both program and image.
+
+        CRIU dumps it and leaves every task frozen (TCP connections locked); the image is made
+        durable and listed; only then is the frozen tree killed. The program never runs on after
+        its dump (what it did then would vanish on restore) and never ends before its image is
+        listed. If the dump or the sealing fails, the program resumes and CheckpointError says
+        why. A supervisor killed on the way leaves a state the next one resolves (recovery)."""
+        program = runner.name
+        async with self.images_of(program).lock:
+            pid, start_time = _running_instance(runner)
+            process = runner.process
+            assert process is not None
+            instance = runner.machine.instance
+            bound = log.bind(program=program, pid=pid, trigger=trigger)
+            before = task_condition(pid)
+            runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
+            began = self.clock()
+            try:
+                image = await trio.to_thread.run_sync(
+                    self._dump_frozen,
+                    runner.config,
+                    pid,
+                    start_time,
+                    trigger,
+                    abandon_on_cancel=False,
+                )
+            except CheckpointError as exc:
+                runner.handle_now(StopAborted(instance, trio.current_time()))
+                self.metrics.checkpoint_failed(program, trigger)
+                bound.error("checkpoint_failed", error=str(exc))
+                _examine_after_failed_dump(runner, pid, before, bound)
+                raise
+            # Listed and durable: the frozen tree may go now (its exit ends the instance).
+            process.send_signal(signal.SIGKILL)
+            return await self._checkpoint_done(runner, image, began, bound)
+
+    async def _checkpoint_done(
+        self, runner: ProgramRunner, image: ImageMeta, began: float, bound: Any
+    ) -> ImageMeta:
+        program = runner.name
+        duration = self.clock() - began
+        frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
+        self.metrics.checkpoint_succeeded(program, image.trigger, duration, frozen)
+        self.images_of(program).last_checkpoint = image
+        bound.info(
+            "checkpoint_done",
+            image_id=image.id,
+            duration_seconds=round(duration, 3),
+            frozen_seconds=frozen,
+            image_bytes=image.image_bytes,
+        )
+        keep = runner.config.checkpoint.keep
+        deleted = await trio.to_thread.run_sync(self.prune_images, program, keep)
+        for old in deleted:
+            bound.info("image_pruned", image_id=old.id)
+        return image
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
@@ -184,12 +238,23 @@ class CheckpointService:
         self,
         config: ProgramConfig,
         pid: int,
+        start_time: int,
         trigger: Trigger,
         leave_running: bool,
-        tcp_established: bool,
     ) -> ImageMeta:
+        """Dump and list (in a worker thread). Without `leave_running` CRIU leaves the tasks
+        frozen; a failure to seal them is then a SealError, the tasks still frozen."""
+        intent = DumpIntent(
+            trigger=trigger,
+            criu_version=self.criu_version,
+            definition_digest=config.definition_digest(),
+            leave_running=leave_running,
+            source_pid=pid,
+            source_start_time=start_time,
+            boot_id=current_boot_id(),
+        )
         with self._begin_lock:
-            pending = self.store.begin(config.name)
+            pending = self.store.begin(config.name, intent)
         with pending:
             try:
                 self.criu.dump(
@@ -197,7 +262,9 @@ class CheckpointService:
                         pid=pid,
                         images_dir=pending.criu_dir,
                         leave_running=leave_running,
-                        tcp_established=tcp_established,
+                        leave_stopped=not leave_running,
+                        tcp_established=config.checkpoint.tcp_established,
+                        hold_fds=self.hold_fds,
                     )
                 )
             except CriuError as exc:
@@ -209,13 +276,34 @@ class CheckpointService:
                 # The partial image, and the log in it, go when `pending` is aborted.
                 kept = self._keep_failed_dump_log(config.name, pending.id, exc.log_path)
                 raise CriuError(exc.action, detail, kept) from exc
-            return pending.commit(
-                read_dump_facts(pending.criu_dir),
-                trigger=trigger,
-                criu_version=self.criu_version,
-                definition_digest=config.definition_digest(),
-                leave_running=leave_running,
-            )
+            try:
+                return pending.commit(read_dump_facts(pending.criu_dir))
+            except (ImageFactsError, OSError, ValueError) as exc:
+                if leave_running:
+                    raise
+                raise SealError(self._failure_message(exc)) from exc
+
+    def _dump_frozen(
+        self, config: ProgramConfig, pid: int, start_time: int, trigger: Trigger
+    ) -> ImageMeta:
+        """Dump leaving the tree frozen, and list the image; on failure the tree runs on and
+        CheckpointError says why (in a worker thread)."""
+        try:
+            return self._dump(config, pid, start_time, trigger, False)
+        except SealError as exc:
+            resumed = resume_sandbox(pid)
+            log.error("checkpoint_seal_failed", program=config.name, pid=pid, resumed=resumed)
+            raise CheckpointError(
+                f"the dump succeeded but could not be stored: {exc}; the program was resumed "
+                f"({resumed} processes) and no image was kept"
+                + (
+                    " (its established TCP connections stay held by the dump and will fail)"
+                    if config.checkpoint.tcp_established
+                    else ""
+                )
+            ) from exc
+        except (CriuError, ImageFactsError, OSError, ValueError) as exc:
+            raise CheckpointError(self._failure_message(exc)) from exc
 
     def _keep_failed_dump_log(
         self, program: str, image_id: str, dump_log: Path | None
@@ -251,23 +339,24 @@ class CheckpointService:
             f"checkpoint.keep or run grenadine-sv prune ({exc})"
         )
 
-    async def recover_orphan(self, config: ProgramConfig, pid: int) -> ImageMeta:
-        """Checkpoint a sandbox left running by a previous supervisor, ending it, so that it
-        can be restored as a child of this one."""
+    async def recover_orphan(self, config: ProgramConfig, pid: int, start_time: int) -> ImageMeta:
+        """Checkpoint a sandbox left running by a previous supervisor and end it (its image
+        listed first, as `checkpoint_and_stop` does), so that it can be restored as a child of
+        this one. On failure it runs on."""
         async with self.images_of(config.name).lock:
             try:
                 image = await trio.to_thread.run_sync(
-                    self._dump,
+                    self._dump_frozen,
                     config,
                     pid,
+                    start_time,
                     "recovery",
-                    False,
-                    config.checkpoint.tcp_established,
                     abandon_on_cancel=False,
                 )
-            except (CriuError, ImageFactsError, OSError, ValueError) as exc:
+            except CheckpointError:
                 self.metrics.checkpoint_failed(config.name, "recovery")
-                raise CheckpointError(self._failure_message(exc)) from exc
+                raise
+            await kill_frozen_orphan(pid, start_time)
             self.images_of(config.name).last_checkpoint = image
             return image
 
@@ -367,6 +456,36 @@ class CheckpointService:
             if on_fallback is not None:
                 on_fallback(str(exc))
             return await launch_cold(runner)
+
+
+def _running_instance(runner: ProgramRunner) -> tuple[int, int]:
+    """(pid, start time) of the program's RUNNING instance, or CheckpointError."""
+    pid = runner.machine.pid
+    process = runner.process
+    if runner.state.value != "RUNNING" or pid is None or process is None:
+        raise CheckpointError(f"{runner.name} is {runner.state.value}, not RUNNING")
+    return pid, process.start_time
+
+
+async def kill_frozen_orphan(pid: int, start_time: int) -> None:
+    """SIGKILL a sandbox that is not our child (its PID 1 takes the rest along) and wait,
+    bounded, until it is gone; never signal a pid that names another process by now."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if read_start_time(pid) != start_time:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with trio.move_on_after(ORPHAN_KILL_WAIT_SECONDS):
+            await trio.lowlevel.wait_readable(pidfd)
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
 
 
 def restore_log_name(image: ImageMeta) -> str:

@@ -21,20 +21,26 @@ from grenadine_sv.control import server as control
 from grenadine_sv.control.handler import RequestHandler, describe
 from grenadine_sv.control.server import ControlError
 from grenadine_sv.criu.binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
-from grenadine_sv.criu.client import Criu
+from grenadine_sv.criu.client import Criu, task_condition
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
 from grenadine_sv.lifecycle.reload import ProgramDiff, diff_programs
 from grenadine_sv.metrics.collector import Metrics, MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.sandbox.linux import resume_sandbox
 from grenadine_sv.store.images import ImageMeta, ImageStore, Trigger
-from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
+from grenadine_sv.supervisor.checkpoints import (
+    CheckpointError,
+    CheckpointService,
+    kill_frozen_orphan,
+)
 from grenadine_sv.supervisor.recovery import (
     RecordedInstance,
     StateDirBusy,
+    is_same_process,
+    read_state,
     state_dir_lock,
     stop_orphan,
-    surviving_instances,
     write_state,
 )
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
@@ -137,6 +143,12 @@ class Supervisor:
         return self.config.supervisor.state_dir
 
     @property
+    def image_store(self) -> ImageStore:
+        if self.checkpoints is not None:
+            return self.checkpoints.store
+        return ImageStore(self.state_dir)
+
+    @property
     def root_anchor(self) -> Path:
         return self.state_dir / "sandbox-root"
 
@@ -153,7 +165,9 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         prepare_state_dir(self.state_dir)
         try:
-            with state_dir_lock(self.state_dir):
+            with state_dir_lock(self.state_dir) as lock:
+                if self.checkpoints is not None:
+                    self.checkpoints.hold_fds = (lock.fileno(),)
                 await self._run_locked(task_status)
         except StateDirBusy as exc:
             raise StartupError(str(exc)) from exc
@@ -163,10 +177,7 @@ class Supervisor:
         self.root_anchor.mkdir(mode=0o700, exist_ok=True)
         settings.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         become_subreaper()
-        if self.checkpoints is not None:
-            stale = await trio.to_thread.run_sync(self.checkpoints.store.remove_stale_partials)
-            if stale:
-                log.warning("stale_partial_images_removed", count=stale)
+        await trio.to_thread.run_sync(self.image_store.recover_partials)
         sock = control.bind_socket(settings.control_socket)
         log.info(
             "supervisor_started",
@@ -331,31 +342,63 @@ class Supervisor:
 
     async def _take_back_orphans(self) -> dict[str, Launcher]:
         """Sandboxes a killed supervisor left running: checkpoint each and restore it as our
-        child (its memory kept, its output captured again); stop the others cleanly."""
+        child (its memory kept, its output captured again); stop the others cleanly.
+
+        A sandbox left frozen by a checkpoint that stops it is finished off when its image was
+        listed (and restored from it when the checkpoint was such a take-back), else resumed
+        and taken back like the others."""
         launchers: dict[str, Launcher] = {}
-        orphans = await trio.to_thread.run_sync(surviving_instances, self.state_dir)
-        for name, instance in orphans.items():
+        recorded = await trio.to_thread.run_sync(read_state, self.state_dir)
+        for name, instance in recorded.items():
             program = self.config.programs.get(name)
             bound = log.bind(program=name, pid=instance.pid)
+            frozen_into = await trio.to_thread.run_sync(self._image_that_froze, name, instance)
+            alive = await trio.to_thread.run_sync(is_same_process, instance)
+            if frozen_into is not None:
+                if alive:
+                    bound.warning("frozen_program_killed", image_id=frozen_into.id)
+                    await kill_frozen_orphan(instance.pid, instance.start_time)
+                if frozen_into.trigger == "recovery" and program is not None:
+                    launchers[name] = self._restorer(frozen_into)
+                continue
+            if not alive:
+                continue
+            condition = task_condition(instance.pid)
+            if condition is not None and condition.stopped and condition.tracer_pid == 0:
+                resumed = await trio.to_thread.run_sync(resume_sandbox, instance.pid)
+                bound.warning("frozen_program_resumed", processes=resumed)
             if (
                 program is not None
                 and self.checkpoints is not None
                 and program.definition_digest() == instance.definition_digest
             ):
                 try:
-                    image = await self.checkpoints.recover_orphan(program, instance.pid)
+                    image = await self.checkpoints.recover_orphan(
+                        program, instance.pid, instance.start_time
+                    )
                 except CheckpointError as exc:
                     bound.warning("orphan_not_recovered", error=str(exc))
                 else:
                     bound.info("orphan_checkpointed", image_id=image.id)
-                    service = self.checkpoints
-                    launchers[name] = partial(service.launch_with_fallback, image=image)
+                    launchers[name] = self._restorer(image)
                     continue
             stop_signal = program.stop_signal if program is not None else signal.SIGTERM
             stop_wait = program.stopwaitsecs if program is not None else 10.0
             bound.warning("orphan_stopping")
             await stop_orphan(name, instance, stop_signal, stop_wait)
         return launchers
+
+    def _image_that_froze(self, name: str, instance: RecordedInstance) -> ImageMeta | None:
+        """The listed image a checkpoint that stops the program took of this very instance."""
+        try:
+            images = self.image_store.list(name)
+        except ValueError:
+            return None
+        return next((m for m in images if m.froze(instance.pid, instance.start_time)), None)
+
+    def _restorer(self, image: ImageMeta) -> Launcher:
+        assert self.checkpoints is not None
+        return partial(self.checkpoints.launch_with_fallback, image=image)
 
     async def _start_after_dependencies(self, name: str) -> State:
         runner = self.runners[name]

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ log = structlog.get_logger()
 
 STATE_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
+# How long a new supervisor waits for a CRIU dump its killed predecessor left running.
+LEFTOVER_CRIU_WAIT_SECONDS = 120.0
+LOCK_POLL_SECONDS = 0.05
 
 
 class StateDirBusy(Exception):
@@ -49,17 +53,30 @@ def state_path(state_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def state_dir_lock(state_dir: Path) -> Iterator[IO[str]]:
-    """Hold an exclusive lock on state_dir for the supervisor's lifetime."""
+    """Hold an exclusive lock on state_dir for the supervisor's lifetime.
+
+    The supervisor's CRIU dumps hold the lock too: when a killed supervisor's CRIU still
+    runs, this waits (bounded) for it to finish, so that its dump is complete, and its
+    program frozen, before the next supervisor looks at either."""
     path = state_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     handle = os.fdopen(fd, "r+")
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StateDirBusy(
-                f"another supervisor is using {state_dir} (it holds {path})"
-            ) from None
+        if not _try_lock(handle):
+            holder = _recorded_holder(handle)
+            if holder is None or _process_alive(holder):
+                raise StateDirBusy(f"another supervisor is using {state_dir} (it holds {path})")
+            log.warning(
+                "waiting_for_criu_of_killed_supervisor",
+                supervisor_pid=holder,
+                bound_seconds=LEFTOVER_CRIU_WAIT_SECONDS,
+            )
+            if not _wait_for_lock(handle, LEFTOVER_CRIU_WAIT_SECONDS):
+                raise StateDirBusy(
+                    f"{path} is still held, {LEFTOVER_CRIU_WAIT_SECONDS:.0f} s after the "
+                    f"supervisor that took it (pid {holder}) is gone: a process it started "
+                    f"(CRIU) keeps it; find it with `fuser -v {path}`"
+                )
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -67,6 +84,39 @@ def state_dir_lock(state_dir: Path) -> Iterator[IO[str]]:
         yield handle
     finally:
         handle.close()
+
+
+def _try_lock(handle: IO[str]) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _wait_for_lock(handle: IO[str], bound: float) -> bool:
+    """Poll for the lock (before the event loop does anything else) until `bound` seconds."""
+    deadline = time.monotonic() + bound
+    while not _try_lock(handle):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(LOCK_POLL_SECONDS)
+    return True
+
+
+def _recorded_holder(handle: IO[str]) -> int | None:
+    """The pid the lock's holder wrote into the lock file."""
+    handle.seek(0)
+    text = handle.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def write_state(state_dir: Path, instances: Mapping[str, RecordedInstance]) -> None:
@@ -113,10 +163,6 @@ def is_same_process(instance: RecordedInstance) -> bool:
         )
     except (OSError, ValueError):
         return False
-
-
-def surviving_instances(state_dir: Path) -> dict[str, RecordedInstance]:
-    return {name: inst for name, inst in read_state(state_dir).items() if is_same_process(inst)}
 
 
 async def stop_orphan(
