@@ -257,16 +257,17 @@ class CheckpointService:
             pending = self.store.begin(config.name, intent)
         with pending:
             try:
-                self.criu.dump(
-                    DumpRequest(
-                        pid=pid,
-                        images_dir=pending.criu_dir,
-                        leave_running=leave_running,
-                        leave_stopped=not leave_running,
-                        tcp_established=config.checkpoint.tcp_established,
-                        hold_fds=self.hold_fds,
+                with pending.watch():
+                    self.criu.dump(
+                        DumpRequest(
+                            pid=pid,
+                            images_dir=pending.criu_dir,
+                            leave_running=leave_running,
+                            leave_stopped=not leave_running,
+                            tcp_established=config.checkpoint.tcp_established,
+                            hold_fds=self.hold_fds,
+                        )
                     )
-                )
             except CriuError as exc:
                 detail = exc.detail
                 free = self.store.free_bytes()
