@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from grenadine_sv import __version__
 from grenadine_sv.criu.facts import DumpFacts, ImageFactsError, read_dump_facts
+from grenadine_sv.store.definition import META_FORMAT_VERSION, RecordedDefinition
 from grenadine_sv.store.sealing import (
     DIR_MODE,
     FILE_MODE,
@@ -116,6 +117,7 @@ class DumpIntent(BaseModel):
     """Its start time in clock ticks since boot: with source_pid, names the very instance."""
     boot_id: str
     """Unsealed files of a dump from before a reboot may be torn: such a dump is not kept."""
+    definition: RecordedDefinition | None = None
 
 
 class ImageMeta(BaseModel):
@@ -146,6 +148,10 @@ class ImageMeta(BaseModel):
     source_pid: int | None = None
     """Host pid of the instance dumped (None in images made before it was recorded)."""
     source_start_time: int | None = None
+    format_version: int = 1
+    """1: images that record only definition_digest; 2: also `definition`."""
+    definition: RecordedDefinition | None = None
+    """The program's definition when the image was taken (see store/definition.py)."""
 
     def froze(self, pid: int, start_time: int) -> bool:
         """True when this image was taken of that very instance, which the dump left frozen
@@ -285,6 +291,8 @@ class PendingImage:
             checksum_algorithm=NEW_IMAGE_ALGORITHM,
             source_pid=intent.source_pid,
             source_start_time=intent.source_start_time,
+            format_version=META_FORMAT_VERSION,
+            definition=intent.definition,
         )
         meta_path = self._partial_dir / META_FILE
         with contextlib.suppress(FileNotFoundError):

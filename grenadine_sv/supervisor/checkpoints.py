@@ -17,6 +17,7 @@ import structlog
 import trio
 
 from grenadine_sv.config.loading import ProgramConfig
+from grenadine_sv.config.models import RESTORE_COMPARED_FIELDS
 from grenadine_sv.criu.client import (
     Criu,
     CriuError,
@@ -30,6 +31,12 @@ from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
 from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.sandbox.linux import read_start_time, resume_sandbox
+from grenadine_sv.store.definition import (
+    CurrentDefinition,
+    DefinitionCheck,
+    definition_changes,
+    record_definition,
+)
 from grenadine_sv.store.images import (
     DumpIntent,
     ImageCorrupt,
@@ -245,6 +252,7 @@ class CheckpointService:
         """Dump and list (in a worker thread). Without `leave_running` CRIU leaves the tasks
         frozen; a failure to seal them is then a SealError, the tasks still frozen."""
         intent = DumpIntent(
+            definition=record_definition(current_definition(config)),
             trigger=trigger,
             criu_version=self.criu_version,
             definition_digest=config.definition_digest(),
@@ -366,9 +374,35 @@ class CheckpointService:
     def resolve(self, program: str, ref: str) -> ImageMeta:
         return self.store.resolve(program, ref)
 
-    async def launch_from_image(self, runner: ProgramRunner, image: ImageMeta) -> LaunchedInstance:
-        """Restore `image` as the program's new instance (a child of this process)."""
+    async def launch_from_image(
+        self,
+        runner: ProgramRunner,
+        image: ImageMeta,
+        *,
+        allow_changed_definition: bool = False,
+    ) -> LaunchedInstance:
+        """Restore `image` as the program's new instance (a child of this process). An image
+        taken under another definition is refused (RestoreError naming what changed) unless
+        `allow_changed_definition`."""
         program = runner.name
+        check = check_definition(runner.config, image)
+        if not check.unchanged:
+            if not allow_changed_definition:
+                self.metrics.restore_failed(program)
+                raise RestoreError(changed_definition_message(image, check))
+            log.warning(
+                "restore_into_changed_definition",
+                program=program,
+                image_id=image.id,
+                changes=check.describe(),
+            )
+        elif not check.recorded_fields:
+            log.warning(
+                "image_definition_not_recorded",
+                program=program,
+                image_id=image.id,
+                detail=OLD_FORMAT_WARNING,
+            )
         async with self.images_of(program).lock:
             began = self.clock()
             try:
@@ -440,16 +474,22 @@ class CheckpointService:
         runner: ProgramRunner,
         image: ImageMeta | str,
         on_fallback: Callable[[str], None] | None = None,
+        *,
+        allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
         """Restore from `image` (or a reference to one); on failure follow restore_fallback:
-        "cold" starts the program from scratch, "fail" makes it FATAL with the reason."""
+        "cold" starts the program from scratch, "fail" makes it FATAL with the reason.
+        "latest" is the newest image only: one that cannot be used is never replaced by an
+        older one."""
         try:
             if isinstance(image, str):
                 try:
                     image = await trio.to_thread.run_sync(self.store.resolve, runner.name, image)
                 except (LookupError, ValueError) as exc:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
-            return await self.launch_from_image(runner, image)
+            return await self.launch_from_image(
+                runner, image, allow_changed_definition=allow_changed_definition
+            )
         except RestoreError as exc:
             if runner.config.restore_fallback == "fail":
                 raise RestoreError(str(exc), fatal=True) from exc
@@ -457,6 +497,34 @@ class CheckpointService:
             if on_fallback is not None:
                 on_fallback(str(exc))
             return await launch_cold(runner)
+
+
+OLD_FORMAT_WARNING = (
+    "this image is from an older grenadine-sv and records only a digest of its program's "
+    "definition: it matched, but what it was taken under cannot be shown"
+)
+
+
+def current_definition(config: ProgramConfig) -> CurrentDefinition:
+    """What an image records, and a restore compares, of a program's definition."""
+    compared = {name for name in RESTORE_COMPARED_FIELDS if name in type(config).model_fields}
+    return CurrentDefinition(
+        fields=config.model_dump(mode="json", include=compared),
+        environment=dict(config.environment),
+        digest=config.definition_digest(),
+    )
+
+
+def check_definition(config: ProgramConfig, image: ImageMeta) -> DefinitionCheck:
+    return definition_changes(image.definition, image.definition_digest, current_definition(config))
+
+
+def changed_definition_message(image: ImageMeta, check: DefinitionCheck) -> str:
+    return (
+        f"image {image.id} of {image.program} was taken under another definition of the "
+        f"program ({check.describe()}); restoring it would bring the old one back. Restore it "
+        "anyway with `grenadine-sv restore --allow-changed-definition`, or take a new image"
+    )
 
 
 def _running_instance(runner: ProgramRunner) -> tuple[int, int]:

@@ -30,8 +30,11 @@ from grenadine_sv.sandbox import become_subreaper
 from grenadine_sv.sandbox.linux import resume_sandbox
 from grenadine_sv.store.images import ImageMeta, ImageStore, Trigger
 from grenadine_sv.supervisor.checkpoints import (
+    OLD_FORMAT_WARNING,
     CheckpointError,
     CheckpointService,
+    changed_definition_message,
+    check_definition,
     kill_frozen_orphan,
 )
 from grenadine_sv.supervisor.recovery import (
@@ -622,21 +625,33 @@ class Supervisor:
             raise ControlError("; ".join(f"{r['program']}: {r['error']}" for r in failed))
         return ordered
 
-    async def restore_program(self, name: str, ref: str) -> dict[str, Any]:
+    async def restore_program(
+        self, name: str, ref: str, *, allow_changed_definition: bool = False
+    ) -> dict[str, Any]:
         service = self._service()
         runner = self.runners[self.select([name])[0]]
         try:
             image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
         except (LookupError, ValueError) as exc:
             raise ControlError(str(exc)) from exc
+        # Refused before the running instance is touched.
+        check = check_definition(runner.config, image)
+        if not check.unchanged and not allow_changed_definition:
+            raise ControlError(changed_definition_message(image, check))
         if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
             await runner.stop(runner.stop_timeout_bound())
         restored: dict[str, Any] = {"image": image.id, "fallback": None}
+        if not check.recorded_fields:
+            restored["warning"] = OLD_FORMAT_WARNING
+        elif not check.unchanged:
+            restored["warning"] = f"restored into a changed definition: {check.describe()}"
 
         def note_fallback(reason: str) -> None:
             restored["fallback"] = reason
 
-        runner.next_launcher = lambda r: service.launch_with_fallback(r, image, note_fallback)
+        runner.next_launcher = lambda r: service.launch_with_fallback(
+            r, image, note_fallback, allow_changed_definition=allow_changed_definition
+        )
         await runner.start(self.start_timeout_bound(runner.config))
         return restored | describe(self, runner)
 
