@@ -18,13 +18,24 @@ import signal
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 import trio
 
-from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time
+from grenadine_sv.config.loading import Config
+from grenadine_sv.criu.client import task_condition
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time, resume_sandbox
+from grenadine_sv.store.images import ImageMeta, ImageStore
+from grenadine_sv.supervisor.checkpoints import (
+    CheckpointError,
+    CheckpointService,
+    kill_frozen_orphan,
+)
+from grenadine_sv.supervisor.runner import Launcher, ProgramRunner
 
 log = structlog.get_logger()
 
@@ -185,3 +196,102 @@ async def stop_orphan(
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
+
+
+class Recovery:
+    """Keeps the state file listing every live instance, and after a crash takes back the
+    instances the previous supervisor left running."""
+
+    def __init__(self, state_dir: Path, checkpoints: CheckpointService | None) -> None:
+        self.state_dir = state_dir
+        self.checkpoints = checkpoints
+        self._recorded: dict[str, RecordedInstance] = {}
+
+    def record_instances(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """A runner's state observer: keep state_dir/supervisor.json up to date."""
+        process = runner.process
+        name = runner.name
+        alive = process is not None and process.returncode is None and runner.machine.pid
+        if alive and process is not None:
+            entry = RecordedInstance(
+                pid=process.pid,
+                start_time=process.start_time,
+                pid_ns_inode=process.pid_ns_inode,
+                definition_digest=runner.config.definition_digest(),
+            )
+            if self._recorded.get(name) == entry:
+                return
+            self._recorded[name] = entry
+        elif self._recorded.pop(name, None) is None:
+            return
+        try:
+            write_state(self.state_dir, self._recorded)
+        except OSError as exc:
+            log.error("state_file_write_failed", error=str(exc))
+
+    @property
+    def image_store(self) -> ImageStore:
+        if self.checkpoints is not None:
+            return self.checkpoints.store
+        return ImageStore(self.state_dir)
+
+    async def take_back_orphans(self, config: Config) -> dict[str, Launcher]:
+        """Sandboxes a killed supervisor left running: checkpoint each and restore it as our
+        child (its memory kept, its output captured again); stop the others cleanly.
+        Returns the launcher that restores each program taken back.
+
+        A sandbox left frozen by a checkpoint that stops it is finished off when its image was
+        listed (and restored from it when the checkpoint was such a take-back), else resumed
+        and taken back like the others."""
+        launchers: dict[str, Launcher] = {}
+        recorded = await trio.to_thread.run_sync(read_state, self.state_dir)
+        for name, instance in recorded.items():
+            program = config.programs.get(name)
+            bound = log.bind(program=name, pid=instance.pid)
+            frozen_into = await trio.to_thread.run_sync(self._image_that_froze, name, instance)
+            alive = await trio.to_thread.run_sync(is_same_process, instance)
+            if frozen_into is not None:
+                if alive:
+                    bound.warning("frozen_program_killed", image_id=frozen_into.id)
+                    await kill_frozen_orphan(instance.pid, instance.start_time)
+                if frozen_into.trigger == "recovery" and program is not None:
+                    launchers[name] = self._restorer(frozen_into)
+                continue
+            if not alive:
+                continue
+            condition = task_condition(instance.pid)
+            if condition is not None and condition.stopped and condition.tracer_pid == 0:
+                resumed = await trio.to_thread.run_sync(resume_sandbox, instance.pid)
+                bound.warning("frozen_program_resumed", processes=resumed)
+            if (
+                program is not None
+                and self.checkpoints is not None
+                and program.definition_digest() == instance.definition_digest
+            ):
+                try:
+                    image = await self.checkpoints.recover_orphan(
+                        program, instance.pid, instance.start_time
+                    )
+                except CheckpointError as exc:
+                    bound.warning("orphan_not_recovered", error=str(exc))
+                else:
+                    bound.info("orphan_checkpointed", image_id=image.id)
+                    launchers[name] = self._restorer(image)
+                    continue
+            stop_signal = program.stop_signal if program is not None else signal.SIGTERM
+            stop_wait = program.stopwaitsecs if program is not None else 10.0
+            bound.warning("orphan_stopping")
+            await stop_orphan(name, instance, stop_signal, stop_wait)
+        return launchers
+
+    def _image_that_froze(self, name: str, instance: RecordedInstance) -> ImageMeta | None:
+        """The listed image a checkpoint that stops the program took of this very instance."""
+        try:
+            images = self.image_store.list(name)
+        except ValueError:
+            return None
+        return next((m for m in images if m.froze(instance.pid, instance.start_time)), None)
+
+    def _restorer(self, image: ImageMeta) -> Launcher:
+        assert self.checkpoints is not None
+        return partial(self.checkpoints.launch_with_fallback, image=image)

@@ -55,19 +55,19 @@ async def test_restore_into_a_changed_user_and_secret_is_refused_naming_them(
     async with running_supervisor(config) as sv:
         await wait_state(sv, "counter", State.RUNNING)
         assert await trio.to_thread.run_sync(hit, port) == 1
-        (made,) = await sv.checkpoint_programs(["counter"], stop=False)
+        (made,) = await sv.operations.checkpoint_programs(["counter"], stop=False)
         image_id = made["image"]["id"]
         assert "hunter2" not in json.dumps(made["image"])
 
         sv_dirs.write_config(
             counter_program(port, 'user = "nobody"\nenvironment = { SECRET = "rotated" }')
         )
-        await sv.reload()
+        await sv.operations.reload()
         pid = await wait_state(sv, "counter", State.RUNNING)
         assert uid_of(pid) == 65534
 
         with pytest.raises(ControlError) as refused:
-            await sv.restore_program("counter", image_id)
+            await sv.operations.restore_program("counter", image_id)
         message = str(refused.value)
         assert 'user: null -> "nobody"' in message
         assert "environment SECRET changed" in message
@@ -78,7 +78,9 @@ async def test_restore_into_a_changed_user_and_secret_is_refused_naming_them(
         assert sv.runners["counter"].state == State.RUNNING
         assert sv.runners["counter"].machine.pid == pid
 
-        restored = await sv.restore_program("counter", image_id, allow_changed_definition=True)
+        restored = await sv.operations.restore_program(
+            "counter", image_id, allow_changed_definition=True
+        )
         assert restored["fallback"] is None
         assert "environment SECRET changed" in restored["warning"]
         new_pid = await wait_state(sv, "counter", State.RUNNING)
@@ -98,16 +100,16 @@ async def test_pinned_latest_taken_under_another_definition_follows_restore_fall
     async with running_supervisor(config) as sv:
         await wait_state(sv, "counter", State.RUNNING)
         assert await trio.to_thread.run_sync(hit, port) == 1
-        await sv.checkpoint_programs(["counter"], stop=False)
+        await sv.operations.checkpoint_programs(["counter"], stop=False)
         older_same_definition = store.list("counter")[0]
         sv_dirs.write_config(counter_program(port, "umask = 0o077", pinned))
-        await sv.reload()
+        await sv.operations.reload()
         await wait_state(sv, "counter", State.RUNNING)
         assert await trio.to_thread.run_sync(hit, port) == 1
-        await sv.checkpoint_programs(["counter"], stop=False)
+        await sv.operations.checkpoint_programs(["counter"], stop=False)
         sv_dirs.write_config(counter_program(port, "umask = 0o022", pinned))
         with capture_logs() as logs:
-            await sv.reload()
+            await sv.operations.reload()
             await wait_state(sv, "counter", State.RUNNING)
         # "latest" is the newest image, taken under umask 0o077: refused with the reason and
         # started cold, never the older image of the same definition in silence.
@@ -127,7 +129,7 @@ async def test_an_image_from_before_definitions_were_recorded_is_restored_with_a
     async with running_supervisor(config) as sv:
         await wait_state(sv, "counter", State.RUNNING)
         assert await trio.to_thread.run_sync(hit, port) == 1
-        (made,) = await sv.checkpoint_programs(["counter"], stop=False)
+        (made,) = await sv.operations.checkpoint_programs(["counter"], stop=False)
         image_id = made["image"]["id"]
         meta_path = store.root / "counter" / image_id / "meta.json"
         old_format = json.loads(meta_path.read_text())
@@ -135,7 +137,7 @@ async def test_an_image_from_before_definitions_were_recorded_is_restored_with_a
             del old_format[key]
         meta_path.write_text(json.dumps(old_format))
 
-        restored = await sv.restore_program("counter", image_id)
+        restored = await sv.operations.restore_program("counter", image_id)
 
         assert restored["fallback"] is None
         assert "older grenadine-sv" in restored["warning"]

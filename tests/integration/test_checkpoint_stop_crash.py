@@ -270,7 +270,7 @@ async def test_checkpoint_stop_whose_image_cannot_be_sealed_resumes_the_program(
         pid = await wait_state(sv, "counter", State.RUNNING, 60)
         assert await trio.to_thread.run_sync(hit, port) == 1
         with pytest.raises(ControlError, match="the program was resumed"):
-            await sv.checkpoint_programs(["counter"], stop=True)
+            await sv.operations.checkpoint_programs(["counter"], stop=True)
         assert sv.runners["counter"].state == State.RUNNING
         assert sv.runners["counter"].machine.pid == pid
         condition = task_condition(pid)
