@@ -75,8 +75,8 @@ async def test_restore_into_a_changed_user_and_secret_is_refused_naming_them(
         assert "hunter2" not in message
         assert "rotated" not in message
         # Refused before anything was touched: the running instance is the same.
-        assert sv.runners["counter"].state == State.RUNNING
-        assert sv.runners["counter"].machine.pid == pid
+        assert sv.programs.runners["counter"].state == State.RUNNING
+        assert sv.programs.runners["counter"].machine.pid == pid
 
         restored = await sv.operations.restore_program(
             "counter", image_id, allow_changed_definition=True

@@ -271,8 +271,8 @@ async def test_checkpoint_stop_whose_image_cannot_be_sealed_resumes_the_program(
         assert await trio.to_thread.run_sync(hit, port) == 1
         with pytest.raises(ControlError, match="the program was resumed"):
             await sv.operations.checkpoint_programs(["counter"], stop=True)
-        assert sv.runners["counter"].state == State.RUNNING
-        assert sv.runners["counter"].machine.pid == pid
+        assert sv.programs.runners["counter"].state == State.RUNNING
+        assert sv.programs.runners["counter"].machine.pid == pid
         condition = task_condition(pid)
         assert condition is not None
         assert not condition.stopped
