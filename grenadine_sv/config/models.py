@@ -58,6 +58,7 @@ DIGEST_FIELDS = (
     "group",
     "binds",
     "stopsignal",
+    "init",
 )
 # Fields an image records and a restore compares with the definition it restores into
 # (environment apart: store/definition.py hashes its values). Names a ProgramConfig lacks are
@@ -336,6 +337,9 @@ class ProgramConfig(BaseModel):
     """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
     binds: list[AbsolutePath] = []
     """host paths bound into the sandbox at the same path"""
+    init: StrictBool = True
+    """run Debian's tini as PID 1 with the program as its child; false for a program that is
+    itself an init"""
     stdout_logfile: ResolvedPath | None = None
     """default: log_dir/NAME.out.log"""
     stderr_logfile: ResolvedPath | None = None

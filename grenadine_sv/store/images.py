@@ -118,6 +118,8 @@ class DumpIntent(BaseModel):
     boot_id: str
     """Unsealed files of a dump from before a reboot may be torn: such a dump is not kept."""
     definition: RecordedDefinition | None = None
+    init: bool = False
+    """The root is the sandbox's init (tini), the program its child."""
 
 
 class ImageMeta(BaseModel):
@@ -138,6 +140,8 @@ class ImageMeta(BaseModel):
     stdio_pipes: dict[str, int]
     dump_stats: dict[str, int]
     leave_running: bool
+    init: bool = False
+    """The root is the sandbox's init (tini), the program its child."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -285,6 +289,7 @@ class PendingImage:
             stdio_pipes=dict(facts.stdio_pipes),
             dump_stats=dict(facts.dump_stats),
             leave_running=intent.leave_running,
+            init=intent.init,
             checksums={path: r.digest for path, r in records.items()},
             file_sizes={path: r.size for path, r in records.items()},
             grenadine_version=__version__,
@@ -547,7 +552,8 @@ class ImageStore:
             if intent.boot_id != current_boot_id():
                 return "the dump was never made durable and the machine has rebooted since"
             try:
-                sealed = pending.seal(read_dump_facts(pending.criu_dir))
+                facts = read_dump_facts(pending.criu_dir, under_init=intent.init)
+                sealed = pending.seal(facts)
             except (ImageFactsError, OSError, ValueError) as exc:
                 return f"the finished dump cannot be sealed: {exc}"
         pending.publish(sealed)

@@ -25,7 +25,7 @@ from grenadine_sv.criu.client import (
     RestoreRequest,
     TaskCondition,
     pipe_key,
-    task_condition,
+    tree_condition,
 )
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
 from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
@@ -61,6 +61,15 @@ ORPHAN_KILL_WAIT_SECONDS = 10.0
 
 class CheckpointError(Exception):
     """A checkpoint did not happen; the program is as it was and no image was kept."""
+
+
+@dataclass(frozen=True)
+class DumpSource:
+    """The instance a dump is taken of."""
+
+    pid: int
+    start_time: int
+    under_init: bool
 
 
 class SealError(Exception):
@@ -153,14 +162,13 @@ class CheckpointService:
         async with self.images_of(program).lock:
             pid, start_time = _running_instance(runner)
             bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = task_condition(pid)
+            before = tree_condition(pid)
             began = self.clock()
             try:
                 image = await trio.to_thread.run_sync(
                     self._dump,
                     runner.config,
-                    pid,
-                    start_time,
+                    DumpSource(pid, start_time, _under_init(runner)),
                     trigger,
                     True,
                     abandon_on_cancel=False,
@@ -188,15 +196,14 @@ class CheckpointService:
             assert process is not None
             instance = runner.machine.instance
             bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = task_condition(pid)
+            before = tree_condition(pid)
             runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
             began = self.clock()
             try:
                 image = await trio.to_thread.run_sync(
                     self._dump_frozen,
                     runner.config,
-                    pid,
-                    start_time,
+                    DumpSource(pid, start_time, _under_init(runner)),
                     trigger,
                     abandon_on_cancel=False,
                 )
@@ -244,8 +251,7 @@ class CheckpointService:
     def _dump(
         self,
         config: ProgramConfig,
-        pid: int,
-        start_time: int,
+        source: DumpSource,
         trigger: Trigger,
         leave_running: bool,
     ) -> ImageMeta:
@@ -257,9 +263,10 @@ class CheckpointService:
             criu_version=self.criu_version,
             definition_digest=config.definition_digest(),
             leave_running=leave_running,
-            source_pid=pid,
-            source_start_time=start_time,
+            source_pid=source.pid,
+            source_start_time=source.start_time,
             boot_id=current_boot_id(),
+            init=source.under_init,
         )
         with self._begin_lock:
             pending = self.store.begin(config.name, intent)
@@ -268,7 +275,7 @@ class CheckpointService:
                 with pending.watch():
                     self.criu.dump(
                         DumpRequest(
-                            pid=pid,
+                            pid=source.pid,
                             images_dir=pending.criu_dir,
                             leave_running=leave_running,
                             leave_stopped=not leave_running,
@@ -286,22 +293,28 @@ class CheckpointService:
                 kept = self._keep_failed_dump_log(config.name, pending.id, exc.log_path)
                 raise CriuError(exc.action, detail, kept) from exc
             try:
-                return pending.commit(read_dump_facts(pending.criu_dir))
+                facts = read_dump_facts(pending.criu_dir, under_init=source.under_init)
+                return pending.commit(facts)
             except (ImageFactsError, OSError, ValueError) as exc:
                 if leave_running:
                     raise
                 raise SealError(self._failure_message(exc)) from exc
 
     def _dump_frozen(
-        self, config: ProgramConfig, pid: int, start_time: int, trigger: Trigger
+        self,
+        config: ProgramConfig,
+        source: DumpSource,
+        trigger: Trigger,
     ) -> ImageMeta:
         """Dump leaving the tree frozen, and list the image; on failure the tree runs on and
         CheckpointError says why (in a worker thread)."""
         try:
-            return self._dump(config, pid, start_time, trigger, False)
+            return self._dump(config, source, trigger, False)
         except SealError as exc:
-            resumed = resume_sandbox(pid)
-            log.error("checkpoint_seal_failed", program=config.name, pid=pid, resumed=resumed)
+            resumed = resume_sandbox(source.pid)
+            log.error(
+                "checkpoint_seal_failed", program=config.name, pid=source.pid, resumed=resumed
+            )
             raise CheckpointError(
                 f"the dump succeeded but could not be stored: {exc}; the program was resumed "
                 f"({resumed} processes) and no image was kept"
@@ -357,8 +370,7 @@ class CheckpointService:
                 image = await trio.to_thread.run_sync(
                     self._dump_frozen,
                     config,
-                    pid,
-                    start_time,
+                    DumpSource(pid, start_time, config.init),
                     "recovery",
                     abandon_on_cancel=False,
                 )
@@ -527,6 +539,10 @@ def changed_definition_message(image: ImageMeta, check: DefinitionCheck) -> str:
     )
 
 
+def _under_init(runner: ProgramRunner) -> bool:
+    return runner.process is not None and runner.process.under_init
+
+
 def _running_instance(runner: ProgramRunner) -> tuple[int, int]:
     """(pid, start time) of the program's RUNNING instance, or CheckpointError."""
     pid = runner.machine.pid
@@ -562,27 +578,34 @@ def restore_log_name(image: ImageMeta) -> str:
 
 
 def _examine_after_failed_dump(
-    runner: ProgramRunner, pid: int, before: TaskCondition | None, bound: Any
+    runner: ProgramRunner, pid: int, before: dict[int, TaskCondition], bound: Any
 ) -> None:
-    """CRIU that fails (or dies) mid-dump lets go of the program: the kernel detaches it and
-    its parasite code returns it to where it was. Check that, and say what was left behind."""
-    after = task_condition(pid)
-    if after is None:
+    """CRIU that fails (or dies) mid-dump lets go of the tree: the kernel detaches its tasks and
+    the parasite code returns them to where they were. Check that, and say what was left behind."""
+    after = tree_condition(pid)
+    if pid not in after:
         # The exit reaches the runner, which restarts the program per its autorestart.
         bound.warning("program_gone_after_failed_checkpoint")
         return
-    if after.parasite_mappings > (before.parasite_mappings if before is not None else 0):
+    mappings = sum(condition.parasite_mappings for condition in after.values())
+    if mappings > sum(condition.parasite_mappings for condition in before.values()):
         bound.warning(
             "criu_parasite_left_mapped",
-            mappings=after.parasite_mappings,
+            mappings=mappings,
             detail="the program runs on; CRIU's code stays mapped in it until its next restart",
         )
-    was_stopped = before is not None and before.stopped
-    if after.stopped and not was_stopped and after.tracer_pid == 0:
-        process = runner.process
-        if process is not None and process.pid == pid and process.returncode is None:
-            process.send_signal(signal.SIGCONT)
-            bound.warning("program_resumed_after_failed_checkpoint")
+    process = runner.process
+    if process is None or process.pid != pid or process.returncode is not None:
+        return
+    for task, condition in after.items():
+        was_stopped = task in before and before[task].stopped
+        if condition.stopped and not was_stopped and condition.tracer_pid == 0:
+            if task == pid:
+                process.send_signal(signal.SIGCONT)
+            else:
+                # A task of the tree we still hold (its root is our live child).
+                os.kill(task, signal.SIGCONT)
+            bound.warning("program_resumed_after_failed_checkpoint", task_pid=task)
 
 
 def _make_files_private(directory: Path) -> None:
@@ -600,7 +623,7 @@ def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> 
     for unused in read_fds.values():
         os.close(unused)
     try:
-        process = SandboxProcess.adopt(pid)
+        process = SandboxProcess.adopt(pid, under_init=image.init)
     except BaseException:
         for fd in (stdout_fd, stderr_fd):
             if fd is not None:
