@@ -259,7 +259,7 @@ async def test_checkpoint_stop_whose_image_cannot_be_sealed_resumes_the_program(
     sv_dirs: SupervisorDirs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Sealing fails here on purpose (a disk error cannot be made to strike just then).
-    def unreadable(_criu_dir: Path) -> None:
+    def unreadable(_criu_dir: Path, **_: object) -> None:
         raise ImageFactsError("stats-dump: simulated read error")
 
     monkeypatch.setattr("grenadine_sv.supervisor.checkpoints.read_dump_facts", unreadable)
