@@ -50,10 +50,6 @@ class CheckpointError(Exception):
 class RestoreError(SandboxError):
     """A restore did not happen; the message says why."""
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.fatal = fatal
-
 
 class CheckpointMetrics(Protocol):
     def checkpoint_succeeded(
