@@ -79,10 +79,6 @@ class SealError(Exception):
 class RestoreError(SandboxError):
     """A restore did not happen; the message says why."""
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.fatal = fatal
-
 
 class CheckpointMetrics(Protocol):
     def checkpoint_succeeded(
