@@ -62,6 +62,20 @@ DIGEST_FIELDS = (
     "init",
     "private_tmp",
 )
+# Fields an image records and a restore compares with the definition it restores into
+# (environment apart: store/definition.py hashes its values). Names a ProgramConfig lacks are
+# skipped, so sandbox settings can be added here as they come.
+RESTORE_COMPARED_FIELDS = (
+    "command",
+    "directory",
+    "user",
+    "group",
+    "umask",
+    "binds",
+    "init",
+    "private_tmp",
+    "snapshot_paths",
+)
 
 _DURATION_JSON: dict[str, Any] = {
     "anyOf": [
@@ -131,12 +145,18 @@ def _reject_empty_path(value: object) -> object:
     return value
 
 
+def _normalized(path: Path) -> Path:
+    """The path without ".", "..", repeated or trailing slashes ("//srv/" is "/srv")."""
+    text = os.path.normpath(path)
+    return Path("/" + text.lstrip("/") if text.startswith("//") else text)
+
+
 def _resolve_path(path: Path, info: ValidationInfo) -> Path:
     if "\0" in str(path):
         raise ValueError("expected a path without NUL characters")
     context = info.context if isinstance(info.context, dict) else {}
     base_dir = Path(context.get("base_dir") or Path.cwd())
-    return Path(os.path.normpath(base_dir / path))
+    return _normalized(base_dir / path)
 
 
 def _check_absolute(path: Path) -> Path:
@@ -144,7 +164,16 @@ def _check_absolute(path: Path) -> Path:
         raise ValueError("expected a path without NUL characters")
     if not path.is_absolute():
         raise ValueError("expected an absolute path")
-    return Path(os.path.normpath(path))
+    return _normalized(path)
+
+
+def _check_binds(paths: list[Path]) -> list[Path]:
+    if Path("/") in paths:
+        raise ValueError('expected paths other than "/" (the sandbox always has the root)')
+    repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
+    if repeated:
+        raise ValueError(f"expected each path once ({', '.join(repeated)} is listed twice)")
+    return paths
 
 
 def _check_socket_path(path: Path) -> Path:
@@ -212,6 +241,8 @@ ImageRef = Annotated[
     AfterValidator(_check_image_ref),
     WithJsonSchema({"type": "string", "pattern": f"^({IMAGE_REF_PATTERN})$"}),
 ]
+Binds = Annotated[list[AbsolutePath], AfterValidator(_check_binds)]
+AccountName = Annotated[NonEmptyStr, AfterValidator(_check_no_nul)]
 Environment = dict[
     Annotated[str, AfterValidator(_check_variable_name)],
     Annotated[str, AfterValidator(_check_no_nul)],
@@ -317,8 +348,8 @@ class ProgramConfig(BaseModel):
     directory: ResolvedPath = Path("/")
     environment: Environment = {}
     umask: Umask | None = None
-    user: NonEmptyStr | None = None
-    group: NonEmptyStr | None = None
+    user: AccountName | None = None
+    group: AccountName | None = None
     autostart: StrictBool = True
     autorestart: Literal["always", "on-failure", "never"] = "on-failure"
     exitcodes: list[ExitCode] = [0]
@@ -339,7 +370,7 @@ class ProgramConfig(BaseModel):
     private_tmp: StrictBool = True
     """give the program its own /tmp (state_dir/tmp/NAME, emptied at each cold start, kept
     across restores); false shares the host's /tmp"""
-    binds: list[AbsolutePath] = []
+    binds: Binds = []
     """host paths bound into the sandbox at the same path"""
 
     @field_validator("binds")

@@ -47,7 +47,13 @@ class DumpRequest:
     # Mount point inside the sandbox -> the name CRIU records it under, for a restore to
     # bind a directory of its choosing there (other bind mounts are recorded by host path).
     external_mounts: Mapping[str, str] = field(default_factory=dict)
+    # The tasks stay frozen after the dump (and TCP connections locked) until the caller
+    # resumes them with SIGCONT or kills them: the dump never outlives its program unlisted.
+    leave_stopped: bool = False
     log_name: str = "dump.log"
+    # Fds the CRIU process holds open while it runs (the state_dir lock: a supervisor killed
+    # meanwhile is not replaced before CRIU has finished).
+    hold_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,14 @@ class Criu:
         log_path = request.images_dir / request.log_name
         failure: pycriu.CRIUException | None = None
         with (
-            self._session((), "dump", log_path) as session,
+            self._session(request.hold_fds, "dump", log_path) as session,
             _open_dir(request.images_dir) as dir_fd,
         ):
             opts = session.client.opts
             opts.images_dir_fd = dir_fd
             opts.pid = request.pid
             opts.leave_running = request.leave_running
+            opts.leave_stopped = request.leave_stopped
             apply_options(opts, request.options)
             for mount_point, name in request.external_mounts.items():
                 opts.external.append(f"mnt[{mount_point}]:{name}")
