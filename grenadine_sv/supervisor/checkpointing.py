@@ -57,7 +57,6 @@ class Checkpointing:
 
     async def program_added(self, runner: ProgramRunner) -> None:
         if self.service is not None:
-            runner.launcher = self.service.launch_pinned
             await trio.to_thread.run_sync(self.service.learn_last_checkpoint, runner.name)
         self._start_interval_policy(runner)
 
@@ -157,8 +156,6 @@ class Checkpointing:
         check = check_definition(runner.config, image)
         if not check.unchanged and not allow_changed_definition:
             raise ControlError(changed_definition_message(image, check))
-        if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
-            await runner.stop(runner.stop_timeout_bound())
         restored: dict[str, Any] = {"image": image.id, "fallback": None}
         if not check.recorded_fields:
             restored["warning"] = OLD_FORMAT_WARNING
@@ -168,10 +165,17 @@ class Checkpointing:
         def note_fallback(reason: str) -> None:
             restored["fallback"] = reason
 
-        runner.next_launcher = lambda r: service.launch_with_fallback(
-            r, image, note_fallback, allow_changed_definition=allow_changed_definition
-        )
-        await runner.start(start_timeout_bound(runner.config))
+        # From here until it runs, a prune leaves the image alone (stopping the old instance
+        # may take its stopwaitsecs).
+        with service.using(image):
+            if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
+                await runner.stop(runner.stop_timeout_bound())
+            await runner.start(
+                start_timeout_bound(runner.config),
+                lambda r: service.launch_with_fallback(
+                    r, image, note_fallback, allow_changed_definition=allow_changed_definition
+                ),
+            )
         return restored
 
     async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:

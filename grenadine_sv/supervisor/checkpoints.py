@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +30,7 @@ from grenadine_sv.criu.client import (
 )
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
 from grenadine_sv.criu.options import CriuOptions, NetworkLocks, probe_network_locks
-from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
+from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.sandbox.linux import read_start_time, resume_sandbox
 from grenadine_sv.sandbox.private_tmp import (
@@ -63,6 +64,7 @@ NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
 # Below this, a failed dump is taken to have failed for want of space.
 NEARLY_FULL_BYTES = 1 << 20
 ORPHAN_KILL_WAIT_SECONDS = 10.0
+KILLED_TREE_WAIT_SECONDS = 10.0
 
 
 class CheckpointError(Exception):
@@ -144,6 +146,19 @@ class CheckpointService:
         self.clock: Callable[[], float] = time.monotonic
         # Fds every CRIU dump holds while it runs (the supervisor's state_dir lock).
         self.hold_fds: tuple[int, ...] = ()
+        # Image id -> restores of it under way: retention and prune leave those images alone.
+        self._in_use: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def using(self, image: ImageMeta) -> Iterator[None]:
+        """While inside, `image` is not pruned (a restore of it is on its way)."""
+        self._in_use[image.id] += 1
+        try:
+            yield
+        finally:
+            self._in_use[image.id] -= 1
+            if not self._in_use[image.id]:
+                del self._in_use[image.id]
 
     def images_of(self, program: str) -> ProgramImages:
         return self._programs.setdefault(program, ProgramImages())
@@ -164,7 +179,8 @@ class CheckpointService:
             return await self.checkpoint_and_stop(runner, trigger)
         program = runner.name
         async with self.images_of(program).lock:
-            pid, start_time = _running_instance(runner)
+            process = _running_process(runner)
+            pid, start_time = process.pid, process.start_time
             bound = log.bind(program=program, pid=pid, trigger=trigger)
             before = tree_condition(pid)
             began = self.clock()
@@ -195,13 +211,11 @@ class CheckpointService:
         why. A supervisor killed on the way leaves a state the next one resolves (recovery)."""
         program = runner.name
         async with self.images_of(program).lock:
-            pid, start_time = _running_instance(runner)
-            process = runner.process
-            assert process is not None
-            instance = runner.machine.instance
+            process = _running_process(runner)
+            pid, start_time = process.pid, process.start_time
             bound = log.bind(program=program, pid=pid, trigger=trigger)
             before = tree_condition(pid)
-            runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
+            instance = runner.stop_for_checkpoint()
             began = self.clock()
             try:
                 image = await trio.to_thread.run_sync(
@@ -212,16 +226,15 @@ class CheckpointService:
                     abandon_on_cancel=False,
                 )
             except CheckpointError as exc:
-                runner.handle_now(StopAborted(instance, trio.current_time()))
+                runner.resume_instance(instance)
                 self.metrics.checkpoint_failed(program, trigger)
                 bound.error("checkpoint_failed", error=str(exc))
                 _examine_after_failed_dump(runner, pid, before, bound)
                 raise
             # Listed and durable: the frozen tree may go now (its exit ends the instance).
+            # Return once it has ended: its ports and files are free for what comes next.
             process.send_signal(signal.SIGKILL)
-            # Return once it is gone (its ports and files released: the init's namespace dies
-            # after it), so that a restore or a fresh start may follow at once.
-            await process.wait()
+            await runner.wait_until(lambda s: s != State.STOPPING, KILLED_TREE_WAIT_SECONDS)
             return await self._checkpoint_done(runner, image, began, bound)
 
     async def _checkpoint_done(
@@ -247,7 +260,7 @@ class CheckpointService:
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
-        deleted = self.store.prune(program, keep)
+        deleted = self.store.prune(program, keep, in_use=self._in_use)
         if self.images_of(program).last_checkpoint in deleted:
             self.learn_last_checkpoint(program)
         for image in deleted:
@@ -594,13 +607,12 @@ def _under_init(runner: ProgramRunner) -> bool:
     return runner.process is not None and runner.process.under_init
 
 
-def _running_instance(runner: ProgramRunner) -> tuple[int, int]:
-    """(pid, start time) of the program's RUNNING instance, or CheckpointError."""
-    pid = runner.machine.pid
-    process = runner.process
-    if runner.state.value != "RUNNING" or pid is None or process is None:
+def _running_process(runner: ProgramRunner) -> SandboxProcess:
+    """The program's RUNNING process, or CheckpointError."""
+    process = runner.running_process()
+    if process is None:
         raise CheckpointError(f"{runner.name} is {runner.state.value}, not RUNNING")
-    return pid, process.start_time
+    return process
 
 
 async def kill_frozen_orphan(pid: int, start_time: int) -> None:
