@@ -177,6 +177,13 @@ def _check_binds(paths: list[Path]) -> list[Path]:
     return paths
 
 
+def _check_snapshot_path(path: Path) -> Path:
+    for system in ("/", "/proc", "/sys", "/dev"):
+        if path == Path(system) or (system != "/" and path.is_relative_to(system)):
+            raise ValueError(f"expected a path of the program's files, not {system}")
+    return path
+
+
 def _check_socket_path(path: Path) -> Path:
     if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
         raise ValueError(f"expected a socket path of at most {MAX_SOCKET_PATH_BYTES} bytes")
@@ -330,12 +337,15 @@ class CheckpointPolicy(BaseModel):
     """checkpoint and restore the program's fcntl/flock locks (sqlite, pid files)"""
     external_unix_sockets: StrictBool = False
     """allow unix sockets connected to a peer outside the sandbox (such as /dev/log)"""
-    ghost_limit: Annotated[Size, Field(le=0xFFFFFFFF)] = 1 << 20
+    ghost_limit: Annotated[Size, Field(le=0xFFFFFFFF)] = ByteSize(1 << 20)
     """largest deleted-but-open file copied into the image"""
     skip_in_flight: StrictBool = True
     """drop TCP connections not yet accepted (their clients retry) rather than fail"""
     tcp_close: StrictBool = False
     """restore established TCP connections closed (their peers see a reset)"""
+    snapshot: list[Annotated[AbsolutePath, AfterValidator(_check_snapshot_path)]] = []
+    """files and directories copied into each image while the program is frozen, and
+    written back at restore (the private /tmp always is)"""
 
 
 class ProgramConfig(BaseModel):

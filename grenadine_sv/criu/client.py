@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import pycriu
 
 from grenadine_sv.criu.diagnosis import advice_for, cause_lines
+from grenadine_sv.criu.notify import PostDumpFailed, dump_with_notifications
 from grenadine_sv.criu.options import CriuOptions, apply_options
 
 LOG_LEVEL = 4
@@ -50,6 +51,9 @@ class DumpRequest:
     # The tasks stay frozen after the dump (and TCP connections locked) until the caller
     # resumes them with SIGCONT or kills them: the dump never outlives its program unlisted.
     leave_stopped: bool = False
+    # Run while the dumped tasks are still frozen, the image complete (CRIU's post-dump
+    # notification); if it raises, the dump fails and the tasks are resumed.
+    on_post_dump: Callable[[], None] | None = None
     log_name: str = "dump.log"
     # Fds the CRIU process holds open while it runs (the state_dir lock: a supervisor killed
     # meanwhile is not replaced before CRIU has finished).
@@ -84,6 +88,7 @@ class _Session:
 
     client: Any
     process: subprocess.Popen[bytes]
+    sock: socket.socket
     # Children of the calling thread before CRIU ran (a restore makes new ones).
     children_before: frozenset[int] = field(default_factory=frozenset)
 
@@ -94,7 +99,7 @@ class Criu:
 
     def dump(self, request: DumpRequest) -> None:
         log_path = request.images_dir / request.log_name
-        failure: pycriu.CRIUException | None = None
+        failure: Exception | None = None
         with (
             self._session(request.hold_fds, "dump", log_path) as session,
             _open_dir(request.images_dir) as dir_fd,
@@ -111,9 +116,14 @@ class Criu:
             opts.log_file = request.log_name
             opts.log_level = LOG_LEVEL
             try:
-                session.client.dump()
-            except pycriu.CRIUException as exc:
+                if request.on_post_dump is None:
+                    session.client.dump()
+                else:
+                    dump_with_notifications(session.sock, opts, request.on_post_dump)
+            except (pycriu.CRIUException, ConnectionError) as exc:
                 failure = exc
+            except PostDumpFailed as exc:
+                raise CriuError("dump", f"{exc} (CRIU resumed the program)", None) from exc
         if failure is not None:
             raise self._failure("dump", failure, log_path, session.process) from failure
 
@@ -178,7 +188,7 @@ class Criu:
         client = pycriu.criu()
         try:
             client.use_fd(ours.fileno())
-            yield _Session(client, swrk, children_before)
+            yield _Session(client, swrk, ours, children_before)
         finally:
             # pycriu talks through its own dup of `ours`, and leaves it open when CRIU
             # fails to answer (killed mid-request, say).

@@ -122,6 +122,8 @@ class DumpIntent(BaseModel):
     """The root is the sandbox's init (tini), the program its child."""
     private_tmp: bool = False
     """The program's /tmp is recorded as an external mount named for it (not by host path)."""
+    snapshot: list[str] = []
+    """Program paths whose files the image holds a copy of (files/, see store/snapshot.py)."""
 
 
 class ImageMeta(BaseModel):
@@ -146,6 +148,8 @@ class ImageMeta(BaseModel):
     """The root is the sandbox's init (tini), the program its child."""
     private_tmp: bool = False
     """The program's /tmp is recorded as an external mount named for it (not by host path)."""
+    snapshot: list[str] = []
+    """Program paths whose files the image holds a copy of (files/, see store/snapshot.py)."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -295,6 +299,7 @@ class PendingImage:
             leave_running=intent.leave_running,
             init=intent.init,
             private_tmp=intent.private_tmp,
+            snapshot=list(intent.snapshot),
             checksums={path: r.digest for path, r in records.items()},
             file_sizes={path: r.size for path, r in records.items()},
             grenadine_version=__version__,

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -52,6 +53,7 @@ from grenadine_sv.store.images import (
     Trigger,
     current_boot_id,
 )
+from grenadine_sv.store.snapshot import take_snapshot, write_back
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
@@ -295,7 +297,7 @@ class CheckpointService:
             tcp_established=policy.tcp_established,
             network_lock=network_lock,
             external_unix_sockets=policy.external_unix_sockets,
-            ghost_limit=policy.ghost_limit,
+            ghost_limit=int(policy.ghost_limit),
             skip_in_flight=policy.skip_in_flight,
             tcp_close=policy.tcp_close,
         )
@@ -309,6 +311,7 @@ class CheckpointService:
     ) -> ImageMeta:
         """Dump and list (in a worker thread). Without `leave_running` CRIU leaves the tasks
         frozen; a failure to seal them is then a SealError, the tasks still frozen."""
+        sources = snapshot_sources(config, self.store.state_dir)
         intent = DumpIntent(
             definition=record_definition(current_definition(config)),
             trigger=trigger,
@@ -320,6 +323,7 @@ class CheckpointService:
             boot_id=current_boot_id(),
             init=source.under_init,
             private_tmp=config.private_tmp,
+            snapshot=sorted(sources),
         )
         with self._begin_lock:
             pending = self.store.begin(config.name, intent)
@@ -332,6 +336,11 @@ class CheckpointService:
                             images_dir=pending.criu_dir,
                             leave_running=leave_running,
                             leave_stopped=not leave_running,
+                            on_post_dump=(
+                                partial(self._snapshot, config.name, sources, pending.criu_dir)
+                                if sources
+                                else None
+                            ),
                             options=self.criu_options(config),
                             external_mounts=(
                                 {"/tmp": EXTERNAL_MOUNT_NAME} if config.private_tmp else {}
@@ -500,12 +509,29 @@ class CheckpointService:
         tmp = ensure_private_tmp(private_tmp_dir(self.store.state_dir, program))
         return {EXTERNAL_MOUNT_NAME: str(tmp)}
 
+    def _snapshot(self, program: str, sources: dict[str, Path], criu_dir: Path) -> None:
+        """Copy the program's files into the image (CRIU's post-dump: the program is frozen)."""
+        began = self.clock()
+        summary = take_snapshot(sources, criu_dir.parent)
+        log.info(
+            "snapshot_taken",
+            program=program,
+            paths=summary.paths,
+            bytes=summary.bytes_copied,
+            seconds=round(self.clock() - began, 3),
+        )
+
     def _restore(self, runner: ProgramRunner, image: ImageMeta) -> tuple[int, dict[int, int]]:
         """Run CRIU's restore (in a worker thread). Returns the restored root's pid and, per
         stdio pipe inode of the image, the read end of the new pipe that replaces it.
 
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
         self.store.verify(image)
+        if image.snapshot:
+            # Only what the current definition lists goes back (the image may list more).
+            targets = snapshot_sources(runner.config, self.store.state_dir)
+            written = write_back(self.store.criu_dir(image).parent, targets)
+            log.info("snapshot_written_back", program=runner.name, paths=written)
         work_dir = self.work_dir / runner.name
         for directory in (self.work_dir, work_dir):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -579,6 +605,21 @@ OLD_FORMAT_WARNING = (
     "this image is from an older grenadine-sv and records only a digest of its program's "
     "definition: it matched, but what it was taken under cannot be shown"
 )
+
+
+def snapshot_sources(config: ProgramConfig, state_dir: Path) -> dict[str, Path]:
+    """Program path -> host path of the files an image of `config` holds a copy of: the
+    private /tmp, and checkpoint.snapshot (seen through the private /tmp when below it)."""
+    tmp = private_tmp_dir(state_dir, config.name) if config.private_tmp else None
+    sources: dict[str, Path] = {}
+    if tmp is not None:
+        sources["/tmp"] = tmp
+    for path in config.checkpoint.snapshot:
+        bound = any(path.is_relative_to(bind) for bind in config.binds)
+        if tmp is not None and path.is_relative_to("/tmp") and not bound:
+            continue  # inside the private /tmp, copied with it
+        sources[str(path)] = path  # the sandbox sees the host's / and binds at their paths
+    return sources
 
 
 def current_definition(config: ProgramConfig) -> CurrentDefinition:

@@ -11,8 +11,9 @@ from tests.integration.supervising import python_program
 def sqlite_counter(database: str, port: int) -> str:
     """A TOML command array: an HTTP-less TCP service over an open sqlite database in WAL mode.
 
-    Each connection inserts a row and is answered with the row count and the number of
-    connections this process has served (its state in memory). SIGTERM closes the database
+    Each connection that asks (sends a line) inserts a row and is answered with the row count
+    and the number of requests this process has served (its state in memory); a connection
+    that asks nothing (a readiness probe) is closed. SIGTERM closes the database
     cleanly (sqlite then merges the WAL into the database file) and exits 0."""
     return python_program(
         "import signal, socket, sqlite3, sys\n"
@@ -26,6 +27,8 @@ def sqlite_counter(database: str, port: int) -> str:
         "served = 0\n"
         "while True:\n"
         "    conn, _ = server.accept()\n"
+        "    if not conn.recv(64):\n"
+        "        conn.close(); continue\n"
         "    served += 1\n"
         "    db.execute('INSERT INTO hits VALUES (?)', (served,))\n"
         "    rows = db.execute('SELECT count(*) FROM hits').fetchone()[0]\n"
@@ -36,6 +39,7 @@ def sqlite_counter(database: str, port: int) -> str:
 def ask(port: int) -> tuple[int, int]:
     """One connection to sqlite_counter: (rows in the database, connections served)."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"hit\n")
         reply = conn.makefile().readline().split()
     return int(reply[0]), int(reply[1])
 
