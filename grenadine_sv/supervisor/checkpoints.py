@@ -454,6 +454,7 @@ class CheckpointService:
         stdio pipe inode of the image, the read end of the new pipe that replaces it.
 
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
+        self.store.check_trusted()
         self.store.verify(image)
         work_dir = self.work_dir / runner.name
         for directory in (self.work_dir, work_dir):
