@@ -39,10 +39,11 @@ class StartupError(Exception):
 
 def prepare_state_dir(path: Path) -> None:
     """Create state_dir 0700, or refuse one that other users can write or reach."""
-    try:
-        check_trusted_to_create(path, what="state_dir")
-    except UntrustedPath as exc:
-        raise StartupError(f"{exc} (state_dir holds process memory)") from exc
+    if not path.exists():
+        try:
+            check_trusted_to_create(path, what="state_dir")
+        except UntrustedPath as exc:
+            raise StartupError(f"{exc} (state_dir holds process memory)") from exc
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.stat()
     mode = info.st_mode
