@@ -22,6 +22,7 @@ from grenadine_sv.control.handler import RequestHandler, describe
 from grenadine_sv.control.server import ControlError
 from grenadine_sv.criu.binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
 from grenadine_sv.criu.client import Criu
+from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_program
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
 from grenadine_sv.lifecycle.reload import ProgramDiff, diff_programs
@@ -131,6 +132,7 @@ class Supervisor:
         self.signal_rounds = CoalescingTrigger(self._checkpoint_round)
         self.rollbacks: dict[str, str] = {}
         self.started = trio.Event()
+        self.keeper: StdioKeeper | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -145,6 +147,7 @@ class Supervisor:
             log_dir=self.config.supervisor.log_dir,
             root_anchor=self.root_anchor,
             observers=self._observers,
+            keeper=self.keeper,
         )
 
     def request_shutdown(self) -> None:
@@ -183,12 +186,14 @@ class Supervisor:
                     await self._serve_metrics(nursery, self.metrics)
                 async with trio.open_nursery() as programs:
                     self._programs = programs
+                    leftovers = await trio.to_thread.run_sync(self._open_keeper)
                     recovered = await self._take_back_orphans()
                     for name in self.config.start_order():
                         runner = await self._add(self.config.programs[name])
                         launcher = recovered.get(name)
                         if launcher is not None:
                             runner.next_launcher = launcher
+                    self._hand_over_leftover_output(leftovers)
                     self._autostart(self.config.start_order(), also=set(recovered))
                     self.started.set()
                     task_status.started()
@@ -200,6 +205,10 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self._kill_leftovers()
+            if self.keeper is not None:
+                # Once started, every program has ended here; before that, a previous
+                # supervisor's programs may still need the keeper.
+                self.keeper.close(stop_keeper=self.started.is_set())
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
@@ -215,6 +224,26 @@ class Supervisor:
             process.send_signal(signal.SIGKILL)
             with trio.move_on_after(5.0):
                 await process.wait()
+
+    def _open_keeper(self) -> dict[str, int]:
+        """Find or start the stdio keeper; returns copies of the pipes it held for a previous
+        supervisor's instances (their output while no supervisor ran), by key."""
+        try:
+            self.keeper = StdioKeeper.connect_or_start(self.state_dir)
+            return self.keeper.take_all()
+        except (KeeperError, OSError) as exc:
+            log.error("stdio_keeper_unavailable", error=str(exc))
+            return {}
+
+    def _hand_over_leftover_output(self, leftovers: dict[str, int]) -> None:
+        """After the orphans are dumped or stopped: their pipes into their programs' logs."""
+        for key, read_fd in leftovers.items():
+            runner = self.runners.get(key_program(key))
+            if runner is not None:
+                runner.take_leftover_output(key, read_fd)
+                continue
+            os.close(read_fd)  # a program no longer configured: nowhere to write it
+            self.context().release_pipes((key,))
 
     # programs ----------------------------------------------------------------
 
