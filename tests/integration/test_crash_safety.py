@@ -137,6 +137,17 @@ def supervisors(config: Path, port: int) -> Iterator[list[subprocess.Popen[bytes
             # Re-parented to this test process when it is a child subreaper: reap it.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+        reap_orphaned_keepers()
+
+
+def reap_orphaned_keepers() -> None:
+    """A killed supervisor's stdio keeper is re-parented to this process when it is a child
+    subreaper; the next supervisor ends it, and it is reaped here."""
+    for child in children_of(os.getpid()):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{child}/stat").read_text()
+            if "(grenadine-keep) Z" in stat:
+                os.waitpid(child, 0)
 
 
 def start_supervisor(config: Path, started: list[subprocess.Popen[bytes]]) -> int:
