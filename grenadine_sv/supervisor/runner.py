@@ -38,9 +38,11 @@ from grenadine_sv.lifecycle.machine import (
     StopRequested,
     StopTimeout,
     WatchReadiness,
+    describe_returncode,
 )
 from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
 from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
+from grenadine_sv.sandbox.init import TINI
 from grenadine_sv.supervisor.membership import emptied, instance_listens_on, instance_pids
 from grenadine_sv.supervisor.output import (
     RotatingLogFile,
@@ -126,6 +128,7 @@ def sandbox_spec(
         group=config.group,
         binds=tuple(str(path) for path in config.binds),
         root_anchor=str(root_anchor),
+        init=TINI if config.init else None,
         cgroup=str(cgroup.path) if cgroup is not None else None,
     )
 
@@ -311,10 +314,14 @@ class ProgramRunner:
             await self.claim_cgroup()
             launched = await launcher(self)
             self._place_in_cgroup(launched.process)
-        except (SandboxError, OSError) as exc:
-            self.log.warning("spawn_failed", error=str(exc))
-            fatal = bool(getattr(exc, "fatal", False))
-            self.post(SpawnFailed(instance, str(exc), trio.current_time(), fatal=fatal))
+        except Exception as exc:  # whatever goes wrong, only this program's start fails
+            if isinstance(exc, SandboxError | OSError):
+                self.log.warning("spawn_failed", error=str(exc))
+            else:
+                self.log.exception("spawn_failed", error=repr(exc))
+            fatal = isinstance(exc, SandboxError) and exc.fatal
+            reason = str(exc) or repr(exc)
+            self.post(SpawnFailed(instance, reason, trio.current_time(), fatal=fatal))
             return
         self.adopt_instance(instance, launched)
 
@@ -354,6 +361,7 @@ class ProgramRunner:
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
         returncode = await process.wait()
         process.close()
+        self.log.info("program_exited", pid=process.pid, exit=describe_returncode(returncode))
         self.post(Exited(instance, returncode, trio.current_time()))
 
     async def _watch_readiness(self, action: WatchReadiness) -> None:
