@@ -58,16 +58,28 @@ def counter_program(
 
 
 def instances_of(port: int) -> list[int]:
-    """Pids of every live process running `counter_program(port)`, found from /proc alone."""
+    """The instances running `counter_program(port)`, found from /proc alone: the host pid
+    of PID 1 (the program, or the init that runs it) of each PID namespace it runs in."""
     marker = f"# instance-of-{port}\n".encode()
-    found = []
+    roots: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
             if marker in (entry / "cmdline").read_bytes() and pid_alive(int(entry.name)):
-                found.append(int(entry.name))
-    return found
+                namespace = os.stat(entry / "ns" / "pid").st_ino
+                roots.setdefault(namespace, namespace_root(int(entry.name)))
+    return sorted(roots.values())
+
+
+def namespace_root(pid: int) -> int:
+    """The host pid of PID 1 of `pid`'s PID namespace (its ancestor whose NSpid ends in 1)."""
+    while True:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields["NSpid"].split()[-1] == "1":
+            return pid
+        pid = int(fields["PPid"])
 
 
 def status(config: Path) -> list[dict]:
