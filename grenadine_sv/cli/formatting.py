@@ -143,7 +143,8 @@ def format_restore(result: Mapping[str, Any]) -> str:
     if result.get("state") != "RUNNING":
         reason = f" ({result['reason']})" if result.get("reason") else ""
         return f"{name}: restore from {image} failed{reason}, {now}\n"
-    return f"{name}: restored from {image}, {now}\n"
+    warning = f"warning: {result['warning']}\n" if result.get("warning") else ""
+    return f"{warning}{name}: restored from {image}, {now}\n"
 
 
 # reload, prune ----------------------------------------------------------------
@@ -163,6 +164,9 @@ def format_reload(summary: Mapping[str, Any]) -> str:
         if name in pre_deploy:
             line += f" (new instance never got ready; restored {short_id(pre_deploy[name])})"
         lines.append(line)
+    kept: Sequence[str] = summary.get("supervisor_settings_kept") or []
+    if kept:
+        lines.append(f"not applied until a restart: [supervisor] {', '.join(kept)}")
     if not lines:
         return "no changes\n"
     return "".join(line + "\n" for line in lines)

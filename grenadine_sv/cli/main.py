@@ -56,6 +56,12 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     restore = add("restore", "restore a program from an image", json_output=True)
     restore.add_argument("name")
     restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    restore.add_argument(
+        "--allow-changed-definition",
+        action="store_true",
+        default=None,
+        help="restore even if the program's definition changed since the image was taken",
+    )
     images = add("images", "list checkpoint images", json_output=True)
     images.add_argument("name", nargs="?")
     prune = add("prune", "delete old images", json_output=True)
