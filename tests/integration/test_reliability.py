@@ -288,6 +288,9 @@ async def test_restore_onto_a_busy_port_names_the_cause_and_follows_the_fallback
         await wait_state(sv, "lenient", State.RUNNING)
         assert (hit(strict_port), hit(lenient_port)) == (1, 1)
         await sv.operations.checkpoint_programs(["strict", "lenient"], stop=True)
+        # The dumped instances are killed once their images are listed: wait for their exit.
+        await wait_state(sv, "strict", State.STOPPED)
+        await wait_state(sv, "lenient", State.STOPPED)
         zombies_before = zombie_children()
         squatters = [socket.create_server(("127.0.0.1", p)) for p in (strict_port, lenient_port)]
         lenient: dict[str, Any] = {}
