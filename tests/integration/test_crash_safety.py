@@ -211,6 +211,7 @@ def test_a_printing_program_outlives_a_killed_supervisor_and_its_output_is_kept(
         assert instances_of(port) == [running_pid(config, "ticker")]
 
 
+@pytest.mark.xfail(reason="issue 11 item 2: a cgroup per program is not there yet")
 def test_supervisor_killed_during_a_restore_leaves_one_copy(sv_dirs: SupervisorDirs):
     port = free_port()
     config = sv_dirs.write_config(
@@ -258,6 +259,7 @@ def test_supervisor_killed_during_a_restore_leaves_one_copy(sv_dirs: SupervisorD
             assert hit(port) == 4, "the restored copy was taken back"
 
 
+@pytest.mark.xfail(reason="issue 11 item 2: a cgroup per program is not there yet")
 def test_unwritable_state_file_then_kill_leaves_one_copy_and_no_restart_storm(
     sv_dirs: SupervisorDirs,
 ):
