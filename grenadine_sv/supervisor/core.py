@@ -146,12 +146,9 @@ class Supervisor:
         recovered = await self.recovery.take_back_orphans(self.config)
         order = self.config.start_order()
         for name in order:
-            runner = await self.programs.add(self.config.programs[name])
-            launcher = recovered.get(name)
-            if launcher is not None:
-                runner.next_launcher = launcher
+            await self.programs.add(self.config.programs[name])
         self._hand_over_leftover_output(leftovers)
-        self.programs.autostart(order, also=set(recovered))
+        self.programs.autostart(order, recovered)
 
     def _open_keeper(self) -> dict[str, int]:
         """Find or start the stdio keeper; returns copies of the pipes it held for a previous
