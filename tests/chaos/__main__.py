@@ -1,4 +1,5 @@
-"""Run the chaos harness by hand: `python -m tests.chaos --minutes 30` (root, CRIU).
+"""Run the chaos harness by hand: `python -m tests.chaos --minutes 30` (root, CRIU);
+`contrib/bootstrap chaos [--minutes N] [--seed S]` runs this.
 
 Prints each episode's seed, where kills landed and the invariant checks; a failing seed is
 appended to --failures (default ./chaos-failures.txt) with the command that replays it.
@@ -39,8 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seed = args.seed if args.seed is not None else random.randrange(1, 1_000_000)
     episodes = args.episodes
-    if args.minutes is None and episodes is None:
-        episodes = 1
+    minutes = args.minutes
+    if minutes is None and episodes is None:
+        # A seed alone replays that episode; nothing at all runs for ten minutes.
+        if args.seed is not None:
+            episodes = 1
+        else:
+            minutes = 10.0
     options = Options(
         iterations=args.iterations,
         programs=args.programs,
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     tally, failed = run_episodes(
         seed,
         options,
-        minutes=args.minutes,
+        minutes=minutes,
         episodes=episodes,
         keep_going=args.keep_going,
         log=log,

@@ -850,6 +850,16 @@ def run_episodes(
         log(f"episode seed {seed}")
         tally = Episode(seed, options, log).run()
         total.merge(tally)
+        log(
+            f"episode seed {seed}: {tally.iterations} iterations, "
+            f"{sum(tally.kills.values())} kills ("
+            + ", ".join(f"{label} {tally.kills.get(label, 0)}" for label in LANDINGS)
+            + f"), {sum(tally.checks.values())} checks, "
+            f"{len(tally.violations)} violations; so far {total.iterations} iterations, "
+            f"{sum(total.kills.values())} kills ("
+            + ", ".join(f"{label} {total.kills.get(label, 0)}" for label in LANDINGS)
+            + ")"
+        )
         if tally.violations:
             failed.append(seed)
             if not keep_going:
