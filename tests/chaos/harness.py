@@ -32,8 +32,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from grenadine_sv.control import client as control
+from grenadine_sv.control import protocol
 from grenadine_sv.criu.binary import find_criu
 from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore
 from tests.chaos import kernel
@@ -296,7 +298,7 @@ class Episode:
                 start_new_session=True,
             )
         deadline = time.monotonic() + self.options.recovery_bound
-        while not control.socket_is_live(self.socket):
+        while not protocol.socket_is_live(self.socket):
             if self.supervisor.poll() is not None:
                 raise Violation(
                     f"supervisor {self.generation} exited with {self.supervisor.returncode} "
@@ -494,12 +496,21 @@ class Episode:
         return None
 
     def wait_for_signal_round(self, running: list[Program], images_before: set[str]) -> None:
+        """Until every running program has a new image, CRIU is idle and the listing has not
+        changed for half a second (retention prunes after each checkpoint)."""
         deadline = time.monotonic() + 60
         wanted = {p.name for p in running}
+        listing: set[str] = set()
+        stable_since = time.monotonic()
         while time.monotonic() < deadline:
-            new = {m.program for m in self.store.list() if m.id not in images_before}
+            images = self.store.list()
+            now = time.monotonic()
+            if {m.id for m in images} != listing:
+                listing = {m.id for m in images}
+                stable_since = now
+            new = {m.program for m in images if m.id not in images_before}
             phase = kernel.observe(self.supervisor_pid, self.state_dir, self.criu_binary)
-            if wanted <= new and phase.label == "elsewhere":
+            if wanted <= new and phase.label == "elsewhere" and now - stable_since > 0.5:
                 return
             time.sleep(0.05)
 
@@ -690,51 +701,53 @@ class Episode:
             status = {
                 e["name"]: e for e in control.request(self.socket, "status", {}, timeout=10.0)
             }
-        except (control.ControlError, control.SupervisorNotRunning, OSError, ValueError) as exc:
+        except (protocol.ControlError, protocol.SupervisorNotRunning, OSError, ValueError) as exc:
             return [f"status not answered: {exc}"], tokens
         for name, want in expected.items():
-            found = kernel.instances(self.run_id, name)
-            entry = status.get(name, {})
-            state, pid = entry.get("state"), entry.get("pid")
-            where = ", ".join(f"pid {i.pid} (parent {i.ppid}, ns pid {i.ns_pid})" for i in found)
-            should_run = want.running
-            if should_run is None:
-                should_run = bool(found) or state == "RUNNING"
-            if not should_run:
-                if found:
-                    problems.append(f"{name} should not run but {len(found)} instance(s): {where}")
-                tokens[name] = None
-                continue
-            if len(found) != 1:
-                problems.append(
-                    f"{name}: {len(found)} instances run ({where or 'none'}), state {state}"
-                )
-                continue
-            instance = found[0]
-            if state != "RUNNING" or pid != instance.pid:
-                problems.append(f"{name}: status says {state} pid {pid}, the kernel shows {where}")
-                continue
-            if instance.ppid != self.supervisor_pid or instance.ns_pid != 1:
-                problems.append(
-                    f"{name}: pid {instance.pid} is not the supervisor's sandbox (parent "
-                    f"{instance.ppid}, ns pid {instance.ns_pid}; supervisor {self.supervisor_pid})"
-                )
-                continue
-            if instance.cgroup not in ("", "/", OWN_CGROUP):
-                members = kernel.cgroup_members(instance.cgroup)
-                if members is not None and members != [instance.pid]:
-                    problems.append(f"{name}: cgroup {instance.cgroup} holds {members}")
-                    continue
-            answer = query_token(self.programs[name].port)
-            if answer is None:
-                problems.append(f"{name}: no token answered on port {self.programs[name].port}")
-                continue
-            token, ballast = answer
-            if ballast != "ok":
-                problems.append(f"{name}: ballast {ballast} (memory not whole)")
-                continue
-            tokens[name] = token
+            problem, token = self.examine_program(name, want, status.get(name, {}))
+            if problem:
+                problems.append(f"{name}: {problem}")
+            else:
+                tokens[name] = token
         return problems, tokens
+
+    def examine_program(
+        self, name: str, want: Expected, entry: dict[str, Any]
+    ) -> tuple[str, str | None]:
+        """(what is wrong, "" when nothing; the token it answers, None when it does not run)."""
+        found = kernel.sandboxes(self.run_id, name)
+        state, pid = entry.get("state"), entry.get("pid")
+        where = ", ".join(s.describe() for s in found) or "none"
+        should_run = want.running
+        if should_run is None:
+            should_run = bool(found) or state == "RUNNING"
+        if not should_run:
+            if found:
+                return f"should not run, but {len(found)} instance(s) do: {where}", None
+            return "", None
+        if len(found) != 1:
+            return f"{len(found)} instances run ({where}); status says {state} pid {pid}", None
+        sandbox = found[0]
+        root = sandbox.root
+        if root is None or state != "RUNNING" or pid != root.pid:
+            return f"status says {state} pid {pid}, the kernel shows {where}", None
+        if root.ppid != self.supervisor_pid:
+            return f"{where} is not a child of the supervisor (pid {self.supervisor_pid})", None
+        if any(m.state in ("T", "t") for m in sandbox.members):
+            return f"frozen: {where}", None
+        cgroups = {m.cgroup for m in sandbox.members} - {"", "/", OWN_CGROUP}
+        for cgroup in cgroups:
+            members = kernel.cgroup_members(cgroup)
+            pids = sorted(m.pid for m in sandbox.members)
+            if members is not None and sorted(members) != pids:
+                return f"cgroup {cgroup} holds {sorted(members)}, the sandbox is {pids}", None
+        answer = query_token(self.programs[name].port)
+        if answer is None:
+            return f"no token answered on port {self.programs[name].port}", None
+        token, ballast = answer
+        if ballast != "ok":
+            return f"ballast {ballast} (memory not whole)", None
+        return "", token
 
     def check_images(
         self, before: dict[str, ImageMeta], may_vanish: set[str], killed: bool

@@ -85,6 +85,40 @@ def instances(run: str, name: str) -> list[Instance]:
     return found
 
 
+@dataclass(frozen=True)
+class Sandbox:
+    """One instance of a program: its processes that share a PID namespace (an init such as
+    tini as the namespace's PID 1, the program under it)."""
+
+    pid_ns: int
+    members: tuple[Instance, ...]
+
+    @property
+    def root(self) -> Instance | None:
+        """The namespace's PID 1 (what the supervisor waits for)."""
+        return next((m for m in self.members if m.ns_pid == 1), None)
+
+    def describe(self) -> str:
+        return (
+            "["
+            + ", ".join(
+                f"pid {m.pid} (ns pid {m.ns_pid}, parent {m.ppid}, {m.state})" for m in self.members
+            )
+            + "]"
+        )
+
+
+def sandboxes(run: str, name: str) -> list[Sandbox]:
+    """The instances of a program, counted by PID namespace."""
+    by_ns: dict[int, list[Instance]] = {}
+    for instance in instances(run, name):
+        by_ns.setdefault(instance.pid_ns, []).append(instance)
+    return [
+        Sandbox(ns, tuple(sorted(members, key=lambda m: m.ns_pid)))
+        for ns, members in sorted(by_ns.items())
+    ]
+
+
 def _contains(argv: list[str], wanted: list[str]) -> bool:
     return any(argv[i : i + len(wanted)] == wanted for i in range(len(argv)))
 
