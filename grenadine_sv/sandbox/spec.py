@@ -27,6 +27,8 @@ class SandboxSpec:
     ``init`` is the absolute path of an init to run as PID 1 with the program as its child,
     or None to make the program itself PID 1. ``tmp`` is a host directory mounted as the
     program's /tmp, or None to bind the host's /tmp.
+    ``cgroup`` is the program's cgroup (v2) directory, which the launcher joins before it forks
+    the program, so that every process of the program is listed there.
     """
 
     name: str
@@ -40,6 +42,7 @@ class SandboxSpec:
     root_anchor: str
     init: str | None = None
     tmp: str | None = None
+    cgroup: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
@@ -61,6 +64,7 @@ class SandboxSpec:
                 "root_anchor": self.root_anchor,
                 "init": self.init,
                 "tmp": self.tmp,
+                "cgroup": self.cgroup,
             }
         )
 
@@ -109,6 +113,8 @@ def _check_spec(spec: SandboxSpec) -> None:
         _check_absolute(where, "tmp", spec.tmp)
         if "/tmp" in map(posixpath.normpath, spec.binds):
             raise InvalidSandboxSpec(f"{where}: binds may not contain /tmp with a private tmp")
+    if spec.cgroup is not None:
+        _check_absolute(where, "cgroup", spec.cgroup)
     if posixpath.normpath(spec.root_anchor) == "/":
         raise InvalidSandboxSpec(f"{where}: root_anchor must be an empty directory, not '/'")
 
