@@ -65,6 +65,7 @@ DUMPING_OPERATIONS = ("checkpoint", "checkpoint-stop", "usr1", "reload-changed")
 LANDINGS = ("dump", "sealing", "restore", "elsewhere")
 
 KEEP = 3
+KEEPER_COMM = "grenadine-keep"
 # After any kill, the share of iterations that also kill the next supervisor in its take-back.
 TAKE_BACK_KILL_SHARE = 0.25
 SETTLE_POLL = 0.1
@@ -83,6 +84,8 @@ class Options:
     operations: tuple[str, ...] = OPERATIONS
     kill_targets: tuple[str, ...] = KILL_TARGETS
     kill_share: float = 0.7
+    # Phases of the next supervisor's take-back in which it may be killed again.
+    take_back_targets: tuple[str, ...] = ("dump", "sealing", "restore")
     # Operations during which a kill may be aimed (all, unless a fix has not landed yet).
     kill_operations: tuple[str, ...] = OPERATIONS
     print_interval: float = 0.2
@@ -164,6 +167,8 @@ class Episode:
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.generation = 0
         self.criu_seen: dict[int, int] = {}
+        # Stdio keepers the supervisors started (they outlive a killed supervisor).
+        self.keepers_seen: dict[int, int] = {}
         self.image_tokens: dict[str, str] = {}
         # How long each phase lasted when last seen: a kill waits a random part of it.
         self.phase_seconds = dict.fromkeys(("dump", "sealing", "restore"), 0.02)
@@ -325,7 +330,7 @@ class Episode:
         """Kill the new supervisor while it takes its programs back (inside its CRIU calls),
         then start another one."""
         for _ in range(2):
-            target = self.rng.choice(("dump", "sealing", "restore"))
+            target = self.rng.choice(self.options.take_back_targets)
             landing = self.watch_and_kill((target,), None, 20.0, 0.0)
             if landing is None:
                 return
@@ -674,6 +679,9 @@ class Episode:
                 raise Violation("; ".join(problems))
             time.sleep(SETTLE_POLL)
         self.tally.recovery_seconds.append(time.monotonic() - started)
+        for pid in kernel.children(self.supervisor_pid):
+            if kernel.comm(pid) == KEEPER_COMM:
+                self.keepers_seen.setdefault(pid, kernel.start_time(pid) or 0)
         running = sum(1 for t in tokens.values() if t is not None)
         self.tally.checks["one supervised instance"] += running
         self.tally.checks["no instance of a stopped program"] += len(tokens) - running
@@ -797,7 +805,7 @@ class Episode:
             for instance in kernel.instances(self.run_id, name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(instance.pid, signal.SIGKILL)
-        for pid, began in self.criu_seen.items():
+        for pid, began in (self.criu_seen | self.keepers_seen).items():
             if began and kernel.start_time(pid) == began:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
