@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("doctor", "report what CRIU needs on this host and what will not work", json_output=True)
     add("schema", "print the JSON Schema of the configuration")
     add_checkpoint_commands(add)
+    add_transfer_commands(add)
     return parser
 
 
@@ -79,6 +80,12 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     prune = add("prune", "delete old images", json_output=True)
     prune.add_argument("name", nargs="?")
     prune.add_argument("--keep", type=int, help="images to keep per program (default: its keep)")
+
+
+def add_transfer_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    from grenadine_sv.cli.transfer import add_transfer_commands as add_commands
+
+    add_commands(add)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.cli import commands
+    from grenadine_sv.cli import commands, transfer
 
     handlers: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
         "run": commands.run,
@@ -108,6 +115,8 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         "schema": commands.schema,
         "logs": commands.logs,
         "images": commands.images,
+        "export": transfer.export,
+        "import": transfer.import_archive,
     }
     handler = handlers.get(command, commands.remote)
     return handler(args, out)

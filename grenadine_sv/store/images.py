@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -99,6 +99,8 @@ class ImageMeta(BaseModel):
     image_bytes: int
     criu_version: str
     definition_digest: str
+    definition: dict[str, Any] | None = None
+    """The program's fields that shape its process (config DIGEST_FIELDS), to name differences."""
     stdio_pipes: dict[str, int]
     dump_stats: dict[str, int]
     leave_running: bool
@@ -176,6 +178,7 @@ class PendingImage:
         definition_digest: str,
         leave_running: bool,
         created: datetime | None = None,
+        definition: Mapping[str, Any] | None = None,
     ) -> ImageMeta:
         """Seal the dump: make every file private and durable, write meta.json, and publish the
         image by renaming its directory. On failure the partial directory is removed."""
@@ -193,6 +196,7 @@ class PendingImage:
                 image_bytes=sum(r.size for r in records.values()),
                 criu_version=criu_version,
                 definition_digest=definition_digest,
+                definition=dict(definition) if definition is not None else None,
                 stdio_pipes=dict(facts.stdio_pipes),
                 dump_stats=dict(facts.dump_stats),
                 leave_running=leave_running,
@@ -200,16 +204,34 @@ class PendingImage:
                 file_sizes={path: r.size for path, r in records.items()},
                 grenadine_version=__version__,
             )
-            _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
-            _fsync_dir(self._partial_dir)
-            os.rename(self._partial_dir, self._program_dir / self.id)
+            self._publish(meta)
         except BaseException:
-            self.abort()
+            if self._state == "open":
+                self.abort()
             raise
-        self._state = "committed"
-        _fsync_dir(self._program_dir)
         log.info("image_committed", program=self.program, image_id=self.id, trigger=trigger)
         return meta
+
+    def publish(self, meta: ImageMeta) -> None:
+        """Publish files received from elsewhere (an import) under `meta`, which must name
+        this image: every file is checked against meta's sizes and checksums, made private
+        and durable, then the directory is renamed. On failure nothing remains."""
+        self._require_open("publish")
+        try:
+            _check_received(meta, self.id, self.program, _seal_tree(self.criu_dir))
+            self._publish(meta)
+        except BaseException:
+            if self._state == "open":
+                self.abort()
+            raise
+        log.info("image_imported", program=self.program, image_id=self.id)
+
+    def _publish(self, meta: ImageMeta) -> None:
+        _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
+        _fsync_dir(self._partial_dir)
+        os.rename(self._partial_dir, self._program_dir / self.id)
+        self._state = "committed"
+        _fsync_dir(self._program_dir)
 
     def abort(self) -> None:
         """Remove the partial directory; nothing of this dump remains. Safe to call twice."""
@@ -244,12 +266,22 @@ class ImageStore:
 
     def begin(self, program: str) -> PendingImage:
         """Start a dump of `program`: CRIU writes into the returned image's `criu_dir`."""
-        program_dir = self._program_dir(program)
-        if not self.state_dir.is_dir():
-            self.state_dir.mkdir(mode=DIR_MODE, parents=True)
-        self._ensure_dir(self.root)
-        self._ensure_dir(program_dir)
-        return PendingImage(program_dir, program, uuid.uuid4().hex)
+        return PendingImage(self._prepare_program_dir(program), program, uuid.uuid4().hex)
+
+    def begin_import(self, meta: ImageMeta) -> PendingImage:
+        """Start receiving the image `meta` describes (an import or a download); raises
+        FileExistsError when this store already has it or is receiving it."""
+        program_dir = self._prepare_program_dir(meta.program)
+        if (program_dir / meta.id).exists():
+            raise FileExistsError(
+                f"program {meta.program!r} already has image {meta.id} on this host"
+            )
+        try:
+            return PendingImage(program_dir, meta.program, validate_image_id(meta.id))
+        except FileExistsError:
+            raise FileExistsError(
+                f"image {meta.id} of program {meta.program!r} is being received already"
+            ) from None
 
     def list(self, program: str | None = None) -> list[ImageMeta]:
         """Images newest first (IDX 0 is the newest); with no program, all programs in name
@@ -403,6 +435,18 @@ class ImageStore:
     def _program_dir(self, program: str) -> Path:
         return self.root / validate_program_name(program)
 
+    def _prepare_program_dir(self, program: str) -> Path:
+        program_dir = self._program_dir(program)
+        if not self.state_dir.is_dir():
+            self.state_dir.mkdir(mode=DIR_MODE, parents=True)
+        self._ensure_dir(self.root)
+        self._ensure_dir(program_dir)
+        return program_dir
+
+    def image_dir(self, image: ImageMeta) -> Path:
+        """The directory of a published image (meta.json and criu/)."""
+        return self._image_dir(image)
+
     def _image_dir(self, image: ImageMeta) -> Path:
         return self._program_dir(image.program) / validate_image_id(image.id)
 
@@ -435,6 +479,23 @@ class ImageStore:
                 raise
             return  # made meanwhile by a dump of another program
         _fsync_dir(path.parent)
+
+
+def _check_received(
+    meta: ImageMeta, image_id: str, program: str, records: Mapping[str, _FileRecord]
+) -> None:
+    """Raise unless the received files are exactly those meta.json lists, byte for byte."""
+    if (meta.id, meta.program) != (image_id, program):
+        raise ValueError(f"meta.json names image {meta.id} of {meta.program!r}")
+    for rel in sorted(set(records) | set(meta.checksums)):
+        record = records.get(rel)
+        where = f"{CRIU_SUBDIR}/{rel}"
+        if record is None:
+            raise ImageCorrupt(meta, where, "is missing")
+        if rel not in meta.checksums:
+            raise ImageCorrupt(meta, where, "is not listed in meta.json")
+        if record.sha256 != meta.checksums[rel]:
+            raise ImageCorrupt(meta, where, "does not match its sha256 checksum")
 
 
 def _match_ref(images: list[ImageMeta], ref: str) -> list[ImageMeta]:

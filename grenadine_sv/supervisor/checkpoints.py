@@ -214,6 +214,7 @@ class CheckpointService:
                 trigger=trigger,
                 criu_version=self.criu_version,
                 definition_digest=config.definition_digest(),
+                definition=config.definition_fields(),
                 leave_running=leave_running,
             )
 
