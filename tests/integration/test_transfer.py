@@ -16,7 +16,7 @@ import pytest
 
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
-from tests.integration.test_cli import (  # noqa: F401 (the supervisor fixture)
+from tests.integration.test_cli import (
     COMMAND_TIMEOUT,
     GRENADINE_SV,
     SupervisorProcess,
@@ -24,7 +24,6 @@ from tests.integration.test_cli import (  # noqa: F401 (the supervisor fixture)
     memcached_program,
     memcached_set,
     run_cli,
-    supervisor,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
@@ -39,6 +38,15 @@ def encryption_table(dirs: SupervisorDirs, identity: pyrage.x25519.Identity) -> 
         f'recipients = ["{identity.to_public()}"]\n'
         f'identity_file = "{key_file}"\n'
     )
+
+
+@pytest.fixture
+def supervisor(sv_dirs: SupervisorDirs) -> Iterator[SupervisorProcess]:
+    process = SupervisorProcess(sv_dirs)
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture

@@ -47,9 +47,7 @@ def receive(
     accept: Callable[[ImageMeta], None] = accept_all,
 ) -> ImageMeta:
     source = io.BufferedReader(io.BytesIO(data))  # type: ignore[arg-type]
-    return read_archive(
-        store, source, identities=identities or [KEY], accept=accept, progress=None
-    )
+    return read_archive(store, source, identities=identities or [KEY], accept=accept, progress=None)
 
 
 def leftovers(store: ImageStore, program: str = "memcached") -> list[str]:
@@ -102,7 +100,7 @@ def test_wrong_key_is_refused_with_a_sentence_saying_so(
 ) -> None:
     store, image = source
     target = ImageStore(tmp_path / "b")
-    with pytest.raises(ArchiveRefused, match="could not be decrypted.*other recipients"):
+    with pytest.raises(ArchiveRefused, match=r"could not be decrypted.*other recipients"):
         receive(target, archive_of(store, image), identities=[OTHER_KEY])
     assert leftovers(target) == []
 
@@ -112,7 +110,7 @@ def test_encrypted_archive_without_identity_is_refused(
 ) -> None:
     store, image = source
     source_stream = io.BufferedReader(io.BytesIO(archive_of(store, image)))  # type: ignore[arg-type]
-    with pytest.raises(ArchiveRefused, match="no .* identity_file"):
+    with pytest.raises(ArchiveRefused, match=r"no .* identity_file"):
         read_archive(ImageStore(tmp_path / "b"), source_stream, identities=None, accept=accept_all)
 
 
@@ -124,7 +122,7 @@ def test_tampered_encrypted_archive_is_refused(
     data = bytearray(archive_of(store, image))
     data[int(len(data) * where)] ^= 0x01
     target = ImageStore(tmp_path / "b")
-    with pytest.raises(ArchiveRefused, match="failed age authentication|damaged"):
+    with pytest.raises(ArchiveRefused, match=r"failed age authentication|damaged"):
         receive(target, bytes(data))
     assert leftovers(target) == []
 
@@ -222,9 +220,7 @@ def test_definition_differences_name_each_field(source: tuple[ImageStore, ImageM
     differences = definition_differences(
         recorded, "b", {"command": ["memcached", "-p", "1"], "user": None}
     )
-    assert differences == [
-        "command (['memcached'] in the image, ['memcached', '-p', '1'] here)"
-    ]
+    assert differences == ["command (['memcached'] in the image, ['memcached', '-p', '1'] here)"]
     assert "only its digest" in definition_differences(image, "other", {})[0]
 
 
