@@ -74,9 +74,16 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     checkpoint.add_argument("--stop", action="store_true", help="stop the program after the dump")
     restore = add("restore", "restore a program from an image", json_output=True)
     restore.add_argument("name")
-    restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    restore.add_argument(
+        "image",
+        help="image id, unique id prefix, IDX from `images`, or latest; "
+        "remote:ID or remote:latest for the object store's",
+    )
     images = add("images", "list checkpoint images", json_output=True)
     images.add_argument("name", nargs="?")
+    images.add_argument(
+        "--remote", action="store_true", help="the object store's images ([supervisor.remote])"
+    )
     prune = add("prune", "delete old images", json_output=True)
     prune.add_argument("name", nargs="?")
     prune.add_argument("--keep", type=int, help="images to keep per program (default: its keep)")

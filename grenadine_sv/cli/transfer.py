@@ -17,7 +17,6 @@ from grenadine_sv.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from grenadine_sv.cli.progress import MIB, TerminalProgress
 
 if TYPE_CHECKING:
-    from grenadine_sv.config.loading import Config
     from grenadine_sv.store.images import ImageMeta
 
 READ_BUFFER_BYTES = 1 << 20
@@ -109,6 +108,7 @@ def export(args: argparse.Namespace, out: TextIO) -> int:
 def import_archive(args: argparse.Namespace, out: TextIO) -> int:
     from grenadine_sv.cli.commands import load_or_explain
     from grenadine_sv.store.archive import ArchiveRefused, read_archive
+    from grenadine_sv.store.definition import acceptance
     from grenadine_sv.store.encryption import EncryptionKeyError, load_identities
     from grenadine_sv.store.images import ImageStore
 
@@ -132,7 +132,7 @@ def import_archive(args: argparse.Namespace, out: TextIO) -> int:
                 store,
                 counter,  # type: ignore[arg-type]
                 identities=identities,
-                accept=definition_check(config, args.allow_changed_definition),
+                accept=acceptance(config.programs, str(config.path), args.allow_changed_definition),
                 progress=progress,
             )
     except ArchiveRefused as exc:
@@ -145,32 +145,6 @@ def import_archive(args: argparse.Namespace, out: TextIO) -> int:
     _report(f"imported image {image.id} of {image.program}", image, counter.count, began)
     out.write(f"restore it with: grenadine-sv restore {image.program} {image.id}\n")
     return EXIT_OK
-
-
-def definition_check(config: Config, allow_changed: bool) -> Any:
-    """The acceptance test of an archive: its program must be defined here, by the same
-    definition unless `allow_changed`."""
-    from grenadine_sv.store.archive import ArchiveRefused
-    from grenadine_sv.store.definition import definition_differences
-
-    def accept(meta: ImageMeta) -> None:
-        program = config.programs.get(meta.program)
-        if program is None:
-            raise ArchiveRefused(
-                f"it holds an image of program {meta.program!r}, which {config.path} does not "
-                "define"
-            )
-        differences = definition_differences(
-            meta, program.definition_digest(), program.definition_fields()
-        )
-        if differences and not allow_changed:
-            raise ArchiveRefused(
-                f"its image of {meta.program} was made by a different definition of the "
-                f"program: {'; '.join(differences)} (pass --allow-changed-definition to "
-                "import it anyway)"
-            )
-
-    return accept
 
 
 def _progress(label: str) -> TerminalProgress | None:

@@ -96,6 +96,38 @@ def write_archive(
         producer.finish()
 
 
+class ArchiveStream:
+    """`image`'s archive as a readable stream (`reader`), written by a thread: for a consumer
+    that pulls, such as an upload. Call `finish` after reading to the end: it raises if the
+    archive could not be written whole."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        image: ImageMeta,
+        recipients: list[Any] | None,
+        compress: Compression = "zstd",
+    ) -> None:
+        self._producer = _ProducerThread(
+            lambda out: write_archive(store, image, out, compress=compress, recipients=recipients)
+        )
+        self.reader = self._producer.reader
+
+    def finish(self) -> None:
+        self._producer.finish()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._producer.__exit__(exc_type, exc, tb)
+
+
 def _write_tar(
     store: ImageStore, image: ImageMeta, out: BinaryIO, progress: Progress | None
 ) -> None:

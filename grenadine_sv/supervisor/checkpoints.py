@@ -30,6 +30,7 @@ from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
 from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
+from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteImages, RemoteUnavailable
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
@@ -109,6 +110,8 @@ class CheckpointService:
         # Dumps run in worker threads; ImageStore.begin creates shared directories unguarded.
         self._begin_lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
+        # The object store, when [supervisor.remote] has a url: uploads and remote restores.
+        self.remote: RemoteImages | None = None
 
     def images_of(self, program: str) -> ProgramImages:
         return self._programs.setdefault(program, ProgramImages())
@@ -165,6 +168,9 @@ class CheckpointService:
                 frozen_seconds=frozen,
                 image_bytes=image.image_bytes,
             )
+            if self.remote is not None:
+                await trio.to_thread.run_sync(self.remote.image_sealed, runner.config, image)
+                self.remote.wake()
             deleted = await trio.to_thread.run_sync(self.prune_images, program, policy.keep)
             for old in deleted:
                 bound.info("image_pruned", image_id=old.id)
@@ -172,7 +178,8 @@ class CheckpointService:
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
-        deleted = self.store.prune(program, keep)
+        pinned = self.remote.pinned(program) if self.remote is not None else set()
+        deleted = self.store.prune(program, keep, pinned)
         if self.images_of(program).last_checkpoint in deleted:
             self.learn_last_checkpoint(program)
         for image in deleted:
@@ -357,8 +364,8 @@ class CheckpointService:
         try:
             if isinstance(image, str):
                 try:
-                    image = await trio.to_thread.run_sync(self.store.resolve, runner.name, image)
-                except (LookupError, ValueError) as exc:
+                    image = await self.resolve_for_start(runner.config, image)
+                except (LookupError, ValueError, RemoteUnavailable) as exc:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
             return await self.launch_from_image(runner, image)
         except RestoreError as exc:
@@ -368,6 +375,14 @@ class CheckpointService:
             if on_fallback is not None:
                 on_fallback(str(exc))
             return await launch_cold(runner)
+
+    async def resolve_for_start(self, config: ProgramConfig, ref: str) -> ImageMeta:
+        """The image `ref` names: local, or "remote:REF", or "latest" under restore_source."""
+        if self.remote is not None:
+            return await self.remote.resolve_pinned(config, ref)
+        if ref.startswith(REMOTE_PREFIX):
+            raise RemoteUnavailable("no object store is configured ([supervisor.remote] url)")
+        return await trio.to_thread.run_sync(self.store.resolve, config.name, ref)
 
 
 def restore_log_name(image: ImageMeta) -> str:

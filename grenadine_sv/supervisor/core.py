@@ -27,6 +27,7 @@ from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
 from grenadine_sv.lifecycle.reload import ProgramDiff, diff_programs
 from grenadine_sv.metrics.collector import Metrics, MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.store.encryption import EncryptionKeyError
 from grenadine_sv.store.images import ImageMeta, ImageStore, Trigger
 from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
 from grenadine_sv.supervisor.recovery import (
@@ -37,6 +38,7 @@ from grenadine_sv.supervisor.recovery import (
     surviving_instances,
     write_state,
 )
+from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteImages, RemoteUnavailable
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
 
 log = structlog.get_logger()
@@ -87,6 +89,14 @@ def build_supervisor(config: Config) -> Supervisor:
         checkpoints = CheckpointService(
             store, Criu(binary), version, state_dir / "restore-logs", metrics
         )
+    remote = config.supervisor.remote
+    if checkpoints is not None and remote is not None and remote.url is not None:
+        try:
+            checkpoints.remote = RemoteImages(
+                remote, store, lambda: supervisor.config.programs, metrics
+            )
+        except EncryptionKeyError as exc:
+            raise StartupError(f"{config.path}: {exc}", configuration=True) from exc
     supervisor = Supervisor(config, checkpoints=checkpoints, metrics=metrics)
     return supervisor
 
@@ -167,6 +177,10 @@ class Supervisor:
             stale = await trio.to_thread.run_sync(self.checkpoints.store.remove_stale_partials)
             if stale:
                 log.warning("stale_partial_images_removed", count=stale)
+        remote = self.checkpoints.remote if self.checkpoints is not None else None
+        if remote is not None:
+            await trio.to_thread.run_sync(remote.remove_stale_downloads)
+            await trio.to_thread.run_sync(remote.load_queue)
         sock = control.bind_socket(settings.control_socket)
         log.info(
             "supervisor_started",
@@ -181,6 +195,8 @@ class Supervisor:
                 nursery.start_soon(self.signal_rounds.run)
                 if self.metrics is not None:
                     await self._serve_metrics(nursery, self.metrics)
+                if remote is not None:
+                    nursery.start_soon(remote.run_uploads)
                 async with trio.open_nursery() as programs:
                     self._programs = programs
                     recovered = await self._take_back_orphans()
@@ -583,8 +599,11 @@ class Supervisor:
         service = self._service()
         runner = self.runners[self.select([name])[0]]
         try:
-            image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
-        except (LookupError, ValueError) as exc:
+            if ref.startswith(REMOTE_PREFIX):
+                image = await service.resolve_for_start(runner.config, ref)
+            else:
+                image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
+        except (LookupError, ValueError, RemoteUnavailable) as exc:
             raise ControlError(str(exc)) from exc
         if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
             await runner.stop(runner.stop_timeout_bound())
