@@ -1,37 +1,21 @@
-"""The grenadine-sv command: argument parsing, output formatting and exit codes."""
+"""The grenadine-sv command: argument parsing and dispatch to a command."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from grenadine_sv import __version__
+from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from grenadine_sv.cli.remote import remote
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-
-DEFAULT_CONFIG_LOCATIONS = (Path("grenadine.toml"), Path("/etc/grenadine-sv/grenadine.toml"))
-
-
-class UsageError(Exception):
-    pass
-
-
-def default_config_path() -> Path:
-    from_env = os.environ.get("GRENADINE_SV_CONFIG")
-    if from_env:
-        return Path(from_env)
-    for candidate in DEFAULT_CONFIG_LOCATIONS:
-        if candidate.exists():
-            return candidate
-    return DEFAULT_CONFIG_LOCATIONS[-1]
+# Commands done by this process; the others are requests to the running supervisor.
+LOCAL_COMMANDS = frozenset(
+    {"run", "check", "doctor", "schema", "logs", "images", "export", "import"}
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,9 +74,25 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
 
 
 def add_transfer_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
-    from grenadine_sv.cli.transfer import add_transfer_commands as add_commands
-
-    add_commands(add)
+    export = add("export", "write an image as one archive (to move it to another host)")
+    export.add_argument("name")
+    export.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    export.add_argument(
+        "-o", "--output", help="archive file, or - for standard output (default: NAME-ID.tar...)"
+    )
+    export.add_argument("--compress", choices=("zstd", "none"), default="zstd")
+    export.add_argument(
+        "--no-encrypt",
+        action="store_true",
+        help="write an unencrypted archive (the image holds the process's memory, secrets too)",
+    )
+    imported = add("import", "add an image from an archive made by export (FILE or -)")
+    imported.add_argument("file")
+    imported.add_argument(
+        "--allow-changed-definition",
+        action="store_true",
+        help="import an image made by a different definition of the program",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,33 +105,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     try:
         return dispatch(command, args, out)
-    except UsageError as exc:
-        print(f"grenadine-sv: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED
 
 
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.cli import commands, transfer
+    if command not in LOCAL_COMMANDS:
+        return remote(args, out)
+    # Loaded only for these commands: they need the configuration models and more, which a
+    # command answered by the running supervisor does not.
+    from grenadine_sv.cli import local, transfer
 
     handlers: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
-        "run": commands.run,
-        "check": commands.check,
-        "doctor": commands.doctor,
-        "schema": commands.schema,
-        "logs": commands.logs,
-        "images": commands.images,
+        "run": local.run,
+        "check": local.check,
+        "doctor": local.doctor,
+        "schema": local.schema,
+        "logs": local.logs,
+        "images": local.images,
         "export": transfer.export,
         "import": transfer.import_archive,
     }
-    handler = handlers.get(command, commands.remote)
-    return handler(args, out)
-
-
-def print_json(data: Any, out: TextIO) -> None:
-    json.dump(data, out, indent=2, default=str)
-    out.write("\n")
+    return handlers[command](args, out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
-from grenadine_sv.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from grenadine_sv.cli.local import load_or_explain
 from grenadine_sv.cli.progress import MIB, TerminalProgress
 
 if TYPE_CHECKING:
@@ -22,35 +23,12 @@ if TYPE_CHECKING:
 READ_BUFFER_BYTES = 1 << 20
 
 
-def add_transfer_commands(add: Any) -> None:
-    export = add("export", "write an image as one archive (to move it to another host)")
-    export.add_argument("name")
-    export.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
-    export.add_argument(
-        "-o", "--output", help="archive file, or - for standard output (default: NAME-ID.tar...)"
-    )
-    export.add_argument("--compress", choices=("zstd", "none"), default="zstd")
-    export.add_argument(
-        "--no-encrypt",
-        action="store_true",
-        help="write an unencrypted archive (the image holds the process's memory, secrets too)",
-    )
-    imported = add("import", "add an image from an archive made by export (FILE or -)")
-    imported.add_argument("file")
-    imported.add_argument(
-        "--allow-changed-definition",
-        action="store_true",
-        help="import an image made by a different definition of the program",
-    )
-
-
 def _fail(message: str, code: int = EXIT_FAILED) -> int:
     print(f"grenadine-sv: {message}", file=sys.stderr)
     return code
 
 
 def export(args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.cli.commands import load_or_explain
     from grenadine_sv.store.archive import archive_suffix, write_archive
     from grenadine_sv.store.encryption import EncryptionKeyError, parse_recipients
     from grenadine_sv.store.images import ImageStore
@@ -106,7 +84,6 @@ def export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def import_archive(args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.cli.commands import load_or_explain
     from grenadine_sv.store.archive import ArchiveRefused, read_archive
     from grenadine_sv.store.definition import acceptance
     from grenadine_sv.store.encryption import EncryptionKeyError, load_identities

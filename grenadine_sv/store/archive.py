@@ -22,6 +22,7 @@ from pathlib import PurePosixPath
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, Self
 
+import blake3
 from pydantic import ValidationError
 
 from grenadine_sv.store.encryption import (
@@ -38,6 +39,7 @@ from grenadine_sv.store.images import (
     ImageStore,
     PendingImage,
 )
+from grenadine_sv.store.sealing import ChecksumAlgorithm
 
 Compression = Literal["none", "zstd"]
 COMPRESSIONS: tuple[Compression, ...] = ("zstd", "none")
@@ -284,7 +286,7 @@ def _extract_files(
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         extracted = tar.extractfile(member)
         assert extracted is not None
-        digest = hashlib.sha256()
+        digest = _hasher(meta.checksum_algorithm)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as out:
             while chunk := extracted.read(CHUNK_BYTES):
@@ -292,10 +294,16 @@ def _extract_files(
                 out.write(chunk)
                 counter.add(len(chunk))
         if digest.hexdigest() != meta.checksums[rel]:
-            raise ImageCorrupt(meta, name, "does not match its sha256 checksum")
+            raise ImageCorrupt(meta, name, f"does not match its {meta.checksum_algorithm} checksum")
     missing = sorted(set(meta.checksums) - seen)
     if missing:
         raise ImageCorrupt(meta, f"{_MEMBER_PREFIX}{missing[0]}", "is missing from the archive")
+
+
+def _hasher(algorithm: ChecksumAlgorithm) -> Any:
+    if algorithm == "blake3":
+        return blake3.blake3()
+    return hashlib.sha256()
 
 
 def _peek(source: BinaryIO, size: int) -> bytes:

@@ -36,8 +36,10 @@ from grenadine_sv.lifecycle.machine import (
     StopRequested,
     StopTimeout,
     WatchReadiness,
+    describe_returncode,
 )
 from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
+from grenadine_sv.sandbox.init import TINI
 from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
 from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
 
@@ -90,6 +92,7 @@ def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
         group=config.group,
         binds=tuple(str(path) for path in config.binds),
         root_anchor=str(root_anchor),
+        init=TINI if config.init else None,
     )
 
 
@@ -257,6 +260,7 @@ class ProgramRunner:
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
         returncode = await process.wait()
         process.close()
+        self.log.info("program_exited", pid=process.pid, exit=describe_returncode(returncode))
         self.post(Exited(instance, returncode, trio.current_time()))
 
     async def _watch_readiness(self, action: WatchReadiness) -> None:

@@ -162,7 +162,7 @@ def test_altered_file_in_a_plain_archive_is_refused_naming_it(
     members = plain_members(store, image)
     members["criu/pages-1.img"] = b"\x02" * 5000
     target = ImageStore(tmp_path / "b")
-    with pytest.raises(ArchiveRefused, match=r"criu/pages-1.img does not match its sha256"):
+    with pytest.raises(ArchiveRefused, match=r"criu/pages-1.img does not match its blake3"):
         receive(target, zstandard.ZstdCompressor().compress(tar_of(members)))
     assert leftovers(target) == []
 
