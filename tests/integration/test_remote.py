@@ -186,7 +186,16 @@ def test_host_b_restores_what_host_a_uploaded(
 
     listed = b.cli("images", "--remote", "redis").stdout
     assert image.id in listed
+    # What a supervisor killed in the middle of a remote restore leaves behind.
+    crashed_download = b.dirs.state_dir / "downloads" / f"{image.id}.partial"
+    crashed_download.parent.mkdir(parents=True)
+    crashed_download.write_bytes(b"half an archive")
+    crashed_import = b.dirs.state_dir / "images" / "redis" / f".partial-{image.id}" / "criu"
+    crashed_import.mkdir(parents=True)
+    (crashed_import / "pages-1.img").write_bytes(b"half a file")
     b.start()
+    assert not crashed_download.exists()
+    assert not crashed_import.parent.exists()
     restored = b.cli("restore", "redis", "remote:latest")
     assert f"restored from {image.id[:12]}" in restored.stdout
     pid = b.wait_running("redis")["redis"]
@@ -219,7 +228,9 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     assert queue_length(a) == 2
     wait_until(lambda: "upload_failed" in a.log(), UPLOAD_TIMEOUT, "an upload attempt fails")
 
-    a.stop()  # the queue is on disk: a new supervisor takes it up
+    assert a.process is not None
+    a.process.kill()  # a crash: the queue is on disk, and a new supervisor takes it up
+    a.process.wait()
     a.start()
     assert queue_length(a) == 2
     object_store.start()
