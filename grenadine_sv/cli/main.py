@@ -63,6 +63,12 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
         help="image id, unique id prefix, IDX from `images`, or latest; "
         "remote:ID or remote:latest for the object store's",
     )
+    restore.add_argument(
+        "--allow-changed-definition",
+        action="store_true",
+        default=None,
+        help="restore even if the program's definition changed since the image was taken",
+    )
     images = add("images", "list checkpoint images", json_output=True)
     images.add_argument("name", nargs="?")
     images.add_argument(

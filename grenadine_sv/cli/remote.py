@@ -43,7 +43,7 @@ def remote(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_USAGE
         socket_path = config.supervisor.control_socket
     request_args: dict[str, Any] = {}
-    for key in ("names", "stop", "keep"):
+    for key in ("names", "stop", "keep", "allow_changed_definition"):
         if getattr(args, key, None) is not None:
             request_args[key] = getattr(args, key)
     for key in ("name", "image"):

@@ -84,10 +84,10 @@ def export(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def import_archive(args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.store.archive import ArchiveRefused, read_archive
-    from grenadine_sv.store.definition import acceptance
+    from grenadine_sv.store.archive import ArchiveRefused, acceptance, read_archive
     from grenadine_sv.store.encryption import EncryptionKeyError, load_identities
     from grenadine_sv.store.images import ImageStore
+    from grenadine_sv.supervisor.checkpoints import current_definition
 
     config = load_or_explain(args)
     if config is None:
@@ -109,7 +109,15 @@ def import_archive(args: argparse.Namespace, out: TextIO) -> int:
                 store,
                 counter,  # type: ignore[arg-type]
                 identities=identities,
-                accept=acceptance(config.programs, str(config.path), args.allow_changed_definition),
+                accept=acceptance(
+                    lambda name: (
+                        current_definition(config.programs[name])
+                        if name in config.programs
+                        else None
+                    ),
+                    str(config.path),
+                    args.allow_changed_definition,
+                ),
                 progress=progress,
             )
     except ArchiveRefused as exc:

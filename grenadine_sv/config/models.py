@@ -62,6 +62,20 @@ DIGEST_FIELDS = (
     "stopsignal",
     "init",
 )
+# Fields an image records and a restore compares with the definition it restores into
+# (environment apart: store/definition.py hashes its values). Names a ProgramConfig lacks are
+# skipped, so sandbox settings can be added here as they come.
+RESTORE_COMPARED_FIELDS = (
+    "command",
+    "directory",
+    "user",
+    "group",
+    "umask",
+    "binds",
+    "init",
+    "private_tmp",
+    "snapshot_paths",
+)
 
 _DURATION_JSON: dict[str, Any] = {
     "anyOf": [
@@ -131,12 +145,18 @@ def _reject_empty_path(value: object) -> object:
     return value
 
 
+def _normalized(path: Path) -> Path:
+    """The path without ".", "..", repeated or trailing slashes ("//srv/" is "/srv")."""
+    text = os.path.normpath(path)
+    return Path("/" + text.lstrip("/") if text.startswith("//") else text)
+
+
 def _resolve_path(path: Path, info: ValidationInfo) -> Path:
     if "\0" in str(path):
         raise ValueError("expected a path without NUL characters")
     context = info.context if isinstance(info.context, dict) else {}
     base_dir = Path(context.get("base_dir") or Path.cwd())
-    return Path(os.path.normpath(base_dir / path))
+    return _normalized(base_dir / path)
 
 
 def _check_absolute(path: Path) -> Path:
@@ -144,7 +164,16 @@ def _check_absolute(path: Path) -> Path:
         raise ValueError("expected a path without NUL characters")
     if not path.is_absolute():
         raise ValueError("expected an absolute path")
-    return Path(os.path.normpath(path))
+    return _normalized(path)
+
+
+def _check_binds(paths: list[Path]) -> list[Path]:
+    if Path("/") in paths:
+        raise ValueError('expected paths other than "/" (the sandbox always has the root)')
+    repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
+    if repeated:
+        raise ValueError(f"expected each path once ({', '.join(repeated)} is listed twice)")
+    return paths
 
 
 def _check_socket_path(path: Path) -> Path:
@@ -212,6 +241,8 @@ ImageRef = Annotated[
     AfterValidator(_check_image_ref),
     WithJsonSchema({"type": "string", "pattern": f"^({IMAGE_REF_PATTERN})$"}),
 ]
+Binds = Annotated[list[AbsolutePath], AfterValidator(_check_binds)]
+AccountName = Annotated[NonEmptyStr, AfterValidator(_check_no_nul)]
 Environment = dict[
     Annotated[str, AfterValidator(_check_variable_name)],
     Annotated[str, AfterValidator(_check_no_nul)],
@@ -349,8 +380,8 @@ class ProgramConfig(BaseModel):
     directory: ResolvedPath = Path("/")
     environment: Environment = {}
     umask: Umask | None = None
-    user: NonEmptyStr | None = None
-    group: NonEmptyStr | None = None
+    user: AccountName | None = None
+    group: AccountName | None = None
     autostart: StrictBool = True
     autorestart: Literal["always", "on-failure", "never"] = "on-failure"
     exitcodes: list[ExitCode] = [0]
@@ -370,7 +401,7 @@ class ProgramConfig(BaseModel):
     """where restore = "latest" looks: this host's images, the object store's, or the newer"""
     restore_fallback: Literal["cold", "fail"] = "cold"
     """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
-    binds: list[AbsolutePath] = []
+    binds: Binds = []
     """host paths bound into the sandbox at the same path"""
     init: StrictBool = True
     """run Debian's tini as PID 1 with the program as its child; false for a program that is
@@ -401,15 +432,10 @@ class ProgramConfig(BaseModel):
     def stderr_path(self, log_dir: Path) -> Path:
         return self.stderr_logfile or log_dir / f"{self.name}.err.log"
 
-    def definition_fields(self) -> dict[str, Any]:
-        """The fields that shape the running process (DIGEST_FIELDS), as JSON values."""
-        fields: dict[str, Any] = self.model_dump(mode="json", include=set(DIGEST_FIELDS))
-        return fields
-
     def definition_digest(self) -> str:
         """sha256 (hex) of the fields that shape the running process (DIGEST_FIELDS)."""
         if self._digest is None:
-            fields = self.definition_fields()
+            fields = self.model_dump(mode="json", include=set(DIGEST_FIELDS))
             canonical = json.dumps(
                 {"digest_version": 1, **fields}, sort_keys=True, separators=(",", ":")
             )

@@ -27,7 +27,9 @@ class Supervised(Protocol):
 
     async def checkpoint_programs(self, names: list[str], stop: bool) -> list[dict[str, Any]]: ...
 
-    async def restore_program(self, name: str, ref: str) -> dict[str, Any]: ...
+    async def restore_program(
+        self, name: str, ref: str, *, allow_changed_definition: bool = False
+    ) -> dict[str, Any]: ...
 
     async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]: ...
 
@@ -83,8 +85,15 @@ class RequestHandler:
                     raise ControlError(f'"stop" must be true or false, got {stop!r}')
                 return await sv.checkpoint_programs(sv.select(names_argument(args)), stop)
             case "restore":
+                allow = args.get("allow_changed_definition", False)
+                if not isinstance(allow, bool):
+                    raise ControlError(
+                        f'"allow_changed_definition" must be true or false, got {allow!r}'
+                    )
                 return await sv.restore_program(
-                    text_argument(args, "name"), text_argument(args, "image")
+                    text_argument(args, "name"),
+                    text_argument(args, "image"),
+                    allow_changed_definition=allow,
                 )
             case "prune":
                 name = args.get("name")

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Literal, Self
 import blake3
 from pydantic import ValidationError
 
+from grenadine_sv.store.definition import CurrentDefinition, definition_changes
 from grenadine_sv.store.encryption import (
     AGE_MAGIC,
     DecryptionFailed,
@@ -59,6 +60,31 @@ refuse the archive (an unknown program, a different definition)."""
 
 class ArchiveRefused(Exception):
     """An archive was not imported; the message is a sentence saying why."""
+
+
+def acceptance(
+    definition_of: Callable[[str], CurrentDefinition | None],
+    defined_by: str,
+    allow_changed: bool,
+) -> Acceptance:
+    """The test an archive's meta.json passes before anything is received: its program must
+    be defined here (`definition_of` gives its definition now, None when `defined_by` does
+    not define it), by the definition the image was taken under unless `allow_changed`."""
+
+    def accept(meta: ImageMeta) -> None:
+        current = definition_of(meta.program)
+        if current is None:
+            raise ArchiveRefused(
+                f"it holds an image of program {meta.program!r}, which {defined_by} does not define"
+            )
+        check = definition_changes(meta.definition, meta.definition_digest, current)
+        if not check.unchanged and not allow_changed:
+            raise ArchiveRefused(
+                f"its image of {meta.program} was taken under another definition of the "
+                f"program ({check.describe()}); allow it with --allow-changed-definition"
+            )
+
+    return accept
 
 
 def archive_suffix(compress: Compression, encrypted: bool) -> str:
@@ -228,7 +254,7 @@ def _import(
                 while remaining.read(CHUNK_BYTES):
                     pass
             before_publish()
-            pending.publish(meta)
+            pending.publish_received(meta)
             return meta
     except (tarfile.TarError, EOFError) as exc:
         raise ArchiveRefused(f"the archive is truncated or damaged (tar: {exc})") from exc

@@ -14,7 +14,7 @@ from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.store.encryption import EncryptionKeyError
 from grenadine_sv.store.images import ImageStore
 from grenadine_sv.supervisor.checkpointing import Checkpointing
-from grenadine_sv.supervisor.checkpoints import CheckpointService
+from grenadine_sv.supervisor.checkpoints import CheckpointService, current_definition
 from grenadine_sv.supervisor.core import StartupError, Supervisor
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.programs import Programs
@@ -62,7 +62,11 @@ def build_supervisor(config: Config) -> Supervisor:
     if service is not None and remote is not None and remote.url is not None:
         try:
             service.remote = RemoteImages(
-                remote, store, lambda: supervisor.config.programs, metrics
+                remote,
+                store,
+                lambda: supervisor.config.programs,
+                current_definition,
+                metrics=metrics,
             )
         except EncryptionKeyError as exc:
             raise StartupError(f"{config.path}: {exc}", configuration=True) from exc

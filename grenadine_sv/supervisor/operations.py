@@ -68,8 +68,12 @@ class Operations:
     async def checkpoint_programs(self, names: list[str], stop: bool) -> list[dict[str, Any]]:
         return await self.checkpointing.checkpoint_programs(names, stop)
 
-    async def restore_program(self, name: str, ref: str) -> dict[str, Any]:
-        restored = await self.checkpointing.restore_program(name, ref)
+    async def restore_program(
+        self, name: str, ref: str, *, allow_changed_definition: bool = False
+    ) -> dict[str, Any]:
+        restored = await self.checkpointing.restore_program(
+            name, ref, allow_changed_definition=allow_changed_definition
+        )
         return restored | self.describe(self.programs.runners[name])
 
     async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:

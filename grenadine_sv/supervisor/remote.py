@@ -22,8 +22,8 @@ import structlog
 import trio
 
 from grenadine_sv.config.models import ProgramConfig, RemoteSettings
-from grenadine_sv.store.archive import ArchiveRefused, ArchiveStream, read_archive
-from grenadine_sv.store.definition import acceptance
+from grenadine_sv.store.archive import ArchiveRefused, ArchiveStream, acceptance, read_archive
+from grenadine_sv.store.definition import CurrentDefinition
 from grenadine_sv.store.encryption import EncryptionKeyError, load_identities, parse_recipients
 from grenadine_sv.store.images import ImageMeta, ImageNotFound, ImageStore
 from grenadine_sv.store.remote import (
@@ -145,6 +145,8 @@ class RemoteImages:
         settings: RemoteSettings,
         store: ImageStore,
         programs: Callable[[], Mapping[str, ProgramConfig]],
+        definition_of: Callable[[ProgramConfig], CurrentDefinition],
+        *,
         metrics: RemoteMetrics | None = None,
         store_factory: Callable[[RemoteSettingsLike], RemoteStore] = RemoteStore,
     ) -> None:
@@ -152,6 +154,7 @@ class RemoteImages:
         self.settings = settings
         self.store = store
         self.programs = programs
+        self.definition_of = definition_of
         self.metrics: RemoteMetrics = metrics or NoRemoteMetrics()
         self.queue = UploadQueue(store.state_dir)
         encryption = settings.encryption
@@ -337,7 +340,11 @@ class RemoteImages:
                     self.store,
                     file,
                     identities=self.identities,
-                    accept=acceptance({config.name: config}, "this configuration", allow_changed),
+                    accept=acceptance(
+                        lambda name: self.definition_of(config) if name == config.name else None,
+                        "this configuration",
+                        allow_changed,
+                    ),
                 )
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -351,11 +358,17 @@ class RemoteImages:
             for leftover in downloads.iterdir():
                 leftover.unlink()
 
-    async def resolve_pinned(self, config: ProgramConfig, ref: str) -> ImageMeta:
+    async def resolve_pinned(
+        self, config: ProgramConfig, ref: str, *, allow_changed_definition: bool = False
+    ) -> ImageMeta:
         """The image a pinned `restore = ref` means under the program's restore_source."""
         source = config.restore_source
         if ref.startswith(REMOTE_PREFIX):
-            return await self.fetch(config, ref.removeprefix(REMOTE_PREFIX))
+            return await self.fetch(
+                config,
+                ref.removeprefix(REMOTE_PREFIX),
+                allow_changed_definition=allow_changed_definition,
+            )
         if ref != "latest" or source == "local":
             return await trio.to_thread.run_sync(self.store.resolve, config.name, ref)
         if source == "remote":

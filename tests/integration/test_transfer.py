@@ -142,8 +142,8 @@ def test_import_refuses_an_unknown_program_and_a_changed_definition(
     host_b.dirs.write_config(memcached_program("cache", free_port()))
     changed = run_cli("-c", str(host_b.dirs.config), "import", str(archive))
     assert changed.returncode == 1
-    assert "different definition" in changed.stderr
-    assert "command (" in changed.stderr
+    assert "another definition" in changed.stderr
+    assert "command: " in changed.stderr
     assert ImageStore(host_b.dirs.state_dir).list("cache") == []
 
     forced = run_cli(

@@ -15,10 +15,11 @@ import zstandard
 from grenadine_sv.store.archive import (
     ArchiveRefused,
     Compression,
+    acceptance,
     read_archive,
     write_archive,
 )
-from grenadine_sv.store.definition import definition_differences
+from grenadine_sv.store.definition import CurrentDefinition, record_definition
 from grenadine_sv.store.encryption import EncryptionKeyError, load_identities
 from grenadine_sv.store.images import ImageMeta, ImageStore
 from tests.unit.test_images import make_image
@@ -211,17 +212,23 @@ def test_acceptance_refusal_comes_before_any_file_is_written(
     assert leftovers(target) == []
 
 
-def test_definition_differences_name_each_field(source: tuple[ImageStore, ImageMeta]) -> None:
+def test_acceptance_names_what_changed_in_the_definition(
+    source: tuple[ImageStore, ImageMeta],
+) -> None:
     _, image = source
+    then = CurrentDefinition(fields={"command": ["memcached"]}, environment={}, digest="a")
     recorded = image.model_copy(
-        update={"definition": {"command": ["memcached"], "user": None}, "definition_digest": "a"}
+        update={"definition": record_definition(then), "definition_digest": "a"}
     )
-    assert definition_differences(recorded, "a", {}) == []
-    differences = definition_differences(
-        recorded, "b", {"command": ["memcached", "-p", "1"], "user": None}
+    now = CurrentDefinition(
+        fields={"command": ["memcached", "-p", "1"]}, environment={}, digest="b"
     )
-    assert differences == ["command (['memcached'] in the image, ['memcached', '-p', '1'] here)"]
-    assert "only its digest" in definition_differences(image, "other", {})[0]
+    acceptance(lambda name: then, "here", allow_changed=False)(recorded)
+    acceptance(lambda name: now, "here", allow_changed=True)(recorded)
+    with pytest.raises(ArchiveRefused, match=r"another definition .*command: \["):
+        acceptance(lambda name: now, "here", allow_changed=False)(recorded)
+    with pytest.raises(ArchiveRefused, match="which here does not define"):
+        acceptance(lambda name: None, "here", allow_changed=True)(recorded)
 
 
 def test_identity_file_must_be_private(tmp_path: Path) -> None:
