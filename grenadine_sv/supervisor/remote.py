@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -100,11 +101,14 @@ def backoff_seconds(attempts: int) -> float:
 
 
 class UploadQueue:
-    """The persisted list of images waiting for upload, oldest first."""
+    """The persisted list of images waiting for upload, oldest first. Checkpoints (in worker
+    threads) add to it while the uploader removes from it: every change and save holds a lock,
+    so the file always holds a whole list."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / QUEUE_FILE
         self.entries: list[QueuedUpload] = []
+        self._lock = threading.RLock()
 
     def load(self) -> None:
         try:
@@ -117,26 +121,31 @@ class UploadQueue:
             self.entries = []
 
     def save(self) -> None:
-        temporary = self.path.with_name(f".{QUEUE_FILE}.tmp")
-        data = json.dumps({"uploads": [asdict(e) for e in self.entries]}, indent=2)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(fd)
-        os.rename(temporary, self.path)
+        with self._lock:
+            temporary = self.path.with_name(f".{QUEUE_FILE}.tmp")
+            data = json.dumps({"uploads": [asdict(e) for e in self.entries]}, indent=2)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            fd = os.open(temporary, flags, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(fd)
+            os.rename(temporary, self.path)
 
     def add(self, program: str, image_id: str) -> bool:
-        if any(e.program == program and e.image_id == image_id for e in self.entries):
-            return False
-        self.entries.append(QueuedUpload(program, image_id))
-        return True
+        with self._lock:
+            if any(e.program == program and e.image_id == image_id for e in self.entries):
+                return False
+            self.entries = [*self.entries, QueuedUpload(program, image_id)]
+            return True
 
     def remove(self, entry: QueuedUpload) -> None:
-        self.entries = [e for e in self.entries if e is not entry]
+        with self._lock:
+            self.entries = [e for e in self.entries if e is not entry]
 
     def ids_of(self, program: str) -> set[str]:
-        return {e.image_id for e in self.entries if e.program == program}
+        with self._lock:
+            return {e.image_id for e in self.entries if e.program == program}
 
 
 class RemoteImages:
