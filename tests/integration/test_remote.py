@@ -50,13 +50,16 @@ def redis_get(port: int, key: str) -> str | None:
     return reply.split(b"\r\n")[1].decode()
 
 
-def redis_program(port: int, *, upload: bool, autostart: bool = True, keep: int = 5) -> str:
+def redis_program(
+    port: int, *, upload: bool, autostart: bool = True, keep: int = 5, restore: str = ""
+) -> str:
     return f"""
 [programs.redis]
 command = ["{REDIS}", "--port", "{port}", "--bind", "127.0.0.1", "--save", "",
            "--appendonly", "no"]
 ready = {{ tcp = "127.0.0.1:{port}", timeout = "10s" }}
 autostart = {str(autostart).lower()}
+{restore}
 
 [programs.redis.checkpoint]
 upload = {str(upload).lower()}
@@ -291,3 +294,44 @@ def test_wrong_key_and_tampered_object_are_refused(
     assert "failed age authentication" in tampered.stderr
     assert ImageStore(b.dirs.state_dir).list("redis") == []
     assert list((b.dirs.state_dir / "images" / "redis").iterdir()) == []
+
+
+def test_restore_source_newest_prefers_a_newer_remote_image_to_a_stale_local_one(
+    object_store: ObjectStore,  # noqa: F811
+    hosts: tuple[SupervisorProcess, SupervisorProcess],
+    aws_env: None,
+) -> None:
+    a, b = hosts
+    port = free_port()
+    identity = pyrage.x25519.Identity.generate()
+    # Host B once ran the program and kept a local image of it: now stale.
+    b.dirs.write_config(
+        redis_program(port, upload=False),
+        extra_supervisor=remote_tables(b.dirs, object_store, identity),
+    )
+    b.start()
+    b.wait_running("redis")
+    assert redis(port, "SET", "state", "stale") == b"+OK\r\n"
+    b.cli("checkpoint", "redis", "--stop")
+    b.stop()
+    # Host A took over, changed the data and uploaded a newer image.
+    a.dirs.write_config(
+        redis_program(port, upload=True),
+        extra_supervisor=remote_tables(a.dirs, object_store, identity),
+    )
+    a.start()
+    a.wait_running("redis")
+    assert redis(port, "SET", "state", "fresh") == b"+OK\r\n"
+    a.cli("checkpoint", "redis", "--stop")
+    wait_until(lambda: queue_length(a) == 0, UPLOAD_TIMEOUT, "the image is uploaded")
+    newer = ImageStore(a.dirs.state_dir).list("redis")[0]
+    a.stop()
+    # Failover to B, which starts the program from the newest image wherever it is.
+    b.dirs.write_config(
+        redis_program(port, upload=False, restore='restore = "latest"\nrestore_source = "newest"'),
+        extra_supervisor=remote_tables(b.dirs, object_store, identity),
+    )
+    b.start()
+    b.wait_running("redis")
+    assert redis_get(port, "state") == "fresh"
+    assert ImageStore(b.dirs.state_dir).list("redis")[0].id == newer.id
