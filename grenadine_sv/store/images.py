@@ -27,7 +27,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Set
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -541,20 +541,20 @@ class ImageStore:
         log.info("image_deleted", program=image.program, image_id=image.id)
 
     def prune(
-        self, program: str, keep: int, pinned: Set[str] = frozenset()
+        self, program: str, keep: int, in_use: Collection[str] = ()
     ) -> builtins.list[ImageMeta]:
         """Delete all but the `keep` newest images of `program`, and return the deleted ones.
 
         The newest pre-deploy image is never deleted and does not count against `keep`: it is
-        what a rollback restores, however many checkpoints were taken since the deploy. Nor
-        are the images whose ids are `pinned` (waiting for upload).
+        what a rollback restores, however many checkpoints were taken since the deploy. Images
+        whose id is in `in_use` (a restore of them is under way) are not deleted either.
         """
         if keep < 0:
             raise ValueError(f"keep must be 0 or more, got {keep}")
         images = self.list(program)
         protected = next((m for m in images if m.trigger == "pre-deploy"), None)
-        candidates = [m for m in images if m is not protected]
-        doomed = [m for m in candidates[keep:] if m.id not in pinned]
+        candidates = [m for m in images if m is not protected and m.id not in in_use]
+        doomed = candidates[keep:]
         for image in doomed:
             self.delete(image)
         return doomed

@@ -56,6 +56,6 @@ def test_images_waiting_for_upload_are_never_pruned(tmp_path: Path) -> None:
 
     store = ImageStore(tmp_path)
     oldest, middle, newest = (make_image(store, "redis", minutes=m) for m in (0, 1, 2))
-    deleted = store.prune("redis", 1, pinned={oldest.id})
+    deleted = store.prune("redis", 1, in_use={oldest.id})
     assert deleted == [middle]
     assert [m.id for m in store.list("redis")] == [newest.id, oldest.id]
