@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,8 @@ class RestoreRequest:
     inherit_fds: Mapping[str, int]
     tcp_established: bool = False
     log_name: str = "restore.log"
+    # Called with the CRIU process's pid before it is asked to restore.
+    on_criu_started: Callable[[int], None] | None = None
 
 
 def error_lines(log_path: Path) -> list[str]:
@@ -147,6 +149,8 @@ class Criu:
                 entry = opts.inherit_fd.add()
                 entry.key = key
                 entry.fd = fd
+            if request.on_criu_started is not None:
+                request.on_criu_started(session.process.pid)
             try:
                 response = session.client.restore()
             except pycriu.CRIUException as exc:
