@@ -17,6 +17,7 @@ from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
 from grenadine_sv.store.images import Trigger
+from grenadine_sv.store.trust import UntrustedPath
 from grenadine_sv.supervisor.checkpoints import (
     OLD_FORMAT_WARNING,
     CheckpointError,
@@ -25,6 +26,7 @@ from grenadine_sv.supervisor.checkpoints import (
     check_definition,
 )
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
+from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteUnavailable
 from grenadine_sv.supervisor.runner import ProgramRunner
 
 log = structlog.get_logger()
@@ -150,8 +152,14 @@ class Checkpointing:
         service = self.usable_service()
         runner = self.programs.runners[self.programs.select([name])[0]]
         try:
-            image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
-        except (LookupError, ValueError) as exc:
+            await trio.to_thread.run_sync(service.store.check_trusted)
+            if ref.startswith(REMOTE_PREFIX):
+                image = await service.resolve_for_start(
+                    runner.config, ref, allow_changed_definition=allow_changed_definition
+                )
+            else:
+                image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
+        except (LookupError, ValueError, UntrustedPath, RemoteUnavailable) as exc:
             raise ControlError(str(exc)) from exc
         check = check_definition(runner.config, image)
         if not check.unchanged and not allow_changed_definition:
