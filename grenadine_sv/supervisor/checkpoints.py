@@ -29,7 +29,7 @@ from grenadine_sv.criu.client import (
     pipe_key,
     tree_condition,
 )
-from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
+from grenadine_sv.criu.facts import ImageFactsError, listening_unix_sockets, read_dump_facts
 from grenadine_sv.criu.options import CriuOptions, NetworkLocks, probe_network_locks
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
@@ -365,6 +365,7 @@ class CheckpointService:
                 # The partial image, and the log in it, go when `pending` is aborted.
                 kept = self._keep_failed_dump_log(config.name, pending.id, exc.log_path)
                 raise CriuError(exc.action, detail, kept) from exc
+            _warn_about_moved_sockets(config, pending.criu_dir, self.store.state_dir)
             try:
                 facts = read_dump_facts(pending.criu_dir, under_init=source.under_init)
                 return pending.commit(facts)
@@ -644,6 +645,33 @@ OLD_FORMAT_WARNING = (
     "this image is from an older grenadine-sv and records only a digest of its program's "
     "definition: it matched, but what it was taken under cannot be shown"
 )
+
+
+def host_path(config: ProgramConfig, path: Path, state_dir: Path) -> Path:
+    """Where a path the program sees is on the host (its private /tmp is elsewhere)."""
+    bound = any(path.is_relative_to(bind) for bind in config.binds)
+    if config.private_tmp and path.is_relative_to("/tmp") and not bound:
+        return private_tmp_dir(state_dir, config.name) / path.relative_to("/tmp")
+    return path
+
+
+def _warn_about_moved_sockets(config: ProgramConfig, criu_dir: Path, state_dir: Path) -> None:
+    """Name each listening unix socket that is no longer at the path it was bound to (haproxy
+    binds admin.sock.PID.tmp, then renames it): CRIU restores it at the bound path."""
+    try:
+        bound_paths = listening_unix_sockets(criu_dir)
+    except ImageFactsError as exc:
+        log.warning("unix_sockets_unknown", program=config.name, error=str(exc))
+        return
+    for bound in bound_paths:
+        if not os.path.exists(host_path(config, Path(bound), state_dir)):
+            log.warning(
+                "unix_socket_moved_after_bind",
+                program=config.name,
+                socket=bound,
+                detail=f"a restore re-creates this socket at {bound}, where it was bound, not"
+                " where the program moved it: clients of the moved path will not reach it",
+            )
 
 
 def snapshot_sources(config: ProgramConfig, state_dir: Path) -> dict[str, Path]:

@@ -8,12 +8,13 @@ import socket
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.services import ask, ping, pong_client, sqlite_counter
-from tests.integration.supervising import running_supervisor, wait_state
+from tests.integration.supervising import python_program, running_supervisor, wait_for, wait_state
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
@@ -144,3 +145,28 @@ async def test_a_connection_without_tcp_established_fails_naming_the_key(
                     await sv.operations.checkpoint_programs(["client"], stop=False)
                 assert "set checkpoint.tcp_established = true" in str(failure.value)
                 assert ping(peer) == 1
+
+
+async def test_a_unix_socket_renamed_after_bind_is_named_at_checkpoint(sv_dirs: SupervisorDirs):
+    # haproxy's way: bind admin.sock.PID.tmp, then rename it to admin.sock.
+    program = python_program(
+        "import os, signal, socket, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "kept, moved = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)\n"
+        "kept.bind('/tmp/stats.sock'); kept.listen()\n"
+        "moved.bind('/tmp/admin.sock.1.tmp'); moved.listen()\n"
+        "os.rename('/tmp/admin.sock.1.tmp', '/tmp/admin.sock')\n"
+        "print('ready', flush=True)\n"
+        "while True: time.sleep(1)\n"
+    )
+    config = sv_dirs.write_config(f"[programs.proxy]\ncommand = {program}\nstartsecs = 0.2\n")
+    log = sv_dirs.stdout_log("proxy")
+    with capture_logs() as logs:
+        async with running_supervisor(config) as sv:
+            await wait_state(sv, "proxy", State.RUNNING)
+            await wait_for(lambda: log.exists() and b"ready" in log.read_bytes())
+            [entry] = await sv.operations.checkpoint_programs(["proxy"], stop=False)
+            assert entry["ok"]
+    [warning] = [e for e in logs if e["event"] == "unix_socket_moved_after_bind"]
+    assert warning["socket"] == "/tmp/admin.sock.1.tmp"
+    assert warning["log_level"] == "warning"
