@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from grenadine_sv.cli.formatting import (
     format_checkpoints,
@@ -24,6 +26,7 @@ from grenadine_sv.cli.main import (
     EXIT_NOT_RUNNING,
     EXIT_OK,
     EXIT_USAGE,
+    Exit,
     default_config_path,
     print_json,
 )
@@ -91,8 +94,16 @@ def startup_failure(raised: BaseException) -> Exception | None:
 
 
 def check(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.config.host_checks import host_warnings
+
     config = load_or_explain(args)
     if config is None:
+        return EXIT_USAGE
+    warnings = host_warnings(config)
+    for warning in warnings:
+        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    if warnings and args.strict:
+        print(f"grenadine-sv: {len(warnings)} warnings, and --strict", file=sys.stderr)
         return EXIT_USAGE
     files = ", ".join(str(f) for f in config.files)
     out.write(f"configuration valid: {len(config.programs)} programs from {files}\n")
@@ -119,9 +130,7 @@ def schema(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def logs(args: argparse.Namespace, out: TextIO) -> int:
-    import trio
-
-    from grenadine_sv.supervisor.output import follow
+    from grenadine_sv.cli.tailing import start_of_last_lines
 
     config = load_or_explain(args)
     if config is None:
@@ -136,13 +145,26 @@ def logs(args: argparse.Namespace, out: TextIO) -> int:
         if not path.exists():
             return EXIT_OK
         with path.open("rb") as log_file:
-            size = log_file.seek(0, 2)
-            log_file.seek(max(size - args.bytes, 0))
-            sys.stdout.buffer.write(log_file.read())
+            log_file.seek(start_of_last_lines(log_file, args.lines))
+            shutil.copyfileobj(log_file, sys.stdout.buffer)
         return EXIT_OK
+    return follow_log(path, args.lines)
+
+
+def follow_log(path: Path, lines: int) -> int:
+    """Print the last `lines` lines of `path`, then what is written to it, like `tail -F`."""
+    import trio
+
+    from grenadine_sv.cli.tailing import start_of_last_lines
+    from grenadine_sv.supervisor.output import follow
+
+    from_end = 0
+    with contextlib.suppress(FileNotFoundError), path.open("rb") as log_file:
+        size = log_file.seek(0, os.SEEK_END)
+        from_end = size - start_of_last_lines(log_file, lines)
 
     async def stream() -> None:
-        async with contextlib.aclosing(follow(path, args.bytes)) as chunks:
+        async with contextlib.aclosing(follow(path, from_end)) as chunks:
             async for chunk in chunks:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
@@ -159,6 +181,9 @@ def images(args: argparse.Namespace, out: TextIO) -> int:
         return EXIT_USAGE
     store = ImageStore(config.supervisor.state_dir)
     listed = store.list(args.name)
+    if args.name is not None and args.name not in config.programs and not listed:
+        print(f"grenadine-sv: no such program: {args.name}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print_json([image.model_dump(mode="json") for image in listed], out)
     else:
@@ -166,35 +191,80 @@ def images(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def remote(args: argparse.Namespace, out: TextIO) -> int:
-    """Commands answered by the running supervisor through its control socket.
+def pid(args: argparse.Namespace, out: TextIO) -> int:
+    """The supervisor's pid (`kill -USR1 $(grenadine-sv pid)`), or programs' pids."""
+    if args.name is None:
+        answered = ask(args, "ping", {})
+        out.write(f"{answered['pid']}\n")
+        return EXIT_OK
+    entries = ask(args, "status", {"names": [args.name]})
+    if args.name != "all":
+        entry = entries[0]
+        if entry.get("pid") is None:
+            print(f"grenadine-sv: {entry['name']} is {entry['state']}", file=sys.stderr)
+            return EXIT_FAILED
+        out.write(f"{entry['pid']}\n")
+        return EXIT_OK
+    for entry in entries:
+        out.write(f"{entry['name']} {entry['pid'] if entry.get('pid') is not None else '-'}\n")
+    return EXIT_OK
 
-    Only the socket's path is read from the configuration: the running supervisor has its
+
+def checkpoint(args: argparse.Namespace, out: TextIO) -> int:
+    if bool(args.names) == args.signal_round:
+        print(
+            "grenadine-sv: checkpoint: name programs (or all), or give --all for the programs "
+            "with checkpoint.on_signal = true",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return remote(args, out)
+
+
+def socket_path_of(args: argparse.Namespace) -> Path | None:
+    """Only the socket's path is read from the configuration: the running supervisor has its
     own, validated copy, and a file being edited does not lock the user out."""
     socket_path = control_socket_of(config_path_of(args))
     if socket_path is None:
         config = load_or_explain(args)
         if config is None:
-            return EXIT_USAGE
+            return None
         socket_path = config.supervisor.control_socket
-    request_args: dict[str, Any] = {}
-    for key in ("names", "stop", "keep"):
-        if getattr(args, key, None) is not None:
-            request_args[key] = getattr(args, key)
-    for key in ("name", "image"):
-        if getattr(args, key, None) is not None:
-            request_args[key] = getattr(args, key)
+    return socket_path
+
+
+def ask(args: argparse.Namespace, command: str, request_args: dict[str, Any]) -> Any:
+    """The supervisor's answer; raises Exit after printing why there is none."""
+    socket_path = socket_path_of(args)
+    if socket_path is None:
+        raise Exit(EXIT_USAGE)
+    as_json = getattr(args, "json", False)
     try:
-        result = request(socket_path, args.command, request_args, REQUEST_TIMEOUT_SECONDS)
+        return request(socket_path, command, request_args, REQUEST_TIMEOUT_SECONDS)
     except SupervisorNotRunning as exc:
-        print(f"grenadine-sv: {exc}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        report_error(str(exc), EXIT_NOT_RUNNING, as_json)
     except ControlError as exc:
-        print(f"grenadine-sv: {args.command} failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        code = EXIT_USAGE if exc.usage else EXIT_FAILED
+        report_error(f"{command} failed: {exc}", code, as_json)
     except (OSError, json.JSONDecodeError) as exc:
-        print(f"grenadine-sv: {args.command} failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        report_error(f"{command} failed: {exc}", EXIT_FAILED, as_json)
+
+
+def report_error(message: str, code: int, as_json: bool) -> NoReturn:
+    """An error on stderr; with --json also as a JSON object on stdout, for scripts."""
+    print(f"grenadine-sv: {message}", file=sys.stderr)
+    if as_json:
+        print_json({"error": message, "exit_code": code}, sys.stdout)
+    raise Exit(code)
+
+
+def remote(args: argparse.Namespace, out: TextIO) -> int:
+    """Commands answered by the running supervisor through its control socket."""
+    request_args: dict[str, Any] = {}
+    for key in ("names", "stop", "keep", "name", "image", "signal_round"):
+        if getattr(args, key, None) is not None:
+            request_args[key] = getattr(args, key)
+    result = ask(args, args.command, request_args)
     if getattr(args, "json", False):
         print_json(result, out)
     else:
@@ -231,5 +301,7 @@ def operation_exit_code(command: str, result: Any) -> int:
     elif command == "restore":
         failed = not restore_succeeded(result)
     elif command == "reload":
-        failed = bool(result.get("rolled_back"))
+        failed = bool(result.get("rolled_back") or result.get("failed"))
+    elif command == "status":
+        failed = any(entry.get("state") == "FATAL" for entry in result)
     return EXIT_FAILED if failed else EXIT_OK

@@ -6,6 +6,7 @@ and returns the text to print, ending with a newline.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -61,11 +62,11 @@ def format_duration(seconds: float) -> str:
 
 
 def format_moment(created: datetime | str) -> str:
-    """`2026-11-27 05:46:25`, in UTC like the CTIME column of `images`."""
+    """`2026-11-27 05:46:25 UTC`: in UTC, and saying so."""
     moment = datetime.fromisoformat(created) if isinstance(created, str) else created
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # status, start, stop, restart -------------------------------------------------
@@ -81,13 +82,33 @@ def describe_program(entry: Mapping[str, Any]) -> str:
         details.append(f"uptime {format_duration(entry['uptime_seconds'])}")
     if entry.get("reason"):
         details.append(str(entry["reason"]))
+    if entry.get("restarts"):
+        details.append(f"restarts {entry['restarts']}")
+    if entry.get("exit_status") is not None:
+        details.append(f"last exit {describe_exit(int(entry['exit_status']))}")
     checkpoint = entry.get("last_checkpoint")
     if checkpoint:
         details.append(
             f"last checkpoint {short_id(checkpoint['id'])} at "
             f"{format_moment(checkpoint['created'])} ({checkpoint['trigger']})"
         )
+    failure = entry.get("last_checkpoint_failure")
+    if failure:
+        details.append(
+            f"last checkpoint FAILED at {format_moment(failure['at'])} "
+            f"({failure['trigger']}): {failure['error']}"
+        )
     return ", ".join(details)
+
+
+def describe_exit(returncode: int) -> str:
+    """`code 3`, or `signal SIGKILL` for a process a signal ended (a negative returncode)."""
+    if returncode >= 0:
+        return f"code {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 def format_status(entries: Sequence[Mapping[str, Any]]) -> str:
@@ -118,7 +139,9 @@ def describe_image(image: Mapping[str, Any]) -> str:
 def format_checkpoints(results: Sequence[Mapping[str, Any]]) -> str:
     lines = []
     for result in results:
-        if result.get("ok") and result.get("image"):
+        if result.get("skipped"):
+            lines.append(f"{result['program']}: skipped ({result['skipped']})")
+        elif result.get("ok") and result.get("image"):
             image = result["image"]
             lines.append(
                 f"{result['program']}: checkpoint {short_id(image['id'])} ({describe_image(image)})"
@@ -159,6 +182,10 @@ def format_reload(summary: Mapping[str, Any]) -> str:
             if section == "changed" and name in pre_deploy:
                 line += f" (pre-deploy image {short_id(pre_deploy[name])})"
             lines.append(line)
+    for name in summary.get("left_stopped") or []:
+        lines.append(f"left stopped: {name} (stopped by hand before the reload)")
+    for name, why in (summary.get("failed") or {}).items():
+        lines.append(f"failed: {name} ({why})")
     for name in summary.get("rolled_back") or []:
         line = f"rolled back: {name}"
         if name in pre_deploy:

@@ -3,25 +3,58 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from grenadine_sv import __version__
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
+# The exit codes of every command (README, "Exit codes"); commands return one of these.
+EXIT_OK = 0  # done as asked
+EXIT_FAILED = 1  # the supervisor answered but it did not happen (or a program is FATAL)
+EXIT_USAGE = 2  # bad usage: unknown command, program, image or option; invalid configuration
+EXIT_NOT_RUNNING = 3  # no supervisor answers on the control socket
 
 DEFAULT_CONFIG_LOCATIONS = (Path("grenadine.toml"), Path("/etc/grenadine-sv/grenadine.toml"))
+# Other names a command answers to, as supervisorctl users type them.
+ALIASES = {"tail": "logs"}
+DEFAULT_LOG_LINES = 10
 
 
 class UsageError(Exception):
     pass
+
+
+class Exit(Exception):
+    """End the command with this exit code (what went wrong has been printed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a did-you-mean for a mistyped command."""
+
+    def error(self, message: str) -> NoReturn:
+        wrong = re.search(r"invalid choice: '([^']*)'", message)
+        if wrong and self._subparsers is not None:
+            commands = [
+                name
+                for action in self._subparsers._group_actions
+                if isinstance(action, argparse._SubParsersAction)
+                for name in action.choices
+            ]
+            close = difflib.get_close_matches(wrong.group(1), commands, n=1)
+            if close:
+                message = f"unknown command {wrong.group(1)!r}; did you mean {close[0]!r}?"
+        super().error(message)
 
 
 def default_config_path() -> Path:
@@ -34,43 +67,84 @@ def default_config_path() -> Path:
     return DEFAULT_CONFIG_LOCATIONS[-1]
 
 
+def count(text: str) -> int:
+    """A whole number of 0 or more, for options such as --keep and -n."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="grenadine-sv",
         description="Supervise daemons in namespace sandboxes; "
         "checkpoint and restore them with CRIU.",
+        epilog="exit codes: 0 ok, 1 failed, 2 bad usage or invalid configuration, "
+        "3 no supervisor running",
     )
-    parser.add_argument("-c", "--config", type=Path, help="configuration file (TOML)")
+    config_help = "configuration file (TOML); accepted before or after the command"
+    parser.add_argument("-c", "--config", type=Path, help=config_help)
     parser.add_argument("--version", action="version", version=f"grenadine-sv {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # -c after the command too: SUPPRESS keeps a value given before the command.
+    anywhere = Parser(add_help=False)
+    anywhere.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help=config_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    def add(name: str, help_text: str, *, json_output: bool = False) -> argparse.ArgumentParser:
-        command = sub.add_parser(name, help=help_text, description=help_text)
+    def add(
+        name: str, help_text: str, *, json_output: bool = False, aliases: Sequence[str] = ()
+    ) -> argparse.ArgumentParser:
+        command = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[anywhere],
+            aliases=list(aliases),
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
         if json_output:
             command.add_argument("--json", action="store_true", help="print JSON for scripts")
         return command
 
     add("run", "run the supervisor in the foreground (the default)")
-    add("status", "one line per program", json_output=True).add_argument("names", nargs="*")
+    add("status", "one line per program (exit 1 if one is FATAL)", json_output=True).add_argument(
+        "names", nargs="*"
+    )
     for verb in ("start", "stop", "restart"):
         add(verb, f"{verb} programs (or all)", json_output=True).add_argument("names", nargs="+")
     add("reload", "re-read the configuration and apply the difference", json_output=True)
-    logs = add("logs", "show a program's captured output")
+    logs = add("logs", "show a program's captured output (alias: tail)", aliases=["tail"])
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     logs.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
-    logs.add_argument("-n", "--bytes", type=int, default=4096, help="bytes from the end to show")
-    add("check", "validate the configuration and exit (0 valid, 2 invalid)")
+    logs.add_argument(
+        "-n", "--lines", type=count, default=DEFAULT_LOG_LINES, help="lines from the end to show"
+    )
+    check = add("check", "validate the configuration and exit (0 valid, 2 invalid)")
+    check.add_argument(
+        "--strict", action="store_true", help="treat warnings (missing command, ...) as errors"
+    )
     add("doctor", "report what CRIU needs on this host and what will not work", json_output=True)
     add("schema", "print the JSON Schema of the configuration")
+    pid = add("pid", "print the supervisor's pid, or a program's (all: every program's)")
+    pid.add_argument("name", nargs="?")
     add_checkpoint_commands(add)
     return parser
 
 
 def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     checkpoint = add("checkpoint", "checkpoint programs now", json_output=True)
-    checkpoint.add_argument("names", nargs="+")
+    checkpoint.add_argument("names", nargs="*")
     checkpoint.add_argument("--stop", action="store_true", help="stop the program after the dump")
+    checkpoint.add_argument(
+        "--all",
+        action="store_true",
+        dest="signal_round",
+        help="the programs with checkpoint.on_signal = true, as SIGUSR1 does",
+    )
     restore = add("restore", "restore a program from an image", json_output=True)
     restore.add_argument("name")
     restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
@@ -78,7 +152,9 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     images.add_argument("name", nargs="?")
     prune = add("prune", "delete old images", json_output=True)
     prune.add_argument("name", nargs="?")
-    prune.add_argument("--keep", type=int, help="images to keep per program (default: its keep)")
+    prune.add_argument(
+        "--keep", type=count, help="images to keep per program (default: its checkpoint.keep)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,15 +163,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
-    command = args.command or "run"
+    command = ALIASES.get(args.command, args.command) or "run"
+    args.command = command
+    if command != "run":
+        # `kill -USR1` aimed at a supervisor must not end a client that shares its name.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     out = sys.stdout
     try:
-        return dispatch(command, args, out)
+        code = dispatch(command, args, out)
+        out.flush()
     except UsageError as exc:
         print(f"grenadine-sv: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exit as exc:
+        return exc.code
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`| head`): no traceback, and none when Python flushes at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
+    return code
 
 
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
@@ -108,6 +198,8 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         "schema": commands.schema,
         "logs": commands.logs,
         "images": commands.images,
+        "pid": commands.pid,
+        "checkpoint": commands.checkpoint,
     }
     handler = handlers.get(command, commands.remote)
     return handler(args, out)

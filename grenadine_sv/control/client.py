@@ -14,7 +14,14 @@ DEFAULT_CONTROL_SOCKET = Path("/run/grenadine-sv.sock")
 
 
 class ControlError(Exception):
-    """A request the supervisor refused; the message is shown to the user."""
+    """A request the supervisor refused; the message is shown to the user.
+
+    `usage` marks a request that could never succeed as asked (an unknown program, a bad
+    argument, an invalid configuration): the command line exits 2 for it, not 1."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class SupervisorNotRunning(Exception):
@@ -66,7 +73,7 @@ def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120
         raise ControlError("the supervisor closed the connection without a reply")
     reply = json.loads(data)
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")))
+        raise ControlError(str(reply.get("error", "unknown error")), usage=bool(reply.get("usage")))
     return reply.get("result")
 
 

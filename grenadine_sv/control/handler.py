@@ -24,6 +24,7 @@ def describe(supervisor: Supervisor, runner: ProgramRunner) -> dict[str, Any]:
         "exit_status": machine.last_exit,
         "reason": supervisor.rollbacks.get(runner.name) or machine.reason,
         "last_checkpoint": last_checkpoint(supervisor, runner.name),
+        "last_checkpoint_failure": last_checkpoint_failure(supervisor, runner.name),
     }
 
 
@@ -36,17 +37,27 @@ def last_checkpoint(supervisor: Supervisor, name: str) -> dict[str, Any] | None:
     return {"id": image.id, "created": image.created.isoformat(), "trigger": image.trigger}
 
 
+def last_checkpoint_failure(supervisor: Supervisor, name: str) -> dict[str, Any] | None:
+    """The newest checkpoint that failed, when no checkpoint has succeeded since."""
+    if supervisor.checkpoints is None:
+        return None
+    failure = supervisor.checkpoints.images_of(name).last_failure
+    if failure is None:
+        return None
+    return {"at": failure.at.isoformat(), "trigger": failure.trigger, "error": failure.error}
+
+
 def names_argument(args: dict[str, Any]) -> list[str]:
     names = args.get("names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ControlError(f'"names" must be a list of program names, got {names!r}')
+        raise ControlError(f'"names" must be a list of program names, got {names!r}', usage=True)
     return names
 
 
 def text_argument(args: dict[str, Any], key: str) -> str:
     value = args.get(key)
     if not isinstance(value, str) or not value:
-        raise ControlError(f'"{key}" must be a non-empty string, got {value!r}')
+        raise ControlError(f'"{key}" must be a non-empty string, got {value!r}', usage=True)
     return value
 
 
@@ -55,7 +66,9 @@ def count_argument(args: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ControlError(f'"{key}" must be a whole number of 0 or more, got {value!r}')
+        raise ControlError(
+            f'"{key}" must be a whole number of 0 or more, got {value!r}', usage=True
+        )
     return value
 
 
@@ -65,7 +78,7 @@ class RequestHandler:
 
     def status(self, names: list[str]) -> list[dict[str, Any]]:
         sv = self.supervisor
-        selected = sv.select(names) if names else list(sv.runners)
+        selected = sv.select(names) if names else sv.select(["all"])
         return [describe(sv, sv.runners[n]) for n in selected]
 
     async def handle(self, command: str, args: dict[str, Any]) -> Any:
@@ -85,7 +98,9 @@ class RequestHandler:
             case "checkpoint":
                 stop = args.get("stop", False)
                 if not isinstance(stop, bool):
-                    raise ControlError(f'"stop" must be true or false, got {stop!r}')
+                    raise ControlError(f'"stop" must be true or false, got {stop!r}', usage=True)
+                if args.get("signal_round") is True:
+                    return await sv.checkpoint_signal_round(stop)
                 return await sv.checkpoint_programs(sv.select(names_argument(args)), stop)
             case "restore":
                 return await sv.restore_program(
@@ -100,4 +115,4 @@ class RequestHandler:
             case "shutdown":
                 sv.request_shutdown()
                 return {"pid": os.getpid()}
-        raise ControlError(f"unknown command {command!r}")
+        raise ControlError(f"unknown command {command!r}", usage=True)

@@ -8,6 +8,7 @@ instead of disturbing the next one.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
@@ -360,5 +361,13 @@ class ProgramMachine:
 
 def describe_returncode(returncode: int) -> str:
     if returncode < 0:
-        return f"signal {-returncode}"
+        return f"signal {signal_name(-returncode)}"
     return f"code {returncode}"
+
+
+def signal_name(number: int) -> str:
+    """`SIGKILL` for 9; the number itself for one Python does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,12 +84,21 @@ class NoMetrics:
         pass
 
 
+@dataclass(frozen=True)
+class CheckpointFailure:
+    at: datetime
+    trigger: Trigger
+    error: str
+
+
 @dataclass
 class ProgramImages:
     """What the checkpoint layer keeps per program across its instances."""
 
     lock: trio.Lock = field(default_factory=trio.Lock)
     last_checkpoint: ImageMeta | None = None
+    # The newest failed checkpoint, until one succeeds.
+    last_failure: CheckpointFailure | None = None
 
 
 class CheckpointService:
@@ -152,12 +162,16 @@ class CheckpointService:
                 self.metrics.checkpoint_failed(program, trigger)
                 message = self._failure_message(exc)
                 bound.error("checkpoint_failed", error=message)
+                self.images_of(program).last_failure = CheckpointFailure(
+                    datetime.now(UTC), trigger, message
+                )
                 _examine_after_failed_dump(runner, pid, before, bound)
                 raise CheckpointError(message) from exc
             duration = self.clock() - began
             frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
             self.metrics.checkpoint_succeeded(program, trigger, duration, frozen)
             self.images_of(program).last_checkpoint = image
+            self.images_of(program).last_failure = None
             bound.info(
                 "checkpoint_done",
                 image_id=image.id,

@@ -47,6 +47,16 @@ DEPENDENCY_WAIT_SECONDS = math.inf
 PARALLEL_CHECKPOINTS = max(os.cpu_count() or 1, 1)
 
 
+PID_FILE = "grenadine-sv.pid"
+
+
+def write_pid_file(path: Path) -> None:
+    """The supervisor's pid, for `kill -USR1 $(cat ...)`; `grenadine-sv pid` asks the socket."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(f"{os.getpid()}\n")
+    os.replace(temporary, path)
+
+
 class StartupError(Exception):
     """The supervisor cannot start; the message says why and what to do."""
 
@@ -137,6 +147,10 @@ class Supervisor:
         return self.config.supervisor.state_dir
 
     @property
+    def pid_file(self) -> Path:
+        return self.state_dir / PID_FILE
+
+    @property
     def root_anchor(self) -> Path:
         return self.state_dir / "sandbox-root"
 
@@ -168,6 +182,7 @@ class Supervisor:
             if stale:
                 log.warning("stale_partial_images_removed", count=stale)
         sock = control.bind_socket(settings.control_socket)
+        write_pid_file(self.pid_file)
         log.info(
             "supervisor_started",
             pid=os.getpid(),
@@ -203,6 +218,7 @@ class Supervisor:
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
+            self.pid_file.unlink(missing_ok=True)
             log.info("supervisor_stopped")
 
     async def _kill_leftovers(self) -> None:
@@ -422,7 +438,10 @@ class Supervisor:
             try:
                 new_config = await trio.to_thread.run_sync(load_config, self.config.path)
             except ConfigError as exc:
-                raise ControlError(f"configuration not reloaded, nothing changed:\n{exc}") from exc
+                log.error("reload_failed", error=str(exc))
+                raise ControlError(
+                    f"configuration not reloaded, nothing changed:\n{exc}", usage=True
+                ) from exc
             diff = diff_programs(self.config.programs, new_config.programs)
             log.info("reload", **diff.summary())
             if new_config.supervisor != self.config.supervisor:
@@ -431,6 +450,7 @@ class Supervisor:
             for name in diff.removed:
                 await self._remove(name)
             safety_images = await self._pre_deploy_checkpoints(diff)
+            stopped_by_hand = {n for n in diff.changed if self.runners[n].state == State.STOPPED}
             await self.stop_programs(list(diff.changed))
             old_programs = self.config.programs
             for name in diff.changed:
@@ -443,11 +463,30 @@ class Supervisor:
                 if name in diff.added or name in diff.changed:
                     self.rollbacks.pop(name, None)
                     await self._add(new_config.programs[name])
-            deployed = [n for n in new_config.start_order() if n in diff.added + diff.changed]
+            deployed = [
+                n
+                for n in new_config.start_order()
+                if n in diff.added or (n in diff.changed and n not in stopped_by_hand)
+            ]
             summary: dict[str, Any] = dict(diff.summary())
             summary["pre_deploy_images"] = {n: img.id for n, img in safety_images.items()}
+            summary["left_stopped"] = sorted(stopped_by_hand)
             summary["rolled_back"] = await self._deploy(deployed, safety_images, old_programs)
+            summary["failed"] = {
+                n: self._failure_of(n)
+                for n in deployed
+                if n not in summary["rolled_back"]
+                and self.runners[n].config.autostart
+                and self.runners[n].state != State.RUNNING
+            }
+            if summary["failed"]:
+                log.error("reload_programs_failed", programs=summary["failed"])
             return summary
+
+    def _failure_of(self, name: str) -> str:
+        runner = self.runners[name]
+        reason = runner.machine.reason
+        return f"{runner.state.value}: {reason}" if reason else runner.state.value
 
     async def _pre_deploy_checkpoints(self, diff: ProgramDiff) -> dict[str, ImageMeta]:
         """Checkpoint each running program that is about to be replaced, when it opts in."""
@@ -579,13 +618,27 @@ class Supervisor:
             raise ControlError("; ".join(f"{r['program']}: {r['error']}" for r in failed))
         return ordered
 
+    async def checkpoint_signal_round(self, stop: bool) -> list[dict[str, Any]]:
+        """What SIGUSR1 does, as a command: checkpoint every RUNNING program with
+        checkpoint.on_signal = true, and say which were skipped."""
+        chosen = [n for n in self.select(["all"]) if self.runners[n].config.checkpoint.on_signal]
+        if not chosen:
+            raise ControlError("no program has checkpoint.on_signal = true", usage=True)
+        running = [n for n in chosen if self.runners[n].state == State.RUNNING]
+        done = {r["program"]: r for r in await self.checkpoint_programs(running, stop)}
+        return [
+            done.get(n)
+            or {"program": n, "ok": True, "skipped": f"{self.runners[n].state.value}, not RUNNING"}
+            for n in chosen
+        ]
+
     async def restore_program(self, name: str, ref: str) -> dict[str, Any]:
         service = self._service()
         runner = self.runners[self.select([name])[0]]
         try:
             image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
         except (LookupError, ValueError) as exc:
-            raise ControlError(str(exc)) from exc
+            raise ControlError(str(exc), usage=True) from exc
         if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
             await runner.stop(runner.stop_timeout_bound())
         restored: dict[str, Any] = {"image": image.id, "fallback": None}
@@ -608,19 +661,19 @@ class Supervisor:
         return deleted
 
     async def _reload_logging_errors(self) -> None:
-        try:
+        with contextlib.suppress(ControlError):  # reload() has logged why
             await self.reload()
-        except ControlError as exc:
-            log.error("reload_failed", error=str(exc))
 
     # control -----------------------------------------------------------------
 
     def select(self, names: list[str]) -> list[str]:
         if not names:
-            raise ControlError("name at least one program, or all")
+            raise ControlError("name at least one program, or all", usage=True)
         if "all" in names:
-            return list(self.runners)
+            # The configuration's order, also after a reload replaced some runners.
+            listed = [n for n in self.config.programs if n in self.runners]
+            return listed + [n for n in self.runners if n not in listed]
         unknown = [n for n in names if n not in self.runners]
         if unknown:
-            raise ControlError(f"no such program: {', '.join(unknown)}")
+            raise ControlError(f"no such program: {', '.join(unknown)}", usage=True)
         return list(dict.fromkeys(names))

@@ -36,6 +36,7 @@ from grenadine_sv.lifecycle.machine import (
     StopRequested,
     StopTimeout,
     WatchReadiness,
+    signal_name,
 )
 from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
 from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
@@ -185,12 +186,27 @@ class ProgramRunner:
 
     def _dispatch(self, event: Event) -> None:
         before = self.machine.state
+        if isinstance(event, Exited) and event.instance == self.machine.instance:
+            self._log_exit(before, event.returncode)
         actions = self.machine.handle(event)
         after = self.machine.state
         if before != after or isinstance(event, Spawned):
             self._announce(before, after)
         for action in actions:
             self._perform(action)
+
+    def _log_exit(self, state: State, returncode: int) -> None:
+        """Every exit with its cause: the exit status, or the signal that ended it."""
+        fields: dict[str, Any] = {"state": state.value, "pid": self.machine.pid}
+        if returncode < 0:
+            fields["signal"] = signal_name(-returncode)
+        else:
+            fields["exit_status"] = returncode
+        expected = state == State.STOPPING or (
+            returncode >= 0 and returncode in self.config.exitcodes
+        )
+        level = "info" if expected else "warning"
+        getattr(self.log, level)("program_exited", **fields)
 
     def _announce(self, before: State, after: State) -> None:
         fields: dict[str, Any] = {"from_state": before.value, "to_state": after.value}

@@ -326,7 +326,7 @@ def test_checkpoint_images_restore_and_prune(
     assert memcached_get(port, "k") == "second"
     supervisor.status()
     status = supervisor.cli("status", "cache").stdout
-    assert re.search(rf"last checkpoint {newest_id[:12]} at [\d-]+ [\d:]+ \(manual\)$", status)
+    assert re.search(rf"last checkpoint {newest_id[:12]} at [\d-]+ [\d:]+ UTC \(manual\)$", status)
 
     pruned = supervisor.cli("prune", "cache", "--keep", "1").stdout
     assert pruned == f"cache: deleted 1 image ({oldest_id[:12]})\n"
