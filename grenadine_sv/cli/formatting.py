@@ -84,7 +84,7 @@ def describe_program(entry: Mapping[str, Any]) -> str:
         details.append(str(entry["reason"]))
     if entry.get("restarts"):
         details.append(f"restarts {entry['restarts']}")
-    if entry.get("exit_status") is not None:
+    if entry.get("exit_status") is not None and state != "STOPPED":  # not after a stop
         details.append(f"last exit {describe_exit(int(entry['exit_status']))}")
     checkpoint = entry.get("last_checkpoint")
     if checkpoint:

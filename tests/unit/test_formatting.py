@@ -94,8 +94,10 @@ def test_status_of_nothing_says_so() -> None:
     assert format_status([]) == "no programs\n"
 
 
-def test_a_stopped_program_shows_no_pid() -> None:
-    line = format_status([status_entry(state="STOPPED", pid=4, uptime_seconds=None)])
+def test_a_stopped_program_shows_no_pid_nor_the_exit_of_its_stop() -> None:
+    line = format_status(
+        [status_entry(state="STOPPED", pid=4, uptime_seconds=None, exit_status=-15)]
+    )
     assert line == "memcached  STOPPED\n"
 
 
