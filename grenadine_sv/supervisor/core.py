@@ -53,7 +53,9 @@ PID_FILE = "grenadine-sv.pid"
 def write_pid_file(path: Path) -> None:
     """The supervisor's pid, for `kill -USR1 $(cat ...)`; `grenadine-sv pid` asks the socket."""
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(f"{os.getpid()}\n")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(f"{os.getpid()}\n")
     os.replace(temporary, path)
 
 
