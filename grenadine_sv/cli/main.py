@@ -1,42 +1,26 @@
-"""The grenadine-sv command: argument parsing, output formatting and exit codes."""
+"""The grenadine-sv command: argument parsing and dispatch to a command."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import NoReturn, TextIO
 
 from grenadine_sv import __version__
+from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Exit
+from grenadine_sv.cli.remote import remote
 
-# The exit codes of every command (README, "Exit codes"); commands return one of these.
-EXIT_OK = 0  # done as asked
-EXIT_FAILED = 1  # the supervisor answered but it did not happen (or a program is FATAL)
-EXIT_USAGE = 2  # bad usage: unknown command, program, image or option; invalid configuration
-EXIT_NOT_RUNNING = 3  # no supervisor answers on the control socket
-
-DEFAULT_CONFIG_LOCATIONS = (Path("grenadine.toml"), Path("/etc/grenadine-sv/grenadine.toml"))
+# Commands done by this process; the others are requests to the running supervisor.
+LOCAL_COMMANDS = frozenset({"run", "check", "doctor", "schema", "logs", "images"})
 # Other names a command answers to, as supervisorctl users type them.
 ALIASES = {"tail": "logs"}
 DEFAULT_LOG_LINES = 10
-
-
-class UsageError(Exception):
-    pass
-
-
-class Exit(Exception):
-    """End the command with this exit code (what went wrong has been printed)."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,16 +39,6 @@ class Parser(argparse.ArgumentParser):
             if close:
                 message = f"unknown command {wrong.group(1)!r}; did you mean {close[0]!r}?"
         super().error(message)
-
-
-def default_config_path() -> Path:
-    from_env = os.environ.get("GRENADINE_SV_CONFIG")
-    if from_env:
-        return Path(from_env)
-    for candidate in DEFAULT_CONFIG_LOCATIONS:
-        if candidate.exists():
-            return candidate
-    return DEFAULT_CONFIG_LOCATIONS[-1]
 
 
 def count(text: str) -> int:
@@ -172,9 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = dispatch(command, args, out)
         out.flush()
-    except UsageError as exc:
-        print(f"grenadine-sv: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except Exit as exc:
         return exc.code
     except KeyboardInterrupt:
@@ -189,25 +160,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.cli import commands
+    if command not in LOCAL_COMMANDS:
+        return remote(args, out)
+    # Loaded only for these commands: they need the configuration models and more, which a
+    # command answered by the running supervisor does not.
+    from grenadine_sv.cli import local
 
     handlers: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
-        "run": commands.run,
-        "check": commands.check,
-        "doctor": commands.doctor,
-        "schema": commands.schema,
-        "logs": commands.logs,
-        "images": commands.images,
-        "pid": commands.pid,
-        "checkpoint": commands.checkpoint,
+        "run": local.run,
+        "check": local.check,
+        "doctor": local.doctor,
+        "schema": local.schema,
+        "logs": local.logs,
+        "images": local.images,
     }
-    handler = handlers.get(command, commands.remote)
-    return handler(args, out)
-
-
-def print_json(data: Any, out: TextIO) -> None:
-    json.dump(data, out, indent=2, default=str)
-    out.write("\n")
+    return handlers[command](args, out)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,20 @@ import grp
 import os
 import pwd
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from grenadine_sv.config.errors import key_path
 from grenadine_sv.config.loading import Config, ProgramConfig
-from grenadine_sv.store.images import ImageStore
+
+# Why a pinned image reference (program, ref) names no image in the store, or None.
+ImageProblem = Callable[[str, str], str | None]
 
 
-def host_warnings(config: Config) -> list[str]:
+def host_warnings(config: Config, image_problem: ImageProblem | None = None) -> list[str]:
     """One sentence per problem, naming the file and the key."""
     warnings = list(_include_warnings(config))
-    store = ImageStore(config.supervisor.state_dir)
     for program in config.programs.values():
-        warnings.extend(_program_warnings(program, store))
+        warnings.extend(_program_warnings(program, image_problem))
     return warnings
 
 
@@ -32,7 +33,7 @@ def _include_warnings(config: Config) -> Iterator[str]:
             yield f'{config.path}: {key}: "{pattern}" matches no file'
 
 
-def _program_warnings(program: ProgramConfig, store: ImageStore) -> Iterator[str]:
+def _program_warnings(program: ProgramConfig, image_problem: ImageProblem | None) -> Iterator[str]:
     def where(key: str) -> str:
         return f"{program.source}: {key_path(['programs', program.name, key])}"
 
@@ -49,13 +50,11 @@ def _program_warnings(program: ProgramConfig, store: ImageStore) -> Iterator[str
         yield f'{where("user")}: no user "{program.user}" on this host'
     if program.group is not None and not _group_exists(program.group):
         yield f'{where("group")}: no group "{program.group}" on this host'
-    if program.restore is not None and program.restore.strip().lower() != "latest":
-        try:
-            store.resolve(program.name, program.restore)
-        except (LookupError, ValueError) as exc:
-            yield f"{where('restore')}: {exc} (in {store.root})"
-        except OSError as exc:
-            yield f"{where('restore')}: cannot read the images in {store.root}: {exc}"
+    pinned = program.restore
+    if image_problem is not None and pinned is not None and pinned.strip().lower() != "latest":
+        problem = image_problem(program.name, pinned)
+        if problem is not None:
+            yield f"{where('restore')}: {problem}"
 
 
 def _user_exists(user: str) -> bool:

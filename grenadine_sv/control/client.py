@@ -10,26 +10,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONTROL_SOCKET = Path("/run/grenadine-sv.sock")
-
-
-class ControlError(Exception):
-    """A request the supervisor refused; the message is shown to the user.
-
-    `usage` marks a request that could never succeed as asked (an unknown program, a bad
-    argument, an invalid configuration): the command line exits 2 for it, not 1."""
-
-    def __init__(self, message: str, *, usage: bool = False) -> None:
-        super().__init__(message)
-        self.usage = usage
-
-
-class SupervisorNotRunning(Exception):
-    pass
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+from grenadine_sv.control.protocol import (
+    DEFAULT_CONTROL_SOCKET,
+    ControlError,
+    SupervisorNotRunning,
+    encode,
+)
 
 
 def control_socket_of(config_path: Path) -> Path | None:
@@ -73,17 +59,6 @@ def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120
         raise ControlError("the supervisor closed the connection without a reply")
     reply = json.loads(data)
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")), usage=bool(reply.get("usage")))
+        error = str(reply.get("error", "unknown error"))
+        raise ControlError(error, usage=bool(reply.get("usage")))
     return reply.get("result")
-
-
-def socket_is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True

@@ -24,16 +24,14 @@ from grenadine_sv.criu.binary import (
     criu_version,
     find_criu,
 )
+from grenadine_sv.criu.version import UnreadableOutputError, format_version, parse_version_number
 from grenadine_sv.host.facts import (
     Status,
-    UnreadableOutputError,
     decode_capabilities,
     feature_supported,
-    format_version,
     interpret_criu_check,
     parse_cap_eff,
     parse_kernel_version,
-    parse_version_number,
     soft_dirty_available,
 )
 

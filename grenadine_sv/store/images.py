@@ -18,15 +18,14 @@ Everything here blocks on disk I/O: the supervisor calls it through `trio.to_thr
 from __future__ import annotations
 
 import builtins
-import hashlib
+import contextlib
 import os
 import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +36,16 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from grenadine_sv import __version__
 from grenadine_sv.criu.facts import DumpFacts
+from grenadine_sv.store.sealing import (
+    DIR_MODE,
+    FILE_MODE,
+    NEW_IMAGE_ALGORITHM,
+    SEAL_WORKERS,
+    ChecksumAlgorithm,
+    DumpWatcher,
+    digest_of,
+    seal_tree,
+)
 
 Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery"]
 
@@ -46,10 +55,6 @@ CRIU_SUBDIR = "criu"
 PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
 MIN_PREFIX_LEN = 4
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-# Threads that seal an image: fsyncs wait on the disk while hashes use the CPUs.
-SEAL_WORKERS = 4
 
 _IMAGE_ID = re.compile(r"[0-9a-f]{32}")
 _DECIMAL = re.compile(r"[0-9]+")
@@ -103,10 +108,12 @@ class ImageMeta(BaseModel):
     dump_stats: dict[str, int]
     leave_running: bool
     checksums: dict[str, str]
-    """Relative path under criu/ -> sha256 hex digest."""
+    """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
     """Relative path under criu/ -> size in bytes (lets `verify` name a truncation cheaply)."""
     grenadine_version: str
+    checksum_algorithm: ChecksumAlgorithm = "sha256"
+    """Images before BLAKE3 have no such key: their digests are SHA-256."""
 
     @field_validator("id")
     @classmethod
@@ -147,12 +154,6 @@ class ImageCorrupt(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class _FileRecord:
-    size: int
-    sha256: str
-
-
 class PendingImage:
     """A dump in progress: CRIU writes into `criu_dir`, then `commit` publishes it or `abort`
     removes it. As a context manager it aborts on leaving unless committed."""
@@ -164,8 +165,20 @@ class PendingImage:
         self._partial_dir = program_dir / f"{PARTIAL_PREFIX}{image_id}"
         self.criu_dir = self._partial_dir / CRIU_SUBDIR
         self._state: Literal["open", "committed", "aborted"] = "open"
+        self._watcher: DumpWatcher | None = None
+        self._sync_pool: ThreadPoolExecutor | None = None
         _make_private_dir(self._partial_dir)
         _make_private_dir(self.criu_dir)
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[None]:
+        """Around the dump: hash and sync CRIU's files while it writes them, so that `commit`
+        has little left to do. Leave it only once CRIU has exited (every file closed)."""
+        self._require_open("watch")
+        self._sync_pool = ThreadPoolExecutor(max_workers=SEAL_WORKERS)
+        with DumpWatcher(self.criu_dir, self._sync_pool) as watcher:
+            self._watcher = watcher
+            yield
 
     def commit(
         self,
@@ -181,7 +194,10 @@ class PendingImage:
         image by renaming its directory. On failure the partial directory is removed."""
         self._require_open("commit")
         try:
-            records = _seal_tree(self.criu_dir)
+            try:
+                records = seal_tree(self.criu_dir, self._watcher)
+            finally:
+                self._release_watcher()
             meta = ImageMeta(
                 id=self.id,
                 program=self.program,
@@ -196,9 +212,10 @@ class PendingImage:
                 stdio_pipes=dict(facts.stdio_pipes),
                 dump_stats=dict(facts.dump_stats),
                 leave_running=leave_running,
-                checksums={path: r.sha256 for path, r in records.items()},
+                checksums={path: r.digest for path, r in records.items()},
                 file_sizes={path: r.size for path, r in records.items()},
                 grenadine_version=__version__,
+                checksum_algorithm=NEW_IMAGE_ALGORITHM,
             )
             _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
             _fsync_dir(self._partial_dir)
@@ -216,7 +233,16 @@ class PendingImage:
         if self._state == "committed":
             raise RuntimeError(f"image {self.id} of {self.program!r} is committed: delete it")
         self._state = "aborted"
+        self._release_watcher()
         shutil.rmtree(self._partial_dir, ignore_errors=True)
+
+    def _release_watcher(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close_files()
+            self._watcher = None
+        if self._sync_pool is not None:
+            self._sync_pool.shutdown(wait=True)
+            self._sync_pool = None
 
     def _require_open(self, action: str) -> None:
         if self._state != "open":
@@ -292,9 +318,10 @@ class ImageStore:
         """Where CRIU's files of `image` are (to restore from)."""
         return self._image_dir(image) / CRIU_SUBDIR
 
-    def verify(self, image: ImageMeta) -> None:
-        """Check every file of `image` against its recorded size and sha256; raise ImageCorrupt
-        naming the first file that is missing, extra, resized or altered."""
+    def verify(self, image: ImageMeta, *, skip: Callable[[str], bool] | None = None) -> None:
+        """Check every file of `image` against its recorded size and digest; raise ImageCorrupt
+        naming the first file that is missing, extra, resized or altered. Files for which
+        `skip` is true get the cheap checks only (a lazy restore hashes them as it serves)."""
         criu_dir = self.criu_dir(image)
         if not criu_dir.is_dir():
             raise ImageCorrupt(image, f"{CRIU_SUBDIR}/", "is missing")
@@ -320,11 +347,22 @@ class ImageStore:
                 f"{CRIU_SUBDIR}/{min(present)}",
                 "was not part of the dump (is CRIU's work dir for restores inside the image?)",
             )
-        for rel, digest in sorted(image.checksums.items()):
-            if _sha256_of(criu_dir / rel) != digest:
-                raise ImageCorrupt(
-                    image, f"{CRIU_SUBDIR}/{rel}", "does not match its sha256 checksum"
-                )
+        for rel in sorted(image.checksums):
+            if skip is None or not skip(rel):
+                self.verify_file(image, rel)
+
+    def verify_file(self, image: ImageMeta, rel: str) -> None:
+        """Hash one file of `image` and raise ImageCorrupt if it does not match."""
+        try:
+            digest = digest_of(self.criu_dir(image) / rel, image.checksum_algorithm)
+        except (OSError, ValueError) as exc:
+            raise ImageCorrupt(image, f"{CRIU_SUBDIR}/{rel}", f"cannot be read ({exc})") from exc
+        if digest != image.checksums[rel]:
+            raise ImageCorrupt(
+                image,
+                f"{CRIU_SUBDIR}/{rel}",
+                f"does not match its {image.checksum_algorithm} checksum",
+            )
 
     def delete(self, image: ImageMeta) -> None:
         """Remove `image`: first unlisted by one rename, then its files."""
@@ -494,69 +532,3 @@ def _walk_files(top: Path) -> Iterator[tuple[str, Path]]:
         for name in [d for d in dirnames if (base / d).is_symlink()]:
             path = base / name
             yield path.relative_to(top).as_posix(), path
-
-
-def _seal_tree(top: Path) -> Mapping[str, _FileRecord]:
-    """Over what CRIU wrote: make files 0600 and directories 0700, hash and fsync every file,
-    fsync every directory. Returns each file's size and digest.
-
-    Hashing is CPU work and fsync waits on the disk: both run at once in worker threads
-    (hashlib and fsync release the GIL), so sealing costs about the larger of the two."""
-    files: list[tuple[str, Path]] = []
-    directories: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-        base = Path(dirpath)
-        linked_dirs = [d for d in dirnames if (base / d).is_symlink()]
-        for name in [*filenames, *linked_dirs]:
-            path = base / name
-            files.append((path.relative_to(top).as_posix(), path))
-        directories.append(base)
-    with ThreadPoolExecutor(max_workers=SEAL_WORKERS) as pool:
-        synced = {rel: pool.submit(_sync_file, path) for rel, path in files}
-        hashed = {rel: pool.submit(_hash_file, path) for rel, path in files}
-        records = {
-            rel: _FileRecord(size=synced[rel].result(), sha256=hashed[rel].result())
-            for rel, _ in files
-        }
-    for directory in directories:
-        os.chmod(directory, DIR_MODE)
-        _fsync_dir(directory)
-    return records
-
-
-_NOT_REGULAR = (
-    "cannot store {path} in an image ({why}): an image holds only regular files "
-    "(incremental dumps with a parent link are not supported)"
-)
-
-
-def _open_regular(path: Path) -> int:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise ValueError(_NOT_REGULAR.format(path=path, why=exc.strerror)) from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(_NOT_REGULAR.format(path=path, why="not a regular file"))
-    return fd
-
-
-def _sync_file(path: Path) -> int:
-    """Make the file private and durable; returns its size."""
-    fd = _open_regular(path)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        os.fsync(fd)
-        return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
-def _hash_file(path: Path) -> str:
-    with os.fdopen(_open_regular(path), "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
-def _sha256_of(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()

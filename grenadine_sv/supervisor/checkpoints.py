@@ -206,14 +206,15 @@ class CheckpointService:
             pending = self.store.begin(config.name)
         with pending:
             try:
-                self.criu.dump(
-                    DumpRequest(
-                        pid=pid,
-                        images_dir=pending.criu_dir,
-                        leave_running=leave_running,
-                        tcp_established=tcp_established,
+                with pending.watch():
+                    self.criu.dump(
+                        DumpRequest(
+                            pid=pid,
+                            images_dir=pending.criu_dir,
+                            leave_running=leave_running,
+                            tcp_established=tcp_established,
+                        )
                     )
-                )
             except CriuError as exc:
                 detail = exc.detail
                 free = self.store.free_bytes()

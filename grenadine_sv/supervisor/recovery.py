@@ -17,13 +17,18 @@ import os
 import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 import trio
 
+from grenadine_sv.config.loading import Config
+from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time
+from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
+from grenadine_sv.supervisor.runner import Launcher, ProgramRunner
 
 log = structlog.get_logger()
 
@@ -139,3 +144,64 @@ async def stop_orphan(
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
+
+
+class Recovery:
+    """Keeps the state file listing every live instance, and after a crash takes back the
+    instances the previous supervisor left running."""
+
+    def __init__(self, state_dir: Path, checkpoints: CheckpointService | None) -> None:
+        self.state_dir = state_dir
+        self.checkpoints = checkpoints
+        self._recorded: dict[str, RecordedInstance] = {}
+
+    def record_instances(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """A runner's state observer: keep state_dir/supervisor.json up to date."""
+        process = runner.process
+        name = runner.name
+        alive = process is not None and process.returncode is None and runner.machine.pid
+        if alive and process is not None:
+            entry = RecordedInstance(
+                pid=process.pid,
+                start_time=process.start_time,
+                pid_ns_inode=process.pid_ns_inode,
+                definition_digest=runner.config.definition_digest(),
+            )
+            if self._recorded.get(name) == entry:
+                return
+            self._recorded[name] = entry
+        elif self._recorded.pop(name, None) is None:
+            return
+        try:
+            write_state(self.state_dir, self._recorded)
+        except OSError as exc:
+            log.error("state_file_write_failed", error=str(exc))
+
+    async def take_back_orphans(self, config: Config) -> dict[str, Launcher]:
+        """Sandboxes a killed supervisor left running: checkpoint each and restore it as our
+        child (its memory kept, its output captured again); stop the others cleanly.
+        Returns the launcher that restores each program taken back."""
+        launchers: dict[str, Launcher] = {}
+        orphans = await trio.to_thread.run_sync(surviving_instances, self.state_dir)
+        for name, instance in orphans.items():
+            program = config.programs.get(name)
+            bound = log.bind(program=name, pid=instance.pid)
+            if (
+                program is not None
+                and self.checkpoints is not None
+                and program.definition_digest() == instance.definition_digest
+            ):
+                try:
+                    image = await self.checkpoints.recover_orphan(program, instance.pid)
+                except CheckpointError as exc:
+                    bound.warning("orphan_not_recovered", error=str(exc))
+                else:
+                    bound.info("orphan_checkpointed", image_id=image.id)
+                    service = self.checkpoints
+                    launchers[name] = partial(service.launch_with_fallback, image=image)
+                    continue
+            stop_signal = program.stop_signal if program is not None else signal.SIGTERM
+            stop_wait = program.stopwaitsecs if program is not None else 10.0
+            bound.warning("orphan_stopping")
+            await stop_orphan(name, instance, stop_signal, stop_wait)
+        return launchers

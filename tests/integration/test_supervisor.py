@@ -53,7 +53,7 @@ async def test_crashing_program_backs_off_then_goes_fatal(sv_dirs: SupervisorDir
     )
     async with running_supervisor(config) as sv:
         await wait_state(sv, "crasher", State.FATAL, timeout=20)
-        machine = sv.runners["crasher"].machine
+        machine = sv.programs.runners["crasher"].machine
         states = [state for _, state in machine.history]
         assert states.count(State.BACKOFF) == 2
         backoffs = [t for t, s in machine.history if s == State.BACKOFF]
@@ -76,10 +76,10 @@ async def test_program_ignoring_sigterm_is_killed_with_its_children(sv_dirs: Sup
         await wait_for(lambda: len(children_of(pid)) == 2)
         children = children_of(pid)
         with capture_logs() as logs:
-            state = await sv.runners["stubborn"].stop(10)
+            state = await sv.programs.runners["stubborn"].stop(10)
         assert state == State.STOPPED
         assert any(entry["event"] == "stop_timeout_kill" for entry in logs)
-        assert sv.runners["stubborn"].machine.last_exit == -9
+        assert sv.programs.runners["stubborn"].machine.last_exit == -9
         for child in children:
             assert not pid_alive(child)
 
@@ -100,13 +100,21 @@ async def test_dependencies_start_after_their_dependency_is_ready(sv_dirs: Super
     )
     async with running_supervisor(config) as sv:
         await wait_state(sv, "web", State.RUNNING)
-        db_ready = next(t for t, s in sv.runners["db"].machine.history if s == State.RUNNING)
-        web_start = next(t for t, s in sv.runners["web"].machine.history if s == State.STARTING)
+        db_ready = next(
+            t for t, s in sv.programs.runners["db"].machine.history if s == State.RUNNING
+        )
+        web_start = next(
+            t for t, s in sv.programs.runners["web"].machine.history if s == State.STARTING
+        )
         assert web_start >= db_ready
         # Stopping happens in reverse: web before db.
-        await sv.stop_programs(["db", "web"])
-        db_stop = next(t for t, s in sv.runners["db"].machine.history if s == State.STOPPING)
-        web_stopped = max(t for t, s in sv.runners["web"].machine.history if s == State.STOPPED)
+        await sv.operations.stop_programs(["db", "web"])
+        db_stop = next(
+            t for t, s in sv.programs.runners["db"].machine.history if s == State.STOPPING
+        )
+        web_stopped = max(
+            t for t, s in sv.programs.runners["web"].machine.history if s == State.STOPPED
+        )
         assert db_stop >= web_stopped
 
 
@@ -129,7 +137,7 @@ async def test_reload_applies_only_the_difference(sv_dirs: SupervisorDirs):
         changing = await wait_state(sv, "changing", State.RUNNING)
         leaving = await wait_state(sv, "leaving", State.RUNNING)
         write("two", with_removed=False, with_added=True)
-        summary = await sv.reload()
+        summary = await sv.operations.reload()
         assert summary["changed"] == ["changing"]
         assert summary["removed"] == ["leaving"]
         assert summary["added"] == ["arriving"]
@@ -137,10 +145,10 @@ async def test_reload_applies_only_the_difference(sv_dirs: SupervisorDirs):
         assert await wait_state(sv, "same", State.RUNNING) == same
         assert await wait_state(sv, "changing", State.RUNNING) != changing
         await wait_state(sv, "arriving", State.RUNNING)
-        assert "leaving" not in sv.runners
+        assert "leaving" not in sv.programs.runners
         assert not pid_alive(leaving)
         assert pid_alive(same)
-        environ = Path(f"/proc/{sv.runners['changing'].machine.pid}/environ").read_bytes()
+        environ = Path(f"/proc/{sv.programs.runners['changing'].machine.pid}/environ").read_bytes()
         assert b"WORD=two" in environ.split(b"\0")
 
 
@@ -166,7 +174,7 @@ async def test_missing_command_is_reported_as_the_programs_error(sv_dirs: Superv
     )
     async with running_supervisor(config) as sv:
         await wait_state(sv, "ghost", State.FATAL)
-        assert "/no/such/binary" in sv.runners["ghost"].machine.reason
+        assert "/no/such/binary" in sv.programs.runners["ghost"].machine.reason
 
 
 async def test_control_socket_is_private(sv_dirs: SupervisorDirs):

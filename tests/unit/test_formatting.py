@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from grenadine_sv.cli.commands import format_result, operation_exit_code
+from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from grenadine_sv.cli.formatting import (
     format_checkpoints,
     format_duration,
@@ -18,7 +18,7 @@ from grenadine_sv.cli.formatting import (
     format_restore,
     format_status,
 )
-from grenadine_sv.cli.main import EXIT_FAILED, EXIT_OK
+from grenadine_sv.cli.remote import format_result, operation_exit_code
 from grenadine_sv.store.images import ImageMeta
 
 IMAGE_ID = "77bf8f2f3b0a4c1d9e8f7a6b5c4d3e2f"

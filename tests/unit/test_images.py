@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -9,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import blake3
 import pytest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
@@ -306,11 +308,59 @@ def test_verify_detects_a_flipped_byte(store: ImageStore) -> None:
     data[1234] ^= 0x01
     pages.write_bytes(bytes(data))
 
-    with pytest.raises(ImageCorrupt, match=r"criu/pages-1\.img does not match its sha256") as e:
+    with pytest.raises(ImageCorrupt, match=r"criu/pages-1\.img does not match its blake3") as e:
         store.verify(meta)
     assert e.value.path == "criu/pages-1.img"
     assert meta.id in str(e.value)
     assert "'memcached'" in str(e.value)
+
+
+def test_new_images_carry_blake3_digests(store: ImageStore) -> None:
+    meta = make_image(store)
+    assert meta.checksum_algorithm == "blake3"
+    assert meta.checksums["pages-1.img"] == blake3.blake3(CRIU_FILES["pages-1.img"]).hexdigest()
+
+
+def _as_old_sha256_image(store: ImageStore, meta: ImageMeta) -> ImageMeta:
+    """Rewrite `meta` as images made before BLAKE3 were: SHA-256 digests, no algorithm key."""
+    meta_path = store.root / meta.program / meta.id / "meta.json"
+    raw = json.loads(meta_path.read_text())
+    del raw["checksum_algorithm"]
+    raw["checksums"] = {
+        rel: hashlib.sha256((store.criu_dir(meta) / rel).read_bytes()).hexdigest()
+        for rel in raw["checksums"]
+    }
+    meta_path.write_text(json.dumps(raw))
+    [old] = store.list(meta.program)
+    return old
+
+
+def test_old_images_with_sha256_digests_still_verify(store: ImageStore) -> None:
+    old = _as_old_sha256_image(store, make_image(store))
+    assert old.checksum_algorithm == "sha256"
+
+    store.verify(old)
+
+
+def test_old_images_with_sha256_digests_detect_a_flipped_byte(store: ImageStore) -> None:
+    old = _as_old_sha256_image(store, make_image(store))
+    pages = store.criu_dir(old) / "pages-1.img"
+    data = bytearray(pages.read_bytes())
+    data[10] ^= 0x80
+    pages.write_bytes(bytes(data))
+
+    with pytest.raises(ImageCorrupt, match=r"pages-1\.img does not match its sha256"):
+        store.verify(old)
+
+
+def test_verify_can_leave_page_files_to_a_lazy_restore(store: ImageStore) -> None:
+    meta = make_image(store)
+    pages = store.criu_dir(meta) / "pages-1.img"
+    pages.write_bytes(b"\x02" * len(CRIU_FILES["pages-1.img"]))  # same size, other bytes
+
+    store.verify(meta, skip=lambda rel: rel.startswith("pages-"))
+    with pytest.raises(ImageCorrupt, match=r"pages-1\.img does not match"):
+        store.verify_file(meta, "pages-1.img")
 
 
 def test_verify_detects_a_truncated_file(store: ImageStore) -> None:

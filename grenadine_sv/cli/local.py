@@ -1,0 +1,176 @@
+"""The commands this process does itself (run, check, doctor, schema, logs, images);
+each returns an exit code. They load the configuration models, so the command line
+imports this module only for them."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+from functools import partial
+from pathlib import Path
+from typing import TextIO
+
+from grenadine_sv.cli.config_path import config_path_of
+from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from grenadine_sv.cli.formatting import format_images, print_json
+from grenadine_sv.config.loading import Config, ConfigError, config_json_schema, load_config
+from grenadine_sv.control.protocol import ControlError
+
+
+def load_or_explain(args: argparse.Namespace) -> Config | None:
+    """The validated configuration, or None after printing why it is not valid."""
+
+    path = config_path_of(args)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"grenadine-sv: invalid configuration, nothing started:\n{exc}", file=sys.stderr)
+        return None
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    import trio
+
+    from grenadine_sv.logs import configure_logging
+    from grenadine_sv.sandbox.linux import set_process_name
+    from grenadine_sv.supervisor.build import build_supervisor
+    from grenadine_sv.supervisor.core import StartupError
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    configure_logging(config.supervisor.log_format, config.supervisor.log_level)
+    try:
+        set_process_name("grenadine-sv")
+        trio.run(build_supervisor(config).run)
+    except (StartupError, ControlError, ExceptionGroup) as raised:
+        reason = startup_failure(raised)
+        if reason is None:
+            raise
+        print(f"grenadine-sv: cannot start: {reason}", file=sys.stderr)
+        configuration = isinstance(reason, StartupError) and reason.configuration
+        return EXIT_USAGE if configuration else EXIT_FAILED
+    return EXIT_OK
+
+
+def startup_failure(raised: BaseException) -> Exception | None:
+    """The StartupError or ControlError that stopped the supervisor from starting, if that is
+    what happened (trio may deliver it inside exception groups)."""
+    from grenadine_sv.supervisor.core import StartupError
+
+    while isinstance(raised, BaseExceptionGroup) and len(raised.exceptions) == 1:
+        raised = raised.exceptions[0]
+    return raised if isinstance(raised, StartupError | ControlError) else None
+
+
+def check(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.config.host_checks import host_warnings
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    warnings = host_warnings(config, partial(pinned_image_problem, config.supervisor.state_dir))
+    for warning in warnings:
+        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    if warnings and args.strict:
+        print(f"grenadine-sv: {len(warnings)} warnings, and --strict", file=sys.stderr)
+        return EXIT_USAGE
+    files = ", ".join(str(f) for f in config.files)
+    out.write(f"configuration valid: {len(config.programs)} programs from {files}\n")
+    return EXIT_OK
+
+
+def pinned_image_problem(state_dir: Path, program: str, ref: str) -> str | None:
+    """Why `ref` names no image of `program` in the store under `state_dir`, or None."""
+    from grenadine_sv.store.images import ImageStore
+
+    store = ImageStore(state_dir)
+    try:
+        store.resolve(program, ref)
+    except (LookupError, ValueError) as exc:
+        return f"{exc} (in {store.root})"
+    except OSError as exc:
+        return f"cannot read the images in {store.root}: {exc}"
+    return None
+
+
+def doctor(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.host.doctor import run_doctor
+
+    criu_path: Path | None = None
+    if args.config is not None:
+        config = load_or_explain(args)
+        if config is None:
+            return EXIT_USAGE
+        criu_path = config.supervisor.criu
+    return run_doctor(as_json=args.json, out=out, criu_path=criu_path)
+
+
+def schema(args: argparse.Namespace, out: TextIO) -> int:
+    print_json(config_json_schema(), out)
+    return EXIT_OK
+
+
+def logs(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.cli.tailing import start_of_last_lines
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    program = config.programs.get(args.name)
+    if program is None:
+        print(f"grenadine-sv: no such program: {args.name}", file=sys.stderr)
+        return EXIT_USAGE
+    log_dir = config.supervisor.log_dir
+    path = program.stderr_path(log_dir) if args.stderr else program.stdout_path(log_dir)
+    if not args.follow:
+        if not path.exists():
+            return EXIT_OK
+        with path.open("rb") as log_file:
+            log_file.seek(start_of_last_lines(log_file, args.lines))
+            shutil.copyfileobj(log_file, sys.stdout.buffer)
+        return EXIT_OK
+    return follow_log(path, args.lines)
+
+
+def follow_log(path: Path, lines: int) -> int:
+    """Print the last `lines` lines of `path`, then what is written to it, like `tail -F`."""
+    import trio
+
+    from grenadine_sv.cli.tailing import start_of_last_lines
+    from grenadine_sv.supervisor.output import follow
+
+    from_end = 0
+    with contextlib.suppress(FileNotFoundError), path.open("rb") as log_file:
+        size = log_file.seek(0, os.SEEK_END)
+        from_end = size - start_of_last_lines(log_file, lines)
+
+    async def stream() -> None:
+        async with contextlib.aclosing(follow(path, from_end)) as chunks:
+            async for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+
+    trio.run(stream)
+    return EXIT_OK
+
+
+def images(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.store.images import ImageStore
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    store = ImageStore(config.supervisor.state_dir)
+    listed = store.list(args.name)
+    if args.name is not None and args.name not in config.programs and not listed:
+        print(f"grenadine-sv: no such program: {args.name}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print_json([image.model_dump(mode="json") for image in listed], out)
+    else:
+        out.write(format_images(listed))
+    return EXIT_OK

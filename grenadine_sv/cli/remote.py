@@ -1,0 +1,160 @@
+"""The commands answered by the running supervisor through its control socket.
+
+Standard library only (the formatting included): a command that talks to the supervisor
+loads nothing else, so it answers quickly."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from grenadine_sv.cli.config_path import config_path_of
+from grenadine_sv.cli.exit_codes import (
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    Exit,
+)
+from grenadine_sv.cli.formatting import (
+    format_checkpoints,
+    format_prune,
+    format_reload,
+    format_restore,
+    format_status,
+    print_json,
+    restore_succeeded,
+)
+from grenadine_sv.control.client import control_socket_of, request
+from grenadine_sv.control.protocol import ControlError, SupervisorNotRunning
+
+# A remote request waits at most this long for the supervisor's reply.
+REQUEST_TIMEOUT_SECONDS = 600.0
+
+
+def pid(args: argparse.Namespace, out: TextIO) -> int:
+    """The supervisor's pid (`kill -USR1 $(grenadine-sv pid)`), or programs' pids."""
+    if args.name is None:
+        answered = ask(args, "ping", {})
+        out.write(f"{answered['pid']}\n")
+        return EXIT_OK
+    entries = ask(args, "status", {"names": [args.name]})
+    if args.name != "all":
+        entry = entries[0]
+        if entry.get("pid") is None:
+            print(f"grenadine-sv: {entry['name']} is {entry['state']}", file=sys.stderr)
+            return EXIT_FAILED
+        out.write(f"{entry['pid']}\n")
+        return EXIT_OK
+    for entry in entries:
+        out.write(f"{entry['name']} {entry['pid'] if entry.get('pid') is not None else '-'}\n")
+    return EXIT_OK
+
+
+def checkpoint(args: argparse.Namespace, out: TextIO) -> int:
+    if bool(args.names) == args.signal_round:
+        print(
+            "grenadine-sv: checkpoint: name programs (or all), or give --all for the programs "
+            "with checkpoint.on_signal = true",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return request_and_print(args, out)
+
+
+def socket_path_of(args: argparse.Namespace) -> Path | None:
+    """Only the socket's path is read from the configuration: the running supervisor has its
+    own, validated copy, and a file being edited does not lock the user out."""
+    socket_path = control_socket_of(config_path_of(args))
+    if socket_path is None:
+        from grenadine_sv.cli.local import load_or_explain
+
+        config = load_or_explain(args)
+        if config is None:
+            return None
+        socket_path = config.supervisor.control_socket
+    return socket_path
+
+
+def ask(args: argparse.Namespace, command: str, request_args: dict[str, Any]) -> Any:
+    """The supervisor's answer; raises Exit after printing why there is none."""
+    socket_path = socket_path_of(args)
+    if socket_path is None:
+        raise Exit(EXIT_USAGE)
+    as_json = getattr(args, "json", False)
+    try:
+        return request(socket_path, command, request_args, REQUEST_TIMEOUT_SECONDS)
+    except SupervisorNotRunning as exc:
+        report_error(str(exc), EXIT_NOT_RUNNING, as_json)
+    except ControlError as exc:
+        code = EXIT_USAGE if exc.usage else EXIT_FAILED
+        report_error(f"{command} failed: {exc}", code, as_json)
+    except (OSError, json.JSONDecodeError) as exc:
+        report_error(f"{command} failed: {exc}", EXIT_FAILED, as_json)
+
+
+def report_error(message: str, code: int, as_json: bool) -> NoReturn:
+    """An error on stderr; with --json also as a JSON object on stdout, for scripts."""
+    print(f"grenadine-sv: {message}", file=sys.stderr)
+    if as_json:
+        print_json({"error": message, "exit_code": code}, sys.stdout)
+    raise Exit(code)
+
+
+def remote(args: argparse.Namespace, out: TextIO) -> int:
+    """Commands answered by the running supervisor through its control socket."""
+    special = {"pid": pid, "checkpoint": checkpoint}.get(args.command, request_and_print)
+    return special(args, out)
+
+
+def request_and_print(args: argparse.Namespace, out: TextIO) -> int:
+    """Send the command with its arguments; print the reply for a human, or as JSON."""
+    request_args: dict[str, Any] = {}
+    for key in ("names", "stop", "keep", "name", "image", "signal_round"):
+        if getattr(args, key, None) is not None:
+            request_args[key] = getattr(args, key)
+    result = ask(args, args.command, request_args)
+    if getattr(args, "json", False):
+        print_json(result, out)
+    else:
+        out.write(format_result(args.command, result))
+    return operation_exit_code(args.command, result)
+
+
+def format_result(command: str, result: Any) -> str:
+    """The human form of a supervisor's reply; unknown shapes are printed as JSON."""
+    formatters: dict[str, Callable[[Any], str]] = {
+        "status": format_status,
+        "start": format_status,
+        "stop": format_status,
+        "restart": format_status,
+        "checkpoint": format_checkpoints,
+        "restore": format_restore,
+        "reload": format_reload,
+        "prune": format_prune,
+    }
+    formatter = formatters.get(command)
+    if formatter is None:
+        return json.dumps(result, indent=2, default=str) + "\n"
+    return formatter(result)
+
+
+def operation_exit_code(command: str, result: Any) -> int:
+    """EXIT_FAILED when the supervisor answered but did not do what was asked."""
+    wanted = {"start": {"RUNNING"}, "restart": {"RUNNING"}, "stop": {"STOPPED", "EXITED", "FATAL"}}
+    failed = False
+    if command in wanted:
+        failed = any(entry.get("state") not in wanted[command] for entry in result)
+    elif command == "checkpoint":
+        failed = any(not entry.get("ok") for entry in result)
+    elif command == "restore":
+        failed = not restore_succeeded(result)
+    elif command == "reload":
+        failed = bool(result.get("rolled_back") or result.get("failed"))
+    elif command == "status":
+        failed = any(entry.get("state") == "FATAL" for entry in result)
+    return EXIT_FAILED if failed else EXIT_OK
