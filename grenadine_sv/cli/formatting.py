@@ -101,11 +101,11 @@ def describe_program(entry: Mapping[str, Any]) -> str:
 
 
 def describe_exit(returncode: int) -> str:
-    """`code 3`, or `signal SIGKILL` for a process a signal ended (a negative returncode)."""
+    """`code 3`, or `signal KILL` for a process a signal ended (a negative returncode)."""
     if returncode >= 0:
         return f"code {returncode}"
     try:
-        return f"signal {signal.Signals(-returncode).name}"
+        return f"signal {signal.Signals(-returncode).name.removeprefix('SIG')}"
     except ValueError:
         return f"signal {-returncode}"
 

@@ -58,6 +58,7 @@ DIGEST_FIELDS = (
     "group",
     "binds",
     "stopsignal",
+    "init",
 )
 
 _DURATION_JSON: dict[str, Any] = {
@@ -322,6 +323,9 @@ class ProgramConfig(BaseModel):
     """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
     binds: list[AbsolutePath] = []
     """host paths bound into the sandbox at the same path"""
+    init: StrictBool = True
+    """run Debian's tini as PID 1 with the program as its child; false for a program that is
+    itself an init"""
     stdout_logfile: ResolvedPath | None = None
     """default: log_dir/NAME.out.log"""
     stderr_logfile: ResolvedPath | None = None

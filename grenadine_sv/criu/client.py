@@ -269,5 +269,32 @@ def task_condition(pid: int) -> TaskCondition | None:
     )
 
 
+def tree_condition(root_pid: int) -> dict[int, TaskCondition]:
+    """The condition of every live task of the tree rooted at `root_pid` (CRIU dumps them all:
+    with an init, the program is the root's child)."""
+    conditions: dict[int, TaskCondition] = {}
+    pending = [root_pid]
+    while pending:
+        pid = pending.pop()
+        condition = task_condition(pid)
+        if condition is None or pid in conditions:
+            continue
+        conditions[pid] = condition
+        pending.extend(_children(pid))
+    return conditions
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
 def pipe_key(inode: int) -> str:
     return f"pipe:[{inode}]"

@@ -360,14 +360,15 @@ class ProgramMachine:
 
 
 def describe_returncode(returncode: int) -> str:
+    """ "code 3", or "signal TERM" for a process killed by a signal."""
     if returncode < 0:
         return f"signal {signal_name(-returncode)}"
     return f"code {returncode}"
 
 
 def signal_name(number: int) -> str:
-    """`SIGKILL` for 9; the number itself for one Python does not name."""
+    """`KILL` for 9 (as in `stopsignal`); the number itself for one Python does not name."""
     try:
-        return signal.Signals(number).name
+        return signal.Signals(number).name.removeprefix("SIG")
     except ValueError:
         return str(number)

@@ -19,6 +19,7 @@ _FIELDS = (
     "group",
     "binds",
     "root_anchor",
+    "init",
 )
 
 
@@ -33,6 +34,8 @@ class SandboxSpec:
     ``root_anchor`` is an empty directory on the host onto which the launcher bind-mounts ``/``
     inside the program's own mount namespace; every program may share the same one.
     ``binds`` are host mount points to bind (non-recursively) at the same path inside.
+    ``init`` is the absolute path of an init to run as PID 1 with the program as its child,
+    or None to make the program itself PID 1.
     """
 
     name: str
@@ -44,6 +47,7 @@ class SandboxSpec:
     group: str | None = None
     binds: tuple[str, ...] = ()
     root_anchor: str
+    init: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
@@ -63,6 +67,7 @@ class SandboxSpec:
                 "group": self.group,
                 "binds": list(self.binds),
                 "root_anchor": self.root_anchor,
+                "init": self.init,
             }
         )
 
@@ -90,6 +95,7 @@ class SandboxSpec:
             group=_optional(document, "group", str),
             binds=tuple(_string_list(document, "binds")),
             root_anchor=_typed(document, "root_anchor", str),
+            init=_optional(document, "init", str),
         )
 
 
@@ -131,6 +137,8 @@ def _check_spec(spec: SandboxSpec) -> None:
     if len(set(map(posixpath.normpath, spec.binds))) != len(spec.binds):
         raise InvalidSandboxSpec(f"{where}: binds lists the same path twice")
     _check_absolute(where, "root_anchor", spec.root_anchor)
+    if spec.init is not None:
+        _check_absolute(where, "init", spec.init)
     if posixpath.normpath(spec.root_anchor) == "/":
         raise InvalidSandboxSpec(f"{where}: root_anchor must be an empty directory, not '/'")
 

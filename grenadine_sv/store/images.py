@@ -107,6 +107,8 @@ class ImageMeta(BaseModel):
     stdio_pipes: dict[str, int]
     dump_stats: dict[str, int]
     leave_running: bool
+    init: bool = False
+    """The root is the sandbox's init (tini), the program its child."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -188,6 +190,7 @@ class PendingImage:
         criu_version: str,
         definition_digest: str,
         leave_running: bool,
+        init: bool = False,
         created: datetime | None = None,
     ) -> ImageMeta:
         """Seal the dump: make every file private and durable, write meta.json, and publish the
@@ -212,6 +215,7 @@ class PendingImage:
                 stdio_pipes=dict(facts.stdio_pipes),
                 dump_stats=dict(facts.dump_stats),
                 leave_running=leave_running,
+                init=init,
                 checksums={path: r.digest for path, r in records.items()},
                 file_sizes={path: r.size for path, r in records.items()},
                 grenadine_version=__version__,

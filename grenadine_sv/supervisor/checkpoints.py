@@ -25,7 +25,7 @@ from grenadine_sv.criu.client import (
     RestoreRequest,
     TaskCondition,
     pipe_key,
-    task_condition,
+    tree_condition,
 )
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
 from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
@@ -142,18 +142,19 @@ class CheckpointService:
             leave_running = policy.leave_running and not stop
             instance = runner.machine.instance
             bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = task_condition(pid)
+            before = tree_condition(pid)
             if not leave_running:
                 runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
             began = self.clock()
             try:
+                under_init = runner.process is not None and runner.process.under_init
                 image = await trio.to_thread.run_sync(
                     self._dump,
                     runner.config,
                     pid,
                     trigger,
                     leave_running,
-                    policy.tcp_established,
+                    under_init,
                     abandon_on_cancel=False,
                 )
             except (CriuError, ImageFactsError, OSError, ValueError) as exc:
@@ -200,7 +201,7 @@ class CheckpointService:
         pid: int,
         trigger: Trigger,
         leave_running: bool,
-        tcp_established: bool,
+        under_init: bool,
     ) -> ImageMeta:
         with self._begin_lock:
             pending = self.store.begin(config.name)
@@ -212,7 +213,7 @@ class CheckpointService:
                             pid=pid,
                             images_dir=pending.criu_dir,
                             leave_running=leave_running,
-                            tcp_established=tcp_established,
+                            tcp_established=config.checkpoint.tcp_established,
                         )
                     )
             except CriuError as exc:
@@ -225,11 +226,12 @@ class CheckpointService:
                 kept = self._keep_failed_dump_log(config.name, pending.id, exc.log_path)
                 raise CriuError(exc.action, detail, kept) from exc
             return pending.commit(
-                read_dump_facts(pending.criu_dir),
+                read_dump_facts(pending.criu_dir, under_init=under_init),
                 trigger=trigger,
                 criu_version=self.criu_version,
                 definition_digest=config.definition_digest(),
                 leave_running=leave_running,
+                init=under_init,
             )
 
     def _keep_failed_dump_log(
@@ -277,7 +279,7 @@ class CheckpointService:
                     pid,
                     "recovery",
                     False,
-                    config.checkpoint.tcp_established,
+                    config.init,
                     abandon_on_cancel=False,
                 )
             except (CriuError, ImageFactsError, OSError, ValueError) as exc:
@@ -389,27 +391,34 @@ def restore_log_name(image: ImageMeta) -> str:
 
 
 def _examine_after_failed_dump(
-    runner: ProgramRunner, pid: int, before: TaskCondition | None, bound: Any
+    runner: ProgramRunner, pid: int, before: dict[int, TaskCondition], bound: Any
 ) -> None:
-    """CRIU that fails (or dies) mid-dump lets go of the program: the kernel detaches it and
-    its parasite code returns it to where it was. Check that, and say what was left behind."""
-    after = task_condition(pid)
-    if after is None:
+    """CRIU that fails (or dies) mid-dump lets go of the tree: the kernel detaches its tasks and
+    the parasite code returns them to where they were. Check that, and say what was left behind."""
+    after = tree_condition(pid)
+    if pid not in after:
         # The exit reaches the runner, which restarts the program per its autorestart.
         bound.warning("program_gone_after_failed_checkpoint")
         return
-    if after.parasite_mappings > (before.parasite_mappings if before is not None else 0):
+    mappings = sum(condition.parasite_mappings for condition in after.values())
+    if mappings > sum(condition.parasite_mappings for condition in before.values()):
         bound.warning(
             "criu_parasite_left_mapped",
-            mappings=after.parasite_mappings,
+            mappings=mappings,
             detail="the program runs on; CRIU's code stays mapped in it until its next restart",
         )
-    was_stopped = before is not None and before.stopped
-    if after.stopped and not was_stopped and after.tracer_pid == 0:
-        process = runner.process
-        if process is not None and process.pid == pid and process.returncode is None:
-            process.send_signal(signal.SIGCONT)
-            bound.warning("program_resumed_after_failed_checkpoint")
+    process = runner.process
+    if process is None or process.pid != pid or process.returncode is not None:
+        return
+    for task, condition in after.items():
+        was_stopped = task in before and before[task].stopped
+        if condition.stopped and not was_stopped and condition.tracer_pid == 0:
+            if task == pid:
+                process.send_signal(signal.SIGCONT)
+            else:
+                # A task of the tree we still hold (its root is our live child).
+                os.kill(task, signal.SIGCONT)
+            bound.warning("program_resumed_after_failed_checkpoint", task_pid=task)
 
 
 def _make_files_private(directory: Path) -> None:
@@ -427,7 +436,7 @@ def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> 
     for unused in read_fds.values():
         os.close(unused)
     try:
-        process = SandboxProcess.adopt(pid)
+        process = SandboxProcess.adopt(pid, under_init=image.init)
     except BaseException:
         for fd in (stdout_fd, stderr_fd):
             if fd is not None:

@@ -36,9 +36,11 @@ from grenadine_sv.lifecycle.machine import (
     StopRequested,
     StopTimeout,
     WatchReadiness,
+    describe_returncode,
     signal_name,
 )
 from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
+from grenadine_sv.sandbox.init import TINI
 from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
 from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
 
@@ -91,6 +93,7 @@ def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
         group=config.group,
         binds=tuple(str(path) for path in config.binds),
         root_anchor=str(root_anchor),
+        init=TINI if config.init else None,
     )
 
 
@@ -197,7 +200,11 @@ class ProgramRunner:
 
     def _log_exit(self, state: State, returncode: int) -> None:
         """Every exit with its cause: the exit status, or the signal that ended it."""
-        fields: dict[str, Any] = {"state": state.value, "pid": self.machine.pid}
+        fields: dict[str, Any] = {
+            "state": state.value,
+            "pid": self.machine.pid,
+            "exit": describe_returncode(returncode),
+        }
         if returncode < 0:
             fields["signal"] = signal_name(-returncode)
         else:

@@ -161,9 +161,9 @@ def test_status_shows_a_crash_with_its_signal_and_exits_1_when_fatal(
     )
     supervisor.wait_running("crashy")
     line = supervisor.cli("status", "crashy").stdout
-    assert "restarts 1, last exit signal SIGKILL" in line, line
+    assert "restarts 1, last exit signal KILL" in line, line
     exits = [e for e in log_events(supervisor) if e.get("event") == "program_exited"]
-    assert [(e["program"], e["signal"], e["pid"]) for e in exits] == [("crashy", "SIGKILL", first)]
+    assert [(e["program"], e["signal"], e["pid"]) for e in exits] == [("crashy", "KILL", first)]
 
     sv_dirs.write_config(
         f'[programs.crashy]\ncommand = ["/nonexistent/binary"]\nstartretries = 0\n\n'

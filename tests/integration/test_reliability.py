@@ -22,7 +22,13 @@ from structlog.testing import capture_logs
 from grenadine_sv.control import client as control
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.criu.binary import find_criu
-from grenadine_sv.criu.client import CriuError, DumpRequest, RestoreRequest, task_condition
+from grenadine_sv.criu.client import (
+    CriuError,
+    DumpRequest,
+    RestoreRequest,
+    task_condition,
+    tree_condition,
+)
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
@@ -136,10 +142,10 @@ async def test_criu_killed_mid_dump_leaves_the_program_running_and_no_image(
             assert killed
             assert sv.programs.runners["hog"].state == State.RUNNING
             assert sv.programs.runners["hog"].machine.pid == pid
-            condition = task_condition(pid)
-            assert condition is not None
-            assert not condition.stopped
-            assert condition.tracer_pid == 0
+            conditions = tree_condition(pid).values()
+            assert len(conditions) == 2, "the init and the program"
+            assert not any(condition.stopped for condition in conditions)
+            assert all(condition.tracer_pid == 0 for condition in conditions)
             checks = count_lines(out, b"ok")
             await wait_for(lambda: count_lines(out, b"ok") >= checks + 5, what="more checks")
             # Nothing of the dump is listed, nothing of it is left on disk but its log.
@@ -152,7 +158,7 @@ async def test_criu_killed_mid_dump_leaves_the_program_running_and_no_image(
             assert await metric(port, failures, program="hog", trigger="manual") == 1
             # CRIU's parasite, cut off mid-dump, returned the program to its own code but
             # stays mapped: reported, and harmless to later checkpoints and restores.
-            assert condition.parasite_mappings > 0
+            assert sum(condition.parasite_mappings for condition in conditions) > 0
             assert any(e["event"] == "criu_parasite_left_mapped" for e in logs)
             [entry] = await sv.operations.checkpoint_programs(["hog"], stop=True)
             await sv.operations.restore_program("hog", entry["image"]["id"])
@@ -169,10 +175,12 @@ class CriuLeavingTheTaskStopped:
     CRIU here, which the kernel detaches cleanly, but what the supervisor must not miss)."""
 
     def dump(self, request: DumpRequest) -> None:
-        os.kill(request.pid, signal.SIGSTOP)
+        tasks = list(tree_condition(request.pid))
+        for task in tasks:
+            os.kill(task, signal.SIGSTOP)
         deadline = time.monotonic() + 5
-        while not getattr(task_condition(request.pid), "stopped", False):
-            assert time.monotonic() < deadline, "SIGSTOP did not stop the program"
+        while not all(getattr(task_condition(task), "stopped", False) for task in tasks):
+            assert time.monotonic() < deadline, "SIGSTOP did not stop the init and the program"
             time.sleep(0.01)
         raise CriuError("dump", "simulated: criu died and left the task stopped", None)
 
@@ -190,9 +198,9 @@ async def test_program_left_stopped_by_a_failed_dump_is_resumed(sv_dirs: Supervi
             pid = await wait_state(sv, "ticker", State.RUNNING)
             with pytest.raises(ControlError, match="simulated"):
                 await sv.operations.checkpoint_programs(["ticker"], stop=False)
-            condition = task_condition(pid)
-            assert condition is not None
-            assert not condition.stopped
+            conditions = tree_condition(pid).values()
+            assert len(conditions) == 2, "the init and the program"
+            assert not any(condition.stopped for condition in conditions)
             ticks = count_lines(out, b"tick")
             await wait_for(lambda: count_lines(out, b"tick") >= ticks + 3, what="ticking again")
             assert sv.programs.runners["ticker"].machine.pid == pid

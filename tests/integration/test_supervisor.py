@@ -38,9 +38,11 @@ async def test_program_is_pid1_of_its_own_namespaces_with_clean_fds(sv_dirs: Sup
         assert nspid.split()[-1] == "1"
         assert ns_inode(pid, "mnt") != ns_inode("self", "mnt")
         assert ns_inode(pid, "pid") != ns_inode("self", "pid")
-        assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2]
-        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
-        assert os.readlink(f"/proc/{pid}/fd/1").startswith("pipe:")
+        [program] = children_of(pid)  # PID 1 is the init
+        for task in (pid, program):
+            assert sorted(int(fd) for fd in os.listdir(f"/proc/{task}/fd")) == [0, 1, 2]
+            assert os.readlink(f"/proc/{task}/fd/0") == "/dev/null"
+            assert os.readlink(f"/proc/{task}/fd/1").startswith("pipe:")
         await wait_for(lambda: b"tick 3" in sv_dirs.stdout_log("ticker").read_bytes())
     assert not pid_alive(pid)
     assert "gsv-" not in Path("/proc/self/mountinfo").read_text()
@@ -73,8 +75,9 @@ async def test_program_ignoring_sigterm_is_killed_with_its_children(sv_dirs: Sup
     )
     async with running_supervisor(config) as sv:
         pid = await wait_state(sv, "stubborn", State.RUNNING)
-        await wait_for(lambda: len(children_of(pid)) == 2)
-        children = children_of(pid)
+        [shell] = children_of(pid)  # the init's only child
+        await wait_for(lambda: len(children_of(shell)) == 2)
+        children = [shell, *children_of(shell)]
         with capture_logs() as logs:
             state = await sv.programs.runners["stubborn"].stop(10)
         assert state == State.STOPPED

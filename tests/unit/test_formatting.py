@@ -280,7 +280,7 @@ def test_status_shows_restarts_last_exit_and_a_failed_checkpoint() -> None:
         [status_entry(restarts=2, exit_status=-9, last_checkpoint_failure=failure)]
     )
     assert line == (
-        "memcached  RUNNING   pid 32008, uptime 1:02:05, restarts 2, last exit signal SIGKILL, "
+        "memcached  RUNNING   pid 32008, uptime 1:02:05, restarts 2, last exit signal KILL, "
         "last checkpoint FAILED at 2026-11-27 06:00:00 UTC (interval): no space\n"
     )
     exited = format_status(
