@@ -24,6 +24,7 @@ __all__ = [
     "format_images",
     "format_prune",
     "format_reload",
+    "format_removed",
     "format_restore",
     "format_status",
     "print_json",
@@ -83,7 +84,7 @@ def describe_program(entry: Mapping[str, Any]) -> str:
         details.append(str(entry["reason"]))
     if entry.get("restarts"):
         details.append(f"restarts {entry['restarts']}")
-    if entry.get("exit_status") is not None and state != "STOPPED":  # not after a stop
+    if entry.get("exit_status") is not None and not entry.get("exit_requested"):
         details.append(f"last exit {describe_exit(int(entry['exit_status']))}")
     checkpoint = entry.get("last_checkpoint")
     if checkpoint:
@@ -158,15 +159,20 @@ def format_restore(result: Mapping[str, Any]) -> str:
     name = result["name"]
     image = short_id(str(result["image"]))
     now = result["state"] if result.get("pid") is None else f"{result['state']} pid {result['pid']}"
+    saved = ""
+    if result.get("saved"):
+        saved = f"{name}: checkpoint {short_id(str(result['saved']))} of its running memory first\n"
     if result.get("fallback"):
-        return (
+        instead = result.get("restored_from")
+        did = f"restored the previous image {short_id(str(instead))}" if instead else "started cold"
+        return saved + (
             f"{name}: restore from {image} failed ({result['fallback']}); "
-            f"started cold as restore_fallback says, {now}\n"
+            f"{did} as restore_fallback says, {now}\n"
         )
     if result.get("state") != "RUNNING":
         reason = f" ({result['reason']})" if result.get("reason") else ""
-        return f"{name}: restore from {image} failed{reason}, {now}\n"
-    return f"{name}: restored from {image}, {now}\n"
+        return saved + f"{name}: restore from {image} failed{reason}, {now}\n"
+    return saved + f"{name}: restored from {image}, {now}\n"
 
 
 # reload, prune ----------------------------------------------------------------
@@ -209,6 +215,14 @@ def format_prune(deleted: Mapping[str, Sequence[str]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def format_removed(removed: Mapping[str, Sequence[str]]) -> str:
+    return "".join(
+        f"{program}: removed image {short_id(image_id)}\n"
+        for program, ids in removed.items()
+        for image_id in ids
+    )
+
+
 # images -----------------------------------------------------------------------
 
 
@@ -231,8 +245,13 @@ class ImageRow(Protocol):
     def trigger(self) -> str: ...
 
 
-def format_images(images: Sequence[ImageRow]) -> str:
-    header = ("IDX", "IMAGE_ID", "CTIME", "COMM", "MEM_SIZE", "PROGRAM", "TRIGGER", "SIZE")
+def format_images(
+    images: Sequence[ImageRow], corrupt: Mapping[str, str | None] | None = None
+) -> str:
+    """The seed's columns, then ours; an image known to be corrupt says CORRUPT, and why
+    below the table."""
+    corrupt = corrupt or {}
+    header = ("IDX", "IMAGE_ID", "CTIME", "COMM", "MEM_SIZE", "PROGRAM", "TRIGGER", "SIZE", "CHECK")
     rows: list[tuple[str, ...]] = [header]
     index: dict[str, int] = {}
     for image in images:
@@ -248,15 +267,20 @@ def format_images(images: Sequence[ImageRow]) -> str:
                 image.program,
                 image.trigger,
                 format_bytes(image.image_bytes),
+                "CORRUPT" if corrupt.get(image.id) else "ok",
             )
         )
     if len(rows) == 1:
         return "no images\n"
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "".join(
+    table = "".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() + "\n"
         for row in rows
     )
+    notes = "".join(
+        f"{short_id(image_id)} is corrupt: {why}\n" for image_id, why in corrupt.items() if why
+    )
+    return table + notes
 
 
 def format_ctime(created: datetime) -> str:

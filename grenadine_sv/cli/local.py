@@ -169,8 +169,26 @@ def images(args: argparse.Namespace, out: TextIO) -> int:
     if args.name is not None and args.name not in config.programs and not listed:
         print(f"grenadine-sv: no such program: {args.name}", file=sys.stderr)
         return EXIT_USAGE
+    removed = sorted({i.program for i in listed if i.program not in config.programs})
+    if args.name is None and not args.all:
+        listed = [image for image in listed if image.program in config.programs]
+    corrupt = {image.id: store.corruption(image) for image in listed}
     if args.json:
-        print_json([image.model_dump(mode="json") for image in listed], out)
-    else:
-        out.write(format_images(listed))
+        print_json(
+            [
+                image.model_dump(mode="json")
+                | {"corrupt": corrupt[image.id], "configured": image.program in config.programs}
+                for image in listed
+            ],
+            out,
+        )
+        return EXIT_OK
+    out.write(format_images(listed, corrupt))
+    if removed and args.name is None and not args.all:
+        names = ", ".join(removed)
+        print(
+            f"(images of programs no longer configured, {names}: see images --all; "
+            "prune NAME deletes them)",
+            file=sys.stderr,
+        )
     return EXIT_OK

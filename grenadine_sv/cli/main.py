@@ -122,12 +122,31 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     restore = add("restore", "restore a program from an image", json_output=True)
     restore.add_argument("name")
     restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="restore a RUNNING program even if its memory cannot be checkpointed first",
+    )
     images = add("images", "list checkpoint images", json_output=True)
     images.add_argument("name", nargs="?")
+    images.add_argument(
+        "--all", action="store_true", help="also images of programs no longer configured"
+    )
     prune = add("prune", "delete old images", json_output=True)
-    prune.add_argument("name", nargs="?")
+    prune.add_argument("name", nargs="?", help="a program (also one no longer configured)")
     prune.add_argument(
-        "--keep", type=count, help="images to keep per program (default: its checkpoint.keep)"
+        "--keep",
+        type=count,
+        help="images to keep per program (default: its checkpoint.keep; 0 if not configured)",
+    )
+    prune.add_argument(
+        "--force", action="store_true", help="also delete the image a pinned restore names"
+    )
+    rmi = add("rmi", "remove images of a program (corrupt ones too)", json_output=True)
+    rmi.add_argument("name")
+    rmi.add_argument("images", nargs="+", metavar="IMAGE", help="image id, id prefix or IDX")
+    rmi.add_argument(
+        "--force", action="store_true", help="also remove the image a pinned restore names"
     )
 
 

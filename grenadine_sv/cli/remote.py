@@ -24,6 +24,7 @@ from grenadine_sv.cli.formatting import (
     format_checkpoints,
     format_prune,
     format_reload,
+    format_removed,
     format_restore,
     format_status,
     print_json,
@@ -114,7 +115,7 @@ def remote(args: argparse.Namespace, out: TextIO) -> int:
 def request_and_print(args: argparse.Namespace, out: TextIO) -> int:
     """Send the command with its arguments; print the reply for a human, or as JSON."""
     request_args: dict[str, Any] = {}
-    for key in ("names", "stop", "keep", "name", "image", "signal_round"):
+    for key in ("names", "stop", "keep", "name", "image", "images", "signal_round", "force"):
         if getattr(args, key, None) is not None:
             request_args[key] = getattr(args, key)
     result = ask(args, args.command, request_args)
@@ -136,6 +137,7 @@ def format_result(command: str, result: Any) -> str:
         "restore": format_restore,
         "reload": format_reload,
         "prune": format_prune,
+        "rmi": format_removed,
     }
     formatter = formatters.get(command)
     if formatter is None:

@@ -319,8 +319,9 @@ class ProgramConfig(BaseModel):
     ready: ReadyProbe | None = None
     restore: ImageRef | None = None
     """start from this image id, or "latest", instead of from scratch"""
-    restore_fallback: Literal["cold", "fail"] = "cold"
-    """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
+    restore_fallback: Literal["cold", "fail", "previous"] = "cold"
+    """when the image cannot be restored: start from scratch ("cold"), not at all ("fail"), or
+    from the next older image that restores ("previous", else from scratch)"""
     binds: list[AbsolutePath] = []
     """host paths bound into the sandbox at the same path"""
     init: StrictBool = True

@@ -31,9 +31,17 @@ class Supervised(Protocol):
         """What SIGUSR1 does, as a request: the RUNNING programs with on_signal = true."""
         ...
 
-    async def restore_program(self, name: str, ref: str) -> dict[str, Any]: ...
+    async def restore_program(self, name: str, ref: str, force: bool = False) -> dict[str, Any]: ...
 
-    async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]: ...
+    async def prune(
+        self, names: list[str], keep: int | None, force: bool = False
+    ) -> dict[str, list[str]]:
+        """Retention; names may be programs no longer configured that still have images."""
+        ...
+
+    async def remove_images(
+        self, name: str, refs: list[str], force: bool = False
+    ) -> dict[str, list[str]]: ...
 
     def request_shutdown(self) -> None: ...
 
@@ -97,12 +105,25 @@ class RequestHandler:
                 return await sv.checkpoint_programs(sv.select(names_argument(args)), stop)
             case "restore":
                 return await sv.restore_program(
-                    text_argument(args, "name"), text_argument(args, "image")
+                    text_argument(args, "name"),
+                    text_argument(args, "image"),
+                    force=flag_argument(args, "force"),
                 )
             case "prune":
                 name = args.get("name")
-                selected = sv.select([text_argument(args, "name")]) if name else []
-                return await sv.prune(selected, count_argument(args, "keep"))
+                selected = [text_argument(args, "name")] if name else []
+                return await sv.prune(
+                    selected, count_argument(args, "keep"), force=flag_argument(args, "force")
+                )
+            case "rmi":
+                images = args.get("images")
+                if not isinstance(images, list) or not images:
+                    raise ControlError('"images" must name at least one image', usage=True)
+                return await sv.remove_images(
+                    text_argument(args, "name"),
+                    [text_argument({"image": ref}, "image") for ref in images],
+                    force=flag_argument(args, "force"),
+                )
             case "ping":
                 return {"pid": os.getpid()}
             case "shutdown":

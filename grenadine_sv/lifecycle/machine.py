@@ -185,6 +185,8 @@ class ProgramMachine:
     since: float = 0.0
     started_at: float | None = None
     last_exit: int | None = None
+    # The last exit was the end of a requested stop, not the program's doing.
+    last_exit_requested: bool = False
     reason: str = ""
     restart_count: int = 0
     history: list[tuple[float, State]] = field(default_factory=list)
@@ -295,6 +297,7 @@ class ProgramMachine:
             return []
         self.pid = None
         self.last_exit = event.returncode
+        self.last_exit_requested = self.state == State.STOPPING
         if self.state == State.STOPPING:
             self._enter(State.STOPPED, event.now)
             return []

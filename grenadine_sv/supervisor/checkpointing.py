@@ -16,7 +16,7 @@ import trio
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
-from grenadine_sv.store.images import Trigger
+from grenadine_sv.store.images import ImageMeta, Trigger
 from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
 from grenadine_sv.supervisor.runner import ProgramRunner
@@ -152,32 +152,98 @@ class Checkpointing:
             for n in chosen
         ]
 
-    async def restore_program(self, name: str, ref: str) -> dict[str, Any]:
-        """Restore a program from an image; the reply says which, and any fallback taken."""
+    async def restore_program(self, name: str, ref: str, force: bool = False) -> dict[str, Any]:
+        """Restore `name` from an image. A RUNNING program is checkpointed first, so that its
+        live memory is not lost; if that fails, nothing happens unless `force`."""
         service = self.usable_service()
         runner = self.programs.runners[self.programs.select([name])[0]]
         try:
             image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
         except (LookupError, ValueError) as exc:
             raise ControlError(str(exc), usage=True) from exc
+        restored: dict[str, Any] = {"image": image.id, "fallback": None, "saved": None}
+        if runner.state == State.RUNNING and not force:
+            try:
+                saved = await service.checkpoint(runner, "pre-restore")
+            except CheckpointError as exc:
+                raise ControlError(
+                    f"{name} is RUNNING and its memory could not be saved first ({exc}); "
+                    "nothing was restored (--force restores anyway, losing it)"
+                ) from exc
+            restored["saved"] = saved.id
         if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
             await runner.stop(runner.stop_timeout_bound())
-        restored: dict[str, Any] = {"image": image.id, "fallback": None}
 
-        def note_fallback(reason: str) -> None:
+        def note_fallback(reason: str, instead: ImageMeta | None) -> None:
             restored["fallback"] = reason
+            restored["restored_from"] = instead.id if instead is not None else None
 
         runner.next_launcher = lambda r: service.launch_with_fallback(r, image, note_fallback)
         await runner.start(start_timeout_bound(runner.config))
         return restored
 
-    async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:
+    async def prune(
+        self, names: list[str], keep: int | None, force: bool = False
+    ) -> dict[str, list[str]]:
+        """Apply retention (each program's checkpoint.keep, or `keep`). Programs no longer
+        configured are reached by name (their images are kept until asked: keep 0 unless
+        given). An image a pinned `restore` names is kept unless `force`."""
         service = self.usable_service()
+        known = await trio.to_thread.run_sync(service.store.programs)
         runners = self.programs.runners
+        unknown = [n for n in names if n not in runners and n not in known]
+        if unknown:
+            raise ControlError(f"no such program: {', '.join(unknown)}", usage=True)
         deleted: dict[str, list[str]] = {}
-        for name in names or list(runners):
-            limit = keep if keep is not None else runners[name].config.checkpoint.keep
+        for name in names or self.programs.select(["all"]):
+            runner = runners.get(name)
+            limit = keep if keep is not None else runner.config.checkpoint.keep if runner else 0
             async with service.images_of(name).lock:
+                listed = await trio.to_thread.run_sync(service.store.list, name)
+                doomed = service.store.prune_plan(listed, limit)
+                if not force:
+                    self._refuse_pinned(name, doomed, "prune")
                 gone = await trio.to_thread.run_sync(service.prune_images, name, limit)
             deleted[name] = [image.id for image in gone]
         return deleted
+
+    async def remove_images(
+        self, name: str, refs: list[str], force: bool = False
+    ) -> dict[str, list[str]]:
+        """Delete the images `refs` name (corrupt ones included); one a pinned `restore`
+        names only with `force`."""
+        service = self.usable_service()
+        known = await trio.to_thread.run_sync(service.store.programs)
+        if name not in self.programs.runners and name not in known:
+            raise ControlError(f"no such program: {name}", usage=True)
+        async with service.images_of(name).lock:
+            images: list[ImageMeta] = []
+            for ref in refs:
+                try:
+                    image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
+                except (LookupError, ValueError) as exc:
+                    raise ControlError(str(exc), usage=True) from exc
+                if image not in images:
+                    images.append(image)
+            if not force:
+                self._refuse_pinned(name, images, "rmi")
+            for image in images:
+                await trio.to_thread.run_sync(service.remove_image, image)
+                log.info("image_removed", program=name, image_id=image.id)
+        return {name: [image.id for image in images]}
+
+    def _refuse_pinned(self, name: str, doomed: list[ImageMeta], command: str) -> None:
+        """Refuse to delete the image a pinned `restore` of `name` would start from."""
+        runner = self.programs.runners.get(name)
+        ref = runner.config.restore if runner is not None else None
+        if ref is None or self.service is None or not doomed:
+            return
+        try:
+            pinned = self.service.store.resolve(name, ref)
+        except (LookupError, ValueError):
+            return
+        if pinned in doomed:
+            raise ControlError(
+                f"{command} would delete image {pinned.id[:12]}, which programs.{name}.restore "
+                f'= "{ref}" starts {name} from; nothing deleted (--force deletes it anyway)'
+            )

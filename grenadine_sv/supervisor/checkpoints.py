@@ -56,6 +56,10 @@ class RestoreError(SandboxError):
         self.fatal = fatal
 
 
+# Told why a restore fell back, and which older image it restored instead (None: cold).
+FallbackObserver = Callable[[str, ImageMeta | None], None]
+
+
 class CheckpointMetrics(Protocol):
     def checkpoint_succeeded(
         self, program: str, trigger: str, duration_seconds: float, frozen_seconds: float
@@ -185,6 +189,14 @@ class CheckpointService:
                 bound.info("image_pruned", image_id=old.id)
             return image
 
+    def remove_image(self, image: ImageMeta) -> None:
+        """Delete one image (and its restore log), whatever its place in the retention."""
+        self.store.delete(image)
+        with contextlib.suppress(FileNotFoundError):
+            (self.work_dir / image.program / restore_log_name(image)).unlink()
+        if self.images_of(image.program).last_checkpoint == image:
+            self.learn_last_checkpoint(image.program)
+
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
         deleted = self.store.prune(program, keep)
@@ -303,6 +315,10 @@ class CheckpointService:
                     self._restore, runner, image, abandon_on_cancel=False
                 )
             except (CriuError, ImageCorrupt, OSError) as exc:
+                if isinstance(exc, ImageCorrupt):
+                    await trio.to_thread.run_sync(
+                        self.store.mark_corrupt, image, f"{exc.path} {exc.reason}"
+                    )
                 self.metrics.restore_failed(program)
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
@@ -366,10 +382,11 @@ class CheckpointService:
         self,
         runner: ProgramRunner,
         image: ImageMeta | str,
-        on_fallback: Callable[[str], None] | None = None,
+        on_fallback: FallbackObserver | None = None,
     ) -> LaunchedInstance:
         """Restore from `image` (or a reference to one); on failure follow restore_fallback:
-        "cold" starts the program from scratch, "fail" makes it FATAL with the reason."""
+        "cold" starts the program from scratch, "fail" makes it FATAL with the reason,
+        "previous" restores the next older image that restores (else starts cold)."""
         try:
             if isinstance(image, str):
                 try:
@@ -378,12 +395,37 @@ class CheckpointService:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
             return await self.launch_from_image(runner, image)
         except RestoreError as exc:
-            if runner.config.restore_fallback == "fail":
+            fallback = runner.config.restore_fallback
+            if fallback == "fail":
                 raise RestoreError(str(exc), fatal=True) from exc
+            if fallback == "previous":
+                failed = image if isinstance(image, ImageMeta) else None
+                for older in await trio.to_thread.run_sync(self._older_images, runner.name, failed):
+                    try:
+                        launched = await self.launch_from_image(runner, older)
+                    except RestoreError:
+                        continue
+                    log.warning(
+                        "restore_fallback_previous",
+                        program=runner.name,
+                        image_id=older.id,
+                        reason=str(exc),
+                    )
+                    if on_fallback is not None:
+                        on_fallback(str(exc), older)
+                    return launched
             log.warning("restore_fallback_cold", program=runner.name, reason=str(exc))
             if on_fallback is not None:
-                on_fallback(str(exc))
+                on_fallback(str(exc), None)
             return await launch_cold(runner)
+
+    def _older_images(self, program: str, failed: ImageMeta | None) -> list[ImageMeta]:
+        """The images older than `failed` (all, without one), newest first, without those
+        already known to be corrupt."""
+        listed = self.store.list(program)
+        if failed is not None:
+            listed = [m for m in listed if (m.created, m.id) < (failed.created, failed.id)]
+        return [m for m in listed if self.store.corruption(m) is None]
 
 
 def restore_log_name(image: ImageMeta) -> str:

@@ -43,6 +43,7 @@ class Operations:
             "uptime_seconds": runner.uptime(),
             "restarts": machine.restart_count,
             "exit_status": machine.last_exit,
+            "exit_requested": machine.last_exit_requested,
             "reason": self.deploys.rollbacks.get(runner.name) or machine.reason,
             "last_checkpoint": self.last_checkpoint(runner.name),
             "last_checkpoint_failure": self.last_checkpoint_failure(runner.name),
@@ -82,9 +83,16 @@ class Operations:
     async def checkpoint_signal_round(self, stop: bool) -> list[dict[str, Any]]:
         return await self.checkpointing.checkpoint_signal_round(stop)
 
-    async def restore_program(self, name: str, ref: str) -> dict[str, Any]:
-        restored = await self.checkpointing.restore_program(name, ref)
+    async def restore_program(self, name: str, ref: str, force: bool = False) -> dict[str, Any]:
+        restored = await self.checkpointing.restore_program(name, ref, force)
         return restored | self.describe(self.programs.runners[name])
 
-    async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:
-        return await self.checkpointing.prune(names, keep)
+    async def prune(
+        self, names: list[str], keep: int | None, force: bool = False
+    ) -> dict[str, list[str]]:
+        return await self.checkpointing.prune(names, keep, force)
+
+    async def remove_images(
+        self, name: str, refs: list[str], force: bool = False
+    ) -> dict[str, list[str]]:
+        return await self.checkpointing.remove_images(name, refs, force)

@@ -96,7 +96,11 @@ def test_status_of_nothing_says_so() -> None:
 
 def test_a_stopped_program_shows_no_pid_nor_the_exit_of_its_stop() -> None:
     line = format_status(
-        [status_entry(state="STOPPED", pid=4, uptime_seconds=None, exit_status=-15)]
+        [
+            status_entry(
+                state="STOPPED", pid=4, uptime_seconds=None, exit_status=-15, exit_requested=True
+            )
+        ]
     )
     assert line == "memcached  STOPPED\n"
 
@@ -246,8 +250,11 @@ def test_images_table_has_the_seeds_columns_then_ours() -> None:
             grenadine_version="0",
         )
 
-    text = format_images([meta("counter", 2, OTHER_ID), meta("memcached", 1, IMAGE_ID)])
-    header, first, second = text.splitlines()
+    text = format_images(
+        [meta("counter", 2, OTHER_ID), meta("memcached", 1, IMAGE_ID)],
+        {OTHER_ID: None, IMAGE_ID: "criu/pages-1.img is missing"},
+    )
+    header, first, second, note = text.splitlines()
     assert header.split() == [
         "IDX",
         "IMAGE_ID",
@@ -257,6 +264,7 @@ def test_images_table_has_the_seeds_columns_then_ours() -> None:
         "PROGRAM",
         "TRIGGER",
         "SIZE",
+        "CHECK",
     ]
     assert first.split() == [
         "0",
@@ -269,8 +277,11 @@ def test_images_table_has_the_seeds_columns_then_ours() -> None:
         "counter",
         "signal",
         "2.00KiB",
+        "ok",
     ]
     assert second.split()[0] == "0"  # IDX counts per program
+    assert second.split()[-1] == "CORRUPT"
+    assert note == f"{IMAGE_ID[:12]} is corrupt: criu/pages-1.img is missing"
     assert format_images([]) == "no images\n"
 
 
