@@ -129,12 +129,18 @@ def _reject_empty_path(value: object) -> object:
     return value
 
 
+def _normalized(path: Path) -> Path:
+    """The path without ".", "..", repeated or trailing slashes ("//srv/" is "/srv")."""
+    text = os.path.normpath(path)
+    return Path("/" + text.lstrip("/") if text.startswith("//") else text)
+
+
 def _resolve_path(path: Path, info: ValidationInfo) -> Path:
     if "\0" in str(path):
         raise ValueError("expected a path without NUL characters")
     context = info.context if isinstance(info.context, dict) else {}
     base_dir = Path(context.get("base_dir") or Path.cwd())
-    return Path(os.path.normpath(base_dir / path))
+    return _normalized(base_dir / path)
 
 
 def _check_absolute(path: Path) -> Path:
@@ -142,7 +148,16 @@ def _check_absolute(path: Path) -> Path:
         raise ValueError("expected a path without NUL characters")
     if not path.is_absolute():
         raise ValueError("expected an absolute path")
-    return Path(os.path.normpath(path))
+    return _normalized(path)
+
+
+def _check_binds(paths: list[Path]) -> list[Path]:
+    if Path("/") in paths:
+        raise ValueError('expected paths other than "/" (the sandbox always has the root)')
+    repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
+    if repeated:
+        raise ValueError(f"expected each path once ({', '.join(repeated)} is listed twice)")
+    return paths
 
 
 def _check_socket_path(path: Path) -> Path:
@@ -210,6 +225,8 @@ ImageRef = Annotated[
     AfterValidator(_check_image_ref),
     WithJsonSchema({"type": "string", "pattern": f"^({IMAGE_REF_PATTERN})$"}),
 ]
+Binds = Annotated[list[AbsolutePath], AfterValidator(_check_binds)]
+AccountName = Annotated[NonEmptyStr, AfterValidator(_check_no_nul)]
 Environment = dict[
     Annotated[str, AfterValidator(_check_variable_name)],
     Annotated[str, AfterValidator(_check_no_nul)],
@@ -302,8 +319,8 @@ class ProgramConfig(BaseModel):
     directory: ResolvedPath = Path("/")
     environment: Environment = {}
     umask: Umask | None = None
-    user: NonEmptyStr | None = None
-    group: NonEmptyStr | None = None
+    user: AccountName | None = None
+    group: AccountName | None = None
     autostart: StrictBool = True
     autorestart: Literal["always", "on-failure", "never"] = "on-failure"
     exitcodes: list[ExitCode] = [0]
@@ -322,7 +339,7 @@ class ProgramConfig(BaseModel):
     restore_fallback: Literal["cold", "fail", "previous"] = "cold"
     """when the image cannot be restored: start from scratch ("cold"), not at all ("fail"), or
     from the next older image that restores ("previous", else from scratch)"""
-    binds: list[AbsolutePath] = []
+    binds: Binds = []
     """host paths bound into the sandbox at the same path"""
     init: StrictBool = True
     """run Debian's tini as PID 1 with the program as its child; false for a program that is

@@ -24,7 +24,13 @@ LAUNCH_TIMEOUT = 10.0
 
 
 class SandboxError(Exception):
-    """The sandbox could not start the program; the message says which step failed and why."""
+    """The sandbox could not start the program; the message says which step failed and why.
+
+    `fatal` when trying again cannot help (the program then goes to FATAL at once)."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class SandboxProcess:

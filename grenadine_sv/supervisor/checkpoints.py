@@ -51,10 +51,6 @@ class CheckpointError(Exception):
 class RestoreError(SandboxError):
     """A restore did not happen; the message says why."""
 
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.fatal = fatal
-
 
 # Told why a restore fell back, and which older image it restored instead (None: cold).
 FallbackObserver = Callable[[str, ImageMeta | None], None]

@@ -261,10 +261,14 @@ class ProgramRunner:
         self.next_launcher = None
         try:
             launched = await launcher(self)
-        except (SandboxError, OSError) as exc:
-            self.log.warning("spawn_failed", error=str(exc))
-            fatal = bool(getattr(exc, "fatal", False))
-            self.post(SpawnFailed(instance, str(exc), trio.current_time(), fatal=fatal))
+        except Exception as exc:  # whatever goes wrong, only this program's start fails
+            if isinstance(exc, SandboxError | OSError):
+                self.log.warning("spawn_failed", error=str(exc))
+            else:
+                self.log.exception("spawn_failed", error=repr(exc))
+            fatal = isinstance(exc, SandboxError) and exc.fatal
+            reason = str(exc) or repr(exc)
+            self.post(SpawnFailed(instance, reason, trio.current_time(), fatal=fatal))
             return
         self.adopt_instance(instance, launched)
 
