@@ -172,7 +172,8 @@ def format_restore(result: Mapping[str, Any]) -> str:
     if result.get("state") != "RUNNING":
         reason = f" ({result['reason']})" if result.get("reason") else ""
         return saved + f"{name}: restore from {image} failed{reason}, {now}\n"
-    return saved + f"{name}: restored from {image}, {now}\n"
+    warning = f"warning: {result['warning']}\n" if result.get("warning") else ""
+    return f"{saved}{warning}{name}: restored from {image}, {now}\n"
 
 
 # reload, prune ----------------------------------------------------------------

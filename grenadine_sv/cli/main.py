@@ -127,6 +127,12 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
         action="store_true",
         help="restore a RUNNING program even if its memory cannot be checkpointed first",
     )
+    restore.add_argument(
+        "--allow-changed-definition",
+        action="store_true",
+        default=None,
+        help="restore even if the program's definition changed since the image was taken",
+    )
     images = add("images", "list checkpoint images", json_output=True)
     images.add_argument("name", nargs="?")
     images.add_argument(

@@ -115,7 +115,8 @@ def remote(args: argparse.Namespace, out: TextIO) -> int:
 def request_and_print(args: argparse.Namespace, out: TextIO) -> int:
     """Send the command with its arguments; print the reply for a human, or as JSON."""
     request_args: dict[str, Any] = {}
-    for key in ("names", "stop", "keep", "name", "image", "images", "signal_round", "force"):
+    keys = ("names", "stop", "keep", "name", "image", "images", "signal_round", "force")
+    for key in (*keys, "allow_changed_definition"):
         if getattr(args, key, None) is not None:
             request_args[key] = getattr(args, key)
     result = ask(args, args.command, request_args)

@@ -60,6 +60,20 @@ DIGEST_FIELDS = (
     "stopsignal",
     "init",
 )
+# Fields an image records and a restore compares with the definition it restores into
+# (environment apart: store/definition.py hashes its values). Names a ProgramConfig lacks are
+# skipped, so sandbox settings can be added here as they come.
+RESTORE_COMPARED_FIELDS = (
+    "command",
+    "directory",
+    "user",
+    "group",
+    "umask",
+    "binds",
+    "init",
+    "private_tmp",
+    "snapshot_paths",
+)
 
 _DURATION_JSON: dict[str, Any] = {
     "anyOf": [

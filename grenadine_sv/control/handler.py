@@ -31,7 +31,9 @@ class Supervised(Protocol):
         """What SIGUSR1 does, as a request: the RUNNING programs with on_signal = true."""
         ...
 
-    async def restore_program(self, name: str, ref: str, force: bool = False) -> dict[str, Any]: ...
+    async def restore_program(
+        self, name: str, ref: str, force: bool = False, *, allow_changed_definition: bool = False
+    ) -> dict[str, Any]: ...
 
     async def prune(
         self, names: list[str], keep: int | None, force: bool = False
@@ -108,6 +110,7 @@ class RequestHandler:
                     text_argument(args, "name"),
                     text_argument(args, "image"),
                     force=flag_argument(args, "force"),
+                    allow_changed_definition=flag_argument(args, "allow_changed_definition"),
                 )
             case "prune":
                 name = args.get("name")

@@ -46,8 +46,14 @@ class DumpRequest:
     pid: int
     images_dir: Path
     leave_running: bool
+    # The tasks stay frozen after the dump (and TCP connections locked) until the caller
+    # resumes them with SIGCONT or kills them: the dump never outlives its program unlisted.
+    leave_stopped: bool = False
     tcp_established: bool = False
     log_name: str = "dump.log"
+    # Fds the CRIU process holds open while it runs (the state_dir lock: a supervisor killed
+    # meanwhile is not replaced before CRIU has finished).
+    hold_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,13 +105,14 @@ class Criu:
         log_path = request.images_dir / request.log_name
         failure: pycriu.CRIUException | None = None
         with (
-            self._session((), "dump", log_path) as session,
+            self._session(request.hold_fds, "dump", log_path) as session,
             _open_dir(request.images_dir) as dir_fd,
         ):
             opts = session.client.opts
             opts.images_dir_fd = dir_fd
             opts.pid = request.pid
             opts.leave_running = request.leave_running
+            opts.leave_stopped = request.leave_stopped
             opts.tcp_established = request.tcp_established
             opts.external.append("mnt[]")
             opts.log_file = request.log_name

@@ -17,7 +17,13 @@ from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
 from grenadine_sv.store.images import ImageMeta, Trigger
-from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
+from grenadine_sv.supervisor.checkpoints import (
+    OLD_FORMAT_WARNING,
+    CheckpointError,
+    CheckpointService,
+    changed_definition_message,
+    check_definition,
+)
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
 from grenadine_sv.supervisor.runner import ProgramRunner
 
@@ -152,15 +158,22 @@ class Checkpointing:
             for n in chosen
         ]
 
-    async def restore_program(self, name: str, ref: str, force: bool = False) -> dict[str, Any]:
-        """Restore `name` from an image. A RUNNING program is checkpointed first, so that its
-        live memory is not lost; if that fails, nothing happens unless `force`."""
+    async def restore_program(
+        self, name: str, ref: str, force: bool = False, *, allow_changed_definition: bool = False
+    ) -> dict[str, Any]:
+        """Restore a program from an image; the reply says which, and any fallback taken.
+        An image taken under another definition is refused before the running instance is
+        touched, unless `allow_changed_definition`. A RUNNING program is checkpointed first,
+        so that its live memory is not lost; if that fails, nothing happens unless `force`."""
         service = self.usable_service()
         runner = self.programs.runners[self.programs.select([name])[0]]
         try:
             image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
         except (LookupError, ValueError) as exc:
             raise ControlError(str(exc), usage=True) from exc
+        check = check_definition(runner.config, image)
+        if not check.unchanged and not allow_changed_definition:
+            raise ControlError(changed_definition_message(image, check))
         restored: dict[str, Any] = {"image": image.id, "fallback": None, "saved": None}
         if runner.state == State.RUNNING and not force:
             try:
@@ -173,12 +186,18 @@ class Checkpointing:
             restored["saved"] = saved.id
         if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
             await runner.stop(runner.stop_timeout_bound())
+        if not check.recorded_fields:
+            restored["warning"] = OLD_FORMAT_WARNING
+        elif not check.unchanged:
+            restored["warning"] = f"restored into a changed definition: {check.describe()}"
 
         def note_fallback(reason: str, instead: ImageMeta | None) -> None:
             restored["fallback"] = reason
             restored["restored_from"] = instead.id if instead is not None else None
 
-        runner.next_launcher = lambda r: service.launch_with_fallback(r, image, note_fallback)
+        runner.next_launcher = lambda r: service.launch_with_fallback(
+            r, image, note_fallback, allow_changed_definition=allow_changed_definition
+        )
         await runner.start(start_timeout_bound(runner.config))
         return restored
 

@@ -103,7 +103,10 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         prepare_state_dir(self.state_dir)
         try:
-            with state_dir_lock(self.state_dir):
+            with state_dir_lock(self.state_dir) as lock:
+                if self.checkpointing.service is not None:
+                    # CRIU dumps hold the lock too: see recovery.state_dir_lock.
+                    self.checkpointing.service.hold_fds = (lock.fileno(),)
                 await self._run_locked(task_status)
         except StateDirBusy as exc:
             raise StartupError(str(exc)) from exc
@@ -113,11 +116,7 @@ class Supervisor:
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         settings.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         become_subreaper()
-        service = self.checkpointing.service
-        if service is not None:
-            stale = await trio.to_thread.run_sync(service.store.remove_stale_partials)
-            if stale:
-                log.warning("stale_partial_images_removed", count=stale)
+        await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
         sock = control.bind_socket(settings.control_socket)
         write_pid_file(self.pid_file)
         log.info(

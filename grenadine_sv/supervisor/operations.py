@@ -83,8 +83,12 @@ class Operations:
     async def checkpoint_signal_round(self, stop: bool) -> list[dict[str, Any]]:
         return await self.checkpointing.checkpoint_signal_round(stop)
 
-    async def restore_program(self, name: str, ref: str, force: bool = False) -> dict[str, Any]:
-        restored = await self.checkpointing.restore_program(name, ref, force)
+    async def restore_program(
+        self, name: str, ref: str, force: bool = False, *, allow_changed_definition: bool = False
+    ) -> dict[str, Any]:
+        restored = await self.checkpointing.restore_program(
+            name, ref, force, allow_changed_definition=allow_changed_definition
+        )
         return restored | self.describe(self.programs.runners[name])
 
     async def prune(
