@@ -197,6 +197,9 @@ def format_reload(summary: Mapping[str, Any]) -> str:
         if name in pre_deploy:
             line += f" (new instance never got ready; restored {short_id(pre_deploy[name])})"
         lines.append(line)
+    kept: Sequence[str] = summary.get("supervisor_settings_kept") or []
+    if kept:
+        lines.append(f"not applied until a restart: [supervisor] {', '.join(kept)}")
     if not lines:
         return "no changes\n"
     return "".join(line + "\n" for line in lines)

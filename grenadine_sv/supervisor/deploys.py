@@ -8,16 +8,36 @@ from typing import Any
 
 import structlog
 import trio
+from pydantic import ValidationError
 
-from grenadine_sv.config.loading import ConfigError, ProgramConfig, load_config
+from grenadine_sv.config.loading import (
+    Config,
+    ConfigError,
+    ProgramConfig,
+    SupervisorSettings,
+    load_config,
+)
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
-from grenadine_sv.lifecycle.reload import ProgramDiff, diff_programs
+from grenadine_sv.lifecycle.reload import ProgramDiff, changed_settings, diff_programs
 from grenadine_sv.store.images import ImageMeta
 from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
 
 log = structlog.get_logger()
+
+
+def with_running_settings(config: Config, running: SupervisorSettings) -> Config:
+    """The new configuration's programs under the running [supervisor] settings (its
+    include globs aside, which chose the programs): a reload does not move state_dir,
+    the control socket or the log directory under running programs."""
+    settings = running.model_copy(update={"include": config.supervisor.include})
+    try:
+        return Config(
+            path=config.path, files=config.files, supervisor=settings, programs=config.programs
+        )
+    except ValidationError as exc:
+        raise ControlError(f"configuration not reloaded, nothing changed:\n{exc}") from exc
 
 
 class Deploys:
@@ -42,10 +62,12 @@ class Deploys:
                 raise ControlError(
                     f"configuration not reloaded, nothing changed:\n{exc}", usage=True
                 ) from exc
+            kept = changed_settings(current.supervisor, new_config.supervisor)
+            if kept:
+                log.warning("supervisor_settings_kept", keys=kept, apply_by="restarting")
+            new_config = with_running_settings(new_config, current.supervisor)
             diff = diff_programs(current.programs, new_config.programs)
             log.info("reload", **diff.summary())
-            if new_config.supervisor != current.supervisor:
-                log.warning("supervisor_settings_need_restart")
             await programs.stop_programs([n for n in diff.removed if n in programs.runners])
             for name in diff.removed:
                 await programs.remove(name)
@@ -70,6 +92,7 @@ class Deploys:
                 if n in diff.added or (n in diff.changed and n not in stopped_by_hand)
             ]
             summary: dict[str, Any] = dict(diff.summary())
+            summary["supervisor_settings_kept"] = kept
             summary["pre_deploy_images"] = {n: img.id for n, img in safety_images.items()}
             summary["left_stopped"] = sorted(stopped_by_hand)
             summary["rolled_back"] = await self._deploy(deployed, safety_images, old_programs)

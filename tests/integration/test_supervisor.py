@@ -155,6 +155,31 @@ async def test_reload_applies_only_the_difference(sv_dirs: SupervisorDirs):
         assert b"WORD=two" in environ.split(b"\0")
 
 
+async def test_reload_keeps_the_running_supervisor_settings(sv_dirs: SupervisorDirs):
+    """Regression: reload warned that [supervisor] settings need a restart, then adopted
+    them; a changed state_dir broke every changed program ("cannot bind-mount / onto
+    .../sandbox-root") and reload still exited 0."""
+    config = sv_dirs.write_config(
+        f'[programs.changing]\ncommand = {IDLE}\nstartsecs = 0\nenvironment = {{ W = "1" }}\n'
+    )
+    moved = sv_dirs.root / "moved-state"
+    async with running_supervisor(config) as sv:
+        before = await wait_state(sv, "changing", State.RUNNING)
+        text = config.read_text()
+        config.write_text(
+            text.replace(f'state_dir = "{sv_dirs.state_dir}"', f'state_dir = "{moved}"').replace(
+                'W = "1"', 'W = "2"'
+            )
+        )
+        summary = await sv.operations.reload()
+        assert summary["changed"] == ["changing"]
+        assert summary["supervisor_settings_kept"] == ["state_dir"]
+        after = await wait_state(sv, "changing", State.RUNNING)
+        assert after != before
+        assert sv.programs.config.supervisor.state_dir == sv_dirs.state_dir
+        assert not moved.exists()
+
+
 async def test_output_is_rotated_by_size(sv_dirs: SupervisorDirs):
     chatter = python_program("import time\nfor i in range(400): print('x' * 99)\ntime.sleep(60)")
     config = sv_dirs.write_config(

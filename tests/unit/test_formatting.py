@@ -186,6 +186,17 @@ def test_reload_without_differences() -> None:
     assert format_reload(reload_summary()) == "no changes\n"
 
 
+def test_supervisor_settings_a_reload_kept_are_named() -> None:
+    summary = reload_summary(
+        updated=["v"], supervisor_settings_kept=["state_dir", "metrics.listen"]
+    )
+    assert format_reload(summary).splitlines() == [
+        "updated: v",
+        "not applied until a restart: [supervisor] state_dir, metrics.listen",
+    ]
+    assert operation_exit_code("reload", summary) == EXIT_OK
+
+
 def test_a_rolled_back_deploy_is_shown_and_fails_the_command() -> None:
     summary = reload_summary(changed=["y"], pre_deploy_images={"y": OTHER_ID}, rolled_back=["y"])
     assert format_reload(summary).splitlines()[-1] == (
