@@ -29,7 +29,7 @@ from grenadine_sv.criu.client import (
     tree_condition,
 )
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
-from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
+from grenadine_sv.lifecycle.machine import State, StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.sandbox.linux import read_start_time, resume_sandbox
 from grenadine_sv.store.definition import (
@@ -58,6 +58,7 @@ NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
 # Below this, a failed dump is taken to have failed for want of space.
 NEARLY_FULL_BYTES = 1 << 20
 ORPHAN_KILL_WAIT_SECONDS = 10.0
+KILLED_TREE_WAIT_SECONDS = 10.0
 
 
 class CheckpointError(Exception):
@@ -230,7 +231,9 @@ class CheckpointService:
                 _examine_after_failed_dump(runner, pid, before, bound)
                 raise
             # Listed and durable: the frozen tree may go now (its exit ends the instance).
+            # Return once it has ended: its ports and files are free for what comes next.
             process.send_signal(signal.SIGKILL)
+            await runner.wait_until(lambda s: s != State.STOPPING, KILLED_TREE_WAIT_SECONDS)
             return await self._checkpoint_done(runner, image, began, bound)
 
     async def _checkpoint_done(
