@@ -86,6 +86,15 @@ def describe_program(entry: Mapping[str, Any]) -> str:
         details.append(f"restarts {entry['restarts']}")
     if entry.get("exit_status") is not None and not entry.get("exit_requested"):
         details.append(f"last exit {describe_exit(int(entry['exit_status']))}")
+    origin = entry.get("restored_from")
+    if origin and state in ("STARTING", "RUNNING", "STOPPING"):
+        instead = (
+            f", instead of {short_id(origin['instead_of'])}" if origin.get("instead_of") else ""
+        )
+        details.append(
+            f"restored from {short_id(origin['id'])} of {format_moment(origin['created'])} "
+            f"({origin['occasion']}{instead})"
+        )
     checkpoint = entry.get("last_checkpoint")
     if checkpoint:
         details.append(

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("doctor", "report what CRIU needs on this host and what will not work", json_output=True)
     add("schema", "print the JSON Schema of the configuration")
+    add("shutdown", "stop every program and the supervisor (as SIGTERM), and wait for it")
     pid = add("pid", "print the supervisor's pid, or a program's (all: every program's)")
     pid.add_argument("name", nargs="?")
     add_checkpoint_commands(add)

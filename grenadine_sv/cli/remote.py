@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -35,6 +36,7 @@ from grenadine_sv.control.protocol import ControlError, SupervisorNotRunning
 
 # A remote request waits at most this long for the supervisor's reply.
 REQUEST_TIMEOUT_SECONDS = 600.0
+SHUTDOWN_POLL_SECONDS = 0.05
 
 
 def pid(args: argparse.Namespace, out: TextIO) -> int:
@@ -54,6 +56,32 @@ def pid(args: argparse.Namespace, out: TextIO) -> int:
     for entry in entries:
         out.write(f"{entry['name']} {entry['pid'] if entry.get('pid') is not None else '-'}\n")
     return EXIT_OK
+
+
+def shutdown(args: argparse.Namespace, out: TextIO) -> int:
+    """Ask the supervisor to stop (as SIGTERM does) and wait until it has exited."""
+    supervisor_pid = int(ask(args, "shutdown", {})["pid"])
+    deadline = time.monotonic() + REQUEST_TIMEOUT_SECONDS
+    while process_exists(supervisor_pid):
+        if time.monotonic() > deadline:
+            print(
+                f"grenadine-sv: the supervisor (pid {supervisor_pid}) is still stopping after "
+                f"{REQUEST_TIMEOUT_SECONDS:g}s",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        time.sleep(SHUTDOWN_POLL_SECONDS)
+    out.write(f"shut down (pid {supervisor_pid})\n")
+    return EXIT_OK
+
+
+def process_exists(pid: int) -> bool:
+    """True while `pid` names a process that has not been reaped (a zombie does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 def checkpoint(args: argparse.Namespace, out: TextIO) -> int:
@@ -108,7 +136,9 @@ def report_error(message: str, code: int, as_json: bool) -> NoReturn:
 
 def remote(args: argparse.Namespace, out: TextIO) -> int:
     """Commands answered by the running supervisor through its control socket."""
-    special = {"pid": pid, "checkpoint": checkpoint}.get(args.command, request_and_print)
+    special = {"pid": pid, "checkpoint": checkpoint, "shutdown": shutdown}.get(
+        args.command, request_and_print
+    )
     return special(args, out)
 
 

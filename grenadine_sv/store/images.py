@@ -52,7 +52,9 @@ from grenadine_sv.store.sealing import (
     seal_tree,
 )
 
-Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery", "pre-restore"]
+Trigger = Literal[
+    "signal", "interval", "pre-deploy", "manual", "recovery", "pre-restore", "shutdown"
+]
 
 IMAGES_SUBDIR = "images"
 META_FILE = "meta.json"

@@ -32,6 +32,8 @@ log = structlog.get_logger()
 # CRIU is CPU-bound while it freezes and copies memory: dump about as many programs at
 # once as there are cores, so one signal round neither serialises nor thrashes.
 PARALLEL_CHECKPOINTS = max(os.cpu_count() or 1, 1)
+# After the shutdown checkpoints' deadline, how often CRIUs still at work are killed.
+KILL_POLL_SECONDS = 0.05
 
 
 class Checkpointing:
@@ -116,6 +118,60 @@ class Checkpointing:
             with contextlib.suppress(CheckpointError, ControlError):
                 await self.usable_service().checkpoint(runner, trigger)
 
+    async def checkpoint_at_shutdown(self, timeout: float) -> list[str]:
+        """Checkpoint, all at once, the RUNNING programs with checkpoint.on_stop, each frozen
+        until its image is durable and then ended by the dump, so that the next supervisor
+        restores them as they were. A program whose checkpoint fails, or is not done within
+        `timeout` (its CRIU is then killed), runs on and is stopped normally afterwards.
+        Returns the programs checkpointed."""
+        runners = self.programs.runners
+        chosen = [
+            n
+            for n in self.programs.select(["all"])
+            if runners[n].config.checkpoint.on_stop and runners[n].state == State.RUNNING
+        ]
+        if not chosen:
+            return []
+        if self.service is None:
+            log.error("shutdown_checkpoints_skipped", programs=chosen, reason="no usable CRIU")
+            return []
+        service = self.service
+        log.info("shutdown_checkpoints", programs=chosen, timeout_seconds=timeout)
+        done: list[str] = []
+
+        expired = False
+
+        async def one(name: str) -> None:
+            if expired:
+                log.error("shutdown_checkpoint_skipped", program=name, reason="deadline passed")
+                return
+            try:
+                image = await service.checkpoint_and_stop(runners[name], "shutdown")
+            except CheckpointError as exc:
+                log.error("shutdown_checkpoint_failed", program=name, error=str(exc))
+                return
+            done.append(name)
+            log.info("shutdown_checkpoint_done", program=name, image_id=image.id)
+
+        async def deadline() -> None:
+            # Dumps are never cancelled half-way (a program must end up either dumped and
+            # ended, or running): past the deadline, CRIU is killed, which fails the dump.
+            nonlocal expired
+            await trio.sleep(timeout)
+            expired = True
+            log.error("shutdown_checkpoint_timeout", timeout_seconds=timeout)
+            while True:
+                service.criu.kill_running()
+                await trio.sleep(KILL_POLL_SECONDS)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deadline)
+            async with trio.open_nursery() as dumps:
+                for name in chosen:
+                    dumps.start_soon(one, name)
+            nursery.cancel_scope.cancel()
+        return [n for n in chosen if n in done]
+
     # requests ------------------------------------------------------------------
 
     async def checkpoint_programs(self, names: list[str], stop: bool) -> list[dict[str, Any]]:
@@ -196,7 +252,11 @@ class Checkpointing:
             restored["restored_from"] = instead.id if instead is not None else None
 
         runner.next_launcher = lambda r: service.launch_with_fallback(
-            r, image, note_fallback, allow_changed_definition=allow_changed_definition
+            r,
+            image,
+            note_fallback,
+            occasion="restore",
+            allow_changed_definition=allow_changed_definition,
         )
         await runner.start(start_timeout_bound(runner.config))
         return restored

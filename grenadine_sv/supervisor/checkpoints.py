@@ -46,7 +46,12 @@ from grenadine_sv.store.images import (
     Trigger,
     current_boot_id,
 )
-from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
+from grenadine_sv.supervisor.runner import (
+    LaunchedInstance,
+    ProgramRunner,
+    RestoredFrom,
+    launch_cold,
+)
 
 log = structlog.get_logger()
 
@@ -418,13 +423,17 @@ class CheckpointService:
         self,
         runner: ProgramRunner,
         image: ImageMeta,
+        occasion: str | None = None,
+        instead_of: str | None = None,
         *,
         allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
-        """Restore `image` as the program's new instance (a child of this process). An image
-        taken under another definition is refused (RestoreError naming what changed) unless
-        `allow_changed_definition`."""
+        """Restore `image` as the program's new instance (a child of this process); the
+        runner remembers it (status, metrics) with the occasion (default: why it starts).
+        An image taken under another definition is refused (RestoreError naming what
+        changed) unless `allow_changed_definition`."""
         program = runner.name
+        occasion = occasion or runner.start_cause
         check = check_definition(runner.config, image)
         if not check.unchanged:
             if not allow_changed_definition:
@@ -460,10 +469,13 @@ class CheckpointService:
             launched = _launched_instance(pid, image, output_fds)
             duration = self.clock() - began
             self.metrics.restore_succeeded(program, duration)
+            runner.restored_from = RestoredFrom(image.id, image.created, occasion, instead_of)
             log.info(
                 "restore_done",
                 program=program,
                 image_id=image.id,
+                image_created=image.created.isoformat(),
+                occasion=occasion,
                 pid=launched.process.pid,
                 duration_seconds=round(duration, 3),
             )
@@ -507,9 +519,18 @@ class CheckpointService:
     # launchers -----------------------------------------------------------------
 
     async def launch_pinned(self, runner: ProgramRunner) -> LaunchedInstance:
-        """Start as the configuration says: from the pinned image, else from scratch."""
+        """Start as the configuration says: from the pinned image when `restore_on` names
+        the occasion, else from scratch."""
         ref = runner.config.restore
         if ref is None:
+            return await launch_cold(runner)
+        if runner.start_cause not in runner.config.restore_on:
+            log.info(
+                "restore_not_on",
+                program=runner.name,
+                occasion=runner.start_cause,
+                restore_on=runner.config.restore_on,
+            )
             return await launch_cold(runner)
         return await self.launch_with_fallback(runner, ref)
 
@@ -518,6 +539,7 @@ class CheckpointService:
         runner: ProgramRunner,
         image: ImageMeta | str,
         on_fallback: FallbackObserver | None = None,
+        occasion: str | None = None,
         *,
         allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
@@ -533,7 +555,7 @@ class CheckpointService:
                 except (LookupError, ValueError) as exc:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
             return await self.launch_from_image(
-                runner, image, allow_changed_definition=allow_changed_definition
+                runner, image, occasion, allow_changed_definition=allow_changed_definition
             )
         except RestoreError as exc:
             fallback = runner.config.restore_fallback
@@ -542,8 +564,9 @@ class CheckpointService:
             if fallback == "previous":
                 failed = image if isinstance(image, ImageMeta) else None
                 for older in await trio.to_thread.run_sync(self._older_images, runner.name, failed):
+                    asked = image.id if isinstance(image, ImageMeta) else image
                     try:
-                        launched = await self.launch_from_image(runner, older)
+                        launched = await self.launch_from_image(runner, older, occasion, asked)
                     except RestoreError:
                         continue
                     log.warning(

@@ -137,6 +137,9 @@ class Supervisor:
                     task_status.started()
                     await self._shutdown.wait()
                     log.info("supervisor_stopping")
+                    await self.checkpointing.checkpoint_at_shutdown(
+                        settings.shutdown_checkpoint_timeout
+                    )
                     await self.programs.stop_programs(list(self.programs.runners))
                     programs.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()

@@ -12,6 +12,19 @@ from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.runner import ProgramRunner
 
 
+def restored_from(runner: ProgramRunner) -> dict[str, Any] | None:
+    """The image the running instance came from (None: it started from scratch)."""
+    origin = runner.restored_from
+    if origin is None or runner.process is None:
+        return None
+    return {
+        "id": origin.image_id,
+        "created": origin.created.isoformat(),
+        "occasion": origin.occasion,
+        "instead_of": origin.instead_of,
+    }
+
+
 class Operations:
     """The supervisor as the control socket sees it (implements control.handler.Supervised)."""
 
@@ -47,6 +60,7 @@ class Operations:
             "reason": self.deploys.rollbacks.get(runner.name) or machine.reason,
             "last_checkpoint": self.last_checkpoint(runner.name),
             "last_checkpoint_failure": self.last_checkpoint_failure(runner.name),
+            "restored_from": restored_from(runner),
         }
 
     def last_checkpoint(self, name: str) -> dict[str, Any] | None:

@@ -14,7 +14,12 @@ from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
-from grenadine_sv.supervisor.runner import ProgramRunner, RunnerContext, StateObserver
+from grenadine_sv.supervisor.runner import (
+    ProgramRunner,
+    RunnerContext,
+    StartCause,
+    StateObserver,
+)
 
 log = structlog.get_logger()
 
@@ -123,12 +128,13 @@ class Programs:
         self.forget(name, for_good=True)
 
     def autostart(self, names: Iterable[str], also: set[str] | None = None) -> None:
-        """Start (in the background) those of `names` that autostart, and those in `also`."""
+        """At supervisor start: start (in the background) those of `names` that autostart,
+        and those in `also`."""
         for name in names:
             if self.runners[name].config.autostart or name in (also or set()):
-                self.nursery.start_soon(self.start_after_dependencies, name)
+                self.nursery.start_soon(self.start_after_dependencies, name, "supervisor-start")
 
-    async def start_after_dependencies(self, name: str) -> State:
+    async def start_after_dependencies(self, name: str, cause: StartCause = "start") -> State:
         runner = self.runners[name]
         for dependency in runner.config.depends_on:
             dep = self.runners.get(dependency)
@@ -143,7 +149,7 @@ class Programs:
                     runner.machine.reason = f"dependency {dependency} is {state.value}"
                     log.error("dependency_failed", program=name, dependency=dependency)
                     return runner.state
-        return await runner.start(start_timeout_bound(runner.config))
+        return await runner.start(start_timeout_bound(runner.config), cause)
 
     def dependents(self, name: str) -> list[str]:
         return [n for n, r in self.runners.items() if name in r.config.depends_on]

@@ -7,9 +7,10 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
@@ -65,6 +66,21 @@ class LaunchedInstance:
 
 # A launcher starts an instance of the program: from scratch, or from an image.
 Launcher = Callable[["ProgramRunner"], Awaitable[LaunchedInstance]]
+
+# Why an instance starts: the supervisor starting, an operator's start or restart (a
+# reload's too), or the supervisor restarting it after an exit or a failed start.
+StartCause = Literal["supervisor-start", "start", "crash"]
+
+
+@dataclass(frozen=True)
+class RestoredFrom:
+    """The image the current instance was restored from, and on what occasion."""
+
+    image_id: str
+    created: datetime
+    occasion: str
+    # Set when this image was restored instead of the one asked for (restore_fallback).
+    instead_of: str | None = None
 
 
 def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
@@ -123,6 +139,10 @@ class ProgramRunner:
         self.launcher: Launcher = launch_cold
         # Used once, for the next instance only (a restore asked for by a user or a rollback).
         self.next_launcher: Launcher | None = None
+        self.start_cause: StartCause = "supervisor-start"
+        self._requested_cause: StartCause | None = None
+        # None while the current instance started from scratch (or none runs).
+        self.restored_from: RestoredFrom | None = None
 
     @property
     def name(self) -> str:
@@ -137,6 +157,15 @@ class ProgramRunner:
         if started is None or self.state != State.RUNNING:
             return None
         return trio.current_time() - started
+
+    def restored_image_created(self) -> datetime | None:
+        """When the image the running instance was restored from was made (None: cold,
+        or not running)."""
+        if self.restored_from is None or self.process is None:
+            return None
+        if self.process.returncode is not None:
+            return None
+        return self.restored_from.created
 
     def update_config(self, config: ProgramConfig) -> None:
         """Take a definition whose process-affecting part is unchanged (policies, probes)."""
@@ -161,9 +190,13 @@ class ProgramRunner:
         """Apply an event at once (from any task of this trio run), not through the queue."""
         self._dispatch(event)
 
-    def request_start(self) -> None:
+    def request_start(self, cause: StartCause = "start") -> None:
         # Handled at once rather than queued, so the state has changed on return.
+        instance = self.machine.instance
+        self._requested_cause = cause
         self._dispatch(StartRequested(trio.current_time()))
+        if self.machine.instance == instance:  # already active: nothing started
+            self._requested_cause = None
 
     def request_stop(self) -> None:
         self._dispatch(StopRequested(trio.current_time()))
@@ -174,8 +207,8 @@ class ProgramRunner:
                 await self._changed.wait()
         return self.state
 
-    async def start(self, timeout: float) -> State:
-        self.request_start()
+    async def start(self, timeout: float, cause: StartCause = "start") -> State:
+        self.request_start(cause)
         return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
 
     async def stop(self, timeout: float) -> State:
@@ -259,6 +292,10 @@ class ProgramRunner:
     async def _spawn(self, instance: int) -> None:
         launcher = self.next_launcher or self.launcher
         self.next_launcher = None
+        # A spawn nobody asked for is the supervisor's own restart.
+        self.start_cause = self._requested_cause or "crash"
+        self._requested_cause = None
+        self.restored_from = None
         try:
             launched = await launcher(self)
         except Exception as exc:  # whatever goes wrong, only this program's start fails

@@ -115,6 +115,10 @@ def image_id(n: int) -> str:
 @dataclass
 class Status:
     state: str
+    restored_created: datetime | None = None
+
+    def restored_image_created(self) -> datetime | None:
+        return self.restored_created
 
 
 @dataclass
@@ -301,6 +305,15 @@ def test_an_unreadable_program_is_left_out_and_the_rest_is_scraped(state_dir: Pa
 # --- program up ------------------------------------------------------------------------------
 
 
+def test_the_age_of_the_image_a_program_runs_from_is_reported(state_dir: Path) -> None:
+    made = datetime.now(UTC) - timedelta(hours=2)
+    table = ProgramTable({"web": Status("RUNNING", made), "cold": Status("RUNNING")})
+    samples = scrape(make_metrics(state_dir, table))
+    age = value(samples, "grenadine_program_image_age_seconds", program="web")
+    assert 7200 <= age < 7200 + 60
+    assert "grenadine_program_image_age_seconds" not in series_of(samples, "cold")
+
+
 def test_program_up_follows_the_program_table_at_scrape_time(state_dir: Path) -> None:
     table = ProgramTable({"web": Status("RUNNING"), "cache": Status("BACKOFF")})
     metrics = make_metrics(state_dir, table)
@@ -440,6 +453,7 @@ def test_exposition_has_the_design_names_and_no_created_series(state_dir: Path) 
         "grenadine_image_bytes",
         "grenadine_latest_image_memory_bytes",
         "grenadine_state_dir_free_bytes",
+        "grenadine_program_image_age_seconds",
     }
 
 
