@@ -95,6 +95,11 @@ def describe_program(entry: Mapping[str, Any]) -> str:
             f"restored from {short_id(origin['id'])} of {format_moment(origin['created'])} "
             f"({origin['occasion']}{instead})"
         )
+    if entry.get("depends_on"):
+        details.append(
+            f"depends on {', '.join(entry['depends_on'])} "
+            f"(on_dependency_stop {entry.get('on_dependency_stop')})"
+        )
     checkpoint = entry.get("last_checkpoint")
     if checkpoint:
         details.append(

@@ -356,6 +356,9 @@ class ProgramConfig(BaseModel):
     """time between stopsignal and SIGKILL"""
     depends_on: list[NonEmptyStr] = []
     """programs to start (and be ready) before this one, and to stop after it"""
+    on_dependency_stop: Literal["restart", "stop", "ignore"] = "restart"
+    """when a program it depends on stops or crashes: stop this one and start it again once
+    the dependency runs again ("restart"), only stop it ("stop"), or leave it ("ignore")"""
     ready: ReadyProbe | None = None
     restore: ImageRef | None = None
     """start from this image id, or "latest", instead of from scratch"""

@@ -240,25 +240,26 @@ class Checkpointing:
                     "nothing was restored (--force restores anyway, losing it)"
                 ) from exc
             restored["saved"] = saved.id
-        if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
-            await runner.stop(runner.stop_timeout_bound())
-        if not check.recorded_fields:
-            restored["warning"] = OLD_FORMAT_WARNING
-        elif not check.unchanged:
-            restored["warning"] = f"restored into a changed definition: {check.describe()}"
+        with runner.leaving_dependents_alone():  # a restore never stops its dependents
+            if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
+                await runner.stop(runner.stop_timeout_bound())
+            if not check.recorded_fields:
+                restored["warning"] = OLD_FORMAT_WARNING
+            elif not check.unchanged:
+                restored["warning"] = f"restored into a changed definition: {check.describe()}"
 
-        def note_fallback(reason: str, instead: ImageMeta | None) -> None:
-            restored["fallback"] = reason
-            restored["restored_from"] = instead.id if instead is not None else None
+            def note_fallback(reason: str, instead: ImageMeta | None) -> None:
+                restored["fallback"] = reason
+                restored["restored_from"] = instead.id if instead is not None else None
 
-        runner.next_launcher = lambda r: service.launch_with_fallback(
-            r,
-            image,
-            note_fallback,
-            occasion="restore",
-            allow_changed_definition=allow_changed_definition,
-        )
-        await runner.start(start_timeout_bound(runner.config))
+            runner.next_launcher = lambda r: service.launch_with_fallback(
+                r,
+                image,
+                note_fallback,
+                occasion="restore",
+                allow_changed_definition=allow_changed_definition,
+            )
+            await runner.start(start_timeout_bound(runner.config))
         return restored
 
     async def prune(

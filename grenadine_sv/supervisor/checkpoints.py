@@ -207,7 +207,12 @@ class CheckpointService:
         durable and listed; only then is the frozen tree killed. The program never runs on after
         its dump (what it did then would vanish on restore) and never ends before its image is
         listed. If the dump or the sealing fails, the program resumes and CheckpointError says
-        why. A supervisor killed on the way leaves a state the next one resolves (recovery)."""
+        why. A supervisor killed on the way leaves a state the next one resolves (recovery).
+        The programs that depend on it are left alone (on_dependency_stop does not apply)."""
+        with runner.leaving_dependents_alone():
+            return await self._checkpoint_and_stop(runner, trigger)
+
+    async def _checkpoint_and_stop(self, runner: ProgramRunner, trigger: Trigger) -> ImageMeta:
         program = runner.name
         async with self.images_of(program).lock:
             pid, start_time = _running_instance(runner)

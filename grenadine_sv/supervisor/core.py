@@ -137,6 +137,7 @@ class Supervisor:
                     task_status.started()
                     await self._shutdown.wait()
                     log.info("supervisor_stopping")
+                    self.programs.shutting_down = True
                     await self.checkpointing.checkpoint_at_shutdown(
                         settings.shutdown_checkpoint_timeout
                     )

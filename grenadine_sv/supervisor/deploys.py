@@ -167,7 +167,8 @@ class Deploys:
         assert self.checkpoints is not None
         log.warning("deploy_rolled_back", program=name, image_id=image.id, reason=reason)
         failed = self.programs.runners[name]
-        await failed.stop(failed.stop_timeout_bound())
+        with failed.leaving_dependents_alone():  # a rollback never stops its dependents
+            await failed.stop(failed.stop_timeout_bound())
         self.programs.forget(name)
         self.programs.config.programs[name] = old
         runner = await self.programs.add(old)

@@ -61,6 +61,8 @@ class Operations:
             "last_checkpoint": self.last_checkpoint(runner.name),
             "last_checkpoint_failure": self.last_checkpoint_failure(runner.name),
             "restored_from": restored_from(runner),
+            "depends_on": list(runner.config.depends_on),
+            "on_dependency_stop": runner.config.on_dependency_stop,
         }
 
     def last_checkpoint(self, name: str) -> dict[str, Any] | None:

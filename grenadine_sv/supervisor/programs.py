@@ -24,6 +24,8 @@ from grenadine_sv.supervisor.runner import (
 log = structlog.get_logger()
 
 DEPENDENCY_WAIT_SECONDS = math.inf
+# A dependent in these states is stopped when its dependency stops.
+ACTIVE_OR_RETRYING = frozenset({State.STARTING, State.RUNNING, State.BACKOFF})
 
 
 class ProgramListener(Protocol):
@@ -56,7 +58,11 @@ class Programs:
         self.metrics = metrics
         self.runners: dict[str, ProgramRunner] = {}
         self.listeners: list[ProgramListener] = []
-        self._observers = (*tuple(observers), self._count_restarts)
+        self._observers = (*tuple(observers), self._count_restarts, self._follow_dependencies)
+        # Dependents stopped because this dependency stopped, to start again when it runs.
+        self._stopped_for: dict[str, str] = {}
+        # Set at shutdown: every program stops anyway, in dependency order.
+        self.shutting_down = False
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -151,12 +157,55 @@ class Programs:
                     return runner.state
         return await runner.start(start_timeout_bound(runner.config), cause)
 
+    def _follow_dependencies(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """A dependency that stops or crashes stops its dependents (on_dependency_stop =
+        "stop" or "restart"); once it runs again, the "restart" ones start again."""
+        if self.shutting_down or runner.dependents_unaffected or self._nursery is None:
+            return
+        name = runner.name
+        if self.runners.get(name) is not runner:
+            return  # a runner being replaced (reload): its successor speaks for it
+        if before == State.RUNNING and after != State.RUNNING:
+            for dependent_name in self.dependents(name):
+                dependent = self.runners[dependent_name]
+                policy = dependent.config.on_dependency_stop
+                if policy == "ignore" or dependent.state not in ACTIVE_OR_RETRYING:
+                    continue
+                log.warning(
+                    "dependency_stopped",
+                    program=dependent_name,
+                    dependency=name,
+                    dependency_state=after.value,
+                    on_dependency_stop=policy,
+                )
+                if policy == "restart":
+                    self._stopped_for[dependent_name] = name
+                self.nursery.start_soon(self._stop_for_dependency, dependent, name)
+        elif after == State.RUNNING:
+            for dependent_name, dependency in list(self._stopped_for.items()):
+                if dependency != name:
+                    continue
+                del self._stopped_for[dependent_name]
+                if dependent_name in self.runners:
+                    log.info("dependency_running_again", program=dependent_name, dependency=name)
+                    self.nursery.start_soon(
+                        self.start_after_dependencies, dependent_name, "dependency"
+                    )
+
+    @staticmethod
+    async def _stop_for_dependency(dependent: ProgramRunner, dependency: str) -> None:
+        await dependent.stop(dependent.stop_timeout_bound())
+        if dependent.state == State.STOPPED:
+            dependent.machine.reason = f"stopped because {dependency} stopped"
+
     def dependents(self, name: str) -> list[str]:
         return [n for n, r in self.runners.items() if name in r.config.depends_on]
 
     async def stop_programs(self, names: list[str]) -> None:
         """Stop these programs concurrently, each only after the ones that depend on it."""
         selected = set(names)
+        for name in selected:  # an operator's word replaces a pending restart
+            self._stopped_for.pop(name, None)
         done = {name: trio.Event() for name in selected}
 
         async def stop_one(name: str) -> None:
@@ -173,6 +222,8 @@ class Programs:
 
     async def start_programs(self, names: list[str]) -> None:
         """Start these programs and what they depend on, each after its dependencies."""
+        for name in names:
+            self._stopped_for.pop(name, None)
         async with trio.open_nursery() as nursery:
             for name in self._with_dependencies(names):
                 nursery.start_soon(self.start_after_dependencies, name)

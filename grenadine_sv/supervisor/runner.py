@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -69,7 +70,7 @@ Launcher = Callable[["ProgramRunner"], Awaitable[LaunchedInstance]]
 
 # Why an instance starts: the supervisor starting, an operator's start or restart (a
 # reload's too), or the supervisor restarting it after an exit or a failed start.
-StartCause = Literal["supervisor-start", "start", "crash"]
+StartCause = Literal["supervisor-start", "start", "crash", "dependency"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,9 @@ class ProgramRunner:
         self._requested_cause: StartCause | None = None
         # None while the current instance started from scratch (or none runs).
         self.restored_from: RestoredFrom | None = None
+        # Above 0 while a restore, a rollback or a checkpoint that stops the program is under
+        # way: its stop and start are not passed on to the programs that depend on it.
+        self.dependents_unaffected = 0
 
     @property
     def name(self) -> str:
@@ -157,6 +161,15 @@ class ProgramRunner:
         if started is None or self.state != State.RUNNING:
             return None
         return trio.current_time() - started
+
+    @contextlib.contextmanager
+    def leaving_dependents_alone(self) -> Iterator[None]:
+        """Within this, the program's stops and starts do not stop or start its dependents."""
+        self.dependents_unaffected += 1
+        try:
+            yield
+        finally:
+            self.dependents_unaffected -= 1
 
     def restored_image_created(self) -> datetime | None:
         """When the image the running instance was restored from was made (None: cold,

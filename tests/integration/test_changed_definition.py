@@ -96,7 +96,8 @@ async def test_pinned_latest_taken_under_another_definition_follows_restore_fall
     sv_dirs: SupervisorDirs,
 ) -> None:
     port = free_port()
-    pinned = 'restore = "latest"\n'
+    # "start": a reload's start of the replaced program restores too (restore_on).
+    pinned = 'restore = "latest"\nrestore_on = ["supervisor-start", "start"]\n'
     config = sv_dirs.write_config(counter_program(port, "umask = 0o022", pinned))
     store = ImageStore(sv_dirs.state_dir)
     async with running_supervisor(config) as sv:
