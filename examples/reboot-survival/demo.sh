@@ -29,7 +29,9 @@ since() {
 }
 
 shutdown_image_listed() {
-    "$GRENADINE_SV" -c "$DEMO_CONFIG" images warm --json 2>/dev/null | grep -q '"trigger": "shutdown"'
+    local listed # not piped into grep -q: with pipefail, a reader that stops early fails it
+    listed=$("$GRENADINE_SV" -c "$DEMO_CONFIG" images warm --json 2>/dev/null)
+    grep -q '"trigger": "shutdown"' <<<"$listed"
 }
 
 require_free_ports "$PORT"
@@ -55,8 +57,9 @@ began=$EPOCHREALTIME
 launch_supervisor
 wait_running warm
 back=$(since "$began")
-gsv status
-gsv status | grep -q 'restored from .* (supervisor-start)' || fail "status does not say restored from"
+status=$(gsv status)
+printf '%s\n' "$status"
+grep -q 'restored from .* (supervisor-start)' <<<"$status" || fail "status does not say restored from"
 hit_and_show
 expect "hits after the restart of the supervisor" "$HITS" 4
 expect "start time after the restart of the supervisor" "$STARTED" "$first_start"

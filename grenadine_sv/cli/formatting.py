@@ -125,11 +125,22 @@ def describe_exit(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def format_status(entries: Sequence[Mapping[str, Any]]) -> str:
+# ANSI colours of states on a terminal (supervisorctl users read FATAL in red).
+STATE_COLOURS = {"FATAL": "\033[31m", "BACKOFF": "\033[33m", "RUNNING": "\033[32m"}
+RESET = "\033[0m"
+
+
+def format_status(entries: Sequence[Mapping[str, Any]], colours: bool = False) -> str:
     if not entries:
         return "no programs\n"
     width = max(len(str(e["name"])) for e in entries) + 2
-    lines = [f"{e['name']:<{width}}{e['state']:<10}{describe_program(e)}".rstrip() for e in entries]
+    lines = []
+    for e in entries:
+        state = f"{e['state']:<10}"
+        colour = STATE_COLOURS.get(e["state"]) if colours else None
+        if colour:
+            state = f"{colour}{e['state']}{RESET}{' ' * (10 - len(e['state']))}"
+        lines.append(f"{e['name']:<{width}}{state}{describe_program(e)}".rstrip())
     return "\n".join(lines) + "\n"
 
 
@@ -239,6 +250,45 @@ def format_removed(removed: Mapping[str, Sequence[str]]) -> str:
         for program, ids in removed.items()
         for image_id in ids
     )
+
+
+def format_reread(summary: Mapping[str, Any]) -> str:
+    """What `reload` would do, without having done it."""
+    lines = [
+        f"{name}: would be {section}"
+        for section in RELOAD_SECTIONS
+        for name in summary.get(section) or []
+    ]
+    kept = summary.get("supervisor_settings_kept") or []
+    if kept:
+        lines.append(f"[supervisor] {', '.join(kept)}: need a restart of the supervisor")
+    return "".join(line + "\n" for line in lines) or "no changes\n"
+
+
+def format_avail(entries: Sequence[Mapping[str, Any]]) -> str:
+    """supervisorctl's `avail`: each program of the file, in use or not, auto or manual."""
+    if not entries:
+        return "no programs\n"
+    width = max(len(str(e["name"])) for e in entries) + 2
+    lines = []
+    for e in entries:
+        use = "removed" if e.get("removed") else "in use" if e["in_use"] else "avail"
+        auto = "auto" if e["autostart"] else "manual"
+        lines.append(f"{e['name']:<{width}}{use:<9}{auto:<8}{e.get('state') or ''}".rstrip())
+    return "".join(line + "\n" for line in lines)
+
+
+def format_signalled(results: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(
+        f"{r['program']}: {r['signal']} sent\n"
+        if r["sent"]
+        else f"{r['program']}: not signalled ({r['state']})\n"
+        for r in results
+    )
+
+
+def format_cleared(names: Sequence[str]) -> str:
+    return "".join(f"{name}: logs cleared\n" for name in names)
 
 
 # images -----------------------------------------------------------------------

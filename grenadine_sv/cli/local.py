@@ -34,7 +34,7 @@ def load_or_explain(args: argparse.Namespace) -> Config | None:
 def run(args: argparse.Namespace, out: TextIO) -> int:
     import trio
 
-    from grenadine_sv.logs import configure_logging
+    from grenadine_sv.logs import SUPERVISOR_LOG_FILE, configure_logging
     from grenadine_sv.sandbox.linux import set_process_name
     from grenadine_sv.supervisor.build import build_supervisor
     from grenadine_sv.supervisor.core import StartupError
@@ -42,7 +42,11 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     config = load_or_explain(args)
     if config is None:
         return EXIT_USAGE
-    configure_logging(config.supervisor.log_format, config.supervisor.log_level)
+    configure_logging(
+        config.supervisor.log_format,
+        config.supervisor.log_level,
+        also_to=config.supervisor.log_dir / SUPERVISOR_LOG_FILE,
+    )
     try:
         set_process_name("grenadine-sv")
         trio.run(build_supervisor(config).run)
@@ -134,6 +138,26 @@ def logs(args: argparse.Namespace, out: TextIO) -> int:
             shutil.copyfileobj(log_file, sys.stdout.buffer)
         return EXIT_OK
     return follow_log(path, args.lines)
+
+
+def maintail(args: argparse.Namespace, out: TextIO) -> int:
+    """The supervisor's own log, as it writes it to log_dir (supervisorctl's `maintail`)."""
+    from grenadine_sv.cli.tailing import start_of_last_lines
+    from grenadine_sv.logs import SUPERVISOR_LOG_FILE
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    path = config.supervisor.log_dir / SUPERVISOR_LOG_FILE
+    if args.follow:
+        return follow_log(path, args.lines)
+    if not path.exists():
+        print(f"grenadine-sv: no supervisor log at {path} yet", file=sys.stderr)
+        return EXIT_OK
+    with path.open("rb") as log_file:
+        log_file.seek(start_of_last_lines(log_file, args.lines))
+        shutil.copyfileobj(log_file, sys.stdout.buffer)
+    return EXIT_OK
 
 
 def follow_log(path: Path, lines: int) -> int:

@@ -17,9 +17,9 @@ from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Exit
 from grenadine_sv.cli.remote import remote
 
 # Commands done by this process; the others are requests to the running supervisor.
-LOCAL_COMMANDS = frozenset({"run", "check", "doctor", "schema", "logs", "images"})
+LOCAL_COMMANDS = frozenset({"run", "check", "doctor", "schema", "logs", "images", "maintail"})
 # Other names a command answers to, as supervisorctl users type them.
-ALIASES = {"tail": "logs"}
+ALIASES = {"tail": "logs", "update": "reload"}
 DEFAULT_LOG_LINES = 10
 
 
@@ -89,7 +89,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for verb in ("start", "stop", "restart"):
         add(verb, f"{verb} programs (or all)", json_output=True).add_argument("names", nargs="+")
-    add("reload", "re-read the configuration and apply the difference", json_output=True)
+    add(
+        "reload",
+        "re-read the configuration and apply the difference (alias: update)",
+        json_output=True,
+        aliases=["update"],
+    )
+    add("reread", "show what reload would change, without changing it", json_output=True)
+    add("avail", "the programs of the configuration file, and which run", json_output=True)
+    signal_command = add(
+        "signal", "send a signal to programs: signal SIG NAME... (or NAME... SIG)", json_output=True
+    )
+    signal_command.add_argument("words", nargs="+", metavar="SIG|NAME")
+    add("clear", "empty programs' captured output", json_output=True).add_argument(
+        "names", nargs="+"
+    )
+    maintail = add("maintail", "show the supervisor's own log (log_dir/grenadine-sv.log)")
+    maintail.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    maintail.add_argument(
+        "-n", "--lines", type=count, default=DEFAULT_LOG_LINES, help="lines from the end to show"
+    )
+    ctl = add("ctl", "an interactive shell (readline), or run one command: ctl COMMAND ...")
+    ctl.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND")
     logs = add("logs", "show a program's captured output (alias: tail)", aliases=["tail"])
     logs.add_argument("name")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
@@ -186,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
+    if command == "ctl":
+        from grenadine_sv.cli.shell import ctl
+
+        return ctl(args, out)
     if command not in LOCAL_COMMANDS:
         return remote(args, out)
     # Loaded only for these commands: they need the configuration models and more, which a
@@ -199,6 +224,7 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         "schema": local.schema,
         "logs": local.logs,
         "images": local.images,
+        "maintail": local.maintail,
     }
     return handlers[command](args, out)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -22,11 +24,15 @@ from grenadine_sv.cli.exit_codes import (
     Exit,
 )
 from grenadine_sv.cli.formatting import (
+    format_avail,
     format_checkpoints,
+    format_cleared,
     format_prune,
     format_reload,
     format_removed,
+    format_reread,
     format_restore,
+    format_signalled,
     format_status,
     print_json,
     restore_succeeded,
@@ -56,6 +62,26 @@ def pid(args: argparse.Namespace, out: TextIO) -> int:
     for entry in entries:
         out.write(f"{entry['name']} {entry['pid'] if entry.get('pid') is not None else '-'}\n")
     return EXIT_OK
+
+
+def send_signal(args: argparse.Namespace, out: TextIO) -> int:
+    """`signal SIG NAME...` as supervisorctl has it, or `signal NAME... SIG`."""
+    words: list[str] = args.words
+    if len(words) >= 2 and is_signal_name(words[0]):
+        args.signal, args.names = words[0], words[1:]
+    elif len(words) >= 2 and is_signal_name(words[-1]):
+        args.signal, args.names = words[-1], words[:-1]
+    else:
+        print(
+            "grenadine-sv: signal: give a signal (HUP, USR1, TERM, ...) and programs (or all)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return request_and_print(args, out)
+
+
+def is_signal_name(word: str) -> bool:
+    return f"SIG{word.upper().removeprefix('SIG')}" in signal.Signals.__members__
 
 
 def shutdown(args: argparse.Namespace, out: TextIO) -> int:
@@ -136,16 +162,19 @@ def report_error(message: str, code: int, as_json: bool) -> NoReturn:
 
 def remote(args: argparse.Namespace, out: TextIO) -> int:
     """Commands answered by the running supervisor through its control socket."""
-    special = {"pid": pid, "checkpoint": checkpoint, "shutdown": shutdown}.get(
-        args.command, request_and_print
-    )
+    special = {
+        "pid": pid,
+        "checkpoint": checkpoint,
+        "shutdown": shutdown,
+        "signal": send_signal,
+    }.get(args.command, request_and_print)
     return special(args, out)
 
 
 def request_and_print(args: argparse.Namespace, out: TextIO) -> int:
     """Send the command with its arguments; print the reply for a human, or as JSON."""
     request_args: dict[str, Any] = {}
-    keys = ("names", "stop", "keep", "name", "image", "images", "signal_round", "force")
+    keys = ("names", "stop", "keep", "name", "image", "images", "signal_round", "force", "signal")
     for key in (*keys, "allow_changed_definition"):
         if getattr(args, key, None) is not None:
             request_args[key] = getattr(args, key)
@@ -153,11 +182,16 @@ def request_and_print(args: argparse.Namespace, out: TextIO) -> int:
     if getattr(args, "json", False):
         print_json(result, out)
     else:
-        out.write(format_result(args.command, result))
+        out.write(format_result(args.command, result, colours=wants_colours(out)))
     return operation_exit_code(args.command, result)
 
 
-def format_result(command: str, result: Any) -> str:
+def wants_colours(out: TextIO) -> bool:
+    """Colours on a terminal only, and never with NO_COLOR set (no-color.org)."""
+    return out.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def format_result(command: str, result: Any, colours: bool = False) -> str:
     """The human form of a supervisor's reply; unknown shapes are printed as JSON."""
     formatters: dict[str, Callable[[Any], str]] = {
         "status": format_status,
@@ -169,7 +203,13 @@ def format_result(command: str, result: Any) -> str:
         "reload": format_reload,
         "prune": format_prune,
         "rmi": format_removed,
+        "reread": format_reread,
+        "avail": format_avail,
+        "signal": format_signalled,
+        "clear": format_cleared,
     }
+    if command in ("status", "start", "stop", "restart") and colours:
+        return format_status(result, colours=True)
     formatter = formatters.get(command)
     if formatter is None:
         return json.dumps(result, indent=2, default=str) + "\n"
@@ -190,4 +230,6 @@ def operation_exit_code(command: str, result: Any) -> int:
         failed = bool(result.get("rolled_back") or result.get("failed"))
     elif command == "status":
         failed = any(entry.get("state") == "FATAL" for entry in result)
+    elif command == "signal":
+        failed = not any(entry.get("sent") for entry in result)
     return EXIT_FAILED if failed else EXIT_OK

@@ -47,6 +47,18 @@ class Supervised(Protocol):
 
     def request_shutdown(self) -> None: ...
 
+    def signal_programs(self, names: list[str], signal_name: str) -> list[dict[str, Any]]: ...
+
+    def clear_logs(self, names: list[str]) -> list[str]: ...
+
+    async def reread(self) -> dict[str, Any]:
+        """What reload would change, without changing it."""
+        ...
+
+    async def avail(self) -> list[dict[str, Any]]:
+        """The programs of the configuration file as it is now, and whether each runs."""
+        ...
+
 
 def names_argument(args: dict[str, Any]) -> list[str]:
     names = args.get("names", [])
@@ -100,6 +112,15 @@ class RequestHandler:
                 return sv.status(selected)
             case "reload":
                 return await sv.reload()
+            case "reread":
+                return await sv.reread()
+            case "avail":
+                return await sv.avail()
+            case "signal":
+                selected = sv.select(names_argument(args))
+                return sv.signal_programs(selected, text_argument(args, "signal"))
+            case "clear":
+                return sv.clear_logs(sv.select(names_argument(args)))
             case "checkpoint":
                 stop = flag_argument(args, "stop")
                 if flag_argument(args, "signal_round"):

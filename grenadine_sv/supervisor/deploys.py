@@ -51,6 +51,27 @@ class Deploys:
         self.rollbacks: dict[str, str] = {}
         self._lock = trio.Lock()
 
+    async def read_configuration(self) -> Config:
+        """The configuration file as it is now (ControlError, usage, if it is invalid)."""
+        try:
+            return await trio.to_thread.run_sync(load_config, self.programs.config.path)
+        except ConfigError as exc:
+            raise ControlError(f"invalid configuration:\n{exc}", usage=True) from exc
+
+    async def reread(self) -> dict[str, Any]:
+        """What `reload` would change now, without changing anything (supervisorctl's
+        `reread`)."""
+        current = self.programs.config
+        new_config = await self.read_configuration()
+        summary: dict[str, Any] = dict(
+            diff_programs(current.programs, new_config.programs).summary()
+        )
+        summary["supervisor_settings_kept"] = changed_settings(
+            current.supervisor, new_config.supervisor
+        )
+        summary["dry_run"] = True
+        return summary
+
     async def reload(self) -> dict[str, Any]:
         async with self._lock:
             programs = self.programs

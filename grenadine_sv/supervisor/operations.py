@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Any
 
+from grenadine_sv.control.protocol import ControlError
+from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.supervisor.checkpointing import Checkpointing
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.programs import Programs
@@ -23,6 +26,10 @@ def restored_from(runner: ProgramRunner) -> dict[str, Any] | None:
         "occasion": origin.occasion,
         "instead_of": origin.instead_of,
     }
+
+
+# A program in these states has a process to signal.
+SIGNALLABLE = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
 
 
 class Operations:
@@ -83,6 +90,59 @@ class Operations:
         if failure is None:
             return None
         return {"at": failure.at.isoformat(), "trigger": failure.trigger, "error": failure.error}
+
+    def signal_programs(self, names: list[str], signal_name: str) -> list[dict[str, Any]]:
+        """Send a signal to each selected program that runs (supervisorctl's `signal`)."""
+        try:
+            number = signal.Signals[f"SIG{signal_name.upper().removeprefix('SIG')}"]
+        except KeyError:
+            raise ControlError(f"no such signal: {signal_name!r}", usage=True) from None
+        results = []
+        for name in names:
+            runner = self.programs.runners[name]
+            sent = runner.process is not None and runner.state in SIGNALLABLE
+            if sent:
+                runner.send_signal(number)
+            entry = {"program": name, "signal": number.name.removeprefix("SIG"), "sent": sent}
+            results.append(entry | {"state": runner.state.value})
+        return results
+
+    def clear_logs(self, names: list[str]) -> list[str]:
+        """Empty the programs' captured output (and its rotated files)."""
+        for name in names:
+            runner = self.programs.runners[name]
+            runner.stdout_log.clear()
+            runner.stderr_log.clear()
+        return names
+
+    async def reread(self) -> dict[str, Any]:
+        return await self.deploys.reread()
+
+    async def avail(self) -> list[dict[str, Any]]:
+        """The programs of the configuration file as it is now, and whether each runs."""
+        on_disk = await self.deploys.read_configuration()
+        runners = self.programs.runners
+        entries = [
+            {
+                "name": name,
+                "in_use": name in runners,
+                "autostart": program.autostart,
+                "state": runners[name].state.value if name in runners else None,
+            }
+            for name, program in on_disk.programs.items()
+        ]
+        entries += [
+            {
+                "name": name,
+                "in_use": True,
+                "autostart": runner.config.autostart,
+                "state": runner.state.value,
+                "removed": True,
+            }
+            for name, runner in runners.items()
+            if name not in on_disk.programs
+        ]
+        return entries
 
     async def start_programs(self, names: list[str]) -> None:
         await self.programs.start_programs(names)

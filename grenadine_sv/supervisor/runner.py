@@ -293,6 +293,11 @@ class ProgramRunner:
                 self.log.warning("stop_timeout_kill", stopwaitsecs=self.config.stopwaitsecs)
                 self._signal(signal.SIGKILL)
 
+    def send_signal(self, sig: int) -> None:
+        """Signal the program's process (an operator's `signal`), if one runs."""
+        self.log.info("program_signalled", signal=signal_name(sig))
+        self._signal(sig)
+
     def _signal(self, sig: int) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(sig)
