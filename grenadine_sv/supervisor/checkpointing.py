@@ -59,7 +59,6 @@ class Checkpointing:
 
     async def program_added(self, runner: ProgramRunner) -> None:
         if self.service is not None:
-            runner.launcher = self.service.launch_pinned
             await trio.to_thread.run_sync(self.service.learn_last_checkpoint, runner.name)
         self._start_interval_policy(runner)
 
@@ -252,14 +251,16 @@ class Checkpointing:
                 restored["fallback"] = reason
                 restored["restored_from"] = instead.id if instead is not None else None
 
-            runner.next_launcher = lambda r: service.launch_with_fallback(
-                r,
-                image,
-                note_fallback,
-                occasion="restore",
-                allow_changed_definition=allow_changed_definition,
+            await runner.start(
+                start_timeout_bound(runner.config),
+                lambda r: service.launch_with_fallback(
+                    r,
+                    image,
+                    note_fallback,
+                    occasion="restore",
+                    allow_changed_definition=allow_changed_definition,
+                ),
             )
-            await runner.start(start_timeout_bound(runner.config))
         return restored
 
     async def prune(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import structlog
@@ -15,6 +15,7 @@ from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.supervisor.runner import (
+    Launcher,
     ProgramRunner,
     RunnerContext,
     StartCause,
@@ -53,8 +54,11 @@ class Programs:
         config: Config,
         metrics: Metrics | None = None,
         observers: Iterable[StateObserver] = (),
+        launcher: Launcher | None = None,
     ) -> None:
         self.config = config
+        # How every instance starts unless a start says otherwise.
+        self.launcher = launcher
         self.metrics = metrics
         self.runners: dict[str, ProgramRunner] = {}
         self.listeners: list[ProgramListener] = []
@@ -94,7 +98,7 @@ class Programs:
         """A runner for this definition, running (its program not started yet)."""
         if self.metrics is not None:
             self.metrics.add_program(program.name)
-        runner = ProgramRunner(program, self.context())
+        runner = ProgramRunner(program, self.context(), self.launcher)
         scope = trio.CancelScope()
         self.runners[program.name] = runner
         self._scopes[program.name] = scope
@@ -133,14 +137,21 @@ class Programs:
         await runner.stop(runner.stop_timeout_bound())
         self.forget(name, for_good=True)
 
-    def autostart(self, names: Iterable[str], also: set[str] | None = None) -> None:
+    def autostart(self, names: Iterable[str], launchers: Mapping[str, Launcher]) -> None:
         """At supervisor start: start (in the background) those of `names` that autostart,
-        and those in `also`."""
+        and those that have their own launcher (a program taken back after a crash),
+        through it."""
         for name in names:
-            if self.runners[name].config.autostart or name in (also or set()):
-                self.nursery.start_soon(self.start_after_dependencies, name, "supervisor-start")
+            launcher = launchers.get(name)
+            if self.runners[name].config.autostart or launcher is not None:
+                self.nursery.start_soon(
+                    self.start_after_dependencies, name, launcher, "supervisor-start"
+                )
 
-    async def start_after_dependencies(self, name: str, cause: StartCause = "start") -> State:
+    async def start_after_dependencies(
+        self, name: str, launcher: Launcher | None = None, cause: StartCause = "start"
+    ) -> State:
+        """Start a program once its dependencies run; through `launcher` when given."""
         runner = self.runners[name]
         for dependency in runner.config.depends_on:
             dep = self.runners.get(dependency)
@@ -152,10 +163,10 @@ class Programs:
                     lambda s: s in (State.RUNNING, State.FATAL), DEPENDENCY_WAIT_SECONDS
                 )
                 if state != State.RUNNING:
-                    runner.machine.reason = f"dependency {dependency} is {state.value}"
+                    runner.refuse_start(f"dependency {dependency} is {state.value}")
                     log.error("dependency_failed", program=name, dependency=dependency)
                     return runner.state
-        return await runner.start(start_timeout_bound(runner.config), cause)
+        return await runner.start(start_timeout_bound(runner.config), launcher, cause)
 
     def _follow_dependencies(self, runner: ProgramRunner, before: State, after: State) -> None:
         """A dependency that stops or crashes stops its dependents (on_dependency_stop =
@@ -189,7 +200,7 @@ class Programs:
                 if dependent_name in self.runners:
                     log.info("dependency_running_again", program=dependent_name, dependency=name)
                     self.nursery.start_soon(
-                        self.start_after_dependencies, dependent_name, "dependency"
+                        self.start_after_dependencies, dependent_name, None, "dependency"
                     )
 
     @staticmethod

@@ -33,8 +33,10 @@ from grenadine_sv.lifecycle.machine import (
     Spawn,
     Spawned,
     SpawnFailed,
+    StartRefused,
     StartRequested,
     State,
+    StopAborted,
     StopRequested,
     StopTimeout,
     WatchReadiness,
@@ -69,7 +71,8 @@ class LaunchedInstance:
 Launcher = Callable[["ProgramRunner"], Awaitable[LaunchedInstance]]
 
 # Why an instance starts: the supervisor starting, an operator's start or restart (a
-# reload's too), or the supervisor restarting it after an exit or a failed start.
+# reload's too), the supervisor restarting it after an exit or a failed start, or a
+# dependency that runs again (on_dependency_stop = "restart").
 StartCause = Literal["supervisor-start", "start", "crash", "dependency"]
 
 
@@ -115,7 +118,9 @@ def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
 
 
 class ProgramRunner:
-    def __init__(self, config: ProgramConfig, context: RunnerContext) -> None:
+    def __init__(
+        self, config: ProgramConfig, context: RunnerContext, launcher: Launcher | None = None
+    ) -> None:
         self.config = config
         self.context = context
         self.machine = ProgramMachine(lifecycle_policy(config))
@@ -136,12 +141,12 @@ class ProgramRunner:
             config.stderr_logfile_backups,
             timestamps=config.log_timestamps,
         )
-        # Replaced by the checkpoint layer to start from an image instead.
-        self.launcher: Launcher = launch_cold
-        # Used once, for the next instance only (a restore asked for by a user or a rollback).
-        self.next_launcher: Launcher | None = None
+        self._launcher = launcher or launch_cold
+        # Instances that start another way than `launcher` (a restore, a recovery).
+        self._launchers: dict[int, Launcher] = {}
+        # Why each requested instance starts; an instance nobody asked for is a restart.
+        self._causes: dict[int, StartCause] = {}
         self.start_cause: StartCause = "supervisor-start"
-        self._requested_cause: StartCause | None = None
         # None while the current instance started from scratch (or none runs).
         self.restored_from: RestoredFrom | None = None
         # Above 0 while a restore, a rollback or a checkpoint that stops the program is under
@@ -196,23 +201,42 @@ class ProgramRunner:
             self.stdout_log.close()
             self.stderr_log.close()
 
-    def post(self, event: Event) -> None:
+    def _post(self, event: Event) -> None:
         self._send.send_nowait(event)
 
-    def handle_now(self, event: Event) -> None:
-        """Apply an event at once (from any task of this trio run), not through the queue."""
-        self._dispatch(event)
+    # Requests are handled at once rather than queued, so the state has changed on return.
 
-    def request_start(self, cause: StartCause = "start") -> None:
-        # Handled at once rather than queued, so the state has changed on return.
-        instance = self.machine.instance
-        self._requested_cause = cause
+    def request_start(self, launcher: Launcher | None = None, cause: StartCause = "start") -> None:
+        """Start the program (if it is not active), through `launcher` for this instance."""
+        before = self.machine.instance
         self._dispatch(StartRequested(trio.current_time()))
-        if self.machine.instance == instance:  # already active: nothing started
-            self._requested_cause = None
+        if self.machine.instance != before:
+            self._causes[self.machine.instance] = cause
+            if launcher is not None:
+                self._launchers[self.machine.instance] = launcher
+
+    def refuse_start(self, reason: str) -> None:
+        """A start that cannot happen: the program stays as it is and shows why."""
+        self._dispatch(StartRefused(reason, trio.current_time()))
 
     def request_stop(self) -> None:
         self._dispatch(StopRequested(trio.current_time()))
+
+    def stop_for_checkpoint(self) -> int:
+        """The running instance is being dumped and then ended by the checkpoint itself (no
+        stop signal): STOPPING until it exits. Returns the instance, for resume_instance."""
+        self._dispatch(StopRequested(trio.current_time(), by_checkpoint=True))
+        return self.machine.instance
+
+    def resume_instance(self, instance: int) -> None:
+        """The checkpoint that was to end `instance` failed: it goes on RUNNING."""
+        self._dispatch(StopAborted(instance, trio.current_time()))
+
+    def running_process(self) -> SandboxProcess | None:
+        """The process of the RUNNING instance; None in any other state."""
+        if self.state != State.RUNNING or self.machine.pid is None:
+            return None
+        return self.process
 
     async def wait_until(self, predicate: Callable[[State], bool], timeout: float) -> State:
         with trio.move_on_after(timeout):
@@ -220,8 +244,11 @@ class ProgramRunner:
                 await self._changed.wait()
         return self.state
 
-    async def start(self, timeout: float, cause: StartCause = "start") -> State:
-        self.request_start(cause)
+    async def start(
+        self, timeout: float, launcher: Launcher | None = None, cause: StartCause = "start"
+    ) -> State:
+        """Start and wait until the start has succeeded or failed (or `timeout`)."""
+        self.request_start(launcher, cause)
         return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
 
     async def stop(self, timeout: float) -> State:
@@ -305,14 +332,11 @@ class ProgramRunner:
     async def _post_later(self, delay: float, make_event: Callable[[float], Event]) -> None:
         """After `delay`, post the event made for the time it fires."""
         await trio.sleep(delay)
-        self.post(make_event(trio.current_time()))
+        self._post(make_event(trio.current_time()))
 
     async def _spawn(self, instance: int) -> None:
-        launcher = self.next_launcher or self.launcher
-        self.next_launcher = None
-        # A spawn nobody asked for is the supervisor's own restart.
-        self.start_cause = self._requested_cause or "crash"
-        self._requested_cause = None
+        launcher = self._launchers.pop(instance, self._launcher)
+        self.start_cause = self._causes.pop(instance, "crash")
         self.restored_from = None
         try:
             launched = await launcher(self)
@@ -323,38 +347,38 @@ class ProgramRunner:
                 self.log.exception("spawn_failed", error=repr(exc))
             fatal = isinstance(exc, SandboxError) and exc.fatal
             reason = str(exc) or repr(exc)
-            self.post(SpawnFailed(instance, reason, trio.current_time(), fatal=fatal))
+            self._post(SpawnFailed(instance, reason, trio.current_time(), fatal=fatal))
             return
-        self.adopt_instance(instance, launched)
+        self._adopt_instance(instance, launched)
 
-    def adopt_instance(self, instance: int, launched: LaunchedInstance) -> None:
+    def _adopt_instance(self, instance: int, launched: LaunchedInstance) -> None:
         """Watch a started process: its exit and its output."""
         assert self._nursery is not None
         self.process = launched.process
         self._nursery.start_soon(pump_output, launched.stdout, self.stdout_log)
         self._nursery.start_soon(pump_output, launched.stderr, self.stderr_log)
         self._nursery.start_soon(self._watch_exit, instance, launched.process)
-        self.post(Spawned(instance, launched.process.pid, trio.current_time()))
+        self._post(Spawned(instance, launched.process.pid, trio.current_time()))
 
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
         returncode = await process.wait()
         process.close()
-        self.post(Exited(instance, returncode, trio.current_time()))
+        self._post(Exited(instance, returncode, trio.current_time()))
 
     async def _watch_readiness(self, action: WatchReadiness) -> None:
         ready = self.config.ready
         if not action.use_probe or ready is None:
             await trio.sleep(action.startsecs)
-            self.post(BecameReady(action.instance, trio.current_time()))
+            self._post(BecameReady(action.instance, trio.current_time()))
             return
         try:
             await wait_until_ready(
                 tcp=ready.tcp, command=ready.command, timeout=ready.timeout, interval=ready.interval
             )
         except ProbeFailed as exc:
-            self.post(ReadyFailed(action.instance, str(exc), trio.current_time()))
+            self._post(ReadyFailed(action.instance, str(exc), trio.current_time()))
             return
-        self.post(BecameReady(action.instance, trio.current_time()))
+        self._post(BecameReady(action.instance, trio.current_time()))
 
 
 async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:

@@ -39,7 +39,8 @@ def test_a_corrupt_newest_image_falls_back_to_the_previous_one_visibly(
     port = free_port()
     program = memcached_program("cache", port, "keep = 10").replace(
         "[programs.cache.checkpoint]",
-        'restore = "latest"\nrestore_fallback = "previous"\n\n[programs.cache.checkpoint]',
+        'restore = "latest"\nrestore_on = ["start"]\nrestore_fallback = "previous"\n\n'
+        "[programs.cache.checkpoint]",
     )
     sv_dirs.write_config(program)
     supervisor.start()
