@@ -27,7 +27,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -520,24 +520,29 @@ class ImageStore:
         shutil.rmtree(doomed)
         log.info("image_deleted", program=image.program, image_id=image.id)
 
-    def prune(self, program: str, keep: int) -> builtins.list[ImageMeta]:
+    def prune(
+        self, program: str, keep: int, in_use: Collection[str] = ()
+    ) -> builtins.list[ImageMeta]:
         """Delete all but the `keep` newest images of `program`, and return the deleted ones.
 
         The newest pre-deploy image is never deleted and does not count against `keep`: it is
-        what a rollback restores, however many checkpoints were taken since the deploy.
+        what a rollback restores, however many checkpoints were taken since the deploy. Images
+        whose id is in `in_use` (a restore of them is under way) are not deleted either.
         """
-        doomed = self.prune_plan(self.list(program), keep)
+        doomed = self.prune_plan(self.list(program), keep, in_use)
         for image in doomed:
             self.delete(image)
         return doomed
 
     @staticmethod
-    def prune_plan(images: builtins.list[ImageMeta], keep: int) -> builtins.list[ImageMeta]:
-        """Which of `images` (newest first) `prune(program, keep)` deletes."""
+    def prune_plan(
+        images: builtins.list[ImageMeta], keep: int, in_use: Collection[str] = ()
+    ) -> builtins.list[ImageMeta]:
+        """Which of `images` (newest first) `prune(program, keep, in_use)` deletes."""
         if keep < 0:
             raise ValueError(f"keep must be 0 or more, got {keep}")
         protected = next((m for m in images if m.trigger == "pre-deploy"), None)
-        candidates = [m for m in images if m is not protected]
+        candidates = [m for m in images if m is not protected and m.id not in in_use]
         return candidates[keep:]
 
     def recover_partials(self) -> PartialsRecovered:

@@ -232,25 +232,28 @@ class Checkpointing:
         restored: dict[str, Any] = {"image": image.id, "fallback": None, "saved": None}
         if runner.state == State.RUNNING and not force:
             try:
-                saved = await service.checkpoint(runner, "pre-restore")
+                with service.using(image):  # the retention after it must not take `image`
+                    saved = await service.checkpoint(runner, "pre-restore")
             except CheckpointError as exc:
                 raise ControlError(
                     f"{name} is RUNNING and its memory could not be saved first ({exc}); "
                     "nothing was restored (--force restores anyway, losing it)"
                 ) from exc
             restored["saved"] = saved.id
-        with runner.leaving_dependents_alone():  # a restore never stops its dependents
+        if not check.recorded_fields:
+            restored["warning"] = OLD_FORMAT_WARNING
+        elif not check.unchanged:
+            restored["warning"] = f"restored into a changed definition: {check.describe()}"
+
+        def note_fallback(reason: str, instead: ImageMeta | None) -> None:
+            restored["fallback"] = reason
+            restored["restored_from"] = instead.id if instead is not None else None
+
+        # From here until it runs, a prune leaves the image alone (stopping the old instance
+        # may take its stopwaitsecs); a restore never stops the program's dependents.
+        with service.using(image), runner.leaving_dependents_alone():
             if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
                 await runner.stop(runner.stop_timeout_bound())
-            if not check.recorded_fields:
-                restored["warning"] = OLD_FORMAT_WARNING
-            elif not check.unchanged:
-                restored["warning"] = f"restored into a changed definition: {check.describe()}"
-
-            def note_fallback(reason: str, instead: ImageMeta | None) -> None:
-                restored["fallback"] = reason
-                restored["restored_from"] = instead.id if instead is not None else None
-
             await runner.start(
                 start_timeout_bound(runner.config),
                 lambda r: service.launch_with_fallback(
