@@ -224,3 +224,52 @@ def images(args: argparse.Namespace, out: TextIO) -> int:
             file=sys.stderr,
         )
     return EXIT_OK
+
+
+def import_supervisord(args: argparse.Namespace, out: TextIO) -> int:
+    """Write grenadine.toml and conf.d/NAME.toml from a supervisord configuration, check the
+    result as `check` would, and list what could not be translated and why."""
+    import tomli_w
+
+    from grenadine_sv.config.host_checks import host_warnings
+    from grenadine_sv.config.supervisord import SupervisordConfigError, import_supervisord
+
+    try:
+        imported = import_supervisord(args.file)
+    except SupervisordConfigError as exc:
+        print(f"grenadine-sv: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    main_file = args.output / "grenadine.toml"
+    conf_d = args.output / "conf.d"
+    targets = [main_file, *(conf_d / f"{name}.toml" for name in imported.programs)]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not args.force:
+        print(
+            f"grenadine-sv: would overwrite {', '.join(existing)}; nothing written "
+            "(--force overwrites)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    conf_d.mkdir(parents=True, exist_ok=True)
+    sources = ", ".join(str(file) for file in imported.files)
+    main_file.write_text(
+        f"# Imported from {sources} by grenadine-sv import-supervisord.\n"
+        + tomli_w.dumps({"supervisor": {**imported.supervisor, "include": ["conf.d/*.toml"]}})
+    )
+    for name, table in imported.programs.items():
+        file, section = imported.origins[name]
+        (conf_d / f"{name}.toml").write_text(
+            f"# [{section}] of {file}\n" + tomli_w.dumps({"programs": {name: table}})
+        )
+    out.write(f"wrote {main_file} and {len(imported.programs)} programs in {conf_d}/\n")
+    for item in imported.untranslated:
+        out.write(f"not translated: {item.render()}\n")
+    try:
+        config = load_config(main_file)
+    except ConfigError as exc:
+        print(f"grenadine-sv: the result does not pass check:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for warning in host_warnings(config):
+        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    out.write(f"check: configuration valid: {len(config.programs)} programs\n")
+    return EXIT_OK

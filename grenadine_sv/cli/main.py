@@ -17,7 +17,9 @@ from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Exit
 from grenadine_sv.cli.remote import remote
 
 # Commands done by this process; the others are requests to the running supervisor.
-LOCAL_COMMANDS = frozenset({"run", "check", "doctor", "schema", "logs", "images", "maintail"})
+LOCAL_COMMANDS = frozenset(
+    {"run", "check", "doctor", "schema", "logs", "images", "maintail", "import-supervisord"}
+)
 # Other names a command answers to, as supervisorctl users type them.
 ALIASES = {"tail": "logs", "update": "reload"}
 DEFAULT_LOG_LINES = 10
@@ -109,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     maintail.add_argument(
         "-n", "--lines", type=count, default=DEFAULT_LOG_LINES, help="lines from the end to show"
     )
+    migrate = add(
+        "import-supervisord",
+        "translate a supervisord configuration into grenadine.toml and conf.d/*.toml",
+    )
+    migrate.add_argument("file", type=Path, help="supervisord.conf (its [include] files too)")
+    migrate.add_argument(
+        "-o", "--output", type=Path, default=Path("grenadine-sv-import"), help="directory to write"
+    )
+    migrate.add_argument("--force", action="store_true", help="overwrite files already there")
     ctl = add("ctl", "an interactive shell (readline), or run one command: ctl COMMAND ...")
     ctl.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND")
     logs = add("logs", "show a program's captured output (alias: tail)", aliases=["tail"])
@@ -227,6 +238,7 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         "logs": local.logs,
         "images": local.images,
         "maintail": local.maintail,
+        "import-supervisord": local.import_supervisord,
     }
     return handlers[command](args, out)
 

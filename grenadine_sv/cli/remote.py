@@ -152,6 +152,19 @@ def ask(args: argparse.Namespace, command: str, request_args: dict[str, Any]) ->
         report_error(f"{command} failed: {exc}", EXIT_FAILED, as_json)
 
 
+def ask_with_progress(args: argparse.Namespace, request_args: dict[str, Any]) -> Any:
+    """`ask`, with a progress line on a terminal for a checkpoint or a restore."""
+    if args.command not in ("checkpoint", "restore"):
+        return ask(args, args.command, request_args)
+    from grenadine_sv.cli.progress import progress_line, state_dir_of
+
+    programs = request_args.get("names") or [request_args.get("name", "")]
+    action = f"{args.command} {', '.join(programs) or 'programs'}"
+    state_dir = state_dir_of(config_path_of(args)) if args.command == "checkpoint" else None
+    with progress_line(action, state_dir, programs):
+        return ask(args, args.command, request_args)
+
+
 def report_error(message: str, code: int, as_json: bool) -> NoReturn:
     """An error on stderr; with --json also as a JSON object on stdout, for scripts."""
     print(f"grenadine-sv: {message}", file=sys.stderr)
@@ -178,7 +191,7 @@ def request_and_print(args: argparse.Namespace, out: TextIO) -> int:
     for key in (*keys, "allow_changed_definition"):
         if getattr(args, key, None) is not None:
             request_args[key] = getattr(args, key)
-    result = ask(args, args.command, request_args)
+    result = ask_with_progress(args, request_args)
     if getattr(args, "json", False):
         print_json(result, out)
     else:
