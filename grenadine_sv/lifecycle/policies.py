@@ -35,6 +35,12 @@ class CoalescingTrigger:
         self._wakeup = trio.Event()
         self.requests = 0
         self.runs = 0
+        self._running = False
+
+    @property
+    def idle(self) -> bool:
+        """No run under way and none requested."""
+        return not self._running and not self._wakeup.is_set()
 
     def request(self) -> None:
         self.requests += 1
@@ -45,7 +51,11 @@ class CoalescingTrigger:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             self.runs += 1
-            await self._action()
+            self._running = True
+            try:
+                await self._action()
+            finally:
+                self._running = False
 
 
 async def run_interval(

@@ -369,19 +369,20 @@ async def test_signal_storm_is_coalesced_and_the_supervisor_stays_responsive(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(poll_status)
-                began = trio.current_time()
                 for _ in range(100):
                     os.kill(os.getpid(), signal.SIGUSR1)
                     await trio.sleep(0.009)
-                assert trio.current_time() - began < 1.5
                 await trio.sleep(0.5)
                 storm_done.set()
 
             def rounds() -> int:
                 return sum(1 for e in logs if e["event"] == "checkpoint_round")
 
-            # Let the last round finish, then check the outcome.
-            await wait_for(lambda: not criu_children(), timeout=20, what="dumps done")
+            # Let the last round finish (a merged request may start one more), then check.
+            rounds_done = sv.checkpointing.signal_rounds
+            await wait_for(
+                lambda: rounds_done.idle and not criu_children(), timeout=60, what="rounds done"
+            )
             settled = rounds()
             await trio.sleep(0.3)
             assert rounds() == settled
