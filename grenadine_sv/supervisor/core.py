@@ -14,6 +14,7 @@ import trio
 from grenadine_sv.config.loading import Config
 from grenadine_sv.control import server as control
 from grenadine_sv.control.handler import RequestHandler
+from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_program
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.metrics.endpoint import MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
@@ -89,6 +90,7 @@ class Supervisor:
         self.metrics = metrics
         self.operations = Operations(programs, deploys, checkpointing, self.request_shutdown)
         self._shutdown = trio.Event()
+        self._started = False
 
     @property
     def state_dir(self) -> Path:
@@ -135,6 +137,7 @@ class Supervisor:
                     await self._serve_metrics(nursery, self.metrics)
                 async with trio.open_nursery() as programs:
                     await self._start_programs(programs)
+                    self._started = True
                     task_status.started()
                     await self._shutdown.wait()
                     log.info("supervisor_stopping")
@@ -148,6 +151,11 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self.programs.kill_leftovers()
+            keeper = self.programs.keeper
+            if keeper is not None:
+                # Once started, every program has ended here; before that, a previous
+                # supervisor's programs may still need the keeper.
+                keeper.close(stop_keeper=self._started)
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
@@ -157,11 +165,33 @@ class Supervisor:
     async def _start_programs(self, nursery: trio.Nursery) -> None:
         """Take back a crashed predecessor's programs, then start those that autostart."""
         self.programs.attach(nursery)
+        leftovers = await trio.to_thread.run_sync(self._open_keeper)
         recovered = await self.recovery.take_back_orphans(self.config)
         order = self.config.start_order()
         for name in order:
             await self.programs.add(self.config.programs[name])
+        self._hand_over_leftover_output(leftovers)
         self.programs.autostart(order, recovered)
+
+    def _open_keeper(self) -> dict[str, int]:
+        """Find or start the stdio keeper; returns copies of the pipes it held for a previous
+        supervisor's instances (their output while no supervisor ran), by key."""
+        try:
+            self.programs.keeper = StdioKeeper.connect_or_start(self.state_dir)
+            return self.programs.keeper.take_all()
+        except (KeeperError, OSError) as exc:
+            log.error("stdio_keeper_unavailable", error=str(exc))
+            return {}
+
+    def _hand_over_leftover_output(self, leftovers: dict[str, int]) -> None:
+        """After the orphans are dumped or stopped: their pipes into their programs' logs."""
+        for key, read_fd in leftovers.items():
+            runner = self.programs.runners.get(key_program(key))
+            if runner is not None:
+                runner.take_leftover_output(key, read_fd)
+                continue
+            os.close(read_fd)  # a program no longer configured: nowhere to write it
+            self.programs.context().release_pipes((key,))
 
     async def _serve_metrics(self, nursery: trio.Nursery, metrics: Metrics) -> None:
         address = self.config.supervisor.metrics.address()

@@ -6,6 +6,8 @@ is handed to CRIU, so `pump_output` is simply started again on the new stream, w
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 from collections.abc import AsyncGenerator, Callable
@@ -19,6 +21,10 @@ import trio
 FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750
 READ_CHUNK_BYTES = 65536
+# What a program may write while no supervisor drains its pipe (see docs/stdio-keeper.md):
+# pipes are enlarged to this, capped by /proc/sys/fs/pipe-max-size.
+OUTPUT_PIPE_BYTES = 1 << 20
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 FOLLOW_POLL_SECONDS = 0.2
 
 _log = structlog.get_logger(__name__)
@@ -210,10 +216,21 @@ def _make_directories(directory: Path) -> None:
         each.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
 
 
+def enlarge_pipe(fd: int) -> None:
+    """Give the pipe room for OUTPUT_PIPE_BYTES (or the host's pipe-max-size, if lower)."""
+    try:
+        limit = int(PIPE_MAX_SIZE.read_text())
+    except (OSError, ValueError):
+        limit = OUTPUT_PIPE_BYTES
+    with contextlib.suppress(OSError):  # too many pipe pages for this user: keep the default
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(OUTPUT_PIPE_BYTES, limit))
+
+
 def open_output_pipe() -> tuple[int, trio.lowlevel.FdStream]:
     """A new pipe: (its write end for the child, non-inheritable; a stream over its read end)."""
     read_fd, write_fd = os.pipe()
     try:
+        enlarge_pipe(read_fd)
         return write_fd, trio.lowlevel.FdStream(read_fd)
     except BaseException:
         os.close(read_fd)
@@ -241,6 +258,23 @@ async def pump_output(
             if failing:
                 _log.info("program_output_write_recovered", path=str(sink.path))
             failing = False
+
+
+def drain_available(read_fd: int, sink: RotatingLogFile) -> bool:
+    """Copy what a pipe holds now into `sink`; True when it reached end of file (no writer
+    is left), False when a writer may still add more."""
+    os.set_blocking(read_fd, False)
+    while True:
+        try:
+            data = os.read(read_fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return False
+        if not data:
+            return True
+        try:
+            sink.write(data)
+        except OSError as error:
+            _log.warning("program_output_write_failed", path=str(sink.path), error=str(error))
 
 
 async def follow(
