@@ -508,6 +508,7 @@ class CheckpointService:
         keys under which the stdio keeper holds those read ends.
 
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
+        self.store.check_trusted()
         self.store.verify(image)
         work_dir = self.work_dir / runner.name
         for directory in (self.work_dir, work_dir):

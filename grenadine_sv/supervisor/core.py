@@ -18,9 +18,11 @@ from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_program
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.metrics.endpoint import MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.store.trust import UntrustedPath, check_trusted_dir, check_trusted_to_create
 from grenadine_sv.supervisor.checkpointing import Checkpointing
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.operations import Operations
+from grenadine_sv.supervisor.output import check_log_file
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery, StateDirBusy, state_dir_lock
 
@@ -49,7 +51,12 @@ class StartupError(Exception):
 
 
 def prepare_state_dir(path: Path) -> None:
-    """Create state_dir 0700, or refuse one that other users can write."""
+    """Create state_dir 0700, or refuse one that other users can write or reach."""
+    if not path.exists():
+        try:
+            check_trusted_to_create(path, what="state_dir")
+        except UntrustedPath as exc:
+            raise StartupError(f"{exc} (state_dir holds process memory)") from exc
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.stat()
     mode = info.st_mode
@@ -63,6 +70,24 @@ def prepare_state_dir(path: Path) -> None:
             f"state_dir {path} is writable by other users (mode {stat.S_IMODE(mode):o}); "
             f"it holds process memory: chmod 700 {path}"
         )
+    try:
+        check_trusted_dir(path, what="state_dir")
+    except UntrustedPath as exc:
+        raise StartupError(f"{exc} (state_dir holds process memory)") from exc
+
+
+def prepare_log_files(config: Config) -> None:
+    """Create log_dir, and refuse a log directory or file other users could swap or plant."""
+    log_dir = config.supervisor.log_dir
+    try:
+        check_trusted_to_create(log_dir, what="log_dir")
+        log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        check_trusted_dir(log_dir, what="log_dir")
+        for program in config.programs.values():
+            for path in (program.stdout_path(log_dir), program.stderr_path(log_dir)):
+                check_log_file(path)
+    except UntrustedPath as exc:
+        raise StartupError(f"{exc} (program output may hold secrets)") from exc
 
 
 class Supervisor:
@@ -105,6 +130,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         prepare_state_dir(self.state_dir)
+        prepare_log_files(self.config)
         try:
             with state_dir_lock(self.state_dir) as lock:
                 if self.checkpointing.service is not None:
@@ -117,7 +143,6 @@ class Supervisor:
     async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
-        settings.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         become_subreaper()
         await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
         sock = control.bind_socket(settings.control_socket)

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import io
 import os
+import stat
 from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,13 @@ from types import TracebackType
 
 import structlog
 import trio
+
+from grenadine_sv.store.trust import (
+    UntrustedPath,
+    check_owned_file,
+    check_trusted_to_create,
+    open_trusted_dir,
+)
 
 FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750
@@ -81,8 +89,12 @@ class RotatingLogFile:
         self._closed = False
         self._fd: int | None = None
         self._size = 0
-        _make_directories(path.parent)
-        self._fd = self._open_fd()
+        self._dir_fd = open_log_dir(path)
+        try:
+            self._fd = self._open_fd()
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
 
     def __enter__(self) -> RotatingLogFile:
         return self
@@ -123,15 +135,22 @@ class RotatingLogFile:
         self._at_line_start = True
 
     def close(self) -> None:
+        if not self._closed:
+            os.close(self._dir_fd)
         self._closed = True
         self._close_fd()
 
     def _open_fd(self, truncate: bool = False) -> int:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         if truncate:
             flags |= os.O_TRUNC
-        fd = os.open(self.path, flags, FILE_MODE)
-        self._size = os.fstat(fd).st_size
+        check_owned_file(self._dir_fd, self.path.name, self.path, what="log file")
+        fd = os.open(self.path.name, flags, FILE_MODE, dir_fd=self._dir_fd)
+        try:
+            self._size = _own_private_file(fd, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _writable_fd(self) -> int:
@@ -205,6 +224,36 @@ class RotatingLogFile:
 
 def _backup_path(path: Path, number: int) -> Path:
     return path.with_name(f"{path.name}.{number}")
+
+
+def _own_private_file(fd: int, path: Path) -> int:
+    """Check the opened log file is ours and make it private; returns its size."""
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or not stat.S_ISREG(info.st_mode):
+        raise UntrustedPath(f"log file {path} was replaced while being opened")
+    if stat.S_IMODE(info.st_mode) & ~FILE_MODE:
+        os.fchmod(fd, FILE_MODE)  # made by hand (or by an old version) too open
+    return info.st_size
+
+
+def open_log_dir(log_file: Path) -> int:
+    """Create the directories of `log_file` if need be and return an fd of the last one, once
+    it and every directory above it are trusted (store/trust.py), and `log_file`, if it
+    exists, is a regular file of the supervisor's user. Raise UntrustedPath otherwise."""
+    check_trusted_to_create(log_file.parent, what="log directory")
+    _make_directories(log_file.parent)
+    dir_fd = open_trusted_dir(log_file.parent, what="log directory")
+    try:
+        check_owned_file(dir_fd, log_file.name, log_file, what="log file")
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd
+
+
+def check_log_file(log_file: Path) -> None:
+    """Raise UntrustedPath when output could not safely be written to `log_file`."""
+    os.close(open_log_dir(log_file))
 
 
 def _make_directories(directory: Path) -> None:
