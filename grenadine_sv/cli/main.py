@@ -18,7 +18,18 @@ from grenadine_sv.cli.remote import remote
 
 # Commands done by this process; the others are requests to the running supervisor.
 LOCAL_COMMANDS = frozenset(
-    {"run", "check", "doctor", "schema", "logs", "images", "maintail", "import-supervisord"}
+    {
+        "run",
+        "check",
+        "doctor",
+        "schema",
+        "logs",
+        "images",
+        "maintail",
+        "import-supervisord",
+        "export",
+        "import",
+    }
 )
 # Other names a command answers to, as supervisorctl users type them.
 ALIASES = {"tail": "logs", "update": "reload"}
@@ -139,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     pid = add("pid", "print the supervisor's pid, or a program's (all: every program's)")
     pid.add_argument("name", nargs="?")
     add_checkpoint_commands(add)
+    add_transfer_commands(add)
     return parser
 
 
@@ -154,7 +166,11 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     )
     restore = add("restore", "restore a program from an image", json_output=True)
     restore.add_argument("name")
-    restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    restore.add_argument(
+        "image",
+        help="image id, unique id prefix, IDX from `images`, or latest; "
+        "remote:ID or remote:latest for the object store's",
+    )
     restore.add_argument(
         "--force",
         action="store_true",
@@ -171,6 +187,9 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     images.add_argument(
         "--all", action="store_true", help="also images of programs no longer configured"
     )
+    images.add_argument(
+        "--remote", action="store_true", help="the object store's images ([supervisor.remote])"
+    )
     prune = add("prune", "delete old images", json_output=True)
     prune.add_argument("name", nargs="?", help="a program (also one no longer configured)")
     prune.add_argument(
@@ -186,6 +205,28 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     rmi.add_argument("images", nargs="+", metavar="IMAGE", help="image id, id prefix or IDX")
     rmi.add_argument(
         "--force", action="store_true", help="also remove the image a pinned restore names"
+    )
+
+
+def add_transfer_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    export = add("export", "write an image as one archive (to move it to another host)")
+    export.add_argument("name")
+    export.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    export.add_argument(
+        "-o", "--output", help="archive file, or - for standard output (default: NAME-ID.tar...)"
+    )
+    export.add_argument("--compress", choices=("zstd", "none"), default="zstd")
+    export.add_argument(
+        "--no-encrypt",
+        action="store_true",
+        help="write an unencrypted archive (the image holds the process's memory, secrets too)",
+    )
+    imported = add("import", "add an image from an archive made by export (FILE or -)")
+    imported.add_argument("file")
+    imported.add_argument(
+        "--allow-changed-definition",
+        action="store_true",
+        help="import an image made by a different definition of the program",
     )
 
 
@@ -226,7 +267,7 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         return remote(args, out)
     # Loaded only for these commands: they need the configuration models and more, which a
     # command answered by the running supervisor does not.
-    from grenadine_sv.cli import local
+    from grenadine_sv.cli import local, transfer
 
     if command != "run":
         local.log_to_stderr()  # stdout carries the command's output only
@@ -239,6 +280,8 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         "images": local.images,
         "maintail": local.maintail,
         "import-supervisord": local.import_supervisord,
+        "export": transfer.export,
+        "import": transfer.import_archive,
     }
     return handlers[command](args, out)
 
