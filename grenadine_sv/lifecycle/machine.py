@@ -40,7 +40,6 @@ class LifecyclePolicy:
     startretries: int = 3
     stopwaitsecs: float = 10.0
     has_ready_probe: bool = False
-    ready_timeout: float = 10.0
 
 
 # Events --------------------------------------------------------------------
@@ -152,7 +151,6 @@ class WatchReadiness:
     instance: int
     startsecs: float
     use_probe: bool
-    timeout: float
 
 
 @dataclass(frozen=True)
@@ -271,7 +269,6 @@ class ProgramMachine:
                 self.instance,
                 startsecs=self.policy.startsecs,
                 use_probe=self.policy.has_ready_probe,
-                timeout=self.policy.ready_timeout,
             )
         ]
 

@@ -34,7 +34,6 @@ class CoalescingTrigger:
         self._action = action
         self._wakeup = trio.Event()
         self.requests = 0
-        self.runs = 0
 
     def request(self) -> None:
         self.requests += 1
@@ -44,7 +43,6 @@ class CoalescingTrigger:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            self.runs += 1
             await self._action()
 
 

@@ -39,6 +39,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from grenadine_sv import __version__
+from grenadine_sv.config.units import check_program_name
 from grenadine_sv.criu.facts import DumpFacts, ImageFactsError, read_dump_facts
 from grenadine_sv.store.definition import META_FORMAT_VERSION, RecordedDefinition
 from grenadine_sv.store.sealing import (
@@ -68,25 +69,19 @@ MIN_PREFIX_LEN = 4
 _IMAGE_ID = re.compile(r"[0-9a-f]{32}")
 _DECIMAL = re.compile(r"[0-9]+")
 _HEX = re.compile(r"[0-9a-f]+")
-_MAX_NAME_BYTES = 255
 
 log = structlog.get_logger(__name__)
 
 
 def validate_program_name(program: str) -> str:
-    """Return `program` if it can name a directory under the store, else raise ValueError."""
-    if (
-        not program
-        or "/" in program
-        or "\0" in program
-        or program.startswith(".")
-        or len(program.encode()) > _MAX_NAME_BYTES
-    ):
+    """Return `program` if it can name a directory under the store (the configuration's
+    rule for program names), else raise ValueError."""
+    try:
+        return check_program_name(program)
+    except ValueError as exc:
         raise ValueError(
-            f"program name {program!r} cannot name an image directory: it must be 1 to "
-            f"{_MAX_NAME_BYTES} bytes, contain no '/' or NUL, and not start with '.'"
-        )
-    return program
+            f"program name {program!r} cannot name an image directory: {exc}"
+        ) from None
 
 
 def validate_image_id(image_id: str) -> str:

@@ -395,9 +395,6 @@ class CheckpointService:
 
     # restore -------------------------------------------------------------------
 
-    def resolve(self, program: str, ref: str) -> ImageMeta:
-        return self.store.resolve(program, ref)
-
     async def launch_from_image(
         self,
         runner: ProgramRunner,

@@ -76,7 +76,6 @@ def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
         startretries=config.startretries,
         stopwaitsecs=config.stopwaitsecs,
         has_ready_probe=config.ready is not None,
-        ready_timeout=config.ready.timeout if config.ready is not None else 0.0,
     )
 
 

@@ -43,7 +43,7 @@ def test_start_spawns_then_watches_readiness_then_runs():
     assert machine.handle(StartRequested(0.0)) == [Spawn(1)]
     assert machine.state == State.STARTING
     actions = machine.handle(Spawned(1, 4242, 0.1))
-    assert actions == [WatchReadiness(1, startsecs=2.0, use_probe=False, timeout=10.0)]
+    assert actions == [WatchReadiness(1, startsecs=2.0, use_probe=False)]
     assert machine.pid == 4242
     machine.handle(BecameReady(1, 2.1))
     assert machine.state == State.RUNNING
