@@ -51,6 +51,7 @@ from grenadine_sv.store.sealing import (
     DumpWatcher,
     digest_of,
     seal_tree,
+    walk_tree,
 )
 
 Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery"]
@@ -427,7 +428,7 @@ class ImageStore:
     ) -> None:
         if not criu_dir.is_dir():
             raise ImageCorrupt(image, f"{CRIU_SUBDIR}/", "is missing")
-        present = dict(_walk_files(criu_dir))
+        present = dict(walk_tree(criu_dir)[0])
         # Cheap checks on every file first, so a truncated image fails before any hashing.
         for rel in sorted(image.checksums):
             path = present.pop(rel, None)
@@ -573,7 +574,7 @@ class ImageStore:
         total = sum(
             path.lstat().st_size
             for image in images
-            for _, path in _walk_files(self._image_dir(image))
+            for _, path in walk_tree(self._image_dir(image))[0]
         )
         return len(images), total
 
@@ -671,18 +672,3 @@ def _write_private_file(path: Path, text: str) -> None:
         file.write(text)
         file.flush()
         os.fsync(fd)
-
-
-def _walk_files(top: Path) -> Iterator[tuple[str, Path]]:
-    """(posix path relative to `top`, path) of every non-directory under `top`."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        base = Path(dirpath)
-        for name in sorted(filenames):
-            path = base / name
-            yield path.relative_to(top).as_posix(), path
-        # os.walk lists symlinks to directories among dirnames without descending: treat
-        # them as files so that they are reported rather than silently ignored.
-        for name in [d for d in dirnames if (base / d).is_symlink()]:
-            path = base / name
-            yield path.relative_to(top).as_posix(), path

@@ -114,6 +114,7 @@ class Supervisor:
                 await nursery.start(control.serve, sock, RequestHandler(self.operations).handle)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self.checkpointing.signal_rounds.run)
+                nursery.start_soon(self.recovery.keep_state_file)
                 if self.metrics is not None:
                     await self._serve_metrics(nursery, self.metrics)
                 async with trio.open_nursery() as programs:
@@ -122,6 +123,7 @@ class Supervisor:
                     await self._shutdown.wait()
                     log.info("supervisor_stopping")
                     await self.programs.stop_programs(list(self.programs.runners))
+                    await self.recovery.write_now()
                     programs.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
         finally:
