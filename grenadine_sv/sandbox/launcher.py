@@ -270,11 +270,23 @@ def read_spec() -> dict[str, Any]:
     return spec
 
 
+def join_cgroup(cgroup: str | None) -> None:
+    """Move this launcher into the program's cgroup: the program it forks is born there."""
+    if cgroup is None:
+        return
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+            procs.write("0\n")
+    except OSError as error:
+        raise StepFailed(f"cannot join the program's cgroup {cgroup}: {error.strerror}") from error
+
+
 def main(argv: list[str]) -> int:
     status_fd = int(argv[1])
     os.set_inheritable(status_fd, False)
     try:
         spec = read_spec()
+        join_cgroup(spec.get("cgroup"))
         if _libc.unshare(CLONE_NEWPID | CLONE_NEWNS) != 0:
             raise _failure("cannot create the PID and mount namespaces (unshare)")
         pid = os.fork()

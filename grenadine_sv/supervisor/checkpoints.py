@@ -46,6 +46,7 @@ from grenadine_sv.store.images import (
     Trigger,
     current_boot_id,
 )
+from grenadine_sv.supervisor.output import enlarge_pipe
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
@@ -413,14 +414,14 @@ class CheckpointService:
         async with self.images_of(program).lock:
             began = self.clock()
             try:
-                pid, output_fds = await trio.to_thread.run_sync(
+                pid, output_fds, held = await trio.to_thread.run_sync(
                     self._restore, runner, image, abandon_on_cancel=False
                 )
             except (CriuError, ImageCorrupt, OSError) as exc:
                 self.metrics.restore_failed(program)
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
-            launched = _launched_instance(pid, image, output_fds)
+            launched = _launched_instance(pid, image, output_fds, held)
             duration = self.clock() - began
             self.metrics.restore_succeeded(program, duration)
             log.info(
@@ -432,11 +433,15 @@ class CheckpointService:
             )
             return launched
 
-    def _restore(self, runner: ProgramRunner, image: ImageMeta) -> tuple[int, dict[int, int]]:
-        """Run CRIU's restore (in a worker thread). Returns the restored root's pid and, per
-        stdio pipe inode of the image, the read end of the new pipe that replaces it.
+    def _restore(
+        self, runner: ProgramRunner, image: ImageMeta
+    ) -> tuple[int, dict[int, int], tuple[str, ...]]:
+        """Run CRIU's restore (in a worker thread). Returns the restored root's pid; per
+        stdio pipe inode of the image, the read end of the new pipe that replaces it; and the
+        keys under which the stdio keeper holds those read ends.
 
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
+        self.store.check_trusted()
         self.store.verify(image)
         work_dir = self.work_dir / runner.name
         for directory in (self.work_dir, work_dir):
@@ -444,10 +449,18 @@ class CheckpointService:
             os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
         write_fds: dict[int, int] = {}
         read_fds: dict[int, int] = {}
+        held: list[str] = []
         try:
-            for inode in dict.fromkeys(image.stdio_pipes.values()):
+            for stream, inode in image.stdio_pipes.items():
+                if inode in read_fds:
+                    continue
                 read_fds[inode], write_fds[inode] = os.pipe()
+                enlarge_pipe(read_fds[inode])
                 os.set_inheritable(write_fds[inode], True)
+                # Held before CRIU runs: a supervisor killed mid-restore leaves them kept.
+                key = runner.context.keep_pipe(runner.name, stream, read_fds[inode])
+                if key is not None:
+                    held.append(key)
             pid = self.criu.restore(
                 RestoreRequest(
                     images_dir=self.store.criu_dir(image),
@@ -458,6 +471,7 @@ class CheckpointService:
                 )
             )
         except BaseException:
+            runner.context.release_pipes(tuple(held))
             for fd in read_fds.values():
                 os.close(fd)
             raise
@@ -465,7 +479,7 @@ class CheckpointService:
             for fd in write_fds.values():
                 os.close(fd)
             _make_files_private(work_dir)
-        return pid, read_fds
+        return pid, read_fds, tuple(held)
 
     # launchers -----------------------------------------------------------------
 
@@ -613,7 +627,9 @@ def _make_files_private(directory: Path) -> None:
                 os.chmod(entry, 0o600)
 
 
-def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> LaunchedInstance:
+def _launched_instance(
+    pid: int, image: ImageMeta, read_fds: dict[int, int], held: tuple[str, ...]
+) -> LaunchedInstance:
     """Take charge of a restored root and of its output pipes (in trio's thread)."""
     stdout_fd = read_fds.pop(image.stdio_pipes.get("stdout", -1), None)
     stderr_fd = read_fds.pop(image.stdio_pipes.get("stderr", -1), None)
@@ -626,7 +642,7 @@ def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> 
             if fd is not None:
                 os.close(fd)
         raise
-    return LaunchedInstance(process, _stream(stdout_fd), _stream(stderr_fd))
+    return LaunchedInstance(process, _stream(stdout_fd), _stream(stderr_fd), held)
 
 
 def _stream(read_fd: int | None) -> trio.lowlevel.FdStream:

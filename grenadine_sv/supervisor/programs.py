@@ -12,6 +12,7 @@ import trio
 
 from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.control.protocol import ControlError
+from grenadine_sv.keeper.client import StdioKeeper
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
@@ -57,6 +58,8 @@ class Programs:
         self._observers = (*tuple(observers), self._count_restarts)
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        # Set by the supervisor once it runs: the holder of the output pipes.
+        self.keeper: StdioKeeper | None = None
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -69,6 +72,7 @@ class Programs:
             log_dir=self.config.supervisor.log_dir,
             root_anchor=self.config.supervisor.state_dir / "sandbox-root",
             observers=self._observers,
+            keeper=self.keeper,
         )
 
     def attach(self, nursery: trio.Nursery) -> None:
