@@ -394,11 +394,9 @@ async def test_signal_storm_is_coalesced_and_the_supervisor_stays_responsive(
                 for _ in range(100):
                     os.kill(os.getpid(), signal.SIGUSR1)
                     await trio.sleep(0.009)
+                # (The kernel merges a signal sent while one is pending: not every one counts.)
                 rounds_run = sv.checkpointing.signal_rounds
-                await wait_for(
-                    lambda: rounds_run.requests == 100 and len(latencies) >= 5,
-                    what="every signal seen, status asked meanwhile",
-                )
+                await wait_for(lambda: len(latencies) >= 5, what="status asked meanwhile")
                 storm_done.set()
 
             def rounds() -> int:
