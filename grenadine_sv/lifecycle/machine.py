@@ -185,6 +185,11 @@ def backoff_delay(attempt: int) -> float:
 
 @dataclass
 class ProgramMachine:
+    """One program's lifecycle: `handle(event)` changes the state and returns the actions
+    to carry out (spawn, watch readiness, schedule a retry, signal, kill); it does no I/O
+    and reads no clock. Events carry the instance number they are about, so a late event
+    from a previous instance changes nothing."""
+
     policy: LifecyclePolicy
     state: State = State.STOPPED
     instance: int = 0

@@ -1,6 +1,6 @@
 """The image store: where checkpoints live on disk, and how they appear and disappear atomically.
 
-Layout (DESIGN.md, "Image store")::
+Layout (the README, "Images")::
 
     {state_dir}/images/{program}/{image_id}/meta.json
     {state_dir}/images/{program}/{image_id}/criu/         CRIU's files
@@ -16,6 +16,10 @@ image was listed, `recover_partials` at the next start seals and lists that dump
 throwing it away, and removes only what is incomplete.
 
 Everything here blocks on disk I/O: the supervisor calls it through `trio.to_thread`.
+
+Longer than most modules (about 680 lines): the layout, the atomic writes, the recovery of
+interrupted dumps and the reads are one on-disk contract, kept in one place; sealing
+(sealing.py) and the recorded definitions (definition.py) are already apart.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Checkpoint a running program into the image store, and start a program from an image."""
+"""Checkpoint a running program into the image store, and start a program from an image.
+
+Longer than most modules (about 650 lines): a checkpoint and a restore of a program share
+its lock, the store, the metrics and the failure reporting, and the code for crash safety
+around both (frozen trees, orphans) is being extended; splitting the restore half out is
+the next step once that settles."""
 
 from __future__ import annotations
 
@@ -120,6 +125,11 @@ class ProgramImages:
 
 
 class CheckpointService:
+    """Does one checkpoint or one restore of a program, one at a time per program: the dump
+    into the image store (never a half image listed, the program running on when it fails),
+    and a start from an image (verified first, following restore_fallback when it fails).
+    Supervisor.checkpointing decides when; this class does it."""
+
     def __init__(
         self,
         store: ImageStore,

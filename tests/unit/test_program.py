@@ -96,9 +96,10 @@ def test_spawn_failure_counts_as_a_failed_start():
 )
 def test_autorestart_after_running(autorestart, returncode, restarts):
     machine = running_machine(autorestart=autorestart)
-    actions = machine.handle(Exited(machine.instance, returncode, 10.0))
+    exited = machine.instance
+    actions = machine.handle(Exited(exited, returncode, 10.0))
     if restarts:
-        assert actions == [Spawn(machine.instance)]
+        assert actions == [Spawn(exited + 1)]
         assert machine.state == State.STARTING
         assert machine.restart_count == 1
     else:
