@@ -287,7 +287,9 @@ def _end_restore_leftovers(session: _Session) -> None:
 
 @contextlib.contextmanager
 def _open_dir(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """The directory CRIU works in, as an fd it is handed: never through a symlink there (the
+    directories above are checked by the caller, see store/trust.py)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         yield fd
     finally:
