@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import structlog
-from structlog.typing import FilteringBoundLogger, Processor
+from structlog.typing import Processor
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -91,9 +91,3 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-
-
-def get_logger(**initial: Any) -> FilteringBoundLogger:
-    """A logger carrying `initial` as context, e.g. `get_logger(program="memcached")`."""
-    logger: FilteringBoundLogger = structlog.get_logger(**initial)
-    return logger

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grenadine_sv.config.models import PROGRAM_NAME_PATTERN
+from grenadine_sv.config.units import PROGRAM_NAME_PATTERN
 
 TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 FALSE_WORDS = frozenset({"false", "no", "off", "0"})

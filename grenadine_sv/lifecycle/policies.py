@@ -33,13 +33,12 @@ class CoalescingTrigger:
     def __init__(self, action: Callable[[], Awaitable[None]]) -> None:
         self._action = action
         self._wakeup = trio.Event()
-        self.requests = 0
-        self.runs = 0
         self._running = False
+        self.requests = 0
 
     @property
     def idle(self) -> bool:
-        """No run under way and none requested."""
+        """No run in progress and none to come (until the next request)."""
         return not self._running and not self._wakeup.is_set()
 
     def request(self) -> None:
@@ -50,7 +49,6 @@ class CoalescingTrigger:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            self.runs += 1
             self._running = True
             try:
                 await self._action()

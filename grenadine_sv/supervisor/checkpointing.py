@@ -147,7 +147,7 @@ class Checkpointing:
                 log.error("shutdown_checkpoint_skipped", program=name, reason="deadline passed")
                 return
             try:
-                image = await service.checkpoint_and_stop(runners[name], "shutdown")
+                image = await service.checkpoint(runners[name], "shutdown", stop=True)
             except CheckpointError as exc:
                 log.error("shutdown_checkpoint_failed", program=name, error=str(exc))
                 return

@@ -394,20 +394,19 @@ async def test_signal_storm_is_coalesced_and_the_supervisor_stays_responsive(
                 for _ in range(100):
                     os.kill(os.getpid(), signal.SIGUSR1)
                     await trio.sleep(0.009)
-                await trio.sleep(0.5)
+                # (The kernel merges a signal sent while one is pending: not every one counts.)
+                rounds_run = sv.checkpointing.signal_rounds
+                await wait_for(lambda: len(latencies) >= 5, what="status asked meanwhile")
                 storm_done.set()
 
             def rounds() -> int:
                 return sum(1 for e in logs if e["event"] == "checkpoint_round")
 
-            # Let the last round finish (a merged request may start one more), then check.
-            rounds_done = sv.checkpointing.signal_rounds
+            # Once the trigger is idle no round runs until the next signal: count them.
             await wait_for(
-                lambda: rounds_done.idle and not criu_children(), timeout=60, what="rounds done"
+                lambda: rounds_run.idle and not criu_children(), timeout=30, what="rounds done"
             )
             settled = rounds()
-            await trio.sleep(0.3)
-            assert rounds() == settled
             assert 1 <= settled <= 20, f"{settled} rounds for 100 signals"
             restarts = sum(
                 sv.programs.runners[n].machine.restart_count for n in ("crasher1", "crasher2")
