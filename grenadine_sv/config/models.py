@@ -31,6 +31,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from grenadine_sv.config.units import (
     HOST_PORT_EXPECTED,
+    check_program_name,
     check_size_form,
     parse_duration,
     parse_host_port,
@@ -40,7 +41,6 @@ from grenadine_sv.config.units import (
     split_command,
 )
 
-PROGRAM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 IMAGE_REF_PATTERN = r"[0-9a-f-]{1,64}|latest"
 S3_URL_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\0]*)?"
 AGE_RECIPIENT_PATTERN = r"age1[02-9ac-hj-np-z]{58}"
@@ -94,15 +94,6 @@ _SIZE_JSON: dict[str, Any] = {
     ],
     "description": 'bytes, or a size such as "50MB" (10**6) or "10KiB" (2**10)',
 }
-
-
-def _check_program_name(name: str) -> str:
-    if not re.fullmatch(PROGRAM_NAME_PATTERN, name):
-        raise ValueError(
-            'expected a program name of letters, digits, "_", "." and "-"'
-            " starting with a letter or digit, at most 64 characters"
-        )
-    return name
 
 
 def _check_image_ref(ref: str) -> str:
@@ -245,7 +236,7 @@ HostPort = Annotated[
 ResolvedPath = Annotated[Path, BeforeValidator(_reject_empty_path), AfterValidator(_resolve_path)]
 AbsolutePath = Annotated[Path, AfterValidator(_check_absolute)]
 SocketPath = Annotated[ResolvedPath, AfterValidator(_check_socket_path)]
-ProgramName = Annotated[str, AfterValidator(_check_program_name)]
+ProgramName = Annotated[str, AfterValidator(check_program_name)]
 ImageRef = Annotated[
     str,
     AfterValidator(_check_image_ref),
@@ -260,6 +251,9 @@ Environment = dict[
 ExitCode = Annotated[int, Strict(), Field(ge=0, le=255)]
 
 TABLE_CONFIG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+RestoreOccasion = Literal["supervisor-start", "crash", "start"]
 
 
 class MetricsSettings(BaseModel):
@@ -329,6 +323,9 @@ class SupervisorSettings(BaseModel):
     """path of the criu binary; found automatically when absent"""
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_checkpoint_timeout: PositiveDuration = 60.0
+    """at shutdown, how long the checkpoints of programs with checkpoint.on_stop may take;
+    a program whose checkpoint is not done by then is stopped normally"""
     metrics: MetricsSettings = MetricsSettings()
     remote: RemoteSettings | None = None
     """an object store for images (optional)"""
@@ -389,6 +386,9 @@ class CheckpointPolicy(BaseModel):
     snapshot: list[Annotated[AbsolutePath, AfterValidator(_check_snapshot_path)]] = []
     """files and directories copied into each image while the program is frozen, and
     written back at restore (the private /tmp always is)"""
+    on_stop: StrictBool = False
+    """when the supervisor stops (SIGTERM, shutdown), checkpoint the program instead of
+    stopping it with its stop signal, so that a restart brings it back as it was"""
     upload: StrictBool = False
     """upload every new image to [supervisor.remote] (encrypted; queued, retried)"""
     remote_keep: Annotated[int, Strict(), Field(ge=1)] | None = None
@@ -420,13 +420,21 @@ class ProgramConfig(BaseModel):
     """time between stopsignal and SIGKILL"""
     depends_on: list[NonEmptyStr] = []
     """programs to start (and be ready) before this one, and to stop after it"""
+    on_dependency_stop: Literal["restart", "stop", "ignore"] = "restart"
+    """when a program it depends on stops or crashes: stop this one and start it again once
+    the dependency runs again ("restart"), only stop it ("stop"), or leave it ("ignore")"""
     ready: ReadyProbe | None = None
     restore: ImageRef | None = None
     """start from this image id, or "latest", instead of from scratch"""
+    restore_on: list[RestoreOccasion] = ["supervisor-start"]
+    """when `restore` applies: when the supervisor starts ("supervisor-start"), when the
+    supervisor restarts the program after an exit or a failed start ("crash"), when an
+    operator starts or restarts it ("start"); other starts are cold"""
     restore_source: Literal["local", "remote", "newest"] = "local"
     """where restore = "latest" looks: this host's images, the object store's, or the newer"""
-    restore_fallback: Literal["cold", "fail"] = "cold"
-    """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
+    restore_fallback: Literal["cold", "fail", "previous"] = "cold"
+    """when the image cannot be restored: start from scratch ("cold"), not at all ("fail"), or
+    from the next older image that restores ("previous", else from scratch)"""
     private_tmp: StrictBool = True
     """give the program its own /tmp (state_dir/tmp/NAME, emptied at each cold start, kept
     across restores); false shares the host's /tmp"""

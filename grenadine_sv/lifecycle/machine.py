@@ -40,7 +40,6 @@ class LifecyclePolicy:
     startretries: int = 3
     stopwaitsecs: float = 10.0
     has_ready_probe: bool = False
-    ready_timeout: float = 10.0
 
 
 # Events --------------------------------------------------------------------
@@ -152,7 +151,6 @@ class WatchReadiness:
     instance: int
     startsecs: float
     use_probe: bool
-    timeout: float
 
 
 @dataclass(frozen=True)
@@ -187,6 +185,11 @@ def backoff_delay(attempt: int) -> float:
 
 @dataclass
 class ProgramMachine:
+    """One program's lifecycle: `handle(event)` changes the state and returns the actions
+    to carry out (spawn, watch readiness, schedule a retry, signal, kill); it does no I/O
+    and reads no clock. Events carry the instance number they are about, so a late event
+    from a previous instance changes nothing."""
+
     policy: LifecyclePolicy
     state: State = State.STOPPED
     instance: int = 0
@@ -196,6 +199,8 @@ class ProgramMachine:
     started_at: float | None = None
     ready_at: float | None = None
     last_exit: int | None = None
+    # The last exit was the end of a requested stop, not the program's doing.
+    last_exit_requested: bool = False
     reason: str = ""
     restart_count: int = 0
     history: list[tuple[float, State]] = field(default_factory=list)
@@ -272,7 +277,6 @@ class ProgramMachine:
                 self.instance,
                 startsecs=self.policy.startsecs,
                 use_probe=self.policy.has_ready_probe,
-                timeout=self.policy.ready_timeout,
             )
         ]
 
@@ -315,6 +319,7 @@ class ProgramMachine:
             return []
         self.pid = None
         self.last_exit = event.returncode
+        self.last_exit_requested = self.state == State.STOPPING
         if self.state == State.STOPPING:
             self._enter(State.STOPPED, event.now)
             return []
@@ -391,8 +396,13 @@ class ProgramMachine:
 def describe_returncode(returncode: int) -> str:
     """ "code 3", or "signal TERM" for a process killed by a signal."""
     if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name.removeprefix('SIG')}"
-        except ValueError:
-            return f"signal {-returncode}"
+        return f"signal {signal_name(-returncode)}"
     return f"code {returncode}"
+
+
+def signal_name(number: int) -> str:
+    """`KILL` for 9 (as in `stopsignal`); the number itself for one Python does not name."""
+    try:
+        return signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return str(number)

@@ -1,4 +1,9 @@
-"""Checkpoint a running program into the image store, and start a program from an image."""
+"""Checkpoint a running program into the image store, and start a program from an image.
+
+Longer than most modules (about 650 lines): a checkpoint and a restore of a program share
+its lock, the store, the metrics and the failure reporting, and the code for crash safety
+around both (frozen trees, orphans) is being extended; splitting the restore half out is
+the next step once that settles."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,7 +62,12 @@ from grenadine_sv.store.images import (
 from grenadine_sv.store.snapshot import take_snapshot, write_back
 from grenadine_sv.supervisor.output import enlarge_pipe
 from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteImages, RemoteUnavailable
-from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
+from grenadine_sv.supervisor.runner import (
+    LaunchedInstance,
+    ProgramRunner,
+    RestoredFrom,
+    launch_cold,
+)
 
 log = structlog.get_logger()
 
@@ -92,6 +103,10 @@ class RestoreError(SandboxError):
     """A restore did not happen; the message says why."""
 
 
+# Told why a restore fell back, and which older image it restored instead (None: cold).
+FallbackObserver = Callable[[str, ImageMeta | None], None]
+
+
 class CheckpointMetrics(Protocol):
     def checkpoint_succeeded(
         self, program: str, trigger: str, duration_seconds: float, frozen_seconds: float
@@ -120,15 +135,29 @@ class NoMetrics:
         pass
 
 
+@dataclass(frozen=True)
+class CheckpointFailure:
+    at: datetime
+    trigger: Trigger
+    error: str
+
+
 @dataclass
 class ProgramImages:
     """What the checkpoint layer keeps per program across its instances."""
 
     lock: trio.Lock = field(default_factory=trio.Lock)
     last_checkpoint: ImageMeta | None = None
+    # The newest failed checkpoint, until one succeeds.
+    last_failure: CheckpointFailure | None = None
 
 
 class CheckpointService:
+    """Does one checkpoint or one restore of a program, one at a time per program: the dump
+    into the image store (never a half image listed, the program running on when it fails),
+    and a start from an image (verified first, following restore_fallback when it fails).
+    Supervisor.checkpointing decides when; this class does it."""
+
     def __init__(
         self,
         store: ImageStore,
@@ -179,69 +208,61 @@ class CheckpointService:
     async def checkpoint(
         self, runner: ProgramRunner, trigger: Trigger, *, stop: bool = False
     ) -> ImageMeta:
-        """Checkpoint a RUNNING program; with `stop` (or checkpoint.leave_running = false) it
-        ends once its image is listed (see `checkpoint_and_stop`)."""
-        if stop or not runner.config.checkpoint.leave_running:
-            return await self.checkpoint_and_stop(runner, trigger)
+        """Checkpoint a RUNNING program. With `stop` (or checkpoint.leave_running = false) it
+        ends, never losing both program and image: CRIU dumps it and leaves every task frozen
+        (TCP connections locked); the image is made durable and listed; only then is the
+        frozen tree killed. The program never runs on after its dump (what it did then would
+        vanish on restore) and never ends before its image is listed. If the dump or the
+        sealing fails, the program runs on and CheckpointError says why. A supervisor killed
+        on the way leaves a state the next one resolves (recovery)."""
+        stop = stop or not runner.config.checkpoint.leave_running
+        if stop:  # the programs that depend on it are left alone (no on_dependency_stop)
+            with runner.leaving_dependents_alone():
+                return await self._checkpoint(runner, trigger, stop=True)
+        return await self._checkpoint(runner, trigger, stop=False)
+
+    async def _checkpoint(
+        self, runner: ProgramRunner, trigger: Trigger, *, stop: bool
+    ) -> ImageMeta:
         program = runner.name
         async with self.images_of(program).lock:
             process = _running_process(runner)
             pid, start_time = process.pid, process.start_time
             bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = tree_condition(pid)
+            # /proc reads: off the event loop, like everything that touches the dump.
+            before = await trio.to_thread.run_sync(tree_condition, pid)
+            if _running_process(runner) is not process:  # it ended meanwhile
+                raise CheckpointError(f"{program} is {runner.state.value}, no longer RUNNING")
+            instance = runner.stop_for_checkpoint() if stop else None
+            source = DumpSource(pid, start_time, _under_init(runner))
             began = self.clock()
             try:
-                image = await trio.to_thread.run_sync(
-                    self._dump,
-                    runner.config,
-                    DumpSource(pid, start_time, _under_init(runner)),
-                    trigger,
-                    True,
-                    abandon_on_cancel=False,
-                )
-            except (CriuError, ImageFactsError, OSError, ValueError) as exc:
-                self.metrics.checkpoint_failed(program, trigger)
-                message = self._failure_message(exc)
-                bound.error("checkpoint_failed", error=message)
-                _examine_after_failed_dump(runner, pid, before, bound)
-                raise CheckpointError(message) from exc
-            return await self._checkpoint_done(runner, image, began, bound)
-
-    async def checkpoint_and_stop(self, runner: ProgramRunner, trigger: Trigger) -> ImageMeta:
-        """Checkpoint a RUNNING program and end it, never losing both program and image.
-
-        CRIU dumps it and leaves every task frozen (TCP connections locked); the image is made
-        durable and listed; only then is the frozen tree killed. The program never runs on after
-        its dump (what it did then would vanish on restore) and never ends before its image is
-        listed. If the dump or the sealing fails, the program resumes and CheckpointError says
-        why. A supervisor killed on the way leaves a state the next one resolves (recovery)."""
-        program = runner.name
-        async with self.images_of(program).lock:
-            process = _running_process(runner)
-            pid, start_time = process.pid, process.start_time
-            bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = tree_condition(pid)
-            instance = runner.stop_for_checkpoint()
-            began = self.clock()
-            try:
-                image = await trio.to_thread.run_sync(
-                    self._dump_frozen,
-                    runner.config,
-                    DumpSource(pid, start_time, _under_init(runner)),
-                    trigger,
-                    abandon_on_cancel=False,
-                )
+                image = await self._dump_in_worker(runner.config, source, trigger, frozen=stop)
             except CheckpointError as exc:
-                runner.resume_instance(instance)
+                if instance is not None:
+                    runner.resume_instance(instance)
                 self.metrics.checkpoint_failed(program, trigger)
                 bound.error("checkpoint_failed", error=str(exc))
-                _examine_after_failed_dump(runner, pid, before, bound)
+                self.images_of(program).last_failure = CheckpointFailure(
+                    datetime.now(UTC), trigger, str(exc)
+                )
+                after = await trio.to_thread.run_sync(tree_condition, pid)
+                _examine_after_failed_dump(runner, pid, before, after, bound)
                 raise
-            # Listed and durable: the frozen tree may go now (its exit ends the instance).
-            # Return once it has ended: its ports and files are free for what comes next.
-            process.send_signal(signal.SIGKILL)
-            await runner.wait_until(lambda s: s != State.STOPPING, KILLED_TREE_WAIT_SECONDS)
+            if stop:
+                # Listed and durable: the frozen tree may go now (its exit ends the instance).
+                # Return once it has ended: its ports and files are free for what comes next.
+                process.send_signal(signal.SIGKILL)
+                await runner.wait_until(lambda s: s != State.STOPPING, KILLED_TREE_WAIT_SECONDS)
             return await self._checkpoint_done(runner, image, began, bound)
+
+    async def _dump_in_worker(
+        self, config: ProgramConfig, source: DumpSource, trigger: Trigger, *, frozen: bool
+    ) -> ImageMeta:
+        """Dump and list in a worker thread (never abandoned: CRIU is not left running
+        unwatched); CheckpointError when it did not happen."""
+        dump = self._dump_frozen if frozen else self._dump_leaving_running
+        return await trio.to_thread.run_sync(dump, config, source, trigger, abandon_on_cancel=False)
 
     async def _checkpoint_done(
         self, runner: ProgramRunner, image: ImageMeta, began: float, bound: Any
@@ -251,6 +272,7 @@ class CheckpointService:
         frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
         self.metrics.checkpoint_succeeded(program, image.trigger, duration, frozen)
         self.images_of(program).last_checkpoint = image
+        self.images_of(program).last_failure = None
         bound.info(
             "checkpoint_done",
             image_id=image.id,
@@ -266,6 +288,14 @@ class CheckpointService:
         for old in deleted:
             bound.info("image_pruned", image_id=old.id)
         return image
+
+    def remove_image(self, image: ImageMeta) -> None:
+        """Delete one image (and its restore log), whatever its place in the retention."""
+        self.store.delete(image)
+        with contextlib.suppress(FileNotFoundError):
+            (self.work_dir / image.program / restore_log_name(image)).unlink()
+        if self.images_of(image.program).last_checkpoint == image:
+            self.learn_last_checkpoint(image.program)
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
@@ -401,6 +431,16 @@ class CheckpointService:
         except (CriuError, ImageFactsError, OSError, ValueError) as exc:
             raise CheckpointError(self._failure_message(exc)) from exc
 
+    def _dump_leaving_running(
+        self, config: ProgramConfig, source: DumpSource, trigger: Trigger
+    ) -> ImageMeta:
+        """Dump leaving the tree running, and list the image; CheckpointError says why not
+        (in a worker thread)."""
+        try:
+            return self._dump(config, source, trigger, True)
+        except (CriuError, ImageFactsError, OSError, ValueError) as exc:
+            raise CheckpointError(self._failure_message(exc)) from exc
+
     def _keep_failed_dump_log(
         self, program: str, image_id: str, dump_log: Path | None
     ) -> Path | None:
@@ -437,17 +477,12 @@ class CheckpointService:
 
     async def recover_orphan(self, config: ProgramConfig, pid: int, start_time: int) -> ImageMeta:
         """Checkpoint a sandbox left running by a previous supervisor and end it (its image
-        listed first, as `checkpoint_and_stop` does), so that it can be restored as a child of
+        listed first, as `checkpoint(stop=True)` does), so that it can be restored as a child of
         this one. On failure it runs on."""
         async with self.images_of(config.name).lock:
+            source = DumpSource(pid, start_time, config.init)
             try:
-                image = await trio.to_thread.run_sync(
-                    self._dump_frozen,
-                    config,
-                    DumpSource(pid, start_time, config.init),
-                    "recovery",
-                    abandon_on_cancel=False,
-                )
+                image = await self._dump_in_worker(config, source, "recovery", frozen=True)
             except CheckpointError:
                 self.metrics.checkpoint_failed(config.name, "recovery")
                 raise
@@ -457,20 +492,21 @@ class CheckpointService:
 
     # restore -------------------------------------------------------------------
 
-    def resolve(self, program: str, ref: str) -> ImageMeta:
-        return self.store.resolve(program, ref)
-
     async def launch_from_image(
         self,
         runner: ProgramRunner,
         image: ImageMeta,
+        occasion: str | None = None,
+        instead_of: str | None = None,
         *,
         allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
-        """Restore `image` as the program's new instance (a child of this process). An image
-        taken under another definition is refused (RestoreError naming what changed) unless
-        `allow_changed_definition`."""
+        """Restore `image` as the program's new instance (a child of this process); the
+        runner remembers it (status, metrics) with the occasion (default: why it starts).
+        An image taken under another definition is refused (RestoreError naming what
+        changed) unless `allow_changed_definition`."""
         program = runner.name
+        occasion = occasion or runner.start_cause
         check = check_definition(runner.config, image)
         if not check.unchanged:
             if not allow_changed_definition:
@@ -496,16 +532,23 @@ class CheckpointService:
                     self._restore, runner, image, abandon_on_cancel=False
                 )
             except (CriuError, ImageCorrupt, OSError) as exc:
+                if isinstance(exc, ImageCorrupt):
+                    await trio.to_thread.run_sync(
+                        self.store.mark_corrupt, image, f"{exc.path} {exc.reason}"
+                    )
                 self.metrics.restore_failed(program)
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
             launched = _launched_instance(pid, image, output_fds, held)
             duration = self.clock() - began
             self.metrics.restore_succeeded(program, duration)
+            runner.restored_from = RestoredFrom(image.id, image.created, occasion, instead_of)
             log.info(
                 "restore_done",
                 program=program,
                 image_id=image.id,
+                image_created=image.created.isoformat(),
+                occasion=occasion,
                 pid=launched.process.pid,
                 duration_seconds=round(duration, 3),
             )
@@ -590,9 +633,18 @@ class CheckpointService:
     # launchers -----------------------------------------------------------------
 
     async def launch_pinned(self, runner: ProgramRunner) -> LaunchedInstance:
-        """Start as the configuration says: from the pinned image, else from scratch."""
+        """Start as the configuration says: from the pinned image when `restore_on` names
+        the occasion, else from scratch."""
         ref = runner.config.restore
         if ref is None:
+            return await launch_cold(runner)
+        if runner.start_cause not in runner.config.restore_on:
+            log.info(
+                "restore_not_on",
+                program=runner.name,
+                occasion=runner.start_cause,
+                restore_on=runner.config.restore_on,
+            )
             return await launch_cold(runner)
         return await self.launch_with_fallback(runner, ref)
 
@@ -600,14 +652,16 @@ class CheckpointService:
         self,
         runner: ProgramRunner,
         image: ImageMeta | str,
-        on_fallback: Callable[[str], None] | None = None,
+        on_fallback: FallbackObserver | None = None,
+        occasion: str | None = None,
         *,
         allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
         """Restore from `image` (or a reference to one); on failure follow restore_fallback:
-        "cold" starts the program from scratch, "fail" makes it FATAL with the reason.
-        "latest" is the newest image only: one that cannot be used is never replaced by an
-        older one."""
+        "cold" starts the program from scratch, "fail" makes it FATAL with the reason,
+        "previous" restores the next older image that restores (else starts cold). "latest"
+        is the newest image only: one that cannot be used is replaced by an older one only
+        when restore_fallback = "previous" says so, and visibly."""
         try:
             if isinstance(image, str):
                 try:
@@ -617,16 +671,42 @@ class CheckpointService:
                 except (LookupError, ValueError, RemoteUnavailable) as exc:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
             return await self.launch_from_image(
-                runner, image, allow_changed_definition=allow_changed_definition
+                runner, image, occasion, allow_changed_definition=allow_changed_definition
             )
         except RestoreError as exc:
-            if runner.config.restore_fallback == "fail":
+            fallback = runner.config.restore_fallback
+            if fallback == "fail":
                 raise RestoreError(str(exc), fatal=True) from exc
+            if fallback == "previous":
+                failed = image if isinstance(image, ImageMeta) else None
+                for older in await trio.to_thread.run_sync(self._older_images, runner.name, failed):
+                    asked = image.id if isinstance(image, ImageMeta) else image
+                    try:
+                        launched = await self.launch_from_image(runner, older, occasion, asked)
+                    except RestoreError:
+                        continue
+                    log.warning(
+                        "restore_fallback_previous",
+                        program=runner.name,
+                        image_id=older.id,
+                        reason=str(exc),
+                    )
+                    if on_fallback is not None:
+                        on_fallback(str(exc), older)
+                    return launched
             log.warning("restore_fallback_cold", program=runner.name, reason=str(exc))
             if on_fallback is not None:
-                on_fallback(str(exc))
+                on_fallback(str(exc), None)
             await runner.claim_cgroup()  # what the failed restore may have left there
             return await launch_cold(runner)
+
+    def _older_images(self, program: str, failed: ImageMeta | None) -> list[ImageMeta]:
+        """The images older than `failed` (all, without one), newest first, without those
+        already known to be corrupt."""
+        listed = self.store.list(program)
+        if failed is not None:
+            listed = [m for m in listed if (m.created, m.id) < (failed.created, failed.id)]
+        return [m for m in listed if self.store.corruption(m) is None]
 
     async def resolve_for_start(
         self, config: ProgramConfig, ref: str, *, allow_changed_definition: bool = False
@@ -762,11 +842,14 @@ def restore_log_name(image: ImageMeta) -> str:
 
 
 def _examine_after_failed_dump(
-    runner: ProgramRunner, pid: int, before: dict[int, TaskCondition], bound: Any
+    runner: ProgramRunner,
+    pid: int,
+    before: dict[int, TaskCondition],
+    after: dict[int, TaskCondition],
+    bound: Any,
 ) -> None:
     """CRIU that fails (or dies) mid-dump lets go of the tree: the kernel detaches its tasks and
     the parasite code returns them to where they were. Check that, and say what was left behind."""
-    after = tree_condition(pid)
     if pid not in after:
         # The exit reaches the runner, which restarts the program per its autorestart.
         bound.warning("program_gone_after_failed_checkpoint")
