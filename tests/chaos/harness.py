@@ -397,6 +397,8 @@ class Episode:
             self.token_of(image)
             outcome.image = image
             ref = "latest" if image is listed[0] and self.rng.random() < 0.5 else image.id[:12]
+            # A restore may checkpoint the instance it replaces first (then retention applies).
+            outcome.may_vanish |= self.retention_victims(program.name) - {image.id}
             args = ["restore", program.name, ref, "--json"]
         elif operation in ("reload-changed", "reload-unchanged"):
             if operation == "reload-changed":
