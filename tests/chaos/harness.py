@@ -55,10 +55,10 @@ OPERATIONS = (
     "reload-changed",
     "reload-unchanged",
     "prune",
+    "rmi",
     "usr1",
     "none",
     "shutdown",
-    "rmi",
 )
 # Operations that exist only once main has them (the command they need).
 NEEDS_COMMAND = {"shutdown": "shutdown", "rmi": "rmi"}
@@ -397,9 +397,10 @@ class Episode:
             self.token_of(image)
             outcome.image = image
             ref = "latest" if image is listed[0] and self.rng.random() < 0.5 else image.id[:12]
-            # A restore may checkpoint the instance it replaces first (then retention applies).
-            outcome.may_vanish |= self.retention_victims(program.name) - {image.id}
             args = ["restore", program.name, ref, "--json"]
+            if program.token is not None:
+                # A RUNNING program is checkpointed first (pre-restore): retention may follow.
+                outcome.may_vanish |= self.retention_victims(program.name) - {image.id}
         elif operation in ("reload-changed", "reload-unchanged"):
             if operation == "reload-changed":
                 program = self.rng.choice(list(self.programs.values()))
@@ -425,6 +426,12 @@ class Episode:
             args = ["prune", "--keep", str(keep)] + ([name] if name else [])
             for victim in (name,) if name else tuple(self.programs):
                 outcome.may_vanish |= self.prune_victims(victim, keep)
+        elif operation == "rmi":
+            # One image, a corrupt one as well: gone once rmi answers, or either way if killed.
+            image = self.rng.choice(self.store.list())
+            args = ["rmi", image.program, image.id[:12], "--force"]
+            outcome.may_vanish.add(image.id)
+            outcome.image = image
         elif operation == "usr1":
             for p in running:
                 outcome.may_vanish |= self.retention_victims(p.name)
@@ -433,12 +440,6 @@ class Episode:
             for p in running:
                 if p.on_stop:
                     outcome.may_vanish |= self.retention_victims(p.name)
-        elif operation == "rmi":
-            image = self.rng.choice(self.store.list())
-            program = self.programs[image.program]
-            outcome.image = image
-            outcome.may_vanish.add(image.id)
-            args = ["rmi", image.program, image.id]
         return args, program
 
     def perform(self, operation: str, target: str | None) -> Outcome:
@@ -606,9 +607,11 @@ class Episode:
                     self.check_new_image_token(p.name, images_before, {p.token})
                 outcome.expected[p.name] = Expected(fresh=True, why="shut down, started anew")
             return
-        removed = outcome.image.id if outcome.image is not None else ""
-        if operation == "rmi" and ok and removed in {m.id for m in self.store.list()}:
-            raise Violation(f"`rmi` said it removed image {removed}; still listed")
+        if operation == "rmi" and ok and outcome.image is not None:
+            gone = outcome.image
+            self.tally.checks["rmi removed the image"] += 1
+            if any(m.id == gone.id for m in self.store.list(gone.program)):
+                raise Violation(f"rmi said it removed image {gone.id} of {gone.program}")
         if program is None:
             return
         name = program.name
