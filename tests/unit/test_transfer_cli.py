@@ -39,3 +39,21 @@ def test_s3_client_is_loaded_only_with_an_object_store() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_import_refuses_a_state_dir_others_can_write(tmp_path, capsys) -> None:
+    from grenadine_sv.cli.main import main
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    state_dir.chmod(0o777)
+    config = tmp_path / "grenadine.toml"
+    config.write_text(f'[supervisor]\nstate_dir = "{state_dir}"\n')
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"not read: the state_dir is refused first")
+
+    assert main(["-c", str(config), "import", str(archive)]) == 1
+    error = capsys.readouterr().err
+    assert "import of" in error
+    assert str(state_dir) in error
+    assert list(state_dir.iterdir()) == []
