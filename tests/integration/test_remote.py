@@ -246,6 +246,16 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     a.cli("checkpoint", "redis")  # the uploaded images are not pinned now: keep = 1 applies
     remaining = {image.id for image in ImageStore(a.dirs.state_dir).list("redis")}
     assert remaining.isdisjoint(image.id for image in local)
+    # remote_keep = 2: the third upload deletes the oldest object in the store.
+    newest = ImageStore(a.dirs.state_dir).list("redis")[0]
+    newest_key = f"{PREFIX}/redis/{newest.id}.tar.zst.age"
+    oldest_key = f"{PREFIX}/redis/{local[-1].id}.tar.zst.age"
+
+    def pruned_remotely() -> bool:
+        keys = set(object_store.object_keys(f"{PREFIX}/"))
+        return newest_key in keys and oldest_key not in keys and len(keys) == 2
+
+    wait_until(pruned_remotely, UPLOAD_TIMEOUT, "remote_keep applied")
 
 
 def test_wrong_key_and_tampered_object_are_refused(

@@ -41,9 +41,7 @@ def test_s3_client_is_loaded_only_with_an_object_store() -> None:
     assert done.stdout.strip() == "[]"
 
 
-def test_import_refuses_a_state_dir_others_can_write(tmp_path, capsys) -> None:
-    from grenadine_sv.cli.main import main
-
+def test_import_refuses_a_state_dir_others_can_write(tmp_path) -> None:
     state_dir = tmp_path / "state"
     state_dir.mkdir(mode=0o700)
     state_dir.chmod(0o777)
@@ -52,8 +50,14 @@ def test_import_refuses_a_state_dir_others_can_write(tmp_path, capsys) -> None:
     archive = tmp_path / "a.tar"
     archive.write_bytes(b"not read: the state_dir is refused first")
 
-    assert main(["-c", str(config), "import", str(archive)]) == 1
-    error = capsys.readouterr().err
-    assert "import of" in error
-    assert str(state_dir) in error
+    done = subprocess.run(
+        [sys.executable, "-m", "grenadine_sv", "-c", str(config), "import", str(archive)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "import of" in done.stderr
+    assert str(state_dir) in done.stderr
     assert list(state_dir.iterdir()) == []
