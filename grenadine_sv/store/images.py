@@ -17,7 +17,7 @@ throwing it away, and removes only what is incomplete.
 
 Everything here blocks on disk I/O: the supervisor calls it through `trio.to_thread`.
 
-Longer than most modules (about 680 lines): the layout, the atomic writes, the recovery of
+Longer than most modules (about 800 lines): the layout, the atomic writes, the recovery of
 interrupted dumps and the reads are one on-disk contract, kept in one place; sealing
 (sealing.py) and the recorded definitions (definition.py) are already apart.
 """
