@@ -615,6 +615,9 @@ class CheckpointService:
                     external_mounts=self._restore_mounts(runner.name, image),
                     log_name=restore_log_name(image),
                     on_criu_started=_restorer_recorder(runner),
+                    cgroup_root=(
+                        runner.cgroup.hierarchy_path() if runner.cgroup is not None else None
+                    ),
                 )
             )
         except BaseException:
