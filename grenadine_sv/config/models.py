@@ -320,6 +320,8 @@ class ProgramConfig(BaseModel):
     """start from this image id, or "latest", instead of from scratch"""
     restore_fallback: Literal["cold", "fail"] = "cold"
     """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
+    restore_mode: Literal["eager", "lazy"] = "eager"
+    """"lazy": run as soon as CRIU has rebuilt the process, memory streamed in afterwards"""
     binds: list[AbsolutePath] = []
     """host paths bound into the sandbox at the same path"""
     stdout_logfile: ResolvedPath | None = None

@@ -59,6 +59,8 @@ class RestoreRequest:
     inherit_fds: Mapping[str, int]
     tcp_established: bool = False
     log_name: str = "restore.log"
+    lazy_pages: bool = False
+    """Leave anonymous memory to a lazy-pages daemon listening in work_dir (post-copy)."""
 
 
 def error_lines(log_path: Path) -> list[str]:
@@ -132,6 +134,7 @@ class Criu:
             opts.work_dir_fd = work_fd
             opts.root = "/"
             opts.rst_sibling = True
+            opts.lazy_pages = request.lazy_pages
             opts.tcp_established = request.tcp_established
             opts.external.append("mnt[]")
             opts.log_file = request.log_name
@@ -148,6 +151,26 @@ class Criu:
             _end_restore_leftovers(session)
             raise self._failure("restore", failure, log_path, session.process) from failure
         return int(response.pid)
+
+    def lazy_pages_command(
+        self, images_dir: Path, work_dir: Path, status_fd: int, log_name: str
+    ) -> list[str]:
+        """`criu lazy-pages`: serves the memory of a restore started with `lazy_pages` through
+        userfaultfd, over a socket in `work_dir`; writes a byte to `status_fd` once listening
+        and exits (status 0) when every page has been served."""
+        return [
+            os.fspath(self.binary),
+            "lazy-pages",
+            "--images-dir",
+            os.fspath(images_dir),
+            "--work-dir",
+            os.fspath(work_dir),
+            "--status-fd",
+            str(status_fd),
+            "--log-file",
+            log_name,
+            f"-v{LOG_LEVEL}",
+        ]
 
     @contextlib.contextmanager
     def _session(

@@ -250,6 +250,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._restore_memory = Histogram(
+            "grenadine_restore_memory_complete_seconds",
+            "Lazy restores: time from the restore's start until all memory was back and verified",
+            ["program"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(StoreCollector(store, programs))
 
     def add_program(self, program: str) -> None:
@@ -265,6 +272,7 @@ class Metrics:
         self._restores.labels(program=program)
         self._restore_failures.labels(program=program)
         self._restore_duration.labels(program=program)
+        self._restore_memory.labels(program=program)
 
     def forget_program(self, program: str) -> None:
         """Drop the program's series (it was removed from the configuration)."""
@@ -279,6 +287,7 @@ class Metrics:
             self._restores,
             self._restore_failures,
             self._restore_duration,
+            self._restore_memory,
         ):
             metric.remove(program)
 
@@ -304,6 +313,9 @@ class Metrics:
 
     def restore_failed(self, program: str) -> None:
         self._restore_failures.labels(program=program).inc()
+
+    def restore_memory_complete(self, program: str, seconds: float) -> None:
+        self._restore_memory.labels(program=program).observe(seconds)
 
     def render(self) -> bytes:
         """The text exposition format (0.0.4). Reads the image store: call it off the loop."""

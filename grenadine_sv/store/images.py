@@ -24,7 +24,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -378,18 +378,21 @@ class ImageStore:
         shutil.rmtree(doomed)
         log.info("image_deleted", program=image.program, image_id=image.id)
 
-    def prune(self, program: str, keep: int) -> builtins.list[ImageMeta]:
+    def prune(
+        self, program: str, keep: int, *, spare: Collection[str] = ()
+    ) -> builtins.list[ImageMeta]:
         """Delete all but the `keep` newest images of `program`, and return the deleted ones.
 
         The newest pre-deploy image is never deleted and does not count against `keep`: it is
-        what a rollback restores, however many checkpoints were taken since the deploy.
+        what a rollback restores, however many checkpoints were taken since the deploy. Nor
+        are the images whose ids are in `spare` (a lazy restore still reads them).
         """
         if keep < 0:
             raise ValueError(f"keep must be 0 or more, got {keep}")
         images = self.list(program)
         protected = next((m for m in images if m.trigger == "pre-deploy"), None)
         candidates = [m for m in images if m is not protected]
-        doomed = candidates[keep:]
+        doomed = [m for m in candidates[keep:] if m.id not in spare]
         for image in doomed:
             self.delete(image)
         return doomed

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +31,15 @@ from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
 from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
+from grenadine_sv.supervisor.lazy import (
+    LazyMemory,
+    LazyPagesError,
+    end_daemon,
+    is_page_file,
+    lazy_log_name,
+    start_lazy_pages,
+    wait_for_orphan_daemon,
+)
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
@@ -66,6 +76,8 @@ class CheckpointMetrics(Protocol):
 
     def restore_failed(self, program: str) -> None: ...
 
+    def restore_memory_complete(self, program: str, seconds: float) -> None: ...
+
 
 class NoMetrics:
     def checkpoint_succeeded(
@@ -82,6 +94,9 @@ class NoMetrics:
     def restore_failed(self, program: str) -> None:
         pass
 
+    def restore_memory_complete(self, program: str, seconds: float) -> None:
+        pass
+
 
 @dataclass
 class ProgramImages:
@@ -89,6 +104,19 @@ class ProgramImages:
 
     lock: trio.Lock = field(default_factory=trio.Lock)
     last_checkpoint: ImageMeta | None = None
+    lazy: LazyMemory | None = None
+    """The last lazy restore of the program (its memory may still be coming back)."""
+
+    async def memory_back(self) -> None:
+        """Wait until a lazy restore of the program has all its memory back."""
+        if self.lazy is not None:
+            await self.lazy.done.wait()
+
+    def serving_image_id(self) -> str | None:
+        """The image a lazy restore still serves memory from (it must not be pruned)."""
+        if self.lazy is None or self.lazy.done.is_set():
+            return None
+        return self.lazy.image.id
 
 
 class CheckpointService:
@@ -109,6 +137,8 @@ class CheckpointService:
         # Dumps run in worker threads; ImageStore.begin creates shared directories unguarded.
         self._begin_lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
+        # Images a lazy restore found corrupt while serving them: never restored again.
+        self._corrupt: set[str] = set()
 
     def images_of(self, program: str) -> ProgramImages:
         return self._programs.setdefault(program, ProgramImages())
@@ -125,6 +155,7 @@ class CheckpointService:
     ) -> ImageMeta:
         program = runner.name
         async with self.images_of(program).lock:
+            await self.images_of(program).memory_back()
             pid = runner.machine.pid
             if runner.state.value != "RUNNING" or pid is None:
                 raise CheckpointError(f"{program} is {runner.state.value}, not RUNNING")
@@ -172,7 +203,8 @@ class CheckpointService:
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
-        deleted = self.store.prune(program, keep)
+        serving = self.images_of(program).serving_image_id()
+        deleted = self.store.prune(program, keep, spare=() if serving is None else (serving,))
         if self.images_of(program).last_checkpoint in deleted:
             self.learn_last_checkpoint(program)
         for image in deleted:
@@ -256,6 +288,7 @@ class CheckpointService:
         """Checkpoint a sandbox left running by a previous supervisor, ending it, so that it
         can be restored as a child of this one."""
         async with self.images_of(config.name).lock:
+            await wait_for_orphan_daemon(self.work_dir / config.name)
             try:
                 image = await trio.to_thread.run_sync(
                     self._dump,
@@ -280,17 +313,39 @@ class CheckpointService:
     async def launch_from_image(self, runner: ProgramRunner, image: ImageMeta) -> LaunchedInstance:
         """Restore `image` as the program's new instance (a child of this process)."""
         program = runner.name
-        async with self.images_of(program).lock:
+        images = self.images_of(program)
+        lazy = runner.config.restore_mode == "lazy"
+        async with images.lock:
             began = self.clock()
+            daemon: trio.Process | None = None
             try:
+                if lazy:
+                    await trio.to_thread.run_sync(self._verify, image, True)
+                    work_dir = await trio.to_thread.run_sync(self._work_dir_of, program)
+                    daemon = await start_lazy_pages(
+                        self.criu, self.store.criu_dir(image), work_dir, lazy_log_name(image)
+                    )
                 pid, output_fds = await trio.to_thread.run_sync(
-                    self._restore, runner, image, abandon_on_cancel=False
+                    self._restore, runner, image, lazy, abandon_on_cancel=False
                 )
-            except (CriuError, ImageCorrupt, OSError) as exc:
+            except (CriuError, ImageCorrupt, OSError, LazyPagesError) as exc:
+                if daemon is not None:
+                    await end_daemon(daemon)
                 self.metrics.restore_failed(program)
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
             launched = _launched_instance(pid, image, output_fds)
+            if daemon is not None:
+                images.lazy = LazyMemory(
+                    self.store,
+                    image,
+                    daemon,
+                    work_dir=self.work_dir / program,
+                    began=began,
+                    on_complete=partial(self.metrics.restore_memory_complete, program),
+                    on_corrupt=lambda bad: self._corrupt.add(bad.id),
+                )
+                launched.companions.append(images.lazy.supervise)
             duration = self.clock() - began
             self.metrics.restore_succeeded(program, duration)
             log.info(
@@ -299,19 +354,34 @@ class CheckpointService:
                 image_id=image.id,
                 pid=launched.process.pid,
                 duration_seconds=round(duration, 3),
+                restore_mode=runner.config.restore_mode,
             )
             return launched
 
-    def _restore(self, runner: ProgramRunner, image: ImageMeta) -> tuple[int, dict[int, int]]:
+    def _verify(self, image: ImageMeta, lazy: bool) -> None:
+        """Check the image before a restore: every file, or for a lazy one all but the page
+        files (LazyMemory hashes those while they are served)."""
+        if image.id in self._corrupt:
+            raise ImageCorrupt(image, "criu/pages-*.img", "did not match while it was served")
+        self.store.verify(image, skip=is_page_file if lazy else None)
+
+    def _work_dir_of(self, program: str) -> Path:
+        work_dir = self.work_dir / program
+        for directory in (self.work_dir, work_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        return work_dir
+
+    def _restore(
+        self, runner: ProgramRunner, image: ImageMeta, lazy: bool
+    ) -> tuple[int, dict[int, int]]:
         """Run CRIU's restore (in a worker thread). Returns the restored root's pid and, per
         stdio pipe inode of the image, the read end of the new pipe that replaces it.
 
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
-        self.store.verify(image)
-        work_dir = self.work_dir / runner.name
-        for directory in (self.work_dir, work_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        if not lazy:  # a lazy restore verified what it could before starting its daemon
+            self._verify(image, False)
+        work_dir = self._work_dir_of(runner.name)
         write_fds: dict[int, int] = {}
         read_fds: dict[int, int] = {}
         try:
@@ -325,6 +395,7 @@ class CheckpointService:
                     inherit_fds={pipe_key(inode): fd for inode, fd in write_fds.items()},
                     tcp_established=runner.config.checkpoint.tcp_established,
                     log_name=restore_log_name(image),
+                    lazy_pages=lazy,
                 )
             )
         except BaseException:

@@ -6,7 +6,7 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,8 @@ class LaunchedInstance:
     process: SandboxProcess
     stdout: trio.abc.ReceiveStream
     stderr: trio.abc.ReceiveStream
+    companions: list[Callable[[SandboxProcess], Awaitable[None]]] = field(default_factory=list)
+    """Tasks that run next to the instance (a lazy restore's memory supervision)."""
 
 
 # A launcher starts an instance of the program: from scratch, or from an image.
@@ -252,6 +254,8 @@ class ProgramRunner:
         self._nursery.start_soon(pump_output, launched.stdout, self.stdout_log)
         self._nursery.start_soon(pump_output, launched.stderr, self.stderr_log)
         self._nursery.start_soon(self._watch_exit, instance, launched.process)
+        for companion in launched.companions:
+            self._nursery.start_soon(companion, launched.process)
         self.post(Spawned(instance, launched.process.pid, trio.current_time()))
 
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
