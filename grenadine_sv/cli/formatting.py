@@ -6,12 +6,10 @@ and returns the text to print, ending with a newline.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from grenadine_sv.store.images import ImageMeta
+from typing import Any, Protocol, TextIO
 
 SHORT_ID_LENGTH = 12
 MICROSECONDS = 1_000_000
@@ -27,6 +25,7 @@ __all__ = [
     "format_reload",
     "format_restore",
     "format_status",
+    "print_json",
     "short_id",
 ]
 
@@ -144,7 +143,8 @@ def format_restore(result: Mapping[str, Any]) -> str:
     if result.get("state") != "RUNNING":
         reason = f" ({result['reason']})" if result.get("reason") else ""
         return f"{name}: restore from {image} failed{reason}, {now}\n"
-    return f"{name}: restored from {image}, {now}\n"
+    warning = f"warning: {result['warning']}\n" if result.get("warning") else ""
+    return f"{warning}{name}: restored from {image}, {now}\n"
 
 
 # reload, prune ----------------------------------------------------------------
@@ -164,6 +164,9 @@ def format_reload(summary: Mapping[str, Any]) -> str:
         if name in pre_deploy:
             line += f" (new instance never got ready; restored {short_id(pre_deploy[name])})"
         lines.append(line)
+    kept: Sequence[str] = summary.get("supervisor_settings_kept") or []
+    if kept:
+        lines.append(f"not applied until a restart: [supervisor] {', '.join(kept)}")
     if not lines:
         return "no changes\n"
     return "".join(line + "\n" for line in lines)
@@ -186,7 +189,26 @@ def format_prune(deleted: Mapping[str, Sequence[str]]) -> str:
 # images -----------------------------------------------------------------------
 
 
-def format_images(images: Sequence[ImageMeta]) -> str:
+class ImageRow(Protocol):
+    """What the image table shows of an image (store.images.ImageMeta has it)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def program(self) -> str: ...
+    @property
+    def created(self) -> datetime: ...
+    @property
+    def comm(self) -> str: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    @property
+    def image_bytes(self) -> int: ...
+    @property
+    def trigger(self) -> str: ...
+
+
+def format_images(images: Sequence[ImageRow]) -> str:
     header = ("IDX", "IMAGE_ID", "CTIME", "COMM", "MEM_SIZE", "PROGRAM", "TRIGGER", "SIZE")
     rows: list[tuple[str, ...]] = [header]
     index: dict[str, int] = {}
@@ -216,3 +238,9 @@ def format_images(images: Sequence[ImageMeta]) -> str:
 
 def format_ctime(created: datetime) -> str:
     return created.strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def print_json(data: Any, out: TextIO) -> None:
+    """What --json prints: the reply as it came, indented."""
+    json.dump(data, out, indent=2, default=str)
+    out.write("\n")

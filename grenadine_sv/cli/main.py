@@ -1,37 +1,19 @@
-"""The grenadine-sv command: argument parsing, output formatting and exit codes."""
+"""The grenadine-sv command: argument parsing and dispatch to a command."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from grenadine_sv import __version__
+from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from grenadine_sv.cli.remote import remote
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_RUNNING = 3
-
-DEFAULT_CONFIG_LOCATIONS = (Path("grenadine.toml"), Path("/etc/grenadine-sv/grenadine.toml"))
-
-
-class UsageError(Exception):
-    pass
-
-
-def default_config_path() -> Path:
-    from_env = os.environ.get("GRENADINE_SV_CONFIG")
-    if from_env:
-        return Path(from_env)
-    for candidate in DEFAULT_CONFIG_LOCATIONS:
-        if candidate.exists():
-            return candidate
-    return DEFAULT_CONFIG_LOCATIONS[-1]
+# Commands done by this process; the others are requests to the running supervisor.
+LOCAL_COMMANDS = frozenset({"run", "check", "doctor", "schema", "logs", "images"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +56,12 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     restore = add("restore", "restore a program from an image", json_output=True)
     restore.add_argument("name")
     restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    restore.add_argument(
+        "--allow-changed-definition",
+        action="store_true",
+        default=None,
+        help="restore even if the program's definition changed since the image was taken",
+    )
     images = add("images", "list checkpoint images", json_output=True)
     images.add_argument("name", nargs="?")
     prune = add("prune", "delete old images", json_output=True)
@@ -91,31 +79,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     try:
         return dispatch(command, args, out)
-    except UsageError as exc:
-        print(f"grenadine-sv: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED
 
 
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.cli import commands
+    if command not in LOCAL_COMMANDS:
+        return remote(args, out)
+    # Loaded only for these commands: they need the configuration models and more, which a
+    # command answered by the running supervisor does not.
+    from grenadine_sv.cli import local
 
     handlers: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
-        "run": commands.run,
-        "check": commands.check,
-        "doctor": commands.doctor,
-        "schema": commands.schema,
-        "logs": commands.logs,
-        "images": commands.images,
+        "run": local.run,
+        "check": local.check,
+        "doctor": local.doctor,
+        "schema": local.schema,
+        "logs": local.logs,
+        "images": local.images,
     }
-    handler = handlers.get(command, commands.remote)
-    return handler(args, out)
-
-
-def print_json(data: Any, out: TextIO) -> None:
-    json.dump(data, out, indent=2, default=str)
-    out.write("\n")
+    return handlers[command](args, out)
 
 
 if __name__ == "__main__":

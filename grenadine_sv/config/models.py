@@ -58,6 +58,21 @@ DIGEST_FIELDS = (
     "group",
     "binds",
     "stopsignal",
+    "init",
+)
+# Fields an image records and a restore compares with the definition it restores into
+# (environment apart: store/definition.py hashes its values). Names a ProgramConfig lacks are
+# skipped, so sandbox settings can be added here as they come.
+RESTORE_COMPARED_FIELDS = (
+    "command",
+    "directory",
+    "user",
+    "group",
+    "umask",
+    "binds",
+    "init",
+    "private_tmp",
+    "snapshot_paths",
 )
 
 _DURATION_JSON: dict[str, Any] = {
@@ -128,12 +143,18 @@ def _reject_empty_path(value: object) -> object:
     return value
 
 
+def _normalized(path: Path) -> Path:
+    """The path without ".", "..", repeated or trailing slashes ("//srv/" is "/srv")."""
+    text = os.path.normpath(path)
+    return Path("/" + text.lstrip("/") if text.startswith("//") else text)
+
+
 def _resolve_path(path: Path, info: ValidationInfo) -> Path:
     if "\0" in str(path):
         raise ValueError("expected a path without NUL characters")
     context = info.context if isinstance(info.context, dict) else {}
     base_dir = Path(context.get("base_dir") or Path.cwd())
-    return Path(os.path.normpath(base_dir / path))
+    return _normalized(base_dir / path)
 
 
 def _check_absolute(path: Path) -> Path:
@@ -141,7 +162,16 @@ def _check_absolute(path: Path) -> Path:
         raise ValueError("expected a path without NUL characters")
     if not path.is_absolute():
         raise ValueError("expected an absolute path")
-    return Path(os.path.normpath(path))
+    return _normalized(path)
+
+
+def _check_binds(paths: list[Path]) -> list[Path]:
+    if Path("/") in paths:
+        raise ValueError('expected paths other than "/" (the sandbox always has the root)')
+    repeated = sorted({str(path) for path in paths if paths.count(path) > 1})
+    if repeated:
+        raise ValueError(f"expected each path once ({', '.join(repeated)} is listed twice)")
+    return paths
 
 
 def _check_socket_path(path: Path) -> Path:
@@ -209,6 +239,8 @@ ImageRef = Annotated[
     AfterValidator(_check_image_ref),
     WithJsonSchema({"type": "string", "pattern": f"^({IMAGE_REF_PATTERN})$"}),
 ]
+Binds = Annotated[list[AbsolutePath], AfterValidator(_check_binds)]
+AccountName = Annotated[NonEmptyStr, AfterValidator(_check_no_nul)]
 Environment = dict[
     Annotated[str, AfterValidator(_check_variable_name)],
     Annotated[str, AfterValidator(_check_no_nul)],
@@ -301,8 +333,8 @@ class ProgramConfig(BaseModel):
     directory: ResolvedPath = Path("/")
     environment: Environment = {}
     umask: Umask | None = None
-    user: NonEmptyStr | None = None
-    group: NonEmptyStr | None = None
+    user: AccountName | None = None
+    group: AccountName | None = None
     autostart: StrictBool = True
     autorestart: Literal["always", "on-failure", "never"] = "on-failure"
     exitcodes: list[ExitCode] = [0]
@@ -322,8 +354,11 @@ class ProgramConfig(BaseModel):
     """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
     restore_mode: Literal["eager", "lazy"] = "eager"
     """"lazy": run as soon as CRIU has rebuilt the process, memory streamed in afterwards"""
-    binds: list[AbsolutePath] = []
+    binds: Binds = []
     """host paths bound into the sandbox at the same path"""
+    init: StrictBool = True
+    """run Debian's tini as PID 1 with the program as its child; false for a program that is
+    itself an init"""
     stdout_logfile: ResolvedPath | None = None
     """default: log_dir/NAME.out.log"""
     stderr_logfile: ResolvedPath | None = None

@@ -10,19 +10,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONTROL_SOCKET = Path("/run/grenadine-sv.sock")
-
-
-class ControlError(Exception):
-    """A request the supervisor refused; the message is shown to the user."""
-
-
-class SupervisorNotRunning(Exception):
-    pass
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), default=str).encode() + b"\n"
+from grenadine_sv.control.protocol import (
+    DEFAULT_CONTROL_SOCKET,
+    ControlError,
+    SupervisorNotRunning,
+    encode,
+)
 
 
 def control_socket_of(config_path: Path) -> Path | None:
@@ -68,15 +61,3 @@ def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120
     if not reply.get("ok"):
         raise ControlError(str(reply.get("error", "unknown error")))
     return reply.get("result")
-
-
-def socket_is_live(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True

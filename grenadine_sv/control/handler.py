@@ -3,37 +3,37 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from grenadine_sv.control.server import ControlError
-
-if TYPE_CHECKING:
-    from grenadine_sv.supervisor.core import Supervisor
-    from grenadine_sv.supervisor.runner import ProgramRunner
+from grenadine_sv.control.protocol import ControlError
 
 
-def describe(supervisor: Supervisor, runner: ProgramRunner) -> dict[str, Any]:
-    """One program's line of `status`."""
-    machine = runner.machine
-    return {
-        "name": runner.name,
-        "state": machine.state.value,
-        "pid": machine.pid,
-        "uptime_seconds": runner.uptime(),
-        "restarts": machine.restart_count,
-        "exit_status": machine.last_exit,
-        "reason": supervisor.rollbacks.get(runner.name) or machine.reason,
-        "last_checkpoint": last_checkpoint(supervisor, runner.name),
-    }
+class Supervised(Protocol):
+    """What the request handler needs from a running supervisor."""
 
+    def select(self, names: list[str]) -> list[str]:
+        """The program names a request means ("all" = every program); ControlError if unknown."""
+        ...
 
-def last_checkpoint(supervisor: Supervisor, name: str) -> dict[str, Any] | None:
-    if supervisor.checkpoints is None:
-        return None
-    image = supervisor.checkpoints.images_of(name).last_checkpoint
-    if image is None:
-        return None
-    return {"id": image.id, "created": image.created.isoformat(), "trigger": image.trigger}
+    def status(self, names: list[str]) -> list[dict[str, Any]]:
+        """One line of `status` for each of these (selected) programs."""
+        ...
+
+    async def start_programs(self, names: list[str]) -> None: ...
+
+    async def stop_programs(self, names: list[str]) -> None: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+    async def checkpoint_programs(self, names: list[str], stop: bool) -> list[dict[str, Any]]: ...
+
+    async def restore_program(
+        self, name: str, ref: str, *, allow_changed_definition: bool = False
+    ) -> dict[str, Any]: ...
+
+    async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]: ...
+
+    def request_shutdown(self) -> None: ...
 
 
 def names_argument(args: dict[str, Any]) -> list[str]:
@@ -60,26 +60,23 @@ def count_argument(args: dict[str, Any], key: str) -> int | None:
 
 
 class RequestHandler:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
+    """Turns one decoded request into a call on the supervisor; refusals are ControlError."""
 
-    def status(self, names: list[str]) -> list[dict[str, Any]]:
-        sv = self.supervisor
-        selected = sv.select(names) if names else list(sv.runners)
-        return [describe(sv, sv.runners[n]) for n in selected]
+    def __init__(self, supervisor: Supervised) -> None:
+        self.supervisor = supervisor
 
     async def handle(self, command: str, args: dict[str, Any]) -> Any:
         sv = self.supervisor
         match command:
             case "status":
-                return self.status(names_argument(args))
+                return sv.status(sv.select(names_argument(args) or ["all"]))
             case "start" | "stop" | "restart":
                 selected = sv.select(names_argument(args))
                 if command != "start":
                     await sv.stop_programs(selected)
                 if command != "stop":
                     await sv.start_programs(selected)
-                return self.status(selected)
+                return sv.status(selected)
             case "reload":
                 return await sv.reload()
             case "checkpoint":
@@ -88,8 +85,15 @@ class RequestHandler:
                     raise ControlError(f'"stop" must be true or false, got {stop!r}')
                 return await sv.checkpoint_programs(sv.select(names_argument(args)), stop)
             case "restore":
+                allow = args.get("allow_changed_definition", False)
+                if not isinstance(allow, bool):
+                    raise ControlError(
+                        f'"allow_changed_definition" must be true or false, got {allow!r}'
+                    )
                 return await sv.restore_program(
-                    text_argument(args, "name"), text_argument(args, "image")
+                    text_argument(args, "name"),
+                    text_argument(args, "image"),
+                    allow_changed_definition=allow,
                 )
             case "prune":
                 name = args.get("name")

@@ -1,12 +1,8 @@
-"""The control socket: a Unix socket speaking JSON lines, one request and one reply each.
-
-Request:  {"command": "status", "args": {...}}
-Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "sentence"}
-"""
+"""The control socket's server: binds the socket, reads requests, sends replies
+(the format is in control/protocol.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
@@ -17,45 +13,18 @@ from typing import Any
 import structlog
 import trio
 
-from grenadine_sv.control.client import (
+from grenadine_sv.control.protocol import (
+    MAX_LINE_BYTES,
     ControlError,
-    SupervisorNotRunning,
+    ProtocolError,
+    decode_request,
     encode,
-    request,
     socket_is_live,
 )
 
-__all__ = [
-    "ControlError",
-    "SupervisorNotRunning",
-    "bind_socket",
-    "encode",
-    "request",
-    "serve",
-]
-
-MAX_LINE_BYTES = 1 << 20
 CLIENT_IDLE_SECONDS = 30.0
 
 Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
-
-
-class ProtocolError(Exception):
-    pass
-
-
-def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
-    try:
-        message = json.loads(line)
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON; absurdly deep nesting
-        raise ProtocolError(f"not a JSON object: {exc}") from exc
-    if not isinstance(message, dict):
-        raise ProtocolError("a request must be a JSON object")
-    command = message.get("command")
-    args = message.get("args", {})
-    if not isinstance(command, str) or not isinstance(args, dict):
-        raise ProtocolError('a request needs "command" (a string) and optional "args" (an object)')
-    return command, args
 
 
 async def read_line(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:

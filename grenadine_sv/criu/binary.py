@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from grenadine_sv.host.facts import UnreadableOutputError, parse_criu_version
+from grenadine_sv.criu.version import UnreadableOutputError, parse_criu_version
 
 MIN_CRIU_VERSION = (4, 2, 0)
 INSTALLED_CRIU = Path("/usr/local/sbin/criu")

@@ -46,8 +46,14 @@ class DumpRequest:
     pid: int
     images_dir: Path
     leave_running: bool
+    # The tasks stay frozen after the dump (and TCP connections locked) until the caller
+    # resumes them with SIGCONT or kills them: the dump never outlives its program unlisted.
+    leave_stopped: bool = False
     tcp_established: bool = False
     log_name: str = "dump.log"
+    # Fds the CRIU process holds open while it runs (the state_dir lock: a supervisor killed
+    # meanwhile is not replaced before CRIU has finished).
+    hold_fds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,13 +107,14 @@ class Criu:
         log_path = request.images_dir / request.log_name
         failure: pycriu.CRIUException | None = None
         with (
-            self._session((), "dump", log_path) as session,
+            self._session(request.hold_fds, "dump", log_path) as session,
             _open_dir(request.images_dir) as dir_fd,
         ):
             opts = session.client.opts
             opts.images_dir_fd = dir_fd
             opts.pid = request.pid
             opts.leave_running = request.leave_running
+            opts.leave_stopped = request.leave_stopped
             opts.tcp_established = request.tcp_established
             opts.external.append("mnt[]")
             opts.log_file = request.log_name
@@ -290,6 +297,33 @@ def task_condition(pid: int) -> TaskCondition | None:
         tracer_pid=tracer,
         parasite_mappings=sum(1 for line in maps.splitlines() if PARASITE_MAPPING in line),
     )
+
+
+def tree_condition(root_pid: int) -> dict[int, TaskCondition]:
+    """The condition of every live task of the tree rooted at `root_pid` (CRIU dumps them all:
+    with an init, the program is the root's child)."""
+    conditions: dict[int, TaskCondition] = {}
+    pending = [root_pid]
+    while pending:
+        pid = pending.pop()
+        condition = task_condition(pid)
+        if condition is None or pid in conditions:
+            continue
+        conditions[pid] = condition
+        pending.extend(_children(pid))
+    return conditions
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            found.extend(int(child) for child in (task / "children").read_text().split())
+    return found
 
 
 def pipe_key(inode: int) -> str:

@@ -26,6 +26,7 @@ class DumpFacts:
     root_pid: int
     """PID of the dumped tree's root, as CRIU saw it (inside its PID namespace, if any)."""
     comm: str
+    """The program's command name: the root's, or with an init its child's."""
     memory_bytes: int
     """Memory pages dumped, all processes of the tree together."""
     stdio_pipes: Mapping[str, int]
@@ -34,25 +35,35 @@ class DumpFacts:
     """CRIU's stats-dump (times in µs, counts in pages); empty if CRIU wrote none here."""
 
 
-def read_dump_facts(criu_dir: Path) -> DumpFacts:
-    """Read what the image listing and the metrics need from the dump in `criu_dir`."""
-    pids = _tree_pids(criu_dir)
+def read_dump_facts(criu_dir: Path, *, under_init: bool = False) -> DumpFacts:
+    """Read what the image listing and the metrics need from the dump in `criu_dir`.
+
+    With `under_init` the root is the sandbox's init, and the program is its first child."""
+    tree = _tree(criu_dir)
+    pids = list(tree)
     root_pid = pids[0]
+    program_pid = root_pid
+    if under_init:
+        program_pid = next((pid for pid, ppid in tree.items() if ppid == root_pid), root_pid)
     return DumpFacts(
         root_pid=root_pid,
-        comm=_comm(criu_dir, root_pid),
+        comm=_comm(criu_dir, program_pid),
         memory_bytes=sum(_dumped_pages(criu_dir, pid) for pid in pids) * PAGE_SIZE,
         stdio_pipes=_stdio_pipes(criu_dir, root_pid),
         dump_stats=_dump_stats(criu_dir),
     )
 
 
-def _tree_pids(criu_dir: Path) -> list[int]:
+def _tree(criu_dir: Path) -> dict[int, int]:
+    """pid -> parent pid of every process of the dump, the root first."""
     path = criu_dir / "pstree.img"
-    pids = [_int(entry, "pid", path) for entry in _load_entries(path, "PSTREE")]
-    if not pids:
+    tree = {
+        _int(entry, "pid", path): _int(entry, "ppid", path, default=0)
+        for entry in _load_entries(path, "PSTREE")
+    }
+    if not tree:
         raise ImageFactsError(f"{path} lists no process")
-    return pids
+    return tree
 
 
 def _comm(criu_dir: Path, pid: int) -> str:

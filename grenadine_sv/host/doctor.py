@@ -24,18 +24,17 @@ from grenadine_sv.criu.binary import (
     criu_version,
     find_criu,
 )
+from grenadine_sv.criu.version import UnreadableOutputError, format_version, parse_version_number
 from grenadine_sv.host.facts import (
     Status,
-    UnreadableOutputError,
     decode_capabilities,
     feature_supported,
-    format_version,
     interpret_criu_check,
     parse_cap_eff,
     parse_kernel_version,
-    parse_version_number,
     soft_dirty_available,
 )
+from grenadine_sv.sandbox.init import TINI
 
 COMMAND_TIMEOUT_SECONDS = 30.0
 CAP_SYS_RESOURCE_ADVICE = (
@@ -269,6 +268,20 @@ def check_lazy_restore(criu: CriuFound | None) -> CheckResult:
     return CheckResult(name, Status.WARN, "not supported (no uffd-noncoop)", unavailable)
 
 
+def check_init() -> CheckResult:
+    name = "sandbox init"
+    if not os.access(TINI, os.X_OK):
+        advice = "programs with init = true cannot start: apt-get install tini"
+        return CheckResult(name, Status.WARN, f"{TINI} is missing", advice)
+    try:
+        result = run_command([TINI, "--version"])
+    except CommandFailedToRun as exc:
+        return CheckResult(name, Status.WARN, str(exc), "programs with init = true may not start")
+    version = result.output.strip() or "version unknown"
+    advice = "forwards signals to each program; an upgrade of tini makes existing images unusable"
+    return CheckResult(name, Status.OK, f"{TINI} ({version})", advice)
+
+
 def check_kernel(release: str, kernel: tuple[int, int] | None) -> CheckResult:
     name = "kernel"
     if kernel is None:
@@ -295,6 +308,7 @@ def run_checks(criu_path: Path | None = None) -> tuple[list[CheckResult], CriuFo
         check_root(),
         *check_capabilities(kernel),
         check_namespaces(),
+        check_init(),
         check_soft_dirty(criu),
         check_lazy_restore(criu),
         check_kernel(release, kernel),

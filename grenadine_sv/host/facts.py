@@ -9,6 +9,8 @@ import enum
 import re
 from dataclasses import dataclass
 
+from grenadine_sv.criu.version import UnreadableOutputError, parse_version_number
+
 
 class Status(enum.StrEnum):
     OK = "OK"
@@ -20,10 +22,6 @@ class Status(enum.StrEnum):
 class Verdict:
     status: Status
     finding: str
-
-
-class UnreadableOutputError(ValueError):
-    """A command's output does not have the shape this module expects."""
 
 
 # Bit numbers from linux/capability.h.
@@ -71,34 +69,11 @@ CAPABILITY_NAMES: tuple[str, ...] = (
     "CAP_CHECKPOINT_RESTORE",
 )
 
-_VERSION_NUMBER = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
-_CRIU_VERSION_LINE = re.compile(r"^Version:[ \t]*(\S+)", re.MULTILINE)
 _CAP_EFF_LINE = re.compile(r"^CapEff:\s*([0-9a-fA-F]+)\s*$", re.MULTILINE)
 # "Error (criu/cr-check.c:1901): Unknown feature list" -> "Unknown feature list"
 _CRIU_LOG_PREFIX = re.compile(r"^(?:\(\s*[\d.]+\)\s*)?(Error|Warn)\s*\([^)]*\):\s*")
 _CRIU_ERROR = re.compile(r"\bError\s*\(")
 DIRTY_TRACKING_OFF = "Dirty tracking is OFF"
-
-
-def parse_version_number(text: str) -> tuple[int, int, int]:
-    """'4.2.1' -> (4, 2, 1); '4.2' -> (4, 2, 0); trailing text such as '-rc1' is ignored."""
-    match = _VERSION_NUMBER.match(text.strip())
-    if match is None:
-        raise UnreadableOutputError(f"expected a version such as 4.2.1, got {text.strip()!r}")
-    major, minor, patch = match.groups()
-    return int(major), int(minor), int(patch or 0)
-
-
-def format_version(version: tuple[int, int, int]) -> str:
-    return ".".join(str(part) for part in version)
-
-
-def parse_criu_version(text: str) -> tuple[int, int, int]:
-    """The version in `criu --version` output ("Version: 4.2.1", maybe followed by "GitID: ...")."""
-    match = _CRIU_VERSION_LINE.search(text)
-    if match is None:
-        raise UnreadableOutputError(f"no 'Version:' line in criu --version output {text.strip()!r}")
-    return parse_version_number(match.group(1))
 
 
 def parse_cap_eff(proc_status: str) -> str:

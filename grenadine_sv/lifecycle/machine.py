@@ -8,6 +8,7 @@ instead of disturbing the next one.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
@@ -359,6 +360,10 @@ class ProgramMachine:
 
 
 def describe_returncode(returncode: int) -> str:
+    """ "code 3", or "signal TERM" for a process killed by a signal."""
     if returncode < 0:
-        return f"signal {-returncode}"
+        try:
+            return f"signal {signal.Signals(-returncode).name.removeprefix('SIG')}"
+        except ValueError:
+            return f"signal {-returncode}"
     return f"code {returncode}"

@@ -1,11 +1,12 @@
-"""What a reload changes: the difference between two sets of program definitions."""
+"""What a reload changes: the difference between two sets of program definitions, and
+the [supervisor] settings it leaves as they are."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from grenadine_sv.config.loading import ProgramConfig
+from grenadine_sv.config.loading import ProgramConfig, SupervisorSettings
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,22 @@ def _needs_new_instance(old: ProgramConfig, new: ProgramConfig) -> bool:
 
 def _settings(program: ProgramConfig) -> dict[str, object]:
     return program.model_dump(mode="json", exclude={"source"})
+
+
+# [supervisor] keys a reload applies; the others need a restart of the supervisor.
+RELOADED_SETTINGS = frozenset({"include"})
+
+
+def changed_settings(running: SupervisorSettings, new: SupervisorSettings) -> list[str]:
+    """The [supervisor] keys that differ and that a reload cannot apply, as written."""
+    before = running.model_dump()
+    after = new.model_dump()
+    keys: list[str] = []
+    for key in before:
+        if key in RELOADED_SETTINGS or before[key] == after[key]:
+            continue
+        if isinstance(before[key], dict):
+            keys += [f"{key}.{sub}" for sub in before[key] if before[key][sub] != after[key][sub]]
+        else:
+            keys.append(key)
+    return keys

@@ -1,9 +1,12 @@
 """Start one program as PID 1 of new PID and mount namespaces, in a root that CRIU can dump.
 
+The program runs as the child of an init (the spec's ``init``, Debian's tini) that is PID 1, or
+as PID 1 itself when the spec has no init.
+
 Run as ``python -I -S launcher.py STATUS_FD`` with the sandbox spec (JSON) on stdin and the
 program's stdout/stderr already in place. Standard library only: it runs without site-packages.
 
-Reports on STATUS_FD, one JSON object per line: ``{"pid": N}`` (the program's host pid) as soon
+Reports on STATUS_FD, one JSON object per line: ``{"pid": N}`` (PID 1's host pid) as soon
 as it is forked, and ``{"error": "..."}`` if any step fails. STATUS_FD is close-on-exec, so the
 reader sees EOF once this launcher has exited and the program has exec'ed or died.
 """
@@ -192,28 +195,42 @@ def _keep_only_stdio(status_fd: int) -> None:
     os.close(null)
 
 
-def _exec(command: list[str], environment: dict[str, str]) -> NoReturn:
-    name = command[0]
-    search_path = environment.get("PATH", DEFAULT_PATH)
+def _resolve(name: str, search_path: str) -> str:
+    """The executable that exec would run for ``name``, searched in PATH as execvp does."""
     if "/" in name:
         candidates = [name]
     else:
         candidates = [os.path.join(folder or ".", name) for folder in search_path.split(":")]
     denied: str | None = None
     for candidate in candidates:
-        try:
-            os.execve(candidate, command, environment)
-        except (FileNotFoundError, NotADirectoryError):
+        if not os.path.isfile(candidate):
             continue
-        except PermissionError:
-            denied = denied or candidate
-        except OSError as error:
-            raise StepFailed(f"cannot execute {candidate}: {error.strerror}") from error
+        if os.access(candidate, os.X_OK):
+            return candidate
+        denied = denied or candidate
     if denied is not None:
         raise StepFailed(f"cannot execute {denied}: permission denied")
     if "/" in name:
         raise StepFailed(f"command not found: {name} does not exist")
     raise StepFailed(f"command not found: {name!r} is in no directory of PATH={search_path}")
+
+
+def _exec(command: list[str], environment: dict[str, str], init: str | None) -> NoReturn:
+    """Exec the program, or the init with the program as its only child."""
+    program = _resolve(command[0], environment.get("PATH", DEFAULT_PATH))
+    if init is None:
+        path, argv = program, [command[0], *command[1:]]
+    else:
+        if not os.access(init, os.X_OK):
+            raise StepFailed(
+                f"the sandbox init {init} is missing or not executable: install Debian's tini"
+                " package (apt-get install tini), or set init = false for this program"
+            )
+        path, argv = init, [init, "--", program, *command[1:]]
+    try:
+        os.execve(path, argv, environment)
+    except OSError as error:
+        raise StepFailed(f"cannot execute {path}: {error.strerror}") from error
 
 
 def run_program(spec: dict[str, Any], status_fd: int) -> NoReturn:
@@ -233,7 +250,7 @@ def run_program(spec: dict[str, Any], status_fd: int) -> NoReturn:
     for number in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(number, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    _exec(list(spec["command"]), dict(spec["environment"]))
+    _exec(list(spec["command"]), dict(spec["environment"]), spec.get("init"))
 
 
 def report(status_fd: int, **fields: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
@@ -48,3 +49,36 @@ def read_start_time(pid: int) -> int:
 
 def read_pid_ns_inode(pid: int) -> int:
     return os.stat(f"/proc/{pid}/ns/pid").st_ino
+
+
+def pids_in_pid_namespace(ns_inode: int) -> list[int]:
+    """Host pids of every process whose PID namespace is `ns_inode` (a sandbox's processes)."""
+    found: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/pid").st_ino == ns_inode:
+                found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # ended meanwhile
+    return found
+
+
+def resume_sandbox(root_pid: int) -> int:
+    """Send SIGCONT to every process of the sandbox whose PID 1 is `root_pid` (a dump with
+    leave_stopped leaves each one stopped); returns how many were sent one."""
+    try:
+        ns_inode = read_pid_ns_inode(root_pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    if ns_inode == read_pid_ns_inode(os.getpid()):
+        raise ValueError(f"pid {root_pid} is not in a sandbox of its own")
+    resumed = 0
+    for pid in pids_in_pid_namespace(ns_inode):
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            continue
+        resumed += 1
+    return resumed

@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from grenadine_sv.sandbox.init import program_returncode
 from grenadine_sv.sandbox.linux import is_subreaper, read_pid_ns_inode, read_start_time
 from grenadine_sv.sandbox.spec import SandboxSpec
 
@@ -23,18 +24,29 @@ LAUNCH_TIMEOUT = 10.0
 
 
 class SandboxError(Exception):
-    """The sandbox could not start the program; the message says which step failed and why."""
+    """The sandbox could not start the program; the message says which step failed and why.
+
+    `fatal` when trying again cannot help (the program then goes to FATAL at once)."""
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 class SandboxProcess:
     """A sandboxed program: PID 1 of its own PID namespace, and a direct child of this process.
 
     Waiting and signalling go through a pidfd, and reaping waits for this pid only, so the
-    children of trio and pycriu are left to them.
+    children of trio and pycriu are left to them. With ``under_init``, PID 1 is the sandbox's
+    init and the program its child: signals reach the program through the init, and the
+    returncode is the program's, decoded from the init's exit status.
     """
 
-    def __init__(self, pid: int, pidfd: int, start_time: int, pid_ns_inode: int) -> None:
+    def __init__(
+        self, pid: int, pidfd: int, start_time: int, pid_ns_inode: int, *, under_init: bool
+    ) -> None:
         self.pid = pid
+        self.under_init = under_init
         self.start_time = start_time
         self.pid_ns_inode = pid_ns_inode
         self.returncode: int | None = None
@@ -42,7 +54,7 @@ class SandboxProcess:
         self._wait_lock = trio.Lock()
 
     @classmethod
-    def adopt(cls, pid: int) -> SandboxProcess:
+    def adopt(cls, pid: int, *, under_init: bool) -> SandboxProcess:
         """Take charge of ``pid``, which must already be a child of this process."""
         try:
             pidfd = os.pidfd_open(pid)
@@ -56,13 +68,18 @@ class SandboxProcess:
                     f"cannot adopt pid {pid}: it is not a child of this process"
                     " (is this process a child subreaper?)"
                 ) from None
-            return cls(pid, pidfd, read_start_time(pid), read_pid_ns_inode(pid))
+            return cls(
+                pid, pidfd, read_start_time(pid), read_pid_ns_inode(pid), under_init=under_init
+            )
         except BaseException:
             os.close(pidfd)
             raise
 
     def __repr__(self) -> str:
-        return f"<SandboxProcess pid={self.pid} returncode={self.returncode}>"
+        return (
+            f"<SandboxProcess pid={self.pid} under_init={self.under_init}"
+            f" returncode={self.returncode}>"
+        )
 
     async def wait(self) -> int:
         """Wait for the program to exit and reap it; negative means killed by that signal."""
@@ -70,7 +87,8 @@ class SandboxProcess:
             if self.returncode is None:
                 await trio.lowlevel.wait_readable(self._open_pidfd())
                 _, status = os.waitpid(self.pid, 0)
-                self.returncode = os.waitstatus_to_exitcode(status)
+                returncode = os.waitstatus_to_exitcode(status)
+                self.returncode = program_returncode(returncode) if self.under_init else returncode
             return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -155,7 +173,7 @@ async def spawn_sandbox(spec: SandboxSpec, stdout: int, stderr: int) -> SandboxP
             f"the sandbox launcher exited with code {launcher.returncode} without starting"
             f" {spec.name!r} (see the program's stderr)"
         )
-    return SandboxProcess.adopt(pid)
+    return SandboxProcess.adopt(pid, under_init=spec.init is not None)
 
 
 def _status_pipe() -> tuple[int, int]:
@@ -212,7 +230,7 @@ async def _abandon(launcher: trio.Process, reports: list[dict[str, Any]]) -> Non
 
 
 async def _kill_and_reap(pid: int) -> None:
-    process = SandboxProcess.adopt(pid)
+    process = SandboxProcess.adopt(pid, under_init=False)
     try:
         process.send_signal(signal.SIGKILL)
         await process.wait()

@@ -4,13 +4,16 @@ Layout (DESIGN.md, "Image store")::
 
     {state_dir}/images/{program}/{image_id}/meta.json
     {state_dir}/images/{program}/{image_id}/criu/         CRIU's files
-    {state_dir}/images/{program}/.partial-{image_id}/     while dumping
+    {state_dir}/images/{program}/.partial-{image_id}/     while dumping and sealing
+    {state_dir}/images/{program}/.partial-{image_id}/intent.json   what the dump is for
     {state_dir}/images/{program}/.deleting-{image_id}/    while deleting
 
 An image is listed only once its directory has its final name, and it gets that name by one
 `rename` after every file in it is on disk. Anything whose name starts with "." is never listed,
-so an interrupted dump or delete never shows up as an image; `remove_stale_partials` clears
-those leftovers when the supervisor starts.
+so an interrupted dump or delete never shows up as an image. `intent.json` is written (and
+fsynced) before CRIU runs: when the supervisor dies after CRIU finished a dump but before the
+image was listed, `recover_partials` at the next start seals and lists that dump instead of
+throwing it away, and removes only what is incomplete.
 
 Everything here blocks on disk I/O: the supervisor calls it through `trio.to_thread`.
 """
@@ -26,6 +29,7 @@ import stat
 import uuid
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -35,7 +39,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from grenadine_sv import __version__
-from grenadine_sv.criu.facts import DumpFacts
+from grenadine_sv.criu.facts import DumpFacts, ImageFactsError, read_dump_facts
+from grenadine_sv.store.definition import META_FORMAT_VERSION, RecordedDefinition
 from grenadine_sv.store.sealing import (
     DIR_MODE,
     FILE_MODE,
@@ -52,6 +57,10 @@ Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery"]
 IMAGES_SUBDIR = "images"
 META_FILE = "meta.json"
 CRIU_SUBDIR = "criu"
+INTENT_FILE = "intent.json"
+# CRIU writes it last, after the dump succeeded and the tasks reached their final state.
+DUMP_STATS_FILE = "stats-dump"
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
 MIN_PREFIX_LEN = 4
@@ -89,6 +98,30 @@ def validate_image_id(image_id: str) -> str:
     return image_id
 
 
+def current_boot_id() -> str:
+    return BOOT_ID_PATH.read_text().strip()
+
+
+class DumpIntent(BaseModel):
+    """What a dump is for, written before CRIU runs: enough to seal and list it later."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    trigger: Trigger
+    criu_version: str
+    definition_digest: str
+    leave_running: bool
+    source_pid: int
+    """Host pid of the dumped root (the sandbox's PID 1)."""
+    source_start_time: int
+    """Its start time in clock ticks since boot: with source_pid, names the very instance."""
+    boot_id: str
+    """Unsealed files of a dump from before a reboot may be torn: such a dump is not kept."""
+    definition: RecordedDefinition | None = None
+    init: bool = False
+    """The root is the sandbox's init (tini), the program its child."""
+
+
 class ImageMeta(BaseModel):
     """What meta.json records about one image."""
 
@@ -107,6 +140,8 @@ class ImageMeta(BaseModel):
     stdio_pipes: dict[str, int]
     dump_stats: dict[str, int]
     leave_running: bool
+    init: bool = False
+    """The root is the sandbox's init (tini), the program its child."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -114,6 +149,22 @@ class ImageMeta(BaseModel):
     grenadine_version: str
     checksum_algorithm: ChecksumAlgorithm = "sha256"
     """Images before BLAKE3 have no such key: their digests are SHA-256."""
+    source_pid: int | None = None
+    """Host pid of the instance dumped (None in images made before it was recorded)."""
+    source_start_time: int | None = None
+    format_version: int = 1
+    """1: images that record only definition_digest; 2: also `definition`."""
+    definition: RecordedDefinition | None = None
+    """The program's definition when the image was taken (see store/definition.py)."""
+
+    def froze(self, pid: int, start_time: int) -> bool:
+        """True when this image was taken of that very instance, which the dump left frozen
+        (a checkpoint that stops the program)."""
+        return (
+            not self.leave_running
+            and self.source_pid == pid
+            and self.source_start_time == start_time
+        )
 
     @field_validator("id")
     @classmethod
@@ -154,21 +205,44 @@ class ImageCorrupt(Exception):
         self.reason = reason
 
 
+@dataclass
+class PartialsRecovered:
+    """What `recover_partials` did."""
+
+    completed: builtins.list[ImageMeta] = field(default_factory=builtins.list)
+    removed: builtins.list[tuple[Path, str]] = field(default_factory=builtins.list)
+
+
 class PendingImage:
     """A dump in progress: CRIU writes into `criu_dir`, then `commit` publishes it or `abort`
     removes it. As a context manager it aborts on leaving unless committed."""
 
-    def __init__(self, program_dir: Path, program: str, image_id: str) -> None:
+    def __init__(self, program_dir: Path, program: str, image_id: str, intent: DumpIntent) -> None:
+        """Open a partial image made by `create` (or left by a supervisor that died)."""
         self.id = image_id
         self.program = program
+        self.intent = intent
         self._program_dir = program_dir
         self._partial_dir = program_dir / f"{PARTIAL_PREFIX}{image_id}"
         self.criu_dir = self._partial_dir / CRIU_SUBDIR
         self._state: Literal["open", "committed", "aborted"] = "open"
         self._watcher: DumpWatcher | None = None
         self._sync_pool: ThreadPoolExecutor | None = None
-        _make_private_dir(self._partial_dir)
-        _make_private_dir(self.criu_dir)
+
+    @classmethod
+    def create(cls, program_dir: Path, program: str, intent: DumpIntent) -> PendingImage:
+        """A new partial image whose intent is on disk before CRIU writes anything."""
+        pending = cls(program_dir, program, uuid.uuid4().hex, intent)
+        _make_private_dir(pending._partial_dir)
+        try:
+            _make_private_dir(pending.criu_dir)
+            _write_private_file(pending._partial_dir / INTENT_FILE, intent.model_dump_json())
+            _fsync_dir(pending._partial_dir)
+            _fsync_dir(program_dir)
+        except BaseException:
+            pending.abort()
+            raise
+        return pending
 
     @contextlib.contextmanager
     def watch(self) -> Iterator[None]:
@@ -180,53 +254,82 @@ class PendingImage:
             self._watcher = watcher
             yield
 
-    def commit(
-        self,
-        facts: DumpFacts,
-        *,
-        trigger: Trigger,
-        criu_version: str,
-        definition_digest: str,
-        leave_running: bool,
-        created: datetime | None = None,
-    ) -> ImageMeta:
+    def commit(self, facts: DumpFacts, *, created: datetime | None = None) -> ImageMeta:
         """Seal the dump: make every file private and durable, write meta.json, and publish the
         image by renaming its directory. On failure the partial directory is removed."""
         self._require_open("commit")
         try:
-            try:
-                records = seal_tree(self.criu_dir, self._watcher)
-            finally:
-                self._release_watcher()
-            meta = ImageMeta(
-                id=self.id,
-                program=self.program,
-                created=created if created is not None else datetime.now(UTC),
-                trigger=trigger,
-                comm=facts.comm,
-                root_pid=facts.root_pid,
-                memory_bytes=facts.memory_bytes,
-                image_bytes=sum(r.size for r in records.values()),
-                criu_version=criu_version,
-                definition_digest=definition_digest,
-                stdio_pipes=dict(facts.stdio_pipes),
-                dump_stats=dict(facts.dump_stats),
-                leave_running=leave_running,
-                checksums={path: r.digest for path, r in records.items()},
-                file_sizes={path: r.size for path, r in records.items()},
-                grenadine_version=__version__,
-                checksum_algorithm=NEW_IMAGE_ALGORITHM,
-            )
-            _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
-            _fsync_dir(self._partial_dir)
-            os.rename(self._partial_dir, self._program_dir / self.id)
+            meta = self.seal(facts, created=created)
         except BaseException:
             self.abort()
             raise
+        self.publish(meta)
+        return meta
+
+    def seal(self, facts: DumpFacts, *, created: datetime | None = None) -> ImageMeta:
+        """Make every file private and durable and write meta.json (replacing one an
+        interrupted seal left). The image is not listed yet: `publish` does that."""
+        self._require_open("seal")
+        intent = self.intent
+        try:
+            records = seal_tree(self.criu_dir, self._watcher)
+        finally:
+            self._release_watcher()
+        meta = ImageMeta(
+            id=self.id,
+            program=self.program,
+            created=created if created is not None else datetime.now(UTC),
+            trigger=intent.trigger,
+            comm=facts.comm,
+            root_pid=facts.root_pid,
+            memory_bytes=facts.memory_bytes,
+            image_bytes=sum(r.size for r in records.values()),
+            criu_version=intent.criu_version,
+            definition_digest=intent.definition_digest,
+            stdio_pipes=dict(facts.stdio_pipes),
+            dump_stats=dict(facts.dump_stats),
+            leave_running=intent.leave_running,
+            init=intent.init,
+            checksums={path: r.digest for path, r in records.items()},
+            file_sizes={path: r.size for path, r in records.items()},
+            grenadine_version=__version__,
+            checksum_algorithm=NEW_IMAGE_ALGORITHM,
+            source_pid=intent.source_pid,
+            source_start_time=intent.source_start_time,
+            format_version=META_FORMAT_VERSION,
+            definition=intent.definition,
+        )
+        meta_path = self._partial_dir / META_FILE
+        with contextlib.suppress(FileNotFoundError):
+            meta_path.unlink()
+        _write_private_file(meta_path, meta.model_dump_json(indent=2))
+        _fsync_dir(self._partial_dir)
+        return meta
+
+    def publish(self, meta: ImageMeta) -> None:
+        """List the sealed image: one rename, made durable."""
+        self._require_open("publish")
+        image_dir = self._program_dir / self.id
+        os.rename(self._partial_dir, image_dir)
         self._state = "committed"
         _fsync_dir(self._program_dir)
-        log.info("image_committed", program=self.program, image_id=self.id, trigger=trigger)
-        return meta
+        # meta.json says all it said; a crash before this unlink leaves a harmless extra file.
+        with contextlib.suppress(FileNotFoundError):
+            (image_dir / INTENT_FILE).unlink()
+        log.info("image_committed", program=self.program, image_id=self.id, trigger=meta.trigger)
+
+    def sealed_meta(self) -> ImageMeta | None:
+        """The meta.json an interrupted commit wrote completely, or None."""
+        path = self._partial_dir / META_FILE
+        try:
+            meta = ImageMeta.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError):
+            return None
+        return meta if meta.id == self.id and meta.program == self.program else None
+
+    def dump_finished(self) -> bool:
+        """CRIU completed this dump (it writes its statistics last, on success only)."""
+        return (self.criu_dir / DUMP_STATS_FILE).is_file()
 
     def abort(self) -> None:
         """Remove the partial directory; nothing of this dump remains. Safe to call twice."""
@@ -268,14 +371,14 @@ class ImageStore:
         self.state_dir = state_dir
         self.root = state_dir / IMAGES_SUBDIR
 
-    def begin(self, program: str) -> PendingImage:
+    def begin(self, program: str, intent: DumpIntent) -> PendingImage:
         """Start a dump of `program`: CRIU writes into the returned image's `criu_dir`."""
         program_dir = self._program_dir(program)
         if not self.state_dir.is_dir():
             self.state_dir.mkdir(mode=DIR_MODE, parents=True)
         self._ensure_dir(self.root)
         self._ensure_dir(program_dir)
-        return PendingImage(program_dir, program, uuid.uuid4().hex)
+        return PendingImage.create(program_dir, program, intent)
 
     def list(self, program: str | None = None) -> list[ImageMeta]:
         """Images newest first (IDX 0 is the newest); with no program, all programs in name
@@ -322,7 +425,11 @@ class ImageStore:
         """Check every file of `image` against its recorded size and digest; raise ImageCorrupt
         naming the first file that is missing, extra, resized or altered. Files for which
         `skip` is true get the cheap checks only (a lazy restore hashes them as it serves)."""
-        criu_dir = self.criu_dir(image)
+        self._verify_files(image, self.criu_dir(image), skip)
+
+    def _verify_files(
+        self, image: ImageMeta, criu_dir: Path, skip: Callable[[str], bool] | None = None
+    ) -> None:
         if not criu_dir.is_dir():
             raise ImageCorrupt(image, f"{CRIU_SUBDIR}/", "is missing")
         present = dict(_walk_files(criu_dir))
@@ -349,12 +456,13 @@ class ImageStore:
             )
         for rel in sorted(image.checksums):
             if skip is None or not skip(rel):
-                self.verify_file(image, rel)
+                self.verify_file(image, rel, criu_dir)
 
-    def verify_file(self, image: ImageMeta, rel: str) -> None:
+    def verify_file(self, image: ImageMeta, rel: str, criu_dir: Path | None = None) -> None:
         """Hash one file of `image` and raise ImageCorrupt if it does not match."""
+        top = criu_dir if criu_dir is not None else self.criu_dir(image)
         try:
-            digest = digest_of(self.criu_dir(image) / rel, image.checksum_algorithm)
+            digest = digest_of(top / rel, image.checksum_algorithm)
         except (OSError, ValueError) as exc:
             raise ImageCorrupt(image, f"{CRIU_SUBDIR}/{rel}", f"cannot be read ({exc})") from exc
         if digest != image.checksums[rel]:
@@ -397,21 +505,62 @@ class ImageStore:
             self.delete(image)
         return doomed
 
-    def remove_stale_partials(self) -> int:
-        """Delete what interrupted dumps and deletes left behind; return how many. Call it only
-        when no dump is in progress (at supervisor start)."""
-        removed = 0
+    def recover_partials(self) -> PartialsRecovered:
+        """Deal with what interrupted dumps and deletes left behind. Call it only when no dump
+        is in progress (at supervisor start, holding the state_dir lock that CRIU holds too).
+
+        A dump CRIU finished is kept: sealed and listed (its meta.json checked against its
+        files when a seal got that far). Only an unfinished dump, one without an intent, one
+        from before a reboot that was never made durable, and interrupted deletes are removed.
+        """
+        recovered = PartialsRecovered()
         for program in self.programs():
             program_dir = self.root / program
             for entry in sorted(program_dir.iterdir()):
-                if entry.name.startswith((PARTIAL_PREFIX, DELETING_PREFIX)):
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry)
+                if entry.name.startswith(DELETING_PREFIX):
+                    _remove_entry(entry)
+                    recovered.removed.append((entry, "an interrupted delete"))
+                elif entry.name.startswith(PARTIAL_PREFIX):
+                    image = self._recover_partial(program_dir, program, entry)
+                    if isinstance(image, ImageMeta):
+                        recovered.completed.append(image)
                     else:
-                        entry.unlink()
-                    log.info("stale_partial_removed", program=program, path=str(entry))
-                    removed += 1
-        return removed
+                        _remove_entry(entry)
+                        recovered.removed.append((entry, image))
+        for image in recovered.completed:
+            log.warning("interrupted_dump_completed", program=image.program, image_id=image.id)
+        for path, why in recovered.removed:
+            log.warning("stale_partial_removed", path=str(path), reason=why)
+        return recovered
+
+    def _recover_partial(self, program_dir: Path, program: str, entry: Path) -> ImageMeta | str:
+        """The image an interrupted dump becomes, or why it cannot be kept."""
+        image_id = entry.name.removeprefix(PARTIAL_PREFIX)
+        if not _IMAGE_ID.fullmatch(image_id) or entry.is_symlink() or not entry.is_dir():
+            return "not a dump directory"
+        try:
+            intent = DumpIntent.model_validate_json((entry / INTENT_FILE).read_bytes())
+        except (OSError, ValidationError):
+            return "no intent.json: the dump had not begun"
+        pending = PendingImage(program_dir, program, image_id, intent)
+        sealed = pending.sealed_meta()
+        if sealed is not None:
+            try:
+                self._verify_files(sealed, pending.criu_dir)
+            except ImageCorrupt:
+                sealed = None  # files changed since: seal again below if CRIU finished
+        if sealed is None:
+            if not pending.dump_finished():
+                return "CRIU had not finished the dump"
+            if intent.boot_id != current_boot_id():
+                return "the dump was never made durable and the machine has rebooted since"
+            try:
+                facts = read_dump_facts(pending.criu_dir, under_init=intent.init)
+                sealed = pending.seal(facts)
+            except (ImageFactsError, OSError, ValueError) as exc:
+                return f"the finished dump cannot be sealed: {exc}"
+        pending.publish(sealed)
+        return sealed
 
     def programs(self) -> builtins.list[str]:
         """Names of programs that have an image directory, sorted."""
@@ -498,6 +647,13 @@ def _read_meta(path: Path) -> ImageMeta | None:
     except (OSError, ValidationError) as exc:
         log.warning("image_skipped", path=str(path.parent), reason=f"bad meta.json: {exc}")
     return None
+
+
+def _remove_entry(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
 
 
 def _make_private_dir(path: Path) -> None:

@@ -18,6 +18,7 @@ import structlog
 import trio
 
 from grenadine_sv.config.loading import ProgramConfig
+from grenadine_sv.config.models import RESTORE_COMPARED_FIELDS
 from grenadine_sv.criu.client import (
     Criu,
     CriuError,
@@ -25,12 +26,26 @@ from grenadine_sv.criu.client import (
     RestoreRequest,
     TaskCondition,
     pipe_key,
-    task_condition,
+    tree_condition,
 )
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
-from grenadine_sv.lifecycle.machine import StopAborted, StopRequested
+from grenadine_sv.lifecycle.machine import State, StopAborted, StopRequested
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
-from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore, Trigger
+from grenadine_sv.sandbox.linux import read_start_time, resume_sandbox
+from grenadine_sv.store.definition import (
+    CurrentDefinition,
+    DefinitionCheck,
+    definition_changes,
+    record_definition,
+)
+from grenadine_sv.store.images import (
+    DumpIntent,
+    ImageCorrupt,
+    ImageMeta,
+    ImageStore,
+    Trigger,
+    current_boot_id,
+)
 from grenadine_sv.supervisor.lazy import (
     LazyMemory,
     LazyPagesError,
@@ -51,18 +66,29 @@ FAILED_DUMP_LOGS_KEPT = 5
 NO_SPACE_TEXT = os.strerror(errno.ENOSPC)
 # Below this, a failed dump is taken to have failed for want of space.
 NEARLY_FULL_BYTES = 1 << 20
+ORPHAN_KILL_WAIT_SECONDS = 10.0
+KILLED_TREE_WAIT_SECONDS = 10.0
 
 
 class CheckpointError(Exception):
     """A checkpoint did not happen; the program is as it was and no image was kept."""
 
 
+@dataclass(frozen=True)
+class DumpSource:
+    """The instance a dump is taken of."""
+
+    pid: int
+    start_time: int
+    under_init: bool
+
+
+class SealError(Exception):
+    """CRIU dumped the program, but its image could not be made durable and listed."""
+
+
 class RestoreError(SandboxError):
     """A restore did not happen; the message says why."""
-
-    def __init__(self, message: str, *, fatal: bool = False) -> None:
-        super().__init__(message)
-        self.fatal = fatal
 
 
 class CheckpointMetrics(Protocol):
@@ -137,6 +163,8 @@ class CheckpointService:
         # Dumps run in worker threads; ImageStore.begin creates shared directories unguarded.
         self._begin_lock = threading.Lock()
         self.clock: Callable[[], float] = time.monotonic
+        # Fds every CRIU dump holds while it runs (the supervisor's state_dir lock).
+        self.hold_fds: tuple[int, ...] = ()
         # Images a lazy restore found corrupt while serving them: never restored again.
         self._corrupt: set[str] = set()
 
@@ -153,53 +181,93 @@ class CheckpointService:
     async def checkpoint(
         self, runner: ProgramRunner, trigger: Trigger, *, stop: bool = False
     ) -> ImageMeta:
+        """Checkpoint a RUNNING program; with `stop` (or checkpoint.leave_running = false) it
+        ends once its image is listed (see `checkpoint_and_stop`)."""
+        if stop or not runner.config.checkpoint.leave_running:
+            return await self.checkpoint_and_stop(runner, trigger)
         program = runner.name
         async with self.images_of(program).lock:
             await self.images_of(program).memory_back()
-            pid = runner.machine.pid
-            if runner.state.value != "RUNNING" or pid is None:
-                raise CheckpointError(f"{program} is {runner.state.value}, not RUNNING")
-            policy = runner.config.checkpoint
-            leave_running = policy.leave_running and not stop
-            instance = runner.machine.instance
+            pid, start_time = _running_instance(runner)
             bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = task_condition(pid)
-            if not leave_running:
-                runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
+            before = tree_condition(pid)
             began = self.clock()
             try:
                 image = await trio.to_thread.run_sync(
                     self._dump,
                     runner.config,
-                    pid,
+                    DumpSource(pid, start_time, _under_init(runner)),
                     trigger,
-                    leave_running,
-                    policy.tcp_established,
+                    True,
                     abandon_on_cancel=False,
                 )
             except (CriuError, ImageFactsError, OSError, ValueError) as exc:
-                if not leave_running:
-                    runner.handle_now(StopAborted(instance, trio.current_time()))
                 self.metrics.checkpoint_failed(program, trigger)
                 message = self._failure_message(exc)
                 bound.error("checkpoint_failed", error=message)
                 _examine_after_failed_dump(runner, pid, before, bound)
                 raise CheckpointError(message) from exc
-            duration = self.clock() - began
-            frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
-            self.metrics.checkpoint_succeeded(program, trigger, duration, frozen)
-            self.images_of(program).last_checkpoint = image
-            bound.info(
-                "checkpoint_done",
-                image_id=image.id,
-                duration_seconds=round(duration, 3),
-                frozen_seconds=frozen,
-                image_bytes=image.image_bytes,
-            )
-            deleted = await trio.to_thread.run_sync(self.prune_images, program, policy.keep)
-            for old in deleted:
-                bound.info("image_pruned", image_id=old.id)
-            return image
+            return await self._checkpoint_done(runner, image, began, bound)
+
+    async def checkpoint_and_stop(self, runner: ProgramRunner, trigger: Trigger) -> ImageMeta:
+        """Checkpoint a RUNNING program and end it, never losing both program and image.
+
+        CRIU dumps it and leaves every task frozen (TCP connections locked); the image is made
+        durable and listed; only then is the frozen tree killed. The program never runs on after
+        its dump (what it did then would vanish on restore) and never ends before its image is
+        listed. If the dump or the sealing fails, the program resumes and CheckpointError says
+        why. A supervisor killed on the way leaves a state the next one resolves (recovery)."""
+        program = runner.name
+        async with self.images_of(program).lock:
+            await self.images_of(program).memory_back()
+            pid, start_time = _running_instance(runner)
+            process = runner.process
+            assert process is not None
+            instance = runner.machine.instance
+            bound = log.bind(program=program, pid=pid, trigger=trigger)
+            before = tree_condition(pid)
+            runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
+            began = self.clock()
+            try:
+                image = await trio.to_thread.run_sync(
+                    self._dump_frozen,
+                    runner.config,
+                    DumpSource(pid, start_time, _under_init(runner)),
+                    trigger,
+                    abandon_on_cancel=False,
+                )
+            except CheckpointError as exc:
+                runner.handle_now(StopAborted(instance, trio.current_time()))
+                self.metrics.checkpoint_failed(program, trigger)
+                bound.error("checkpoint_failed", error=str(exc))
+                _examine_after_failed_dump(runner, pid, before, bound)
+                raise
+            # Listed and durable: the frozen tree may go now (its exit ends the instance).
+            # Return once it has ended: its ports and files are free for what comes next.
+            process.send_signal(signal.SIGKILL)
+            await runner.wait_until(lambda s: s != State.STOPPING, KILLED_TREE_WAIT_SECONDS)
+            return await self._checkpoint_done(runner, image, began, bound)
+
+    async def _checkpoint_done(
+        self, runner: ProgramRunner, image: ImageMeta, began: float, bound: Any
+    ) -> ImageMeta:
+        program = runner.name
+        duration = self.clock() - began
+        frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
+        self.metrics.checkpoint_succeeded(program, image.trigger, duration, frozen)
+        self.images_of(program).last_checkpoint = image
+        bound.info(
+            "checkpoint_done",
+            image_id=image.id,
+            duration_seconds=round(duration, 3),
+            frozen_seconds=frozen,
+            image_bytes=image.image_bytes,
+        )
+        keep = runner.config.checkpoint.keep
+        deleted = await trio.to_thread.run_sync(self.prune_images, program, keep)
+        for old in deleted:
+            bound.info("image_pruned", image_id=old.id)
+        return image
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
@@ -215,22 +283,36 @@ class CheckpointService:
     def _dump(
         self,
         config: ProgramConfig,
-        pid: int,
+        source: DumpSource,
         trigger: Trigger,
         leave_running: bool,
-        tcp_established: bool,
     ) -> ImageMeta:
+        """Dump and list (in a worker thread). Without `leave_running` CRIU leaves the tasks
+        frozen; a failure to seal them is then a SealError, the tasks still frozen."""
+        intent = DumpIntent(
+            definition=record_definition(current_definition(config)),
+            trigger=trigger,
+            criu_version=self.criu_version,
+            definition_digest=config.definition_digest(),
+            leave_running=leave_running,
+            source_pid=source.pid,
+            source_start_time=source.start_time,
+            boot_id=current_boot_id(),
+            init=source.under_init,
+        )
         with self._begin_lock:
-            pending = self.store.begin(config.name)
+            pending = self.store.begin(config.name, intent)
         with pending:
             try:
                 with pending.watch():
                     self.criu.dump(
                         DumpRequest(
-                            pid=pid,
+                            pid=source.pid,
                             images_dir=pending.criu_dir,
                             leave_running=leave_running,
-                            tcp_established=tcp_established,
+                            leave_stopped=not leave_running,
+                            tcp_established=config.checkpoint.tcp_established,
+                            hold_fds=self.hold_fds,
                         )
                     )
             except CriuError as exc:
@@ -242,13 +324,40 @@ class CheckpointService:
                 # The partial image, and the log in it, go when `pending` is aborted.
                 kept = self._keep_failed_dump_log(config.name, pending.id, exc.log_path)
                 raise CriuError(exc.action, detail, kept) from exc
-            return pending.commit(
-                read_dump_facts(pending.criu_dir),
-                trigger=trigger,
-                criu_version=self.criu_version,
-                definition_digest=config.definition_digest(),
-                leave_running=leave_running,
+            try:
+                facts = read_dump_facts(pending.criu_dir, under_init=source.under_init)
+                return pending.commit(facts)
+            except (ImageFactsError, OSError, ValueError) as exc:
+                if leave_running:
+                    raise
+                raise SealError(self._failure_message(exc)) from exc
+
+    def _dump_frozen(
+        self,
+        config: ProgramConfig,
+        source: DumpSource,
+        trigger: Trigger,
+    ) -> ImageMeta:
+        """Dump leaving the tree frozen, and list the image; on failure the tree runs on and
+        CheckpointError says why (in a worker thread)."""
+        try:
+            return self._dump(config, source, trigger, False)
+        except SealError as exc:
+            resumed = resume_sandbox(source.pid)
+            log.error(
+                "checkpoint_seal_failed", program=config.name, pid=source.pid, resumed=resumed
             )
+            raise CheckpointError(
+                f"the dump succeeded but could not be stored: {exc}; the program was resumed "
+                f"({resumed} processes) and no image was kept"
+                + (
+                    " (its established TCP connections stay held by the dump and will fail)"
+                    if config.checkpoint.tcp_established
+                    else ""
+                )
+            ) from exc
+        except (CriuError, ImageFactsError, OSError, ValueError) as exc:
+            raise CheckpointError(self._failure_message(exc)) from exc
 
     def _keep_failed_dump_log(
         self, program: str, image_id: str, dump_log: Path | None
@@ -284,24 +393,24 @@ class CheckpointService:
             f"checkpoint.keep or run grenadine-sv prune ({exc})"
         )
 
-    async def recover_orphan(self, config: ProgramConfig, pid: int) -> ImageMeta:
-        """Checkpoint a sandbox left running by a previous supervisor, ending it, so that it
-        can be restored as a child of this one."""
+    async def recover_orphan(self, config: ProgramConfig, pid: int, start_time: int) -> ImageMeta:
+        """Checkpoint a sandbox left running by a previous supervisor and end it (its image
+        listed first, as `checkpoint_and_stop` does), so that it can be restored as a child of
+        this one. On failure it runs on."""
         async with self.images_of(config.name).lock:
             await wait_for_orphan_daemon(self.work_dir / config.name)
             try:
                 image = await trio.to_thread.run_sync(
-                    self._dump,
+                    self._dump_frozen,
                     config,
-                    pid,
+                    DumpSource(pid, start_time, config.init),
                     "recovery",
-                    False,
-                    config.checkpoint.tcp_established,
                     abandon_on_cancel=False,
                 )
-            except (CriuError, ImageFactsError, OSError, ValueError) as exc:
+            except CheckpointError:
                 self.metrics.checkpoint_failed(config.name, "recovery")
-                raise CheckpointError(self._failure_message(exc)) from exc
+                raise
+            await kill_frozen_orphan(pid, start_time)
             self.images_of(config.name).last_checkpoint = image
             return image
 
@@ -310,9 +419,35 @@ class CheckpointService:
     def resolve(self, program: str, ref: str) -> ImageMeta:
         return self.store.resolve(program, ref)
 
-    async def launch_from_image(self, runner: ProgramRunner, image: ImageMeta) -> LaunchedInstance:
-        """Restore `image` as the program's new instance (a child of this process)."""
+    async def launch_from_image(
+        self,
+        runner: ProgramRunner,
+        image: ImageMeta,
+        *,
+        allow_changed_definition: bool = False,
+    ) -> LaunchedInstance:
+        """Restore `image` as the program's new instance (a child of this process). An image
+        taken under another definition is refused (RestoreError naming what changed) unless
+        `allow_changed_definition`."""
         program = runner.name
+        check = check_definition(runner.config, image)
+        if not check.unchanged:
+            if not allow_changed_definition:
+                self.metrics.restore_failed(program)
+                raise RestoreError(changed_definition_message(image, check))
+            log.warning(
+                "restore_into_changed_definition",
+                program=program,
+                image_id=image.id,
+                changes=check.describe(),
+            )
+        elif not check.recorded_fields:
+            log.warning(
+                "image_definition_not_recorded",
+                program=program,
+                image_id=image.id,
+                detail=OLD_FORMAT_WARNING,
+            )
         images = self.images_of(program)
         lazy = runner.config.restore_mode == "lazy"
         async with images.lock:
@@ -422,16 +557,22 @@ class CheckpointService:
         runner: ProgramRunner,
         image: ImageMeta | str,
         on_fallback: Callable[[str], None] | None = None,
+        *,
+        allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
         """Restore from `image` (or a reference to one); on failure follow restore_fallback:
-        "cold" starts the program from scratch, "fail" makes it FATAL with the reason."""
+        "cold" starts the program from scratch, "fail" makes it FATAL with the reason.
+        "latest" is the newest image only: one that cannot be used is never replaced by an
+        older one."""
         try:
             if isinstance(image, str):
                 try:
                     image = await trio.to_thread.run_sync(self.store.resolve, runner.name, image)
                 except (LookupError, ValueError) as exc:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
-            return await self.launch_from_image(runner, image)
+            return await self.launch_from_image(
+                runner, image, allow_changed_definition=allow_changed_definition
+            )
         except RestoreError as exc:
             if runner.config.restore_fallback == "fail":
                 raise RestoreError(str(exc), fatal=True) from exc
@@ -441,32 +582,101 @@ class CheckpointService:
             return await launch_cold(runner)
 
 
+OLD_FORMAT_WARNING = (
+    "this image is from an older grenadine-sv and records only a digest of its program's "
+    "definition: it matched, but what it was taken under cannot be shown"
+)
+
+
+def current_definition(config: ProgramConfig) -> CurrentDefinition:
+    """What an image records, and a restore compares, of a program's definition."""
+    compared = {name for name in RESTORE_COMPARED_FIELDS if name in type(config).model_fields}
+    return CurrentDefinition(
+        fields=config.model_dump(mode="json", include=compared),
+        environment=dict(config.environment),
+        digest=config.definition_digest(),
+    )
+
+
+def check_definition(config: ProgramConfig, image: ImageMeta) -> DefinitionCheck:
+    return definition_changes(image.definition, image.definition_digest, current_definition(config))
+
+
+def changed_definition_message(image: ImageMeta, check: DefinitionCheck) -> str:
+    return (
+        f"image {image.id} of {image.program} was taken under another definition of the "
+        f"program ({check.describe()}); restoring it would bring the old one back. Restore it "
+        "anyway with `grenadine-sv restore --allow-changed-definition`, or take a new image"
+    )
+
+
+def _under_init(runner: ProgramRunner) -> bool:
+    return runner.process is not None and runner.process.under_init
+
+
+def _running_instance(runner: ProgramRunner) -> tuple[int, int]:
+    """(pid, start time) of the program's RUNNING instance, or CheckpointError."""
+    pid = runner.machine.pid
+    process = runner.process
+    if runner.state.value != "RUNNING" or pid is None or process is None:
+        raise CheckpointError(f"{runner.name} is {runner.state.value}, not RUNNING")
+    return pid, process.start_time
+
+
+async def kill_frozen_orphan(pid: int, start_time: int) -> None:
+    """SIGKILL a sandbox that is not our child (its PID 1 takes the rest along) and wait,
+    bounded, until it is gone; never signal a pid that names another process by now."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if read_start_time(pid) != start_time:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with trio.move_on_after(ORPHAN_KILL_WAIT_SECONDS):
+            await trio.lowlevel.wait_readable(pidfd)
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    finally:
+        trio.lowlevel.notify_closing(pidfd)
+        os.close(pidfd)
+
+
 def restore_log_name(image: ImageMeta) -> str:
     return f"restore-{image.id}.log"
 
 
 def _examine_after_failed_dump(
-    runner: ProgramRunner, pid: int, before: TaskCondition | None, bound: Any
+    runner: ProgramRunner, pid: int, before: dict[int, TaskCondition], bound: Any
 ) -> None:
-    """CRIU that fails (or dies) mid-dump lets go of the program: the kernel detaches it and
-    its parasite code returns it to where it was. Check that, and say what was left behind."""
-    after = task_condition(pid)
-    if after is None:
+    """CRIU that fails (or dies) mid-dump lets go of the tree: the kernel detaches its tasks and
+    the parasite code returns them to where they were. Check that, and say what was left behind."""
+    after = tree_condition(pid)
+    if pid not in after:
         # The exit reaches the runner, which restarts the program per its autorestart.
         bound.warning("program_gone_after_failed_checkpoint")
         return
-    if after.parasite_mappings > (before.parasite_mappings if before is not None else 0):
+    mappings = sum(condition.parasite_mappings for condition in after.values())
+    if mappings > sum(condition.parasite_mappings for condition in before.values()):
         bound.warning(
             "criu_parasite_left_mapped",
-            mappings=after.parasite_mappings,
+            mappings=mappings,
             detail="the program runs on; CRIU's code stays mapped in it until its next restart",
         )
-    was_stopped = before is not None and before.stopped
-    if after.stopped and not was_stopped and after.tracer_pid == 0:
-        process = runner.process
-        if process is not None and process.pid == pid and process.returncode is None:
-            process.send_signal(signal.SIGCONT)
-            bound.warning("program_resumed_after_failed_checkpoint")
+    process = runner.process
+    if process is None or process.pid != pid or process.returncode is not None:
+        return
+    for task, condition in after.items():
+        was_stopped = task in before and before[task].stopped
+        if condition.stopped and not was_stopped and condition.tracer_pid == 0:
+            if task == pid:
+                process.send_signal(signal.SIGCONT)
+            else:
+                # A task of the tree we still hold (its root is our live child).
+                os.kill(task, signal.SIGCONT)
+            bound.warning("program_resumed_after_failed_checkpoint", task_pid=task)
 
 
 def _make_files_private(directory: Path) -> None:
@@ -484,7 +694,7 @@ def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> 
     for unused in read_fds.values():
         os.close(unused)
     try:
-        process = SandboxProcess.adopt(pid)
+        process = SandboxProcess.adopt(pid, under_init=image.init)
     except BaseException:
         for fd in (stdout_fd, stderr_fd):
             if fd is not None:

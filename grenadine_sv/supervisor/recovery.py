@@ -15,20 +15,35 @@ import fcntl
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 import structlog
 import trio
 
-from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time
+from grenadine_sv.config.loading import Config
+from grenadine_sv.criu.client import task_condition
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time, resume_sandbox
+from grenadine_sv.store.images import ImageMeta, ImageStore
+from grenadine_sv.supervisor.checkpoints import (
+    CheckpointError,
+    CheckpointService,
+    kill_frozen_orphan,
+)
+from grenadine_sv.supervisor.runner import Launcher, ProgramRunner
 
 log = structlog.get_logger()
 
 STATE_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
+# How long a new supervisor waits for a CRIU dump its killed predecessor left running.
+LEFTOVER_CRIU_WAIT_SECONDS = 120.0
+LOCK_POLL_SECONDS = 0.05
 
 
 class StateDirBusy(Exception):
@@ -49,17 +64,30 @@ def state_path(state_dir: Path) -> Path:
 
 @contextlib.contextmanager
 def state_dir_lock(state_dir: Path) -> Iterator[IO[str]]:
-    """Hold an exclusive lock on state_dir for the supervisor's lifetime."""
+    """Hold an exclusive lock on state_dir for the supervisor's lifetime.
+
+    The supervisor's CRIU dumps hold the lock too: when a killed supervisor's CRIU still
+    runs, this waits (bounded) for it to finish, so that its dump is complete, and its
+    program frozen, before the next supervisor looks at either."""
     path = state_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     handle = os.fdopen(fd, "r+")
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StateDirBusy(
-                f"another supervisor is using {state_dir} (it holds {path})"
-            ) from None
+        if not _try_lock(handle):
+            holder = _recorded_holder(handle)
+            if holder is None or _process_alive(holder):
+                raise StateDirBusy(f"another supervisor is using {state_dir} (it holds {path})")
+            log.warning(
+                "waiting_for_criu_of_killed_supervisor",
+                supervisor_pid=holder,
+                bound_seconds=LEFTOVER_CRIU_WAIT_SECONDS,
+            )
+            if not _wait_for_lock(handle, LEFTOVER_CRIU_WAIT_SECONDS):
+                raise StateDirBusy(
+                    f"{path} is still held, {LEFTOVER_CRIU_WAIT_SECONDS:.0f} s after the "
+                    f"supervisor that took it (pid {holder}) is gone: a process it started "
+                    f"(CRIU) keeps it; find it with `fuser -v {path}`"
+                )
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -67,6 +95,39 @@ def state_dir_lock(state_dir: Path) -> Iterator[IO[str]]:
         yield handle
     finally:
         handle.close()
+
+
+def _try_lock(handle: IO[str]) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _wait_for_lock(handle: IO[str], bound: float) -> bool:
+    """Poll for the lock (before the event loop does anything else) until `bound` seconds."""
+    deadline = time.monotonic() + bound
+    while not _try_lock(handle):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(LOCK_POLL_SECONDS)
+    return True
+
+
+def _recorded_holder(handle: IO[str]) -> int | None:
+    """The pid the lock's holder wrote into the lock file."""
+    handle.seek(0)
+    text = handle.read().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def write_state(state_dir: Path, instances: Mapping[str, RecordedInstance]) -> None:
@@ -115,10 +176,6 @@ def is_same_process(instance: RecordedInstance) -> bool:
         return False
 
 
-def surviving_instances(state_dir: Path) -> dict[str, RecordedInstance]:
-    return {name: inst for name, inst in read_state(state_dir).items() if is_same_process(inst)}
-
-
 async def stop_orphan(
     name: str, instance: RecordedInstance, stop_signal: int, stop_wait: float
 ) -> None:
@@ -139,3 +196,102 @@ async def stop_orphan(
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
+
+
+class Recovery:
+    """Keeps the state file listing every live instance, and after a crash takes back the
+    instances the previous supervisor left running."""
+
+    def __init__(self, state_dir: Path, checkpoints: CheckpointService | None) -> None:
+        self.state_dir = state_dir
+        self.checkpoints = checkpoints
+        self._recorded: dict[str, RecordedInstance] = {}
+
+    def record_instances(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """A runner's state observer: keep state_dir/supervisor.json up to date."""
+        process = runner.process
+        name = runner.name
+        alive = process is not None and process.returncode is None and runner.machine.pid
+        if alive and process is not None:
+            entry = RecordedInstance(
+                pid=process.pid,
+                start_time=process.start_time,
+                pid_ns_inode=process.pid_ns_inode,
+                definition_digest=runner.config.definition_digest(),
+            )
+            if self._recorded.get(name) == entry:
+                return
+            self._recorded[name] = entry
+        elif self._recorded.pop(name, None) is None:
+            return
+        try:
+            write_state(self.state_dir, self._recorded)
+        except OSError as exc:
+            log.error("state_file_write_failed", error=str(exc))
+
+    @property
+    def image_store(self) -> ImageStore:
+        if self.checkpoints is not None:
+            return self.checkpoints.store
+        return ImageStore(self.state_dir)
+
+    async def take_back_orphans(self, config: Config) -> dict[str, Launcher]:
+        """Sandboxes a killed supervisor left running: checkpoint each and restore it as our
+        child (its memory kept, its output captured again); stop the others cleanly.
+        Returns the launcher that restores each program taken back.
+
+        A sandbox left frozen by a checkpoint that stops it is finished off when its image was
+        listed (and restored from it when the checkpoint was such a take-back), else resumed
+        and taken back like the others."""
+        launchers: dict[str, Launcher] = {}
+        recorded = await trio.to_thread.run_sync(read_state, self.state_dir)
+        for name, instance in recorded.items():
+            program = config.programs.get(name)
+            bound = log.bind(program=name, pid=instance.pid)
+            frozen_into = await trio.to_thread.run_sync(self._image_that_froze, name, instance)
+            alive = await trio.to_thread.run_sync(is_same_process, instance)
+            if frozen_into is not None:
+                if alive:
+                    bound.warning("frozen_program_killed", image_id=frozen_into.id)
+                    await kill_frozen_orphan(instance.pid, instance.start_time)
+                if frozen_into.trigger == "recovery" and program is not None:
+                    launchers[name] = self._restorer(frozen_into)
+                continue
+            if not alive:
+                continue
+            condition = task_condition(instance.pid)
+            if condition is not None and condition.stopped and condition.tracer_pid == 0:
+                resumed = await trio.to_thread.run_sync(resume_sandbox, instance.pid)
+                bound.warning("frozen_program_resumed", processes=resumed)
+            if (
+                program is not None
+                and self.checkpoints is not None
+                and program.definition_digest() == instance.definition_digest
+            ):
+                try:
+                    image = await self.checkpoints.recover_orphan(
+                        program, instance.pid, instance.start_time
+                    )
+                except CheckpointError as exc:
+                    bound.warning("orphan_not_recovered", error=str(exc))
+                else:
+                    bound.info("orphan_checkpointed", image_id=image.id)
+                    launchers[name] = self._restorer(image)
+                    continue
+            stop_signal = program.stop_signal if program is not None else signal.SIGTERM
+            stop_wait = program.stopwaitsecs if program is not None else 10.0
+            bound.warning("orphan_stopping")
+            await stop_orphan(name, instance, stop_signal, stop_wait)
+        return launchers
+
+    def _image_that_froze(self, name: str, instance: RecordedInstance) -> ImageMeta | None:
+        """The listed image a checkpoint that stops the program took of this very instance."""
+        try:
+            images = self.image_store.list(name)
+        except ValueError:
+            return None
+        return next((m for m in images if m.froze(instance.pid, instance.start_time)), None)
+
+    def _restorer(self, image: ImageMeta) -> Launcher:
+        assert self.checkpoints is not None
+        return partial(self.checkpoints.launch_with_fallback, image=image)

@@ -36,8 +36,10 @@ from grenadine_sv.lifecycle.machine import (
     StopRequested,
     StopTimeout,
     WatchReadiness,
+    describe_returncode,
 )
 from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
+from grenadine_sv.sandbox.init import TINI
 from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
 from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
 
@@ -92,6 +94,7 @@ def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
         group=config.group,
         binds=tuple(str(path) for path in config.binds),
         root_anchor=str(root_anchor),
+        init=TINI if config.init else None,
     )
 
 
@@ -240,10 +243,14 @@ class ProgramRunner:
         self.next_launcher = None
         try:
             launched = await launcher(self)
-        except (SandboxError, OSError) as exc:
-            self.log.warning("spawn_failed", error=str(exc))
-            fatal = bool(getattr(exc, "fatal", False))
-            self.post(SpawnFailed(instance, str(exc), trio.current_time(), fatal=fatal))
+        except Exception as exc:  # whatever goes wrong, only this program's start fails
+            if isinstance(exc, SandboxError | OSError):
+                self.log.warning("spawn_failed", error=str(exc))
+            else:
+                self.log.exception("spawn_failed", error=repr(exc))
+            fatal = isinstance(exc, SandboxError) and exc.fatal
+            reason = str(exc) or repr(exc)
+            self.post(SpawnFailed(instance, reason, trio.current_time(), fatal=fatal))
             return
         self.adopt_instance(instance, launched)
 
@@ -261,6 +268,7 @@ class ProgramRunner:
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
         returncode = await process.wait()
         process.close()
+        self.log.info("program_exited", pid=process.pid, exit=describe_returncode(returncode))
         self.post(Exited(instance, returncode, trio.current_time()))
 
     async def _watch_readiness(self, action: WatchReadiness) -> None:

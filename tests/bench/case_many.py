@@ -15,7 +15,7 @@ from pathlib import Path
 
 from grenadine_sv.criu.binary import find_criu
 from grenadine_sv.store.images import ImageStore
-from grenadine_sv.supervisor.core import PARALLEL_CHECKPOINTS
+from grenadine_sv.supervisor.checkpointing import PARALLEL_CHECKPOINTS
 from tests.bench.baselines import raw_criu_dump, settle_disk
 from tests.bench.grenadine import GrenadineSupervisor
 from tests.bench.procs import BenchError, scratch_dir, wait_until

@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from grenadine_sv.control import client as control
+from grenadine_sv.control import protocol
 from tests.bench.procs import (
     BenchError,
     ProcessRef,
@@ -139,7 +140,7 @@ class GrenadineSupervisor:
             raise BenchError(
                 f"grenadine-sv exited with {self._process.returncode}: {self.log_tail()}"
             )
-        return control.socket_is_live(self.socket)
+        return protocol.socket_is_live(self.socket)
 
     def __exit__(
         self,
@@ -170,7 +171,7 @@ class GrenadineSupervisor:
     def request(self, command: str, timeout: float = REQUEST_TIMEOUT, **args: Any) -> Any:
         try:
             return control.request(self.socket, command, args, timeout)
-        except (control.ControlError, control.SupervisorNotRunning) as exc:
+        except (protocol.ControlError, protocol.SupervisorNotRunning) as exc:
             raise BenchError(f"grenadine-sv {command}: {exc}; log: {self.log_tail()}") from exc
 
     def status(self) -> list[dict[str, Any]]:

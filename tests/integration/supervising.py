@@ -16,7 +16,8 @@ import trio
 
 from grenadine_sv.config.loading import load_config
 from grenadine_sv.lifecycle.machine import State
-from grenadine_sv.supervisor.core import Supervisor, build_supervisor
+from grenadine_sv.supervisor.build import build_supervisor
+from grenadine_sv.supervisor.core import Supervisor
 
 PYTHON = sys.executable
 # The example service whose only state is an in-memory hit counter.
@@ -84,12 +85,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str =
 
 async def wait_state(sv: Supervisor, name: str, state: State, timeout: float = 15.0) -> int:
     """Wait until `name` is in `state`; return its pid (0 when it has none)."""
+    runners = sv.programs.runners
     await wait_for(
-        lambda: name in sv.runners and sv.runners[name].state == state,
+        lambda: name in runners and runners[name].state == state,
         timeout,
-        f"{name} {state.value} (now {sv.runners[name].state.value if name in sv.runners else '-'})",
+        f"{name} {state.value} (now {runners[name].state.value if name in runners else '-'})",
     )
-    return sv.runners[name].machine.pid or 0
+    return runners[name].machine.pid or 0
 
 
 @asynccontextmanager

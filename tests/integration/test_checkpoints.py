@@ -12,8 +12,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from grenadine_sv.control.handler import describe
-from grenadine_sv.control.server import ControlError
+from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
@@ -71,10 +70,10 @@ async def test_seed_scenario_memcached_key_survives_signal_checkpoint_and_restor
         assert image.memory_bytes == image.dump_stats["pages_written"] * os.sysconf("SC_PAGESIZE")
         on_disk = sum(f.stat().st_size for f in store.criu_dir(image).rglob("*") if f.is_file())
         assert image.image_bytes >= on_disk > image.memory_bytes > 0
-        assert sv.runners["memcached"].state == State.RUNNING
+        assert sv.programs.runners["memcached"].state == State.RUNNING
 
-        await sv.stop_programs(["memcached"])
-        result = await sv.restore_program("memcached", "latest")
+        await sv.operations.stop_programs(["memcached"])
+        result = await sv.operations.restore_program("memcached", "latest")
         assert result["fallback"] is None
         new_pid = await wait_state(sv, "memcached", State.RUNNING)
         assert new_pid != first_pid
@@ -101,11 +100,11 @@ async def test_output_keeps_flowing_into_the_log_after_a_restore(sv_dirs: Superv
     async with running_supervisor(config) as sv:
         await wait_state(sv, "ticker", State.RUNNING)
         await wait_for(lambda: last_tick() >= 2)
-        [entry] = await sv.checkpoint_programs(["ticker"], stop=True)
+        [entry] = await sv.operations.checkpoint_programs(["ticker"], stop=True)
         assert entry["ok"]
         await wait_state(sv, "ticker", State.STOPPED)
         stopped_at = last_tick()
-        await sv.restore_program("ticker", entry["image"]["id"])
+        await sv.operations.restore_program("ticker", entry["image"]["id"])
         await wait_state(sv, "ticker", State.RUNNING)
         # The restored process goes on counting from where it was dumped.
         await wait_for(lambda: last_tick() >= stopped_at + 3, what="ticks after the restore")
@@ -149,7 +148,7 @@ async def test_deploy_that_never_gets_ready_is_rolled_back_with_its_state(
         await wait_state(sv, "counter", State.RUNNING)
         assert [hit(port) for _ in range(3)] == [1, 2, 3]
         sv_dirs.write_config(broken)
-        summary = await sv.reload()
+        summary = await sv.operations.reload()
         assert summary["changed"] == ["counter"]
         assert summary["rolled_back"] == ["counter"]
         [image] = store.list("counter")
@@ -157,7 +156,7 @@ async def test_deploy_that_never_gets_ready_is_rolled_back_with_its_state(
         assert summary["pre_deploy_images"] == {"counter": image.id}
         await wait_state(sv, "counter", State.RUNNING)
         assert hit(port) == 4
-        assert "rolled back" in describe(sv, sv.runners["counter"])["reason"]
+        assert "rolled back" in sv.operations.status(["counter"])[0]["reason"]
 
 
 async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: SupervisorDirs):
@@ -175,9 +174,9 @@ async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: Su
         pid = await wait_state(sv, "odd", State.RUNNING)
         for stop in (False, True):
             with pytest.raises(ControlError, match="criu dump failed"):
-                await sv.checkpoint_programs(["odd"], stop=stop)
-            assert sv.runners["odd"].state == State.RUNNING
-            assert sv.runners["odd"].machine.pid == pid
+                await sv.operations.checkpoint_programs(["odd"], stop=stop)
+            assert sv.programs.runners["odd"].state == State.RUNNING
+            assert sv.programs.runners["odd"].machine.pid == pid
         assert store.list("odd") == []
         assert not any(p.name.startswith(".") for p in (store.root / "odd").iterdir())
         size = sv_dirs.stdout_log("odd").stat().st_size
@@ -189,13 +188,13 @@ async def test_corrupt_image_is_refused_before_criu_runs(sv_dirs: SupervisorDirs
     store = ImageStore(sv_dirs.state_dir)
     async with running_supervisor(config) as sv:
         first = await wait_state(sv, "ticker", State.RUNNING)
-        [entry] = await sv.checkpoint_programs(["ticker"], stop=True)
+        [entry] = await sv.operations.checkpoint_programs(["ticker"], stop=True)
         image = store.resolve("ticker", entry["image"]["id"])
         pages = next(store.criu_dir(image).glob("pages-*.img"))
         data = bytearray(pages.read_bytes())
         data[len(data) // 2] ^= 0xFF
         pages.write_bytes(bytes(data))
-        result = await sv.restore_program("ticker", image.id)
+        result = await sv.operations.restore_program("ticker", image.id)
         assert "pages-" in result["fallback"]
         assert result["state"] == "RUNNING"
         assert result["pid"] != first
@@ -212,7 +211,7 @@ async def test_pinned_image_that_does_not_exist_follows_restore_fallback(sv_dirs
     async with running_supervisor(config) as sv:
         await wait_state(sv, "cold", State.RUNNING)
         await wait_state(sv, "strict", State.FATAL)
-        assert missing[:8] in sv.runners["strict"].machine.reason
+        assert missing[:8] in sv.programs.runners["strict"].machine.reason
         await trio.lowlevel.checkpoint()
 
 
@@ -226,11 +225,11 @@ async def test_pinned_latest_image_starts_the_program_from_it(sv_dirs: Superviso
     async with running_supervisor(config) as sv:
         await wait_state(sv, "counter", State.RUNNING)
         assert [hit(port) for _ in range(2)] == [1, 2]
-        [entry] = await sv.checkpoint_programs(["counter"], stop=False)
+        [entry] = await sv.operations.checkpoint_programs(["counter"], stop=False)
     config = sv_dirs.write_config(program + 'restore = "latest"\n')
     async with running_supervisor(config) as sv:
         await wait_state(sv, "counter", State.RUNNING)
         assert hit(port) == 3
         # A new supervisor knows the last checkpoint from the image store.
-        last = describe(sv, sv.runners["counter"])["last_checkpoint"]
+        last = sv.operations.status(["counter"])[0]["last_checkpoint"]
         assert last["id"] == entry["image"]["id"]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from grenadine_sv.control.server import ControlError, SupervisorNotRunning, request
+from grenadine_sv.control.client import request
+from grenadine_sv.control.protocol import ControlError, SupervisorNotRunning
 from grenadine_sv.criu.binary import CriuNotFound, find_criu
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from grenadine_sv.criu.facts import PAGE_SIZE, read_dump_facts
-from grenadine_sv.store.images import ImageStore
+from grenadine_sv.sandbox.linux import read_start_time
+from grenadine_sv.store.images import DumpIntent, ImageStore, current_boot_id
 
 pytestmark = [
     pytest.mark.criu,
@@ -159,15 +160,18 @@ def test_a_real_dump_committed_to_the_store_is_private_and_verifies(
     criu: Path, tree: DumpedTree, scratch_dir: Path
 ) -> None:
     store = ImageStore(scratch_dir / "state")
-    with store.begin("tree") as pending:
+    intent = DumpIntent(
+        trigger="manual",
+        criu_version="4.2.1",
+        definition_digest="0" * 64,
+        leave_running=True,
+        source_pid=tree.root_pid,
+        source_start_time=read_start_time(tree.root_pid),
+        boot_id=current_boot_id(),
+    )
+    with store.begin("tree", intent) as pending:
         dump(criu, tree.root_pid, pending.criu_dir)
-        meta = pending.commit(
-            read_dump_facts(pending.criu_dir),
-            trigger="manual",
-            criu_version="4.2.1",
-            definition_digest="0" * 64,
-            leave_running=True,
-        )
+        meta = pending.commit(read_dump_facts(pending.criu_dir))
 
     assert store.resolve("tree", "latest") == meta
     assert meta.root_pid == tree.root_pid

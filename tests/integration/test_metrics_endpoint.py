@@ -46,9 +46,9 @@ async def test_prometheus_sees_what_happened_to_a_supervised_program(
         await server.wait_for(
             'grenadine_images{program="ticker"}', lambda r: value_of(r) == 0, timeout=30
         )
-        await sv.checkpoint_programs(["ticker"], stop=False)
-        await sv.checkpoint_programs(["ticker"], stop=True)
-        await sv.restore_program("ticker", "latest")
+        await sv.operations.checkpoint_programs(["ticker"], stop=False)
+        await sv.operations.checkpoint_programs(["ticker"], stop=True)
+        await sv.operations.restore_program("ticker", "latest")
         await server.wait_for(
             'grenadine_images{program="ticker"}', lambda r: value_of(r) == 2, timeout=30
         )

@@ -20,9 +20,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from grenadine_sv.control import client as control
-from grenadine_sv.control.server import ControlError
+from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.criu.binary import find_criu
-from grenadine_sv.criu.client import CriuError, DumpRequest, RestoreRequest, task_condition
+from grenadine_sv.criu.client import (
+    CriuError,
+    DumpRequest,
+    RestoreRequest,
+    task_condition,
+    tree_condition,
+)
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
@@ -130,16 +136,16 @@ async def test_criu_killed_mid_dump_leaves_the_program_running_and_no_image(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(kill_criu_while_it_writes_pages)
                 with pytest.raises(ControlError, match="killed by SIGKILL") as failure:
-                    await sv.checkpoint_programs(["hog"], stop=False)
+                    await sv.operations.checkpoint_programs(["hog"], stop=False)
 
             # The same process goes on, neither stopped nor traced, its memory intact.
             assert killed
-            assert sv.runners["hog"].state == State.RUNNING
-            assert sv.runners["hog"].machine.pid == pid
-            condition = task_condition(pid)
-            assert condition is not None
-            assert not condition.stopped
-            assert condition.tracer_pid == 0
+            assert sv.programs.runners["hog"].state == State.RUNNING
+            assert sv.programs.runners["hog"].machine.pid == pid
+            conditions = tree_condition(pid).values()
+            assert len(conditions) == 2, "the init and the program"
+            assert not any(condition.stopped for condition in conditions)
+            assert all(condition.tracer_pid == 0 for condition in conditions)
             checks = count_lines(out, b"ok")
             await wait_for(lambda: count_lines(out, b"ok") >= checks + 5, what="more checks")
             # Nothing of the dump is listed, nothing of it is left on disk but its log.
@@ -152,10 +158,10 @@ async def test_criu_killed_mid_dump_leaves_the_program_running_and_no_image(
             assert await metric(port, failures, program="hog", trigger="manual") == 1
             # CRIU's parasite, cut off mid-dump, returned the program to its own code but
             # stays mapped: reported, and harmless to later checkpoints and restores.
-            assert condition.parasite_mappings > 0
+            assert sum(condition.parasite_mappings for condition in conditions) > 0
             assert any(e["event"] == "criu_parasite_left_mapped" for e in logs)
-            [entry] = await sv.checkpoint_programs(["hog"], stop=True)
-            await sv.restore_program("hog", entry["image"]["id"])
+            [entry] = await sv.operations.checkpoint_programs(["hog"], stop=True)
+            await sv.operations.restore_program("hog", entry["image"]["id"])
             await wait_state(sv, "hog", State.RUNNING)
             checks = count_lines(out, b"ok")
             await wait_for(lambda: count_lines(out, b"ok") >= checks + 5, what="checks restored")
@@ -169,10 +175,12 @@ class CriuLeavingTheTaskStopped:
     CRIU here, which the kernel detaches cleanly, but what the supervisor must not miss)."""
 
     def dump(self, request: DumpRequest) -> None:
-        os.kill(request.pid, signal.SIGSTOP)
+        tasks = list(tree_condition(request.pid))
+        for task in tasks:
+            os.kill(task, signal.SIGSTOP)
         deadline = time.monotonic() + 5
-        while not getattr(task_condition(request.pid), "stopped", False):
-            assert time.monotonic() < deadline, "SIGSTOP did not stop the program"
+        while not all(getattr(task_condition(task), "stopped", False) for task in tasks):
+            assert time.monotonic() < deadline, "SIGSTOP did not stop the init and the program"
             time.sleep(0.01)
         raise CriuError("dump", "simulated: criu died and left the task stopped", None)
 
@@ -185,17 +193,17 @@ async def test_program_left_stopped_by_a_failed_dump_is_resumed(sv_dirs: Supervi
     out = sv_dirs.stdout_log("ticker")
     with capture_logs() as logs:
         async with running_supervisor(config) as sv:
-            assert sv.checkpoints is not None
-            sv.checkpoints.criu = CriuLeavingTheTaskStopped()  # type: ignore[assignment]
+            assert sv.checkpointing.service is not None
+            sv.checkpointing.service.criu = CriuLeavingTheTaskStopped()  # type: ignore[assignment]
             pid = await wait_state(sv, "ticker", State.RUNNING)
             with pytest.raises(ControlError, match="simulated"):
-                await sv.checkpoint_programs(["ticker"], stop=False)
-            condition = task_condition(pid)
-            assert condition is not None
-            assert not condition.stopped
+                await sv.operations.checkpoint_programs(["ticker"], stop=False)
+            conditions = tree_condition(pid).values()
+            assert len(conditions) == 2, "the init and the program"
+            assert not any(condition.stopped for condition in conditions)
             ticks = count_lines(out, b"tick")
             await wait_for(lambda: count_lines(out, b"tick") >= ticks + 3, what="ticking again")
-            assert sv.runners["ticker"].machine.pid == pid
+            assert sv.programs.runners["ticker"].machine.pid == pid
     assert any(e["event"] == "program_resumed_after_failed_checkpoint" for e in logs)
 
 
@@ -233,11 +241,11 @@ async def test_full_disk_during_a_dump_keeps_earlier_images_and_the_program(
         out = sv_dirs.stdout_log("grower")
         async with running_supervisor(config) as sv:
             pid = await wait_state(sv, "grower", State.RUNNING)
-            [first] = await sv.checkpoint_programs(["grower"], stop=False)
+            [first] = await sv.operations.checkpoint_programs(["grower"], stop=False)
             os.kill(pid, signal.SIGUSR2)
             await wait_for(lambda: b"grown" in out.read_bytes(), what="64 MiB more held")
             with pytest.raises(ControlError) as failure:
-                await sv.checkpoint_programs(["grower"], stop=False)
+                await sv.operations.checkpoint_programs(["grower"], stop=False)
             message = str(failure.value)
             assert "ENOSPC" in message
             assert "No space left on device" in message
@@ -245,7 +253,7 @@ async def test_full_disk_during_a_dump_keeps_earlier_images_and_the_program(
             failures = "grenadine_checkpoint_failures_total"
             assert await metric(port, failures, program="grower", trigger="manual") == 1
             # The program runs on, the earlier image is intact and nothing else is left.
-            assert sv.runners["grower"].machine.pid == pid
+            assert sv.programs.runners["grower"].machine.pid == pid
             ticks = count_lines(out, b"tick")
             await wait_for(lambda: count_lines(out, b"tick") >= ticks + 3, what="ticking on")
             [image] = store.list("grower")
@@ -253,8 +261,8 @@ async def test_full_disk_during_a_dump_keeps_earlier_images_and_the_program(
             store.verify(image)
             assert hidden_entries(store, "grower") == []
             # ... and restorable.
-            await sv.stop_programs(["grower"])
-            result = await sv.restore_program("grower", image.id)
+            await sv.operations.stop_programs(["grower"])
+            result = await sv.operations.restore_program("grower", image.id)
             assert result["fallback"] is None
             assert result["state"] == "RUNNING"
             ticks = count_lines(out, b"tick")
@@ -279,12 +287,12 @@ async def test_restore_onto_a_busy_port_names_the_cause_and_follows_the_fallback
         await wait_state(sv, "strict", State.RUNNING)
         await wait_state(sv, "lenient", State.RUNNING)
         assert (hit(strict_port), hit(lenient_port)) == (1, 1)
-        await sv.checkpoint_programs(["strict", "lenient"], stop=True)
+        await sv.operations.checkpoint_programs(["strict", "lenient"], stop=True)
         zombies_before = zombie_children()
         squatters = [socket.create_server(("127.0.0.1", p)) for p in (strict_port, lenient_port)]
         try:
-            strict = await sv.restore_program("strict", "latest")
-            lenient = await sv.restore_program("lenient", "latest")
+            strict = await sv.operations.restore_program("strict", "latest")
+            lenient = await sv.operations.restore_program("lenient", "latest")
         finally:
             for squatter in squatters:
                 squatter.close()
@@ -298,7 +306,7 @@ async def test_restore_onto_a_busy_port_names_the_cause_and_follows_the_fallback
         # The lenient one was started fresh (its counter begins again) once the port was free.
         await wait_for(lambda: _answers(lenient_port), timeout=20, what="lenient serving")
         assert hit(lenient_port) >= 1
-        assert sv.runners["strict"].state == State.FATAL
+        assert sv.programs.runners["strict"].state == State.FATAL
         # A failed restore leaves no zombie behind (the partly restored root is reaped).
         await wait_for(lambda: not zombie_children() - zombies_before, what="no new zombie")
 
@@ -378,11 +386,13 @@ async def test_signal_storm_is_coalesced_and_the_supervisor_stays_responsive(
             await trio.sleep(0.3)
             assert rounds() == settled
             assert 1 <= settled <= 20, f"{settled} rounds for 100 signals"
-            restarts = sum(sv.runners[n].machine.restart_count for n in ("crasher1", "crasher2"))
+            restarts = sum(
+                sv.programs.runners[n].machine.restart_count for n in ("crasher1", "crasher2")
+            )
             assert restarts >= 2
             for name, pid in tickers.items():
-                assert sv.runners[name].state == State.RUNNING
-                assert sv.runners[name].machine.pid == pid
+                assert sv.programs.runners[name].state == State.RUNNING
+                assert sv.programs.runners[name].machine.pid == pid
                 assert any(i.trigger == "signal" for i in ImageStore(sv_dirs.state_dir).list(name))
             assert await trio.to_thread.run_sync(status_latency, sv_dirs.socket) < 2.0
     assert len(latencies) >= 5
@@ -427,7 +437,7 @@ async def test_twenty_control_clients_at_once_are_all_answered(sv_dirs: Supervis
         assert sum(a.startswith("error:no-such-command:") for a in answers) == 12
         assert answers.count("ok:status") == 12
         assert answers.count("ok:ping") == 12
-        assert sv.runners["ticker"].machine.pid == ticker
+        assert sv.programs.runners["ticker"].machine.pid == ticker
         assert (await ask(sv_dirs.socket, "ping"))["pid"] == os.getpid()
 
 

@@ -315,7 +315,7 @@ async def test_a_hung_launcher_is_killed_with_the_program_it_forked(
 
 def test_adopt_refuses_a_process_that_is_not_our_child() -> None:
     with pytest.raises(SandboxError, match="not a child of this process"):
-        SandboxProcess.adopt(os.getppid())
+        SandboxProcess.adopt(os.getppid(), under_init=False)
 
 
 async def test_sigkill_to_pid_1_ends_every_process_of_the_sandbox(anchor: str, pipe: Pipe) -> None:
@@ -448,7 +448,7 @@ async def test_criu_dumps_and_restores_a_sandboxed_memcached(
             criu_restore, pycriu, binary, images_dir, pipe_inode, restored_output.write_fd
         )
         restored_output.close_write_end()
-        restored = SandboxProcess.adopt(restored_pid)
+        restored = SandboxProcess.adopt(restored_pid, under_init=False)
         try:
             assert status_field(restored_pid, "NSpid").endswith("\t1")
             assert restored.pid_ns_inode == ns_inode(restored_pid, "pid") != ns_inode("self", "pid")

@@ -91,7 +91,7 @@ async def test_an_unprivileged_user_cannot_use_the_control_socket(
         assert st.st_uid == os.geteuid()
         answer = await as_nobody(CONNECT_AS_NOBODY, str(dirs.socket))
         assert answer == {"refused": errno.EACCES}
-        assert sv.runners["ticker"].state == State.RUNNING
+        assert sv.programs.runners["ticker"].state == State.RUNNING
 
 
 async def test_state_and_images_are_private_and_unreadable_by_others(
@@ -102,8 +102,8 @@ async def test_state_and_images_are_private_and_unreadable_by_others(
     store = ImageStore(dirs.state_dir)
     async with running_supervisor(config) as sv:
         await wait_state(sv, "ticker", State.RUNNING)
-        await sv.checkpoint_programs(["ticker"], stop=True)
-        await sv.restore_program("ticker", "latest")
+        await sv.operations.checkpoint_programs(["ticker"], stop=True)
+        await sv.operations.restore_program("ticker", "latest")
         await wait_state(sv, "ticker", State.RUNNING)
         [image] = store.list("ticker")
         assert stat.S_IMODE(dirs.state_dir.stat().st_mode) == 0o700
@@ -190,7 +190,7 @@ async def test_metrics_expose_no_environment_or_command_line(sv_dirs: Supervisor
         # The secrets are really there, in the program's environment and command line.
         assert SECRET_IN_ENV.encode() in Path(f"/proc/{pid}/environ").read_bytes()
         assert SECRET_IN_ARGV.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-        await sv.checkpoint_programs(["ticker"], stop=False)
+        await sv.operations.checkpoint_programs(["ticker"], stop=False)
         assert listening_addresses(port) == ["0100007F"]  # 127.0.0.1 only
         text = await trio.to_thread.run_sync(scrape, port)
     assert 'grenadine_program_up{program="ticker"} 1.0' in text

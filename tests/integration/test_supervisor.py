@@ -38,9 +38,11 @@ async def test_program_is_pid1_of_its_own_namespaces_with_clean_fds(sv_dirs: Sup
         assert nspid.split()[-1] == "1"
         assert ns_inode(pid, "mnt") != ns_inode("self", "mnt")
         assert ns_inode(pid, "pid") != ns_inode("self", "pid")
-        assert sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd")) == [0, 1, 2]
-        assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
-        assert os.readlink(f"/proc/{pid}/fd/1").startswith("pipe:")
+        [program] = children_of(pid)  # PID 1 is the init
+        for task in (pid, program):
+            assert sorted(int(fd) for fd in os.listdir(f"/proc/{task}/fd")) == [0, 1, 2]
+            assert os.readlink(f"/proc/{task}/fd/0") == "/dev/null"
+            assert os.readlink(f"/proc/{task}/fd/1").startswith("pipe:")
         await wait_for(lambda: b"tick 3" in sv_dirs.stdout_log("ticker").read_bytes())
     assert not pid_alive(pid)
     assert "gsv-" not in Path("/proc/self/mountinfo").read_text()
@@ -53,7 +55,7 @@ async def test_crashing_program_backs_off_then_goes_fatal(sv_dirs: SupervisorDir
     )
     async with running_supervisor(config) as sv:
         await wait_state(sv, "crasher", State.FATAL, timeout=20)
-        machine = sv.runners["crasher"].machine
+        machine = sv.programs.runners["crasher"].machine
         states = [state for _, state in machine.history]
         assert states.count(State.BACKOFF) == 2
         backoffs = [t for t, s in machine.history if s == State.BACKOFF]
@@ -73,13 +75,14 @@ async def test_program_ignoring_sigterm_is_killed_with_its_children(sv_dirs: Sup
     )
     async with running_supervisor(config) as sv:
         pid = await wait_state(sv, "stubborn", State.RUNNING)
-        await wait_for(lambda: len(children_of(pid)) == 2)
-        children = children_of(pid)
+        [shell] = children_of(pid)  # the init's only child
+        await wait_for(lambda: len(children_of(shell)) == 2)
+        children = [shell, *children_of(shell)]
         with capture_logs() as logs:
-            state = await sv.runners["stubborn"].stop(10)
+            state = await sv.programs.runners["stubborn"].stop(10)
         assert state == State.STOPPED
         assert any(entry["event"] == "stop_timeout_kill" for entry in logs)
-        assert sv.runners["stubborn"].machine.last_exit == -9
+        assert sv.programs.runners["stubborn"].machine.last_exit == -9
         for child in children:
             assert not pid_alive(child)
 
@@ -100,13 +103,21 @@ async def test_dependencies_start_after_their_dependency_is_ready(sv_dirs: Super
     )
     async with running_supervisor(config) as sv:
         await wait_state(sv, "web", State.RUNNING)
-        db_ready = next(t for t, s in sv.runners["db"].machine.history if s == State.RUNNING)
-        web_start = next(t for t, s in sv.runners["web"].machine.history if s == State.STARTING)
+        db_ready = next(
+            t for t, s in sv.programs.runners["db"].machine.history if s == State.RUNNING
+        )
+        web_start = next(
+            t for t, s in sv.programs.runners["web"].machine.history if s == State.STARTING
+        )
         assert web_start >= db_ready
         # Stopping happens in reverse: web before db.
-        await sv.stop_programs(["db", "web"])
-        db_stop = next(t for t, s in sv.runners["db"].machine.history if s == State.STOPPING)
-        web_stopped = max(t for t, s in sv.runners["web"].machine.history if s == State.STOPPED)
+        await sv.operations.stop_programs(["db", "web"])
+        db_stop = next(
+            t for t, s in sv.programs.runners["db"].machine.history if s == State.STOPPING
+        )
+        web_stopped = max(
+            t for t, s in sv.programs.runners["web"].machine.history if s == State.STOPPED
+        )
         assert db_stop >= web_stopped
 
 
@@ -129,7 +140,7 @@ async def test_reload_applies_only_the_difference(sv_dirs: SupervisorDirs):
         changing = await wait_state(sv, "changing", State.RUNNING)
         leaving = await wait_state(sv, "leaving", State.RUNNING)
         write("two", with_removed=False, with_added=True)
-        summary = await sv.reload()
+        summary = await sv.operations.reload()
         assert summary["changed"] == ["changing"]
         assert summary["removed"] == ["leaving"]
         assert summary["added"] == ["arriving"]
@@ -137,11 +148,36 @@ async def test_reload_applies_only_the_difference(sv_dirs: SupervisorDirs):
         assert await wait_state(sv, "same", State.RUNNING) == same
         assert await wait_state(sv, "changing", State.RUNNING) != changing
         await wait_state(sv, "arriving", State.RUNNING)
-        assert "leaving" not in sv.runners
+        assert "leaving" not in sv.programs.runners
         assert not pid_alive(leaving)
         assert pid_alive(same)
-        environ = Path(f"/proc/{sv.runners['changing'].machine.pid}/environ").read_bytes()
+        environ = Path(f"/proc/{sv.programs.runners['changing'].machine.pid}/environ").read_bytes()
         assert b"WORD=two" in environ.split(b"\0")
+
+
+async def test_reload_keeps_the_running_supervisor_settings(sv_dirs: SupervisorDirs):
+    """Regression: reload warned that [supervisor] settings need a restart, then adopted
+    them; a changed state_dir broke every changed program ("cannot bind-mount / onto
+    .../sandbox-root") and reload still exited 0."""
+    config = sv_dirs.write_config(
+        f'[programs.changing]\ncommand = {IDLE}\nstartsecs = 0\nenvironment = {{ W = "1" }}\n'
+    )
+    moved = sv_dirs.root / "moved-state"
+    async with running_supervisor(config) as sv:
+        before = await wait_state(sv, "changing", State.RUNNING)
+        text = config.read_text()
+        config.write_text(
+            text.replace(f'state_dir = "{sv_dirs.state_dir}"', f'state_dir = "{moved}"').replace(
+                'W = "1"', 'W = "2"'
+            )
+        )
+        summary = await sv.operations.reload()
+        assert summary["changed"] == ["changing"]
+        assert summary["supervisor_settings_kept"] == ["state_dir"]
+        after = await wait_state(sv, "changing", State.RUNNING)
+        assert after != before
+        assert sv.programs.config.supervisor.state_dir == sv_dirs.state_dir
+        assert not moved.exists()
 
 
 async def test_output_is_rotated_by_size(sv_dirs: SupervisorDirs):
@@ -166,7 +202,7 @@ async def test_missing_command_is_reported_as_the_programs_error(sv_dirs: Superv
     )
     async with running_supervisor(config) as sv:
         await wait_state(sv, "ghost", State.FATAL)
-        assert "/no/such/binary" in sv.runners["ghost"].machine.reason
+        assert "/no/such/binary" in sv.programs.runners["ghost"].machine.reason
 
 
 async def test_control_socket_is_private(sv_dirs: SupervisorDirs):

@@ -28,6 +28,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from grenadine_sv.control import client as control
+from grenadine_sv.control import protocol
 from tests.conftest import free_port
 
 PYTHON = sys.executable
@@ -170,7 +171,7 @@ class Soak:
         began = time.monotonic()
         try:
             return control.request(self.socket, command, args, timeout=120.0)
-        except control.ControlError as exc:
+        except protocol.ControlError as exc:
             self.actions[f"{command} refused"] += 1
             print(f"  {command} {args}: {exc}", file=sys.stderr)
             return None
@@ -200,7 +201,7 @@ class Soak:
 
     def _drive(self, supervisor: subprocess.Popen[bytes]) -> int:
         deadline = time.monotonic() + 60
-        while not control.socket_is_live(self.socket):
+        while not protocol.socket_is_live(self.socket):
             if supervisor.poll() is not None or time.monotonic() > deadline:
                 print("the supervisor did not start; see supervisor.log", file=sys.stderr)
                 return 1

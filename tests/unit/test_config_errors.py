@@ -250,6 +250,29 @@ INVALID = {
         one_program('binds = ["/srv", "data"]\n'),
         ['grenadine.toml: programs.a.binds[1]: expected an absolute path, got "data"'],
     ),
+    # Regression: these passed `check`, then the sandbox refused them and `run` crashed.
+    "the root as a bind": (
+        one_program('binds = ["/"]\n'),
+        [
+            'grenadine.toml: programs.a.binds: expected paths other than "/" (the sandbox'
+            ' always has the root), got ["/"]'
+        ],
+    ),
+    "the root as a bind, written //": (
+        one_program('binds = ["//"]\n'),
+        ['grenadine.toml: programs.a.binds: expected paths other than "/"'],
+    ),
+    "the same bind twice": (
+        one_program('binds = ["/tmp", "/tmp/"]\n'),
+        [
+            "grenadine.toml: programs.a.binds: expected each path once (/tmp is listed twice),"
+            ' got ["/tmp", "/tmp/"]'
+        ],
+    ),
+    "user with NUL": (
+        one_program('user = "a\\u0000b"\n'),
+        ["grenadine.toml: programs.a.user: expected a string without NUL characters"],
+    ),
     "bool written as a string": (
         one_program('autostart = "yes"\n'),
         ['grenadine.toml: programs.a.autostart: expected true or false, got "yes"'],

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from grenadine_sv.cli.commands import format_result, operation_exit_code
+from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK
 from grenadine_sv.cli.formatting import (
     format_checkpoints,
     format_duration,
@@ -18,7 +18,7 @@ from grenadine_sv.cli.formatting import (
     format_restore,
     format_status,
 )
-from grenadine_sv.cli.main import EXIT_FAILED, EXIT_OK
+from grenadine_sv.cli.remote import format_result, operation_exit_code
 from grenadine_sv.store.images import ImageMeta
 
 IMAGE_ID = "77bf8f2f3b0a4c1d9e8f7a6b5c4d3e2f"
@@ -178,6 +178,17 @@ def test_reload_lists_each_change() -> None:
 
 def test_reload_without_differences() -> None:
     assert format_reload(reload_summary()) == "no changes\n"
+
+
+def test_supervisor_settings_a_reload_kept_are_named() -> None:
+    summary = reload_summary(
+        updated=["v"], supervisor_settings_kept=["state_dir", "metrics.listen"]
+    )
+    assert format_reload(summary).splitlines() == [
+        "updated: v",
+        "not applied until a restart: [supervisor] state_dir, metrics.listen",
+    ]
+    assert operation_exit_code("reload", summary) == EXIT_OK
 
 
 def test_a_rolled_back_deploy_is_shown_and_fails_the_command() -> None:

@@ -6,18 +6,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from grenadine_sv.criu.version import (
+    UnreadableOutputError,
+    format_version,
+    parse_criu_version,
+    parse_version_number,
+)
 from grenadine_sv.host.facts import (
     CAPABILITY_NAMES,
     Status,
-    UnreadableOutputError,
     decode_capabilities,
     feature_supported,
-    format_version,
     interpret_criu_check,
     parse_cap_eff,
-    parse_criu_version,
     parse_kernel_version,
-    parse_version_number,
     soft_dirty_available,
 )
 

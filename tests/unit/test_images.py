@@ -20,12 +20,14 @@ from grenadine_sv.cli.formatting import format_bytes
 from grenadine_sv.criu.facts import DumpFacts
 from grenadine_sv.store.images import (
     AmbiguousImage,
+    DumpIntent,
     ImageCorrupt,
     ImageMeta,
     ImageNotFound,
     ImageStore,
     PendingImage,
     Trigger,
+    current_boot_id,
 )
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -36,6 +38,15 @@ FACTS = DumpFacts(
     stdio_pipes={"stdout": 1234, "stderr": 1235},
     dump_stats={"frozen_time": 1500, "pages_written": 459},
 )
+INTENT = DumpIntent(
+    trigger="manual",
+    criu_version="4.2.1",
+    definition_digest="d" * 64,
+    leave_running=True,
+    source_pid=4321,
+    source_start_time=99,
+    boot_id=current_boot_id(),
+)
 CRIU_FILES = {"pstree.img": b"tree", "pages-1.img": b"\x01" * 5000, "core-1.img": b"core"}
 
 
@@ -45,9 +56,7 @@ def store(tmp_path: Path) -> ImageStore:
 
 
 def commit(pending: PendingImage) -> ImageMeta:
-    return pending.commit(
-        FACTS, trigger="manual", criu_version="4.2.1", definition_digest="x", leave_running=True
-    )
+    return pending.commit(FACTS)
 
 
 def make_image(
@@ -57,17 +66,10 @@ def make_image(
     minutes: int = 0,
     trigger: Trigger = "manual",
 ) -> ImageMeta:
-    with store.begin(program) as pending:
+    with store.begin(program, INTENT.model_copy(update={"trigger": trigger})) as pending:
         for name, data in CRIU_FILES.items():
             (pending.criu_dir / name).write_bytes(data)
-        return pending.commit(
-            FACTS,
-            trigger=trigger,
-            criu_version="4.2.1",
-            definition_digest="d" * 64,
-            leave_running=True,
-            created=T0 + timedelta(minutes=minutes),
-        )
+        return pending.commit(FACTS, created=T0 + timedelta(minutes=minutes))
 
 
 @pytest.fixture
@@ -142,7 +144,7 @@ def test_list_of_unknown_program_is_empty(store: ImageStore) -> None:
 
 
 def test_second_commit_is_refused(store: ImageStore) -> None:
-    with store.begin("memcached") as pending:
+    with store.begin("memcached", INTENT) as pending:
         commit(pending)
         with pytest.raises(RuntimeError, match="already committed"):
             commit(pending)
@@ -150,7 +152,7 @@ def test_second_commit_is_refused(store: ImageStore) -> None:
 
 
 def test_commit_refuses_a_symlink_and_leaves_nothing(store: ImageStore) -> None:
-    pending = store.begin("memcached")
+    pending = store.begin("memcached", INTENT)
     (pending.criu_dir / "parent").symlink_to("/etc")
     with pytest.raises(ValueError, match="only regular files"):
         commit(pending)
@@ -162,7 +164,7 @@ def test_commit_refuses_a_symlink_and_leaves_nothing(store: ImageStore) -> None:
 
 
 def test_abort_leaves_nothing(store: ImageStore) -> None:
-    pending = store.begin("memcached")
+    pending = store.begin("memcached", INTENT)
     (pending.criu_dir / "pages-1.img").write_bytes(b"x")
     pending.abort()
 
@@ -172,7 +174,7 @@ def test_abort_leaves_nothing(store: ImageStore) -> None:
 
 def test_exception_inside_begin_block_leaves_nothing(store: ImageStore) -> None:
     def dump_that_fails() -> None:
-        with store.begin("memcached") as pending:
+        with store.begin("memcached", INTENT) as pending:
             (pending.criu_dir / "pages-1.img").write_bytes(b"x")
             raise OSError("criu failed")
 
@@ -184,7 +186,7 @@ def test_exception_inside_begin_block_leaves_nothing(store: ImageStore) -> None:
 
 
 def test_uncommitted_pending_is_not_listed_or_resolvable(store: ImageStore) -> None:
-    pending = store.begin("memcached")
+    pending = store.begin("memcached", INTENT)
     (pending.criu_dir / "pages-1.img").write_bytes(b"x")
 
     assert store.list("memcached") == []
@@ -193,17 +195,86 @@ def test_uncommitted_pending_is_not_listed_or_resolvable(store: ImageStore) -> N
     pending.abort()
 
 
-def test_remove_stale_partials_clears_interrupted_dumps_and_deletes(store: ImageStore) -> None:
+def test_recover_partials_removes_unfinished_dumps_and_deletes(store: ImageStore) -> None:
     kept = make_image(store)
-    store.begin("memcached")  # a dump the supervisor never finished
-    store.begin("redis")
+    store.begin("memcached", INTENT)  # CRIU never finished this one: no stats-dump
+    store.begin("redis", INTENT)
     deleting = store.root / "redis" / f".deleting-{'e' * 32}"
     (deleting / "criu").mkdir(parents=True)
+    no_intent = store.root / "redis" / f".partial-{'f' * 32}"
+    (no_intent / "criu").mkdir(parents=True)
 
-    assert store.remove_stale_partials() == 3
+    recovered = store.recover_partials()
+
+    assert recovered.completed == []
+    assert len(recovered.removed) == 4
     assert store.list() == [kept]
     assert [p.name for p in (store.root / "memcached").iterdir()] == [kept.id]
     assert list((store.root / "redis").iterdir()) == []
+
+
+def finished_dump(store: ImageStore, intent: DumpIntent = INTENT) -> PendingImage:
+    """A partial image whose dump CRIU finished, as a supervisor killed before listing it
+    leaves it (real CRIU files are read by recovery: these come from a fake reader)."""
+    pending = store.begin("memcached", intent)
+    for name, data in CRIU_FILES.items():
+        (pending.criu_dir / name).write_bytes(data)
+    (pending.criu_dir / "stats-dump").write_bytes(b"stats")
+    return pending
+
+
+@pytest.fixture
+def fake_facts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pycriu cannot decode the made-up files above: recovery reads FACTS instead."""
+    monkeypatch.setattr("grenadine_sv.store.images.read_dump_facts", lambda _dir, **_: FACTS)
+
+
+def test_recover_partials_completes_a_finished_dump(store: ImageStore, fake_facts: None) -> None:
+    pending = finished_dump(store, INTENT.model_copy(update={"leave_running": False}))
+
+    recovered = store.recover_partials()
+
+    assert [m.id for m in recovered.completed] == [pending.id]
+    (image,) = store.list("memcached")
+    assert image.id == pending.id
+    assert image.froze(INTENT.source_pid, INTENT.source_start_time)
+    store.verify(image)
+
+
+def test_recover_partials_lists_a_sealed_dump_interrupted_before_its_rename(
+    store: ImageStore, fake_facts: None
+) -> None:
+    pending = finished_dump(store)
+    sealed = pending.seal(FACTS)
+
+    recovered = store.recover_partials()
+
+    assert recovered.completed == [sealed]
+    assert store.list("memcached") == [sealed]
+
+
+def test_recover_partials_reseals_a_dump_whose_meta_was_torn(
+    store: ImageStore, fake_facts: None
+) -> None:
+    pending = finished_dump(store)
+    (pending.criu_dir.parent / "meta.json").write_text('{"id": "')
+
+    recovered = store.recover_partials()
+
+    assert [m.id for m in recovered.completed] == [pending.id]
+    store.verify(store.list("memcached")[0])
+
+
+def test_recover_partials_does_not_trust_an_unsealed_dump_from_before_a_reboot(
+    store: ImageStore, fake_facts: None
+) -> None:
+    finished_dump(store, INTENT.model_copy(update={"boot_id": "another boot"}))
+
+    recovered = store.recover_partials()
+
+    assert recovered.completed == []
+    assert "rebooted" in recovered.removed[0][1]
+    assert store.list() == []
 
 
 # --- resolve -------------------------------------------------------------------------------
@@ -267,7 +338,7 @@ def test_resolve_not_found_messages_are_actionable(store: ImageStore) -> None:
 def test_directories_are_0700_and_files_0600(store: ImageStore) -> None:
     old_umask = os.umask(0o022)
     try:
-        with store.begin("memcached") as pending:
+        with store.begin("memcached", INTENT) as pending:
             pages = pending.criu_dir / "pages-1.img"
             pages.write_bytes(b"secret")
             pages.chmod(0o644)  # as CRIU leaves them
@@ -289,7 +360,7 @@ def test_directories_are_0700_and_files_0600(store: ImageStore) -> None:
 
 
 def test_pending_criu_dir_is_private_before_criu_writes(store: ImageStore) -> None:
-    with store.begin("memcached") as pending:
+    with store.begin("memcached", INTENT) as pending:
         assert mode_of(pending.criu_dir) == 0o700
         assert mode_of(pending.criu_dir.parent) == 0o700
 
@@ -484,7 +555,7 @@ def test_list_skips_dirs_without_meta_or_with_a_foreign_meta(store: ImageStore) 
 @pytest.mark.parametrize("program", ["", ".", "..", "../etc", "a/b", "/abs", ".partial-x", "a\0b"])
 def test_program_names_that_could_escape_are_rejected(store: ImageStore, program: str) -> None:
     with pytest.raises(ValueError, match="cannot name an image directory"):
-        store.begin(program)
+        store.begin(program, INTENT)
     with pytest.raises(ValueError, match="cannot name an image directory"):
         store.list(program)
     with pytest.raises(ValueError, match="cannot name an image directory"):
@@ -511,7 +582,7 @@ def test_usage_counts_images_and_their_bytes(store: ImageStore) -> None:
     assert store.usage("memcached") == (0, 0)
     first = make_image(store, minutes=0)
     make_image(store, minutes=1)
-    store.begin("memcached")  # partial dumps are not counted
+    store.begin("memcached", INTENT)  # partial dumps are not counted
 
     count, size = store.usage("memcached")
     meta_size = (store.root / "memcached" / first.id / "meta.json").stat().st_size

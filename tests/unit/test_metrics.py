@@ -248,16 +248,19 @@ def test_the_real_image_store_fits_the_collector(state_dir: Path) -> None:
     dump = facts.DumpFacts(
         root_pid=1, comm="memcached", memory_bytes=4096, stdio_pipes={}, dump_stats={}
     )
-    with store.begin("memcached") as pending:
+    intent = images.DumpIntent(
+        trigger="manual",
+        criu_version="4.2.1",
+        definition_digest="d" * 64,
+        leave_running=True,
+        source_pid=1,
+        source_start_time=1,
+        boot_id="b",
+    )
+    with store.begin("memcached", intent) as pending:
         (pending.criu_dir / "pages-1.img").write_bytes(b"\1" * 5000)
-        pending.commit(
-            dump,
-            trigger="manual",
-            criu_version="4.2.1",
-            definition_digest="d" * 64,
-            leave_running=True,
-        )
-    in_progress = store.begin("memcached")
+        pending.commit(dump)
+    in_progress = store.begin("memcached", intent)
     (in_progress.criu_dir / "pages-1.img").write_bytes(b"\1" * 50_000)
     metrics = Metrics(store=store, programs=ProgramTable(), criu_version="4.2.1", version="0.1.0")
 

@@ -12,7 +12,8 @@ import trio.testing
 
 from grenadine_sv.config.loading import ProgramConfig
 from grenadine_sv.lifecycle.machine import State
-from grenadine_sv.sandbox import SandboxProcess
+from grenadine_sv.sandbox import SandboxError, SandboxProcess
+from grenadine_sv.sandbox.spec import InvalidSandboxSpec
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, RunnerContext
 
 
@@ -133,4 +134,35 @@ async def test_running_program_that_crashes_is_restarted(
         await runner.wait_until(lambda s: s == State.RUNNING and len(made) == 2, 10)
         assert runner.machine.restart_count == 1
         assert runner.machine.pid == made[1].pid
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("error", "fatal"),
+    [
+        (InvalidSandboxSpec("sandbox spec for 'p': binds may not contain '/'"), False),
+        (RuntimeError("a bug in a launcher"), False),
+        (SandboxError("cannot restore: image corrupt", fatal=True), True),
+    ],
+)
+async def test_a_launcher_that_raises_fails_only_this_start(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, error: Exception, fatal: bool
+):
+    """Regression: a spec the sandbox refused raised out of the runner and took the whole
+    supervisor (and every program) down. Any launcher failure is a failed start."""
+    attempts = 0
+
+    async def broken(_: ProgramRunner) -> LaunchedInstance:
+        nonlocal attempts
+        attempts += 1
+        raise error
+
+    runner = runner_with(tmp_path, program(tmp_path, startretries=1), lambda pid: None)
+    runner.launcher = broken
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        assert await runner.start(timeout=100) == State.FATAL
+        assert runner.machine.reason is not None
+        assert str(error) in runner.machine.reason
+        assert attempts == (1 if fatal else 2)
         nursery.cancel_scope.cancel()

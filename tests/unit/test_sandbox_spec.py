@@ -1,4 +1,4 @@
-"""SandboxSpec: validation when built, and a JSON form the launcher reads back unchanged."""
+"""SandboxSpec: validation when built, and the JSON form the launcher reads."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def test_lists_become_tuples_and_the_environment_a_private_read_only_copy() -> N
         built.environment["B"] = "2"  # type: ignore[index]
 
 
-def test_json_round_trip_keeps_every_field() -> None:
+def test_json_carries_every_field_to_the_launcher() -> None:
     built = spec(
         command=("memcached", "-p", "11211"),
         directory="/srv",
@@ -46,7 +46,8 @@ def test_json_round_trip_keeps_every_field() -> None:
         group="nogroup",
         binds=("/data", "/data/cache"),
     )
-    assert SandboxSpec.from_json(built.to_json()) == built
+    document = json.loads(built.to_json())
+    assert SandboxSpec(**document) == built
 
 
 def test_json_is_an_object_with_plain_lists_for_the_launcher() -> None:
@@ -94,24 +95,6 @@ def test_invalid_spec_is_a_value_error() -> None:
     assert issubclass(InvalidSandboxSpec, ValueError)
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("not json", "not valid JSON"),
-        ("[]", "must be a JSON object"),
-        ('{"name": "a", "command": ["x"]}', "lacks required keys: root_anchor"),
-        ('{"name": "a", "command": ["x"], "root_anchor": "/r", "uid": 0}', "unknown keys: uid"),
-        ('{"name": "a", "command": "x", "root_anchor": "/r"}', "command must be a list"),
-        ('{"name": "a", "command": ["x"], "root_anchor": "/r", "umask": "022"}', "umask must be"),
-        ('{"name": 1, "command": ["x"], "root_anchor": "/r"}', "name must be of type str"),
-        ('{"name": "a", "command": ["x"], "root_anchor": "/r", "environment": {"A": 1}}', "env"),
-    ],
-)
-def test_from_json_refuses_malformed_documents(text: str, message: str) -> None:
-    with pytest.raises(InvalidSandboxSpec, match=message):
-        SandboxSpec.from_json(text)
-
-
 _text = st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]))
 _path_part = st.text(
     st.characters(exclude_characters="/\0", exclude_categories=["Cs"]), min_size=1
@@ -133,4 +116,4 @@ _valid_fields = st.fixed_dictionaries(
 @given(_valid_fields)
 def test_any_valid_spec_survives_the_json_round_trip(fields: dict[str, Any]) -> None:
     built = spec(**fields)
-    assert SandboxSpec.from_json(built.to_json()) == built
+    assert SandboxSpec(**json.loads(built.to_json())) == built

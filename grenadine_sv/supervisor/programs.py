@@ -1,0 +1,205 @@
+"""The running programs: one runner task each, started and stopped in dependency order."""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Iterable
+from typing import Protocol
+
+import structlog
+import trio
+
+from grenadine_sv.config.loading import Config, ProgramConfig
+from grenadine_sv.control.protocol import ControlError
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.metrics.collector import Metrics
+from grenadine_sv.supervisor.runner import ProgramRunner, RunnerContext, StateObserver
+
+log = structlog.get_logger()
+
+DEPENDENCY_WAIT_SECONDS = math.inf
+
+
+class ProgramListener(Protocol):
+    """Told when a runner joins, changes its definition in place, or leaves."""
+
+    async def program_added(self, runner: ProgramRunner) -> None: ...
+
+    def program_updated(self, runner: ProgramRunner) -> None: ...
+
+    def program_forgotten(self, name: str) -> None: ...
+
+
+def start_timeout_bound(program: ProgramConfig) -> float:
+    """How long a start may take at most, every retry included."""
+    probe = program.ready.timeout if program.ready is not None else program.startsecs
+    return (probe + program.stopwaitsecs + 65.0) * (program.startretries + 1)
+
+
+class Programs:
+    """The configured programs' runners, each in its own task of one nursery, and the
+    dependency-ordered starts and stops a user, a deploy or a shutdown asks for."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics | None = None,
+        observers: Iterable[StateObserver] = (),
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.runners: dict[str, ProgramRunner] = {}
+        self.listeners: list[ProgramListener] = []
+        self._observers = (*tuple(observers), self._count_restarts)
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The nursery the runners (and tasks that live as long as they do) run in."""
+        assert self._nursery is not None, "programs are not running"
+        return self._nursery
+
+    def context(self) -> RunnerContext:
+        return RunnerContext(
+            log_dir=self.config.supervisor.log_dir,
+            root_anchor=self.config.supervisor.state_dir / "sandbox-root",
+            observers=self._observers,
+        )
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run the runners in this nursery from now on."""
+        self._nursery = nursery
+
+    def _count_restarts(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """A restart is a new instance the supervisor starts by itself: after an exit
+        (RUNNING -> STARTING) or a failed start (BACKOFF -> STARTING)."""
+        restarted = after == State.STARTING and before in (State.RUNNING, State.BACKOFF)
+        if restarted and self.metrics is not None:
+            self.metrics.program_restarted(runner.name)
+
+    async def add(self, program: ProgramConfig) -> ProgramRunner:
+        """A runner for this definition, running (its program not started yet)."""
+        if self.metrics is not None:
+            self.metrics.add_program(program.name)
+        runner = ProgramRunner(program, self.context())
+        scope = trio.CancelScope()
+        self.runners[program.name] = runner
+        self._scopes[program.name] = scope
+        for listener in self.listeners:
+            await listener.program_added(runner)
+        await self.nursery.start(self._run_runner, runner, scope)
+        return runner
+
+    @staticmethod
+    async def _run_runner(
+        runner: ProgramRunner,
+        scope: trio.CancelScope,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            await runner.run(task_status=task_status)
+
+    def update(self, program: ProgramConfig) -> None:
+        """Give a runner a definition whose process-affecting part is unchanged."""
+        runner = self.runners[program.name]
+        runner.update_config(program)
+        for listener in self.listeners:
+            listener.program_updated(runner)
+
+    def forget(self, name: str, *, for_good: bool = False) -> None:
+        """Drop a (stopped) program's runner; `for_good` when it leaves the configuration."""
+        self.runners.pop(name)
+        if for_good and self.metrics is not None:
+            self.metrics.forget_program(name)
+        self._scopes.pop(name).cancel()
+        for listener in self.listeners:
+            listener.program_forgotten(name)
+
+    async def remove(self, name: str) -> None:
+        runner = self.runners[name]
+        await runner.stop(runner.stop_timeout_bound())
+        self.forget(name, for_good=True)
+
+    def autostart(self, names: Iterable[str], also: set[str] | None = None) -> None:
+        """Start (in the background) those of `names` that autostart, and those in `also`."""
+        for name in names:
+            if self.runners[name].config.autostart or name in (also or set()):
+                self.nursery.start_soon(self.start_after_dependencies, name)
+
+    async def start_after_dependencies(self, name: str) -> State:
+        runner = self.runners[name]
+        for dependency in runner.config.depends_on:
+            dep = self.runners.get(dependency)
+            if dep is None:
+                continue
+            if dep.state != State.RUNNING:
+                log.info("waiting_for_dependency", program=name, dependency=dependency)
+                state = await dep.wait_until(
+                    lambda s: s in (State.RUNNING, State.FATAL), DEPENDENCY_WAIT_SECONDS
+                )
+                if state != State.RUNNING:
+                    runner.machine.reason = f"dependency {dependency} is {state.value}"
+                    log.error("dependency_failed", program=name, dependency=dependency)
+                    return runner.state
+        return await runner.start(start_timeout_bound(runner.config))
+
+    def dependents(self, name: str) -> list[str]:
+        return [n for n, r in self.runners.items() if name in r.config.depends_on]
+
+    async def stop_programs(self, names: list[str]) -> None:
+        """Stop these programs concurrently, each only after the ones that depend on it."""
+        selected = set(names)
+        done = {name: trio.Event() for name in selected}
+
+        async def stop_one(name: str) -> None:
+            for dependent in self.dependents(name):
+                if dependent in done:
+                    await done[dependent].wait()
+            runner = self.runners[name]
+            await runner.stop(runner.stop_timeout_bound())
+            done[name].set()
+
+        async with trio.open_nursery() as nursery:
+            for name in selected:
+                nursery.start_soon(stop_one, name)
+
+    async def start_programs(self, names: list[str]) -> None:
+        """Start these programs and what they depend on, each after its dependencies."""
+        async with trio.open_nursery() as nursery:
+            for name in self._with_dependencies(names):
+                nursery.start_soon(self.start_after_dependencies, name)
+
+    def _with_dependencies(self, names: list[str]) -> list[str]:
+        wanted: set[str] = set()
+        pending = list(names)
+        while pending:
+            name = pending.pop()
+            if name in wanted:
+                continue
+            wanted.add(name)
+            pending.extend(d for d in self.runners[name].config.depends_on if d in self.runners)
+        return [n for n in self.config.start_order() if n in wanted]
+
+    def select(self, names: list[str]) -> list[str]:
+        """The programs a request names ("all" = every one); ControlError for unknown names."""
+        if not names:
+            raise ControlError("name at least one program, or all")
+        if "all" in names:
+            return list(self.runners)
+        unknown = [n for n in names if n not in self.runners]
+        if unknown:
+            raise ControlError(f"no such program: {', '.join(unknown)}")
+        return list(dict.fromkeys(names))
+
+    async def kill_leftovers(self) -> None:
+        """After a crash or a cancellation: no program outlives the supervisor."""
+        for runner in self.runners.values():
+            process = runner.process
+            if process is None or process.returncode is not None:
+                continue
+            log.warning("program_killed_on_exit", program=runner.name, pid=process.pid)
+            process.send_signal(signal.SIGKILL)
+            with trio.move_on_after(5.0):
+                await process.wait()

@@ -1,0 +1,36 @@
+"""The command line's client path stays quick: it loads none of the heavy libraries.
+
+lint-imports guards the imports statically; this runs the real command in a fresh
+interpreter and looks at what it loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HEAVY = ("trio", "pydantic", "structlog", "prometheus_client")
+
+PROBE = """
+import sys
+from grenadine_sv.cli.main import main
+code = main(["-c", sys.argv[1], "status"])
+heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+print(code, ",".join(heavy))
+"""
+
+
+def test_status_without_a_supervisor_loads_no_heavy_library(tmp_path: Path) -> None:
+    config = tmp_path / "grenadine.toml"
+    socket_path = tmp_path / "control.sock"
+    config.write_text(f'[supervisor]\ncontrol_socket = "{socket_path}"\n')
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    code, loaded = result.stdout.split()[0], result.stdout.strip().partition(" ")[2]
+    assert code == "3", result.stderr  # EXIT_NOT_RUNNING: the request really was tried
+    assert loaded == ""
