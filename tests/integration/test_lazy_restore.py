@@ -82,11 +82,11 @@ async def test_lazily_restored_process_answers_with_all_its_memory(sv_dirs: Supe
         async with running_supervisor(config) as sv:
             await wait_state(sv, "hog", State.RUNNING, timeout=60)
             assert await ask_async(port) == expected_digest(mebibytes)
-            [entry] = await sv.checkpoint_programs(["hog"], stop=True)
+            [entry] = await sv.operations.checkpoint_programs(["hog"], stop=True)
             assert entry["ok"]
             await wait_state(sv, "hog", State.STOPPED)
 
-            result = await sv.restore_program("hog", "latest")
+            result = await sv.operations.restore_program("hog", "latest")
 
             assert result["fallback"] is None
             await wait_state(sv, "hog", State.RUNNING, timeout=60)
@@ -96,7 +96,7 @@ async def test_lazily_restored_process_answers_with_all_its_memory(sv_dirs: Supe
             await wait_for(lambda: bool(events(logs, "restore_memory_complete")), timeout=60)
             assert not (sv_dirs.state_dir / "restore-logs" / "hog" / PIDFILE).exists()
             # With all memory back, checkpoints work again, and the image served is prunable.
-            [again] = await sv.checkpoint_programs(["hog"], stop=False)
+            [again] = await sv.operations.checkpoint_programs(["hog"], stop=False)
             assert again["ok"]
             assert len(store.list("hog")) == 2
     assert not events(logs, "lazy_pages_failed")
@@ -125,7 +125,7 @@ async def restore_and_hold_daemon(sv: Supervisor, work_dir: Path, image_id: str)
     runner = sv.runners["hog"]
     before = runner.process
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sv.restore_program, "hog", image_id)
+        nursery.start_soon(sv.operations.restore_program, "hog", image_id)
         with trio.fail_after(60):
             while runner.process is before:
                 await trio.sleep(0.001)
@@ -147,13 +147,13 @@ async def test_checkpoint_waits_until_all_memory_is_back(sv_dirs: SupervisorDirs
     with capture_logs() as logs:
         async with running_supervisor(config) as sv:
             await wait_state(sv, "hog", State.RUNNING, timeout=60)
-            [entry] = await sv.checkpoint_programs(["hog"], stop=True)
+            [entry] = await sv.operations.checkpoint_programs(["hog"], stop=True)
             await wait_state(sv, "hog", State.STOPPED)
             daemon_pid = await restore_and_hold_daemon(sv, work_dir, entry["image"]["id"])
             checkpoint_done = trio.Event()
 
             async def checkpoint() -> None:
-                await sv.checkpoint_programs(["hog"], stop=False)
+                await sv.operations.checkpoint_programs(["hog"], stop=False)
                 checkpoint_done.set()
 
             async with trio.open_nursery() as nursery:
@@ -180,7 +180,7 @@ async def test_lazy_pages_daemon_that_dies_early_ends_the_program_as_crashed(
     with capture_logs() as logs:
         async with running_supervisor(config) as sv:
             await wait_state(sv, "hog", State.RUNNING, timeout=60)
-            [entry] = await sv.checkpoint_programs(["hog"], stop=True)
+            [entry] = await sv.operations.checkpoint_programs(["hog"], stop=True)
             await wait_state(sv, "hog", State.STOPPED)
             daemon_pid = await restore_and_hold_daemon(sv, work_dir, entry["image"]["id"])
             restored_pid = sv.runners["hog"].machine.pid
@@ -203,7 +203,7 @@ async def test_corrupt_page_file_found_while_served_ends_the_program(sv_dirs: Su
         async with running_supervisor(config) as sv:
             await wait_state(sv, "hog", State.RUNNING, timeout=60)
             assert await ask_async(port) == expected_digest(mebibytes)
-            await sv.checkpoint_programs(["hog"], stop=True)
+            await sv.operations.checkpoint_programs(["hog"], stop=True)
             await wait_state(sv, "hog", State.STOPPED)
             [image] = store.list("hog")
             pages = next(store.criu_dir(image).glob("pages-*.img"))
@@ -213,12 +213,12 @@ async def test_corrupt_page_file_found_while_served_ends_the_program(sv_dirs: Su
                 file.seek(-1, os.SEEK_CUR)
                 file.write(bytes([byte[0] ^ 0xFF]))
 
-            await sv.restore_program("hog", image.id)
+            await sv.operations.restore_program("hog", image.id)
 
             await wait_for(lambda: sv.runners["hog"].state == State.EXITED, timeout=60)
             [corrupt] = events(logs, "lazy_restore_corrupt")
             assert "does not match its blake3 checksum" in str(corrupt["error"])
             # The image is not restored again: the next attempt falls back at once.
-            result = await sv.restore_program("hog", image.id)
+            result = await sv.operations.restore_program("hog", image.id)
             assert "did not match" in str(result["fallback"])
     assert not events(logs, "restore_memory_complete")
