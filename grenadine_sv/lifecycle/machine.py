@@ -59,6 +59,15 @@ class StopRequested:
 
 
 @dataclass(frozen=True)
+class StartRefused:
+    """A start that cannot happen (a dependency did not come up); the program stays as it
+    is, with the reason."""
+
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
 class Spawned:
     instance: int
     pid: int
@@ -116,6 +125,7 @@ class StopTimeout:
 
 Event = (
     StartRequested
+    | StartRefused
     | StopRequested
     | Spawned
     | SpawnFailed
@@ -193,6 +203,8 @@ class ProgramMachine:
         match event:
             case StartRequested():
                 return self._on_start(event)
+            case StartRefused():
+                return self._on_start_refused(event)
             case StopRequested():
                 return self._on_stop(event)
             case Spawned():
@@ -220,6 +232,11 @@ class ProgramMachine:
         self.failures = 0
         self.reason = ""
         return self._spawn(event.now)
+
+    def _on_start_refused(self, event: StartRefused) -> list[Action]:
+        if self.state not in ACTIVE_STATES:
+            self.reason = event.reason
+        return []
 
     def _on_stop(self, event: StopRequested) -> list[Action]:
         if self.state == State.BACKOFF:

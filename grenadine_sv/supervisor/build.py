@@ -54,7 +54,12 @@ def build_supervisor(config: Config) -> Supervisor:
             store, Criu(binary), version, state_dir / "restore-logs", metrics
         )
     recovery = Recovery(state_dir, service)
-    programs = Programs(config, metrics, observers=(recovery.record_instances,))
+    programs = Programs(
+        config,
+        metrics,
+        observers=(recovery.record_instances,),
+        launcher=service.launch_pinned if service is not None else None,
+    )
     return Supervisor(
         config,
         programs=programs,

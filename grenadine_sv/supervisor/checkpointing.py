@@ -57,7 +57,6 @@ class Checkpointing:
 
     async def program_added(self, runner: ProgramRunner) -> None:
         if self.service is not None:
-            runner.launcher = self.service.launch_pinned
             await trio.to_thread.run_sync(self.service.learn_last_checkpoint, runner.name)
         self._start_interval_policy(runner)
 
@@ -168,10 +167,12 @@ class Checkpointing:
         def note_fallback(reason: str) -> None:
             restored["fallback"] = reason
 
-        runner.next_launcher = lambda r: service.launch_with_fallback(
-            r, image, note_fallback, allow_changed_definition=allow_changed_definition
+        await runner.start(
+            start_timeout_bound(runner.config),
+            lambda r: service.launch_with_fallback(
+                r, image, note_fallback, allow_changed_definition=allow_changed_definition
+            ),
         )
-        await runner.start(start_timeout_bound(runner.config))
         return restored
 
     async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:

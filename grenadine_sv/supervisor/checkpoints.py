@@ -29,7 +29,7 @@ from grenadine_sv.criu.client import (
     tree_condition,
 )
 from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
-from grenadine_sv.lifecycle.machine import State, StopAborted, StopRequested
+from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.sandbox.linux import read_start_time, resume_sandbox
 from grenadine_sv.store.definition import (
@@ -188,7 +188,8 @@ class CheckpointService:
         program = runner.name
         async with self.images_of(program).lock:
             await self.images_of(program).memory_back()
-            pid, start_time = _running_instance(runner)
+            process = _running_process(runner)
+            pid, start_time = process.pid, process.start_time
             bound = log.bind(program=program, pid=pid, trigger=trigger)
             before = tree_condition(pid)
             began = self.clock()
@@ -220,13 +221,11 @@ class CheckpointService:
         program = runner.name
         async with self.images_of(program).lock:
             await self.images_of(program).memory_back()
-            pid, start_time = _running_instance(runner)
-            process = runner.process
-            assert process is not None
-            instance = runner.machine.instance
+            process = _running_process(runner)
+            pid, start_time = process.pid, process.start_time
             bound = log.bind(program=program, pid=pid, trigger=trigger)
             before = tree_condition(pid)
-            runner.handle_now(StopRequested(trio.current_time(), by_checkpoint=True))
+            instance = runner.stop_for_checkpoint()
             began = self.clock()
             try:
                 image = await trio.to_thread.run_sync(
@@ -237,7 +236,7 @@ class CheckpointService:
                     abandon_on_cancel=False,
                 )
             except CheckpointError as exc:
-                runner.handle_now(StopAborted(instance, trio.current_time()))
+                runner.resume_instance(instance)
                 self.metrics.checkpoint_failed(program, trigger)
                 bound.error("checkpoint_failed", error=str(exc))
                 _examine_after_failed_dump(runner, pid, before, bound)
@@ -614,13 +613,12 @@ def _under_init(runner: ProgramRunner) -> bool:
     return runner.process is not None and runner.process.under_init
 
 
-def _running_instance(runner: ProgramRunner) -> tuple[int, int]:
-    """(pid, start time) of the program's RUNNING instance, or CheckpointError."""
-    pid = runner.machine.pid
-    process = runner.process
-    if runner.state.value != "RUNNING" or pid is None or process is None:
+def _running_process(runner: ProgramRunner) -> SandboxProcess:
+    """The program's RUNNING process, or CheckpointError."""
+    process = runner.running_process()
+    if process is None:
         raise CheckpointError(f"{runner.name} is {runner.state.value}, not RUNNING")
-    return pid, process.start_time
+    return process
 
 
 async def kill_frozen_orphan(pid: int, start_time: int) -> None:

@@ -137,11 +137,8 @@ class Supervisor:
         recovered = await self.recovery.take_back_orphans(self.config)
         order = self.config.start_order()
         for name in order:
-            runner = await self.programs.add(self.config.programs[name])
-            launcher = recovered.get(name)
-            if launcher is not None:
-                runner.next_launcher = launcher
-        self.programs.autostart(order, also=set(recovered))
+            await self.programs.add(self.config.programs[name])
+        self.programs.autostart(order, recovered)
 
     async def _serve_metrics(self, nursery: trio.Nursery, metrics: Metrics) -> None:
         address = self.config.supervisor.metrics.address()

@@ -148,6 +148,7 @@ class Deploys:
         self.programs.config.programs[name] = old
         runner = await self.programs.add(old)
         service = self.checkpoints
-        runner.next_launcher = lambda r: service.launch_with_fallback(r, image)
         self.rollbacks[name] = f"rolled back to {image.id[:12]}: {reason}"
-        await runner.start(start_timeout_bound(old))
+        await runner.start(
+            start_timeout_bound(old), lambda r: service.launch_with_fallback(r, image)
+        )

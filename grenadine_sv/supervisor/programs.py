@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import structlog
@@ -14,7 +14,7 @@ from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
-from grenadine_sv.supervisor.runner import ProgramRunner, RunnerContext, StateObserver
+from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
 
 log = structlog.get_logger()
 
@@ -46,8 +46,11 @@ class Programs:
         config: Config,
         metrics: Metrics | None = None,
         observers: Iterable[StateObserver] = (),
+        launcher: Launcher | None = None,
     ) -> None:
         self.config = config
+        # How every instance starts unless a start says otherwise.
+        self.launcher = launcher
         self.metrics = metrics
         self.runners: dict[str, ProgramRunner] = {}
         self.listeners: list[ProgramListener] = []
@@ -83,7 +86,7 @@ class Programs:
         """A runner for this definition, running (its program not started yet)."""
         if self.metrics is not None:
             self.metrics.add_program(program.name)
-        runner = ProgramRunner(program, self.context())
+        runner = ProgramRunner(program, self.context(), self.launcher)
         scope = trio.CancelScope()
         self.runners[program.name] = runner
         self._scopes[program.name] = scope
@@ -122,13 +125,16 @@ class Programs:
         await runner.stop(runner.stop_timeout_bound())
         self.forget(name, for_good=True)
 
-    def autostart(self, names: Iterable[str], also: set[str] | None = None) -> None:
-        """Start (in the background) those of `names` that autostart, and those in `also`."""
+    def autostart(self, names: Iterable[str], launchers: Mapping[str, Launcher]) -> None:
+        """Start (in the background) those of `names` that autostart, and those that have
+        their own launcher (a program taken back after a crash), through it."""
         for name in names:
-            if self.runners[name].config.autostart or name in (also or set()):
-                self.nursery.start_soon(self.start_after_dependencies, name)
+            launcher = launchers.get(name)
+            if self.runners[name].config.autostart or launcher is not None:
+                self.nursery.start_soon(self.start_after_dependencies, name, launcher)
 
-    async def start_after_dependencies(self, name: str) -> State:
+    async def start_after_dependencies(self, name: str, launcher: Launcher | None = None) -> State:
+        """Start a program once its dependencies run; through `launcher` when given."""
         runner = self.runners[name]
         for dependency in runner.config.depends_on:
             dep = self.runners.get(dependency)
@@ -140,10 +146,10 @@ class Programs:
                     lambda s: s in (State.RUNNING, State.FATAL), DEPENDENCY_WAIT_SECONDS
                 )
                 if state != State.RUNNING:
-                    runner.machine.reason = f"dependency {dependency} is {state.value}"
+                    runner.refuse_start(f"dependency {dependency} is {state.value}")
                     log.error("dependency_failed", program=name, dependency=dependency)
                     return runner.state
-        return await runner.start(start_timeout_bound(runner.config))
+        return await runner.start(start_timeout_bound(runner.config), launcher)
 
     def dependents(self, name: str) -> list[str]:
         return [n for n, r in self.runners.items() if name in r.config.depends_on]

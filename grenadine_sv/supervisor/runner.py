@@ -31,8 +31,10 @@ from grenadine_sv.lifecycle.machine import (
     Spawn,
     Spawned,
     SpawnFailed,
+    StartRefused,
     StartRequested,
     State,
+    StopAborted,
     StopRequested,
     StopTimeout,
     WatchReadiness,
@@ -99,7 +101,9 @@ def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
 
 
 class ProgramRunner:
-    def __init__(self, config: ProgramConfig, context: RunnerContext) -> None:
+    def __init__(
+        self, config: ProgramConfig, context: RunnerContext, launcher: Launcher | None = None
+    ) -> None:
         self.config = config
         self.context = context
         self.machine = ProgramMachine(lifecycle_policy(config))
@@ -120,10 +124,9 @@ class ProgramRunner:
             config.stderr_logfile_backups,
             timestamps=config.log_timestamps,
         )
-        # Replaced by the checkpoint layer to start from an image instead.
-        self.launcher: Launcher = launch_cold
-        # Used once, for the next instance only (a restore asked for by a user or a rollback).
-        self.next_launcher: Launcher | None = None
+        self._launcher = launcher or launch_cold
+        # Instances that start another way than `launcher` (a restore, a recovery).
+        self._launchers: dict[int, Launcher] = {}
 
     @property
     def name(self) -> str:
@@ -155,19 +158,40 @@ class ProgramRunner:
             self.stdout_log.close()
             self.stderr_log.close()
 
-    def post(self, event: Event) -> None:
+    def _post(self, event: Event) -> None:
         self._send.send_nowait(event)
 
-    def handle_now(self, event: Event) -> None:
-        """Apply an event at once (from any task of this trio run), not through the queue."""
-        self._dispatch(event)
+    # Requests are handled at once rather than queued, so the state has changed on return.
 
-    def request_start(self) -> None:
-        # Handled at once rather than queued, so the state has changed on return.
+    def request_start(self, launcher: Launcher | None = None) -> None:
+        """Start the program (if it is not active), through `launcher` for this instance."""
+        before = self.machine.instance
         self._dispatch(StartRequested(trio.current_time()))
+        if launcher is not None and self.machine.instance != before:
+            self._launchers[self.machine.instance] = launcher
+
+    def refuse_start(self, reason: str) -> None:
+        """A start that cannot happen: the program stays as it is and shows why."""
+        self._dispatch(StartRefused(reason, trio.current_time()))
 
     def request_stop(self) -> None:
         self._dispatch(StopRequested(trio.current_time()))
+
+    def stop_for_checkpoint(self) -> int:
+        """The running instance is being dumped and then ended by the checkpoint itself (no
+        stop signal): STOPPING until it exits. Returns the instance, for resume_instance."""
+        self._dispatch(StopRequested(trio.current_time(), by_checkpoint=True))
+        return self.machine.instance
+
+    def resume_instance(self, instance: int) -> None:
+        """The checkpoint that was to end `instance` failed: it goes on RUNNING."""
+        self._dispatch(StopAborted(instance, trio.current_time()))
+
+    def running_process(self) -> SandboxProcess | None:
+        """The process of the RUNNING instance; None in any other state."""
+        if self.state != State.RUNNING or self.machine.pid is None:
+            return None
+        return self.process
 
     async def wait_until(self, predicate: Callable[[State], bool], timeout: float) -> State:
         with trio.move_on_after(timeout):
@@ -175,8 +199,9 @@ class ProgramRunner:
                 await self._changed.wait()
         return self.state
 
-    async def start(self, timeout: float) -> State:
-        self.request_start()
+    async def start(self, timeout: float, launcher: Launcher | None = None) -> State:
+        """Start and wait until the start has succeeded or failed (or `timeout`)."""
+        self.request_start(launcher)
         return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
 
     async def stop(self, timeout: float) -> State:
@@ -236,11 +261,10 @@ class ProgramRunner:
     async def _post_later(self, delay: float, make_event: Callable[[float], Event]) -> None:
         """After `delay`, post the event made for the time it fires."""
         await trio.sleep(delay)
-        self.post(make_event(trio.current_time()))
+        self._post(make_event(trio.current_time()))
 
     async def _spawn(self, instance: int) -> None:
-        launcher = self.next_launcher or self.launcher
-        self.next_launcher = None
+        launcher = self._launchers.pop(instance, self._launcher)
         try:
             launched = await launcher(self)
         except Exception as exc:  # whatever goes wrong, only this program's start fails
@@ -250,11 +274,11 @@ class ProgramRunner:
                 self.log.exception("spawn_failed", error=repr(exc))
             fatal = isinstance(exc, SandboxError) and exc.fatal
             reason = str(exc) or repr(exc)
-            self.post(SpawnFailed(instance, reason, trio.current_time(), fatal=fatal))
+            self._post(SpawnFailed(instance, reason, trio.current_time(), fatal=fatal))
             return
-        self.adopt_instance(instance, launched)
+        self._adopt_instance(instance, launched)
 
-    def adopt_instance(self, instance: int, launched: LaunchedInstance) -> None:
+    def _adopt_instance(self, instance: int, launched: LaunchedInstance) -> None:
         """Watch a started process: its exit and its output."""
         assert self._nursery is not None
         self.process = launched.process
@@ -263,28 +287,28 @@ class ProgramRunner:
         self._nursery.start_soon(self._watch_exit, instance, launched.process)
         for companion in launched.companions:
             self._nursery.start_soon(companion, launched.process)
-        self.post(Spawned(instance, launched.process.pid, trio.current_time()))
+        self._post(Spawned(instance, launched.process.pid, trio.current_time()))
 
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
         returncode = await process.wait()
         process.close()
         self.log.info("program_exited", pid=process.pid, exit=describe_returncode(returncode))
-        self.post(Exited(instance, returncode, trio.current_time()))
+        self._post(Exited(instance, returncode, trio.current_time()))
 
     async def _watch_readiness(self, action: WatchReadiness) -> None:
         ready = self.config.ready
         if not action.use_probe or ready is None:
             await trio.sleep(action.startsecs)
-            self.post(BecameReady(action.instance, trio.current_time()))
+            self._post(BecameReady(action.instance, trio.current_time()))
             return
         try:
             await wait_until_ready(
                 tcp=ready.tcp, command=ready.command, timeout=ready.timeout, interval=ready.interval
             )
         except ProbeFailed as exc:
-            self.post(ReadyFailed(action.instance, str(exc), trio.current_time()))
+            self._post(ReadyFailed(action.instance, str(exc), trio.current_time()))
             return
-        self.post(BecameReady(action.instance, trio.current_time()))
+        self._post(BecameReady(action.instance, trio.current_time()))
 
 
 async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:

@@ -18,6 +18,7 @@ from grenadine_sv.lifecycle.machine import (
     Spawn,
     Spawned,
     SpawnFailed,
+    StartRefused,
     StartRequested,
     State,
     StopAborted,
@@ -210,3 +211,17 @@ def test_failed_stopping_checkpoint_returns_to_running():
     assert machine.state == State.STOPPING
     machine.handle(StopAborted(machine.instance, 2.5))
     assert machine.state == State.RUNNING
+
+
+def test_a_refused_start_leaves_the_state_and_gives_the_reason():
+    machine = ProgramMachine(LifecyclePolicy())
+    assert machine.handle(StartRefused("dependency db is FATAL", 1.0)) == []
+    assert machine.state == State.STOPPED
+    assert machine.reason == "dependency db is FATAL"
+
+
+def test_a_refused_start_does_not_touch_an_active_program():
+    machine = running_machine()
+    assert machine.handle(StartRefused("dependency db is FATAL", 2.0)) == []
+    assert machine.state == State.RUNNING
+    assert machine.reason == ""

@@ -14,7 +14,7 @@ from grenadine_sv.config.loading import ProgramConfig
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.sandbox.spec import InvalidSandboxSpec
-from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, RunnerContext
+from grenadine_sv.supervisor.runner import LaunchedInstance, Launcher, ProgramRunner, RunnerContext
 
 
 class FakeProcess:
@@ -61,15 +61,13 @@ def program(tmp_path: Path, **fields: object) -> ProgramConfig:
 
 
 def runner_with(tmp_path: Path, config: ProgramConfig, make: object) -> ProgramRunner:
-    runner = ProgramRunner(config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path))
     pids = iter(range(100, 200))
 
     async def launch(_: ProgramRunner) -> LaunchedInstance:
         process = make(next(pids))  # type: ignore[operator]
         return LaunchedInstance(cast(SandboxProcess, process), closed_stream(), closed_stream())
 
-    runner.launcher = launch
-    return runner
+    return ProgramRunner(config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path), launch)
 
 
 async def test_failed_starts_back_off_one_then_two_seconds_then_fatal(
@@ -157,12 +155,65 @@ async def test_a_launcher_that_raises_fails_only_this_start(
         attempts += 1
         raise error
 
-    runner = runner_with(tmp_path, program(tmp_path, startretries=1), lambda pid: None)
-    runner.launcher = broken
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    runner = ProgramRunner(program(tmp_path, startretries=1), context, broken)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
         assert await runner.start(timeout=100) == State.FATAL
         assert runner.machine.reason is not None
         assert str(error) in runner.machine.reason
         assert attempts == (1 if fatal else 2)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_start_with_its_own_launcher_uses_it_for_that_instance_only(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    """A restore starts one instance from an image; a later restart starts the usual way."""
+    made: list[tuple[str, FakeProcess]] = []
+
+    def launcher(kind: str) -> Launcher:
+        async def launch(_: ProgramRunner) -> LaunchedInstance:
+            made.append((kind, FakeProcess(100 + len(made))))
+            return LaunchedInstance(
+                cast(SandboxProcess, made[-1][1]), closed_stream(), closed_stream()
+            )
+
+        return launch
+
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    runner = ProgramRunner(program(tmp_path, startsecs=1), context, launcher("usual"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        assert await runner.start(10, launcher("restore")) == State.RUNNING
+        # Asked while running: nothing starts, and the launcher is not kept for later.
+        assert await runner.start(10, launcher("ignored")) == State.RUNNING
+        made[0][1].exit(-9)
+        await runner.wait_until(lambda s: s == State.RUNNING and len(made) == 2, 10)
+        assert [kind for kind, _ in made] == ["restore", "usual"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stopping_checkpoint_holds_the_instance_without_a_signal_and_can_resume(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    made: list[FakeProcess] = []
+
+    def service(pid: int) -> FakeProcess:
+        made.append(FakeProcess(pid))
+        return made[-1]
+
+    runner = runner_with(tmp_path, program(tmp_path, startsecs=1, stopwaitsecs=1), service)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        assert await runner.start(timeout=10) == State.RUNNING
+        assert runner.running_process() is made[0]
+        instance = runner.stop_for_checkpoint()
+        assert runner.state == State.STOPPING
+        assert runner.running_process() is None
+        await trio.sleep(5)  # far past stopwaitsecs: the checkpoint, not a timer, ends it
+        assert made[0].signals == []
+        runner.resume_instance(instance)
+        assert runner.state == State.RUNNING
+        assert runner.running_process() is made[0]
         nursery.cancel_scope.cancel()
