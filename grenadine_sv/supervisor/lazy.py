@@ -184,9 +184,8 @@ class LazyMemory:
             if returncode < 0
             else f"exited with status {returncode}"
         )
-        if process.returncode is not None:
-            self.log.info("lazy_pages_ended", detail=f"daemon {how} after the program ended")
-            return
+        # A daemon whose program ended first exits with status 0: this one failed, and the
+        # program (if it has not died of missing memory already) must not run on without it.
         lines = error_lines(self.work_dir / lazy_log_name(self.image))
         self.log.error(
             "lazy_pages_failed",

@@ -122,7 +122,7 @@ async def restore_and_hold_daemon(sv: Supervisor, work_dir: Path, image_id: str)
     """Restore lazily and stop the lazy-pages daemon as soon as the program runs again (the
     restore itself needs the daemon), before its background transfer is over; returns the
     daemon's pid."""
-    runner = sv.runners["hog"]
+    runner = sv.programs.runners["hog"]
     before = runner.process
     async with trio.open_nursery() as nursery:
         nursery.start_soon(sv.operations.restore_program, "hog", image_id)
@@ -183,11 +183,11 @@ async def test_lazy_pages_daemon_that_dies_early_ends_the_program_as_crashed(
             [entry] = await sv.operations.checkpoint_programs(["hog"], stop=True)
             await wait_state(sv, "hog", State.STOPPED)
             daemon_pid = await restore_and_hold_daemon(sv, work_dir, entry["image"]["id"])
-            restored_pid = sv.runners["hog"].machine.pid
+            restored_pid = sv.programs.runners["hog"].machine.pid
 
             os.kill(daemon_pid, signal.SIGKILL)
 
-            await wait_for(lambda: sv.runners["hog"].state == State.EXITED, timeout=30)
+            await wait_for(lambda: sv.programs.runners["hog"].state == State.EXITED, timeout=30)
             [failed] = events(logs, "lazy_pages_failed")
             assert "SIGKILL" in str(failed["error"])
             assert restored_pid is not None
@@ -215,7 +215,7 @@ async def test_corrupt_page_file_found_while_served_ends_the_program(sv_dirs: Su
 
             await sv.operations.restore_program("hog", image.id)
 
-            await wait_for(lambda: sv.runners["hog"].state == State.EXITED, timeout=60)
+            await wait_for(lambda: sv.programs.runners["hog"].state == State.EXITED, timeout=60)
             [corrupt] = events(logs, "lazy_restore_corrupt")
             assert "does not match its blake3 checksum" in str(corrupt["error"])
             # The image is not restored again: the next attempt falls back at once.
