@@ -28,6 +28,14 @@ def load_or_explain(args: argparse.Namespace) -> Config | None:
         return None
 
 
+def log_to_stderr() -> None:
+    """Warnings the library logs while a local command works (an image skipped, say) go to
+    stderr, never into the data it prints."""
+    from grenadine_sv.logs import configure_logging
+
+    configure_logging("auto", "warning")
+
+
 def run(args: argparse.Namespace, out: TextIO) -> int:
     import trio
 

@@ -90,6 +90,8 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
     # command answered by the running supervisor does not.
     from grenadine_sv.cli import local
 
+    if command != "run":
+        local.log_to_stderr()  # stdout carries the command's output only
     handlers: dict[str, Callable[[argparse.Namespace, TextIO], int]] = {
         "run": local.run,
         "check": local.check,

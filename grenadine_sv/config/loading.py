@@ -7,6 +7,7 @@ problem, each naming the file and the key.
 import glob
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -106,7 +107,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     defined_in = _program_files(raw_main, main, {}, problems, display)
     include = main_doc.supervisor.include if main_doc else _raw_include(raw_main)
     included_docs: list[_IncludedFile] = []
-    files = [main, *_expand_includes(include, main)]
+    files = [main, *_expand_includes(include, main, problems)]
     for file in files[1:]:
         raw = _read_toml(file, problems)
         if raw is None:
@@ -254,13 +255,67 @@ def _raw_include(raw: dict[str, Any]) -> list[str]:
     return []
 
 
-def _expand_includes(patterns: list[str], main: Path) -> list[Path]:
-    """The files matched by the include globs, relative to the main file's directory."""
+def _expand_includes(patterns: list[str], main: Path, problems: list[Problem]) -> list[Path]:
+    """The files matched by the include globs, relative to the main file's directory, each
+    once. A match that is not a regular file (a device, a FIFO) and a path through a symlink
+    loop are problems, each named once; directories are not files to include."""
     base = glob.escape(str(main.parent))
-    found: set[Path] = set()
+    found: dict[str, Path] = {}
+    loops: set[tuple[Path, Path]] = set()
+    refused: set[Path] = set()
     for pattern in patterns:
         for match in glob.glob(os.path.join(base, pattern), recursive=True):
             file = Path(os.path.abspath(match))
-            if file != main and file.is_file():
-                found.add(file)
-    return sorted(found)
+            loop = _symlink_loop(file)
+            if loop is not None:
+                loops.add(loop)
+                continue
+            try:
+                mode = file.stat().st_mode
+            except OSError:
+                continue  # a dangling link: nothing to read
+            if file == main or stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                if file not in refused:
+                    refused.add(file)
+                    problems.append(
+                        Problem(
+                            main,
+                            "supervisor.include",
+                            f"{file} (matched by {pattern!r}) is {_file_kind(mode)}, not a "
+                            "regular file: only configuration files can be included",
+                        )
+                    )
+                continue
+            found.setdefault(os.path.realpath(file), file)
+    for link, target in sorted(loops):
+        problems.append(
+            Problem(
+                main,
+                "supervisor.include",
+                f"the include globs go round a symlink loop: {link} -> {target}, a directory "
+                "that contains the link; remove the link or make the pattern narrower",
+            )
+        )
+    return sorted(found.values())
+
+
+def _symlink_loop(path: Path) -> tuple[Path, Path] | None:
+    """(link, target) when `path` goes through a symlink to a directory that contains it."""
+    for ancestor in reversed(path.parents):
+        if ancestor.is_symlink():
+            target = Path(os.path.realpath(ancestor))
+            if Path(os.path.realpath(ancestor.parent)).is_relative_to(target):
+                return ancestor, target
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((kind for test, kind in kinds.items() if test(mode)), "not a regular file")

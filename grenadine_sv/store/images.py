@@ -487,20 +487,21 @@ class ImageStore:
         log.info("image_deleted", program=image.program, image_id=image.id)
 
     def prune(
-        self, program: str, keep: int, *, spare: Collection[str] = ()
+        self, program: str, keep: int, in_use: Collection[str] = ()
     ) -> builtins.list[ImageMeta]:
         """Delete all but the `keep` newest images of `program`, and return the deleted ones.
 
         The newest pre-deploy image is never deleted and does not count against `keep`: it is
-        what a rollback restores, however many checkpoints were taken since the deploy. Nor
-        are the images whose ids are in `spare` (a lazy restore still reads them).
+        what a rollback restores, however many checkpoints were taken since the deploy. Images
+        whose id is in `in_use` (a restore of them is under way, or a lazy restore still serves
+        memory from them) are not deleted either.
         """
         if keep < 0:
             raise ValueError(f"keep must be 0 or more, got {keep}")
         images = self.list(program)
         protected = next((m for m in images if m.trigger == "pre-deploy"), None)
-        candidates = [m for m in images if m is not protected]
-        doomed = [m for m in candidates[keep:] if m.id not in spare]
+        candidates = [m for m in images if m is not protected and m.id not in in_use]
+        doomed = candidates[keep:]
         for image in doomed:
             self.delete(image)
         return doomed

@@ -156,8 +156,6 @@ class Checkpointing:
         check = check_definition(runner.config, image)
         if not check.unchanged and not allow_changed_definition:
             raise ControlError(changed_definition_message(image, check))
-        if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
-            await runner.stop(runner.stop_timeout_bound())
         restored: dict[str, Any] = {"image": image.id, "fallback": None}
         if not check.recorded_fields:
             restored["warning"] = OLD_FORMAT_WARNING
@@ -167,12 +165,17 @@ class Checkpointing:
         def note_fallback(reason: str) -> None:
             restored["fallback"] = reason
 
-        await runner.start(
-            start_timeout_bound(runner.config),
-            lambda r: service.launch_with_fallback(
-                r, image, note_fallback, allow_changed_definition=allow_changed_definition
-            ),
-        )
+        # From here until it runs, a prune leaves the image alone (stopping the old instance
+        # may take its stopwaitsecs).
+        with service.using(image):
+            if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
+                await runner.stop(runner.stop_timeout_bound())
+            await runner.start(
+                start_timeout_bound(runner.config),
+                lambda r: service.launch_with_fallback(
+                    r, image, note_fallback, allow_changed_definition=allow_changed_definition
+                ),
+            )
         return restored
 
     async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -167,6 +168,19 @@ class CheckpointService:
         self.hold_fds: tuple[int, ...] = ()
         # Images a lazy restore found corrupt while serving them: never restored again.
         self._corrupt: set[str] = set()
+        # Image id -> restores of it under way: retention and prune leave those images alone.
+        self._in_use: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def using(self, image: ImageMeta) -> Iterator[None]:
+        """While inside, `image` is not pruned (a restore of it is on its way)."""
+        self._in_use[image.id] += 1
+        try:
+            yield
+        finally:
+            self._in_use[image.id] -= 1
+            if not self._in_use[image.id]:
+                del self._in_use[image.id]
 
     def images_of(self, program: str) -> ProgramImages:
         return self._programs.setdefault(program, ProgramImages())
@@ -270,8 +284,11 @@ class CheckpointService:
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
+        in_use = set(self._in_use)
         serving = self.images_of(program).serving_image_id()
-        deleted = self.store.prune(program, keep, spare=() if serving is None else (serving,))
+        if serving is not None:
+            in_use.add(serving)
+        deleted = self.store.prune(program, keep, in_use=in_use)
         if self.images_of(program).last_checkpoint in deleted:
             self.learn_last_checkpoint(program)
         for image in deleted:

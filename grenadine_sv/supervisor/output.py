@@ -119,6 +119,11 @@ class RotatingLogFile:
         return fd
 
     def _writable_fd(self) -> int:
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            # Deleted while open (rm, a careless logrotate): writing on would fill an inode
+            # nobody can read. Start the file again at its path.
+            _log.warning("log_file_reopened", path=str(self.path), reason="it was deleted")
+            self._close_fd()
         if self._fd is None:
             self._fd = self._open_fd()
         return self._fd
