@@ -126,6 +126,7 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self.programs.kill_leftovers()
+            self.programs.sandbox_server.close()
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()

@@ -14,6 +14,7 @@ from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
+from grenadine_sv.sandbox import LauncherServer
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
 
 log = structlog.get_logger()
@@ -57,6 +58,8 @@ class Programs:
         self._observers = (*tuple(observers), self._count_restarts)
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        # Launches every sandbox by a fork (started at the first launch, closed at the end).
+        self.sandbox_server = LauncherServer()
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -69,6 +72,7 @@ class Programs:
             log_dir=self.config.supervisor.log_dir,
             root_anchor=self.config.supervisor.state_dir / "sandbox-root",
             observers=self._observers,
+            sandbox_server=self.sandbox_server,
         )
 
     def attach(self, nursery: trio.Nursery) -> None:

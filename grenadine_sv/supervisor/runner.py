@@ -40,7 +40,13 @@ from grenadine_sv.lifecycle.machine import (
     WatchReadiness,
     describe_returncode,
 )
-from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
+from grenadine_sv.sandbox import (
+    LauncherServer,
+    SandboxError,
+    SandboxProcess,
+    SandboxSpec,
+    spawn_sandbox,
+)
 from grenadine_sv.sandbox.init import TINI
 from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
 from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
@@ -55,6 +61,7 @@ class RunnerContext:
     log_dir: Path
     root_anchor: Path
     observers: tuple[StateObserver, ...] = ()
+    sandbox_server: LauncherServer | None = None
 
 
 @dataclass
@@ -317,7 +324,7 @@ async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:
     stdout_fd, stdout_stream = open_output_pipe()
     stderr_fd, stderr_stream = open_output_pipe()
     try:
-        process = await spawn_sandbox(spec, stdout_fd, stderr_fd)
+        process = await spawn_sandbox(spec, stdout_fd, stderr_fd, runner.context.sandbox_server)
     except BaseException:
         await stdout_stream.aclose()
         await stderr_stream.aclose()
