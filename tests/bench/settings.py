@@ -73,13 +73,13 @@ class Settings:
 FULL = Settings(
     mode="full",
     runs=5,
-    sizes_mib=(16, 256, 1024),
+    sizes_mib=(16, 256, 1024, 4096),
     warm_documents=250_000,
     supervised_programs=50,
     idle_seconds=30.0,
     many_programs=50,
     many_mib=16,
-    lazy_sizes_mib=(64, 256, 1024, 4096),
+    lazy_sizes_mib=(16, 64, 256, 1024, 4096),
 )
 
 QUICK = Settings(
