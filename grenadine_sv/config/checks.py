@@ -3,6 +3,7 @@
 import difflib
 import heapq
 from collections.abc import Callable, Mapping
+from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 from grenadine_sv.config.errors import Problem, key_path
@@ -26,28 +27,27 @@ def program_problems(
 def start_order(programs: Mapping[str, ProgramConfig]) -> list[str]:
     """Names in dependency order; among programs free to start, by name.
 
-    Raises ValueError on a dependency cycle or an unknown dependency.
+    Raises ValueError on a dependency cycle or an unknown dependency (a configuration that
+    validated has neither: program_problems reports every cycle).
     """
-    waiting_on = {name: set(program.depends_on) for name, program in programs.items()}
-    dependents: dict[str, list[str]] = {name: [] for name in programs}
-    for name, dependencies in waiting_on.items():
-        for dependency in dependencies:
-            if dependency not in dependents:
-                raise ValueError(f"program {name!r} depends on unknown program {dependency!r}")
-            dependents[dependency].append(name)
-    ready = [name for name, dependencies in waiting_on.items() if not dependencies]
+    for name, program in programs.items():
+        unknown = [d for d in program.depends_on if d not in programs]
+        if unknown:
+            raise ValueError(f"program {name!r} depends on unknown program {unknown[0]!r}")
+    sorter = TopologicalSorter({name: p.depends_on for name, p in programs.items()})
+    try:
+        sorter.prepare()
+    except CycleError as exc:
+        raise ValueError(f"dependency cycle: {' -> '.join(exc.args[1])}") from None
+    ready = list(sorter.get_ready())
     heapq.heapify(ready)
     order: list[str] = []
     while ready:
         name = heapq.heappop(ready)
         order.append(name)
-        for dependent in dependents[name]:
-            waiting_on[dependent].discard(name)
-            if not waiting_on[dependent]:
-                heapq.heappush(ready, dependent)
-    if len(order) != len(programs):
-        stuck = sorted(set(programs) - set(order))
-        raise ValueError(f"dependency cycle among programs {', '.join(stuck)}")
+        sorter.done(name)
+        for freed in sorter.get_ready():
+            heapq.heappush(ready, freed)
     return order
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -29,11 +30,11 @@ from pydantic.json_schema import SkipJsonSchema
 
 from grenadine_sv.config.units import (
     HOST_PORT_EXPECTED,
+    check_size_form,
     parse_duration,
     parse_host_port,
     parse_positive_duration,
     parse_signal,
-    parse_size,
     parse_umask,
     split_command,
 )
@@ -187,7 +188,7 @@ Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DUR
 PositiveDuration = Annotated[
     float, BeforeValidator(parse_positive_duration), WithJsonSchema(_DURATION_JSON)
 ]
-Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_JSON)]
+Size = Annotated[ByteSize, BeforeValidator(check_size_form), WithJsonSchema(_SIZE_JSON)]
 SignalName = Annotated[
     str,
     BeforeValidator(parse_signal),
@@ -363,10 +364,10 @@ class ProgramConfig(BaseModel):
     """default: log_dir/NAME.out.log"""
     stderr_logfile: ResolvedPath | None = None
     """default: log_dir/NAME.err.log"""
-    stdout_logfile_maxbytes: Size = 50 * MIB
+    stdout_logfile_maxbytes: Size = ByteSize(50 * MIB)
     """0: never rotate"""
     stdout_logfile_backups: Count = 10
-    stderr_logfile_maxbytes: Size = 50 * MIB
+    stderr_logfile_maxbytes: Size = ByteSize(50 * MIB)
     """0: never rotate"""
     stderr_logfile_backups: Count = 10
     log_timestamps: StrictBool = False

@@ -1,9 +1,9 @@
-"""Prometheus metrics: what the supervisor counts, what the image store holds, and the /metrics
-endpoint that serves both.
+"""Prometheus metrics: what the supervisor counts and what the image store holds
+(endpoint.py serves them).
 
 Counters and histograms are updated by the supervisor as things happen. Image figures and
 whether each program is up are read when scraped (`StoreCollector`), so they are true after a
-restart of the supervisor and after a prune. Metric names are a contract (DESIGN.md, "Metrics").
+restart of the supervisor and after a prune. Metric names are a contract (README, "Metrics").
 """
 
 from __future__ import annotations
@@ -11,31 +11,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Protocol
+from typing import Protocol, get_args
 
 import prometheus_client
 import structlog
-import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.store.images import Trigger
+
 log = structlog.get_logger()
 
-# The values images.Trigger allows; their counters start at 0 so rate() works at once.
-CHECKPOINT_TRIGGERS = ("signal", "interval", "pre-deploy", "manual", "recovery")
+# Every trigger's counter starts at 0 so rate() works at once.
+CHECKPOINT_TRIGGERS: tuple[str, ...] = get_args(Trigger)
 # From a small idle daemon (tens of milliseconds) to a large memory image (a minute).
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
-RUNNING = "RUNNING"
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MAX_REQUEST_HEAD_BYTES = 8 * 1024
-REQUEST_TIMEOUT_SECONDS = 10.0
-SEND_TIMEOUT_SECONDS = 30.0
-LINGER_SECONDS = 2.0
-MAX_DRAIN_BYTES = 1024 * 1024
-# Scrapes that arrive together wait for each other rather than walking the disk in parallel.
-CONCURRENT_RENDERS = 1
 
 
 class ImageMetaLike(Protocol):
@@ -61,10 +52,6 @@ class ProgramStatusLike(Protocol):
 
 
 ProgramTable = Callable[[], Mapping[str, ProgramStatusLike]]
-
-
-class MetricsListenError(Exception):
-    """The metrics endpoint cannot listen on its address."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +121,7 @@ class StoreCollector:
         families = StoreFamilies.empty()
         states = {name: status.state for name, status in dict(self._programs()).items()}
         for name in sorted(states):
-            families.up.add_metric([name], 1.0 if states[name] == RUNNING else 0.0)
+            families.up.add_metric([name], 1.0 if states[name] == State.RUNNING else 0.0)
 
         try:
             on_disk = set(self._store.programs())
@@ -323,159 +310,3 @@ class Metrics:
 
     def _count_trigger(self, program: str, trigger: str) -> None:
         self._triggers.setdefault(program, set()).add(trigger)
-
-
-# The endpoint -------------------------------------------------------------------------------
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def serve_metrics(
-    metrics: Metrics,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve GET /metrics on host:port until cancelled. Reports (host, bound port) once it
-    listens; raises MetricsListenError before that if it cannot bind."""
-    listeners = await _open_listeners(host, port)
-    bound_port = int(listeners[0].socket.getsockname()[1])
-    log.info("metrics_listening", address=format_address(host, bound_port))
-    task_status.started((host, bound_port))
-    limiter = trio.CapacityLimiter(CONCURRENT_RENDERS)
-    await trio.serve_listeners(partial(_serve_connection, metrics, limiter), listeners)
-
-
-async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise MetricsListenError(
-            f"cannot listen on {format_address(host, port)} for metrics: {reason}"
-        ) from exc
-    if port == 0 and len(listeners) > 1:
-        # A name with several addresses would get a different free port on each: keep one.
-        for extra in listeners[1:]:
-            await extra.aclose()
-        listeners = listeners[:1]
-    return listeners
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    reason: str
-    content_type: str
-    body: bytes
-    extra_headers: tuple[tuple[str, str], ...] = ()
-
-    def encode(self, *, include_body: bool) -> bytes:
-        headers = [
-            f"HTTP/1.1 {self.status} {self.reason}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in self.extra_headers),
-        ]
-        head = ("\r\n".join(headers) + "\r\n\r\n").encode("ascii")
-        return head + self.body if include_body else head
-
-
-INDEX_PAGE = (
-    b"<!DOCTYPE html>\n<html><head><title>grenadine-sv</title></head>"
-    b'<body><h1>grenadine-sv</h1><p><a href="/metrics">Metrics</a></p></body></html>\n'
-)
-
-
-def _text(status: int, reason: str, message: str, *extra: tuple[str, str]) -> Response:
-    return Response(status, reason, "text/plain; charset=utf-8", f"{message}\n".encode(), extra)
-
-
-class BadRequest(Exception):
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.reason)
-        self.response = response
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-
-
-def parse_request_head(head: bytes) -> Request:
-    """The method and path of an HTTP/1.x request head (headers are not needed here)."""
-    request_line = head.split(b"\r\n", 1)[0]
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        raise BadRequest(_text(400, "Bad Request", "malformed request line"))
-    method, target = parts[0].decode("ascii", "replace"), parts[1].decode("ascii", "replace")
-    return Request(method=method, path=target.split("?", 1)[0])
-
-
-async def _read_request_head(stream: trio.abc.ReceiveStream) -> bytes:
-    buffer = bytearray()
-    while b"\r\n\r\n" not in buffer:
-        if len(buffer) > MAX_REQUEST_HEAD_BYTES:
-            raise BadRequest(
-                _text(431, "Request Header Fields Too Large", "request head too large")
-            )
-        chunk = await stream.receive_some(4096)
-        if not chunk:
-            raise BadRequest(_text(400, "Bad Request", "connection closed mid-request"))
-        buffer += chunk
-    return bytes(buffer[: buffer.index(b"\r\n\r\n")])
-
-
-async def _respond(metrics: Metrics, limiter: trio.CapacityLimiter, request: Request) -> Response:
-    if request.method not in ("GET", "HEAD"):
-        return _text(405, "Method Not Allowed", "only GET and HEAD", ("Allow", "GET, HEAD"))
-    if request.path == "/metrics":
-        body = await trio.to_thread.run_sync(metrics.render, limiter=limiter)
-        return Response(200, "OK", CONTENT_TYPE, body)
-    if request.path == "/":
-        return Response(200, "OK", "text/html; charset=utf-8", INDEX_PAGE)
-    return _text(404, "Not Found", "not found; metrics are at /metrics")
-
-
-async def _serve_connection(
-    metrics: Metrics, limiter: trio.CapacityLimiter, stream: trio.SocketStream
-) -> None:
-    async with stream:
-        include_body = True
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT_SECONDS):
-                request = parse_request_head(await _read_request_head(stream))
-            include_body = request.method != "HEAD"
-            response = await _respond(metrics, limiter, request)
-        except BadRequest as exc:
-            response = exc.response
-        except trio.TooSlowError:
-            response = _text(408, "Request Timeout", "request head not received in time")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        except Exception:
-            # A failing scrape must not take the supervisor down with it.
-            log.exception("metrics_render_failed")
-            response = _text(500, "Internal Server Error", "rendering the metrics failed")
-        with trio.move_on_after(SEND_TIMEOUT_SECONDS):
-            try:
-                await stream.send_all(response.encode(include_body=include_body))
-                await _close_gracefully(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-
-async def _close_gracefully(stream: trio.SocketStream) -> None:
-    """Half-close, then read what the client still sends until it closes too. Closing with
-    unread data makes the kernel send a reset, which can destroy the reply in flight (an
-    oversized request is answered before it is read to its end)."""
-    await stream.send_eof()
-    drained = 0
-    with trio.move_on_after(LINGER_SECONDS):
-        while drained <= MAX_DRAIN_BYTES and (chunk := await stream.receive_some(65536)):
-            drained += len(chunk)

@@ -14,7 +14,8 @@ import trio
 from grenadine_sv.config.loading import Config
 from grenadine_sv.control import server as control
 from grenadine_sv.control.handler import RequestHandler
-from grenadine_sv.metrics.collector import Metrics, MetricsListenError, serve_metrics
+from grenadine_sv.metrics.collector import Metrics
+from grenadine_sv.metrics.endpoint import MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
 from grenadine_sv.supervisor.checkpointing import Checkpointing
 from grenadine_sv.supervisor.deploys import Deploys
@@ -149,11 +150,10 @@ class Supervisor:
         for name in self.config.programs:
             metrics.add_program(name)
         try:
-            bound = await nursery.start(serve_metrics, metrics, host, port)
+            await nursery.start(serve_metrics, metrics, host, port)
         except MetricsListenError as exc:
             message = f"{self.config.path}: supervisor.metrics.listen: {exc}"
             raise StartupError(message, configuration=True) from exc
-        log.info("metrics_listening", address=f"{bound[0]}:{bound[1]}")
 
     async def _watch_signals(self) -> None:
         wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)

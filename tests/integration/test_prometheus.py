@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from grenadine_sv.metrics.collector import serve_metrics
+from grenadine_sv.metrics.endpoint import serve_metrics
 from tests.integration.prometheus_server import PrometheusLauncher, value_of
 from tests.unit.test_metrics import (
     CONTRIB,

@@ -20,13 +20,8 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from grenadine_sv.metrics.collector import (
-    CHECKPOINT_TRIGGERS,
-    CONTENT_TYPE,
-    Metrics,
-    MetricsListenError,
-    serve_metrics,
-)
+from grenadine_sv.metrics.collector import CHECKPOINT_TRIGGERS, Metrics
+from grenadine_sv.metrics.endpoint import CONTENT_TYPE, MetricsListenError, serve_metrics
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 IMAGE_ID = re.compile(r"[0-9a-f]{32}")
@@ -564,7 +559,7 @@ async def test_endpoint_answers_other_paths_and_methods(endpoint_metrics: Metric
 async def test_endpoint_refuses_an_oversized_request_head(endpoint_metrics: Metrics) -> None:
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_metrics, endpoint_metrics, "127.0.0.1", 0)
-        request = b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
+        request = b"GET /metrics HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n"
 
         reply = await http_exchange(port, request)
 

@@ -1,0 +1,48 @@
+"""A short chaos run in CI: random operations through the real command line, the supervisor
+SIGKILLed inside dumps, inside the sealing of images and at random moments, and the invariants
+of issue 11 checked after each new supervisor has taken its programs back.
+
+What CI does not cover yet, and why (widened as the fixes land on main):
+- programs print only every 5 minutes: a program that prints while no supervisor exists dies
+  of the lost pipe reader (issue 11 case 1), waiting for the stdio keeper (item 1);
+- no kill during `restore`, and none of the next supervisor during its take-back: the restored
+  process is never recorded and a second copy starts (case 2a), waiting for a cgroup per
+  program (item 2).
+`restore` still runs, without a kill, so its results are checked. Kills inside
+`checkpoint --stop` are covered since dumps leave the tree frozen until the image is listed
+(case 3).
+`contrib/bootstrap chaos` runs everything, for as long as asked.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.chaos.harness import OPERATIONS, Options, format_report, run_episodes
+
+pytestmark = [pytest.mark.root, pytest.mark.criu]
+
+FIRST_SEED = 1
+EPISODES = 4
+WAITING_FOR_FIXES = ("restore",)
+
+
+def test_short_chaos_run_keeps_every_invariant() -> None:
+    options = Options(
+        iterations=10,
+        print_interval=300.0,
+        kill_targets=("dump", "sealing", "anywhere"),
+        kill_operations=tuple(o for o in OPERATIONS if o not in WAITING_FOR_FIXES),
+        recovery_bound=30.0,
+    )
+    lines: list[str] = []
+    tally, failed = run_episodes(
+        FIRST_SEED, options, minutes=None, episodes=EPISODES, keep_going=True, log=lines.append
+    )
+    report = format_report(tally, failed, 0.0)
+    assert not failed, report + "\n" + "\n".join(lines[-60:])
+    assert tally.iterations == EPISODES * options.iterations, report
+    # The kills really landed where they were aimed.
+    assert tally.kills["dump"] >= 1, report
+    assert tally.kills["sealing"] >= 1, report
+    assert tally.checks["one supervised instance"] > 0, report
