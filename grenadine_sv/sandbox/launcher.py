@@ -279,6 +279,17 @@ def parse_spec(data: bytes) -> dict[str, Any]:
     return spec
 
 
+def join_cgroup(cgroup: str | None) -> None:
+    """Move this launcher into the program's cgroup: the program it forks is born there."""
+    if cgroup is None:
+        return
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+            procs.write("0\n")
+    except OSError as error:
+        raise StepFailed(f"cannot join the program's cgroup {cgroup}: {error.strerror}") from error
+
+
 def main(argv: list[str]) -> int:
     if argv[1] == SERVE_FLAG:
         return serve(int(argv[2]))
@@ -341,6 +352,7 @@ def launch(data: bytes, status_fd: int) -> int:
     os.set_inheritable(status_fd, False)
     try:
         spec = parse_spec(data)
+        join_cgroup(spec.get("cgroup"))
         if _libc.unshare(CLONE_NEWPID | CLONE_NEWNS) != 0:
             raise _failure("cannot create the PID and mount namespaces (unshare)")
         pid = os.fork()

@@ -26,6 +26,8 @@ class SandboxSpec:
     ``binds`` are host mount points to bind (non-recursively) at the same path inside.
     ``init`` is the absolute path of an init to run as PID 1 with the program as its child,
     or None to make the program itself PID 1.
+    ``cgroup`` is the program's cgroup (v2) directory, which the launcher joins before it forks
+    the program, so that every process of the program is listed there.
     """
 
     name: str
@@ -38,6 +40,7 @@ class SandboxSpec:
     binds: tuple[str, ...] = ()
     root_anchor: str
     init: str | None = None
+    cgroup: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "command", tuple(self.command))
@@ -58,6 +61,7 @@ class SandboxSpec:
                 "binds": list(self.binds),
                 "root_anchor": self.root_anchor,
                 "init": self.init,
+                "cgroup": self.cgroup,
             }
         )
 
@@ -102,6 +106,8 @@ def _check_spec(spec: SandboxSpec) -> None:
     _check_absolute(where, "root_anchor", spec.root_anchor)
     if spec.init is not None:
         _check_absolute(where, "init", spec.init)
+    if spec.cgroup is not None:
+        _check_absolute(where, "cgroup", spec.cgroup)
     if posixpath.normpath(spec.root_anchor) == "/":
         raise InvalidSandboxSpec(f"{where}: root_anchor must be an empty directory, not '/'")
 

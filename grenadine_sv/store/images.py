@@ -51,6 +51,7 @@ from grenadine_sv.store.sealing import (
     digest_of,
     seal_tree,
 )
+from grenadine_sv.store.trust import check_trusted_dir
 
 Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery"]
 
@@ -372,13 +373,19 @@ class ImageStore:
         self.root = state_dir / IMAGES_SUBDIR
 
     def begin(self, program: str, intent: DumpIntent) -> PendingImage:
-        """Start a dump of `program`: CRIU writes into the returned image's `criu_dir`."""
+        """Start a dump of `program`: CRIU writes into the returned image's `criu_dir`.
+        Raise UntrustedPath when another user could reach state_dir (store/trust.py)."""
         program_dir = self._program_dir(program)
         if not self.state_dir.is_dir():
             self.state_dir.mkdir(mode=DIR_MODE, parents=True)
+        self.check_trusted()
         self._ensure_dir(self.root)
         self._ensure_dir(program_dir)
         return PendingImage.create(program_dir, program, intent)
+
+    def check_trusted(self) -> None:
+        """Raise UntrustedPath unless state_dir and every directory above it are trusted."""
+        check_trusted_dir(self.state_dir, what="state_dir")
 
     def list(self, program: str | None = None) -> list[ImageMeta]:
         """Images newest first (IDX 0 is the newest); with no program, all programs in name
@@ -441,6 +448,12 @@ class ImageStore:
             st = path.lstat()
             if not stat.S_ISREG(st.st_mode):
                 raise ImageCorrupt(image, f"{CRIU_SUBDIR}/{rel}", "is not a regular file")
+            if st.st_uid != os.geteuid():
+                raise ImageCorrupt(
+                    image,
+                    f"{CRIU_SUBDIR}/{rel}",
+                    f"is owned by uid {st.st_uid}, not by the supervisor's user",
+                )
             expected_size = image.file_sizes.get(rel, st.st_size)
             if st.st_size != expected_size:
                 raise ImageCorrupt(
@@ -604,6 +617,14 @@ class ImageStore:
         for entry in program_dir.iterdir():
             if not _IMAGE_ID.fullmatch(entry.name):
                 continue
+            stranger = _foreign_owner(entry) or _foreign_owner(entry / META_FILE)
+            if stranger is not None:
+                log.warning(
+                    "image_skipped",
+                    path=str(entry),
+                    reason=f"owned by uid {stranger}, not by the supervisor's user: not trusted",
+                )
+                continue
             meta = _read_meta(entry / META_FILE)
             if meta is None:
                 continue
@@ -638,6 +659,15 @@ def _match_ref(images: list[ImageMeta], ref: str) -> list[ImageMeta]:
         chosen = images[int(ref)]
         matches[chosen.id] = chosen
     return list(matches.values())
+
+
+def _foreign_owner(path: Path) -> int | None:
+    """The owner of `path` when it is not the supervisor's user (None if it is, or is gone)."""
+    try:
+        uid = path.lstat().st_uid
+    except FileNotFoundError:
+        return None
+    return uid if uid != os.geteuid() else None
 
 
 def _read_meta(path: Path) -> ImageMeta | None:

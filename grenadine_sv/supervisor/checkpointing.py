@@ -17,6 +17,7 @@ from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
 from grenadine_sv.store.images import Trigger
+from grenadine_sv.store.trust import UntrustedPath
 from grenadine_sv.supervisor.checkpoints import (
     OLD_FORMAT_WARNING,
     CheckpointError,
@@ -150,8 +151,9 @@ class Checkpointing:
         service = self.usable_service()
         runner = self.programs.runners[self.programs.select([name])[0]]
         try:
+            await trio.to_thread.run_sync(service.store.check_trusted)
             image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
-        except (LookupError, ValueError) as exc:
+        except (LookupError, ValueError, UntrustedPath) as exc:
             raise ControlError(str(exc)) from exc
         check = check_definition(runner.config, image)
         if not check.unchanged and not allow_changed_definition:

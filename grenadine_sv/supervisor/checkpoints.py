@@ -56,6 +56,7 @@ from grenadine_sv.supervisor.lazy import (
     start_lazy_pages,
     wait_for_orphan_daemon,
 )
+from grenadine_sv.supervisor.output import enlarge_pipe
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
@@ -476,7 +477,7 @@ class CheckpointService:
                     daemon = await start_lazy_pages(
                         self.criu, self.store.criu_dir(image), work_dir, lazy_log_name(image)
                     )
-                pid, output_fds = await trio.to_thread.run_sync(
+                pid, output_fds, held = await trio.to_thread.run_sync(
                     self._restore, runner, image, lazy, abandon_on_cancel=False
                 )
             except (CriuError, ImageCorrupt, OSError, LazyPagesError) as exc:
@@ -485,7 +486,7 @@ class CheckpointService:
                 self.metrics.restore_failed(program)
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
-            launched = _launched_instance(pid, image, output_fds)
+            launched = _launched_instance(pid, image, output_fds, held)
             if daemon is not None:
                 images.lazy = LazyMemory(
                     self.store,
@@ -512,6 +513,7 @@ class CheckpointService:
     def _verify(self, image: ImageMeta, lazy: bool) -> None:
         """Check the image before a restore: every file, or for a lazy one all but the page
         files (LazyMemory hashes those while they are served)."""
+        self.store.check_trusted()
         if image.id in self._corrupt:
             raise ImageCorrupt(image, "criu/pages-*.img", "did not match while it was served")
         self.store.verify(image, skip=is_page_file if lazy else None)
@@ -525,9 +527,10 @@ class CheckpointService:
 
     def _restore(
         self, runner: ProgramRunner, image: ImageMeta, lazy: bool
-    ) -> tuple[int, dict[int, int]]:
-        """Run CRIU's restore (in a worker thread). Returns the restored root's pid and, per
-        stdio pipe inode of the image, the read end of the new pipe that replaces it.
+    ) -> tuple[int, dict[int, int], tuple[str, ...]]:
+        """Run CRIU's restore (in a worker thread). Returns the restored root's pid; per
+        stdio pipe inode of the image, the read end of the new pipe that replaces it; and the
+        keys under which the stdio keeper holds those read ends.
 
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
         if not lazy:  # a lazy restore verified what it could before starting its daemon
@@ -535,10 +538,18 @@ class CheckpointService:
         work_dir = self._work_dir_of(runner.name)
         write_fds: dict[int, int] = {}
         read_fds: dict[int, int] = {}
+        held: list[str] = []
         try:
-            for inode in dict.fromkeys(image.stdio_pipes.values()):
+            for stream, inode in image.stdio_pipes.items():
+                if inode in read_fds:
+                    continue
                 read_fds[inode], write_fds[inode] = os.pipe()
+                enlarge_pipe(read_fds[inode])
                 os.set_inheritable(write_fds[inode], True)
+                # Held before CRIU runs: a supervisor killed mid-restore leaves them kept.
+                key = runner.context.keep_pipe(runner.name, stream, read_fds[inode])
+                if key is not None:
+                    held.append(key)
             pid = self.criu.restore(
                 RestoreRequest(
                     images_dir=self.store.criu_dir(image),
@@ -550,6 +561,7 @@ class CheckpointService:
                 )
             )
         except BaseException:
+            runner.context.release_pipes(tuple(held))
             for fd in read_fds.values():
                 os.close(fd)
             raise
@@ -557,7 +569,7 @@ class CheckpointService:
             for fd in write_fds.values():
                 os.close(fd)
             _make_files_private(work_dir)
-        return pid, read_fds
+        return pid, read_fds, tuple(held)
 
     # launchers -----------------------------------------------------------------
 
@@ -702,7 +714,9 @@ def _make_files_private(directory: Path) -> None:
                 os.chmod(entry, 0o600)
 
 
-def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> LaunchedInstance:
+def _launched_instance(
+    pid: int, image: ImageMeta, read_fds: dict[int, int], held: tuple[str, ...]
+) -> LaunchedInstance:
     """Take charge of a restored root and of its output pipes (in trio's thread)."""
     stdout_fd = read_fds.pop(image.stdio_pipes.get("stdout", -1), None)
     stderr_fd = read_fds.pop(image.stdio_pipes.get("stderr", -1), None)
@@ -715,7 +729,7 @@ def _launched_instance(pid: int, image: ImageMeta, read_fds: dict[int, int]) -> 
             if fd is not None:
                 os.close(fd)
         raise
-    return LaunchedInstance(process, _stream(stdout_fd), _stream(stderr_fd))
+    return LaunchedInstance(process, _stream(stdout_fd), _stream(stderr_fd), held)
 
 
 def _stream(read_fd: int | None) -> trio.lowlevel.FdStream:

@@ -14,12 +14,15 @@ import trio
 from grenadine_sv.config.loading import Config
 from grenadine_sv.control import server as control
 from grenadine_sv.control.handler import RequestHandler
+from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_program
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.metrics.endpoint import MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.store.trust import UntrustedPath, check_trusted_dir, check_trusted_to_create
 from grenadine_sv.supervisor.checkpointing import Checkpointing
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.operations import Operations
+from grenadine_sv.supervisor.output import check_log_file
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery, StateDirBusy, state_dir_lock
 
@@ -36,7 +39,12 @@ class StartupError(Exception):
 
 
 def prepare_state_dir(path: Path) -> None:
-    """Create state_dir 0700, or refuse one that other users can write."""
+    """Create state_dir 0700, or refuse one that other users can write or reach."""
+    if not path.exists():
+        try:
+            check_trusted_to_create(path, what="state_dir")
+        except UntrustedPath as exc:
+            raise StartupError(f"{exc} (state_dir holds process memory)") from exc
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = path.stat()
     mode = info.st_mode
@@ -50,6 +58,24 @@ def prepare_state_dir(path: Path) -> None:
             f"state_dir {path} is writable by other users (mode {stat.S_IMODE(mode):o}); "
             f"it holds process memory: chmod 700 {path}"
         )
+    try:
+        check_trusted_dir(path, what="state_dir")
+    except UntrustedPath as exc:
+        raise StartupError(f"{exc} (state_dir holds process memory)") from exc
+
+
+def prepare_log_files(config: Config) -> None:
+    """Create log_dir, and refuse a log directory or file other users could swap or plant."""
+    log_dir = config.supervisor.log_dir
+    try:
+        check_trusted_to_create(log_dir, what="log_dir")
+        log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        check_trusted_dir(log_dir, what="log_dir")
+        for program in config.programs.values():
+            for path in (program.stdout_path(log_dir), program.stderr_path(log_dir)):
+                check_log_file(path)
+    except UntrustedPath as exc:
+        raise StartupError(f"{exc} (program output may hold secrets)") from exc
 
 
 class Supervisor:
@@ -77,6 +103,7 @@ class Supervisor:
         self.metrics = metrics
         self.operations = Operations(programs, deploys, checkpointing, self.request_shutdown)
         self._shutdown = trio.Event()
+        self._started = False
 
     @property
     def state_dir(self) -> Path:
@@ -87,6 +114,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         prepare_state_dir(self.state_dir)
+        prepare_log_files(self.config)
         try:
             with state_dir_lock(self.state_dir) as lock:
                 if self.checkpointing.service is not None:
@@ -99,7 +127,6 @@ class Supervisor:
     async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
-        settings.log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         become_subreaper()
         await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
         sock = control.bind_socket(settings.control_socket)
@@ -118,6 +145,7 @@ class Supervisor:
                     await self._serve_metrics(nursery, self.metrics)
                 async with trio.open_nursery() as programs:
                     await self._start_programs(programs)
+                    self._started = True
                     task_status.started()
                     await self._shutdown.wait()
                     log.info("supervisor_stopping")
@@ -128,6 +156,11 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await self.programs.kill_leftovers()
             self.programs.sandbox_server.close()
+            keeper = self.programs.keeper
+            if keeper is not None:
+                # Once started, every program has ended here; before that, a previous
+                # supervisor's programs may still need the keeper.
+                keeper.close(stop_keeper=self._started)
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
@@ -136,11 +169,33 @@ class Supervisor:
     async def _start_programs(self, nursery: trio.Nursery) -> None:
         """Take back a crashed predecessor's programs, then start those that autostart."""
         self.programs.attach(nursery)
+        leftovers = await trio.to_thread.run_sync(self._open_keeper)
         recovered = await self.recovery.take_back_orphans(self.config)
         order = self.config.start_order()
         for name in order:
             await self.programs.add(self.config.programs[name])
+        self._hand_over_leftover_output(leftovers)
         self.programs.autostart(order, recovered)
+
+    def _open_keeper(self) -> dict[str, int]:
+        """Find or start the stdio keeper; returns copies of the pipes it held for a previous
+        supervisor's instances (their output while no supervisor ran), by key."""
+        try:
+            self.programs.keeper = StdioKeeper.connect_or_start(self.state_dir)
+            return self.programs.keeper.take_all()
+        except (KeeperError, OSError) as exc:
+            log.error("stdio_keeper_unavailable", error=str(exc))
+            return {}
+
+    def _hand_over_leftover_output(self, leftovers: dict[str, int]) -> None:
+        """After the orphans are dumped or stopped: their pipes into their programs' logs."""
+        for key, read_fd in leftovers.items():
+            runner = self.programs.runners.get(key_program(key))
+            if runner is not None:
+                runner.take_leftover_output(key, read_fd)
+                continue
+            os.close(read_fd)  # a program no longer configured: nowhere to write it
+            self.programs.context().release_pipes((key,))
 
     async def _serve_metrics(self, nursery: trio.Nursery, metrics: Metrics) -> None:
         address = self.config.supervisor.metrics.address()

@@ -6,8 +6,11 @@ is handed to CRIU, so `pump_output` is simply started again on the new stream, w
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
+import stat
 from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,9 +19,20 @@ from types import TracebackType
 import structlog
 import trio
 
+from grenadine_sv.store.trust import (
+    UntrustedPath,
+    check_owned_file,
+    check_trusted_to_create,
+    open_trusted_dir,
+)
+
 FILE_MODE = 0o640
 DIRECTORY_MODE = 0o750
 READ_CHUNK_BYTES = 65536
+# What a program may write while no supervisor drains its pipe (see docs/stdio-keeper.md):
+# pipes are enlarged to this, capped by /proc/sys/fs/pipe-max-size.
+OUTPUT_PIPE_BYTES = 1 << 20
+PIPE_MAX_SIZE = Path("/proc/sys/fs/pipe-max-size")
 FOLLOW_POLL_SECONDS = 0.2
 
 _log = structlog.get_logger(__name__)
@@ -75,8 +89,12 @@ class RotatingLogFile:
         self._closed = False
         self._fd: int | None = None
         self._size = 0
-        _make_directories(path.parent)
-        self._fd = self._open_fd()
+        self._dir_fd = open_log_dir(path)
+        try:
+            self._fd = self._open_fd()
+        except BaseException:
+            os.close(self._dir_fd)
+            raise
 
     def __enter__(self) -> RotatingLogFile:
         return self
@@ -107,15 +125,22 @@ class RotatingLogFile:
         return read_tail(self.path, n_bytes)
 
     def close(self) -> None:
+        if not self._closed:
+            os.close(self._dir_fd)
         self._closed = True
         self._close_fd()
 
     def _open_fd(self, truncate: bool = False) -> int:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         if truncate:
             flags |= os.O_TRUNC
-        fd = os.open(self.path, flags, FILE_MODE)
-        self._size = os.fstat(fd).st_size
+        check_owned_file(self._dir_fd, self.path.name, self.path, what="log file")
+        fd = os.open(self.path.name, flags, FILE_MODE, dir_fd=self._dir_fd)
+        try:
+            self._size = _own_private_file(fd, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _writable_fd(self) -> int:
@@ -191,6 +216,36 @@ def _backup_path(path: Path, number: int) -> Path:
     return path.with_name(f"{path.name}.{number}")
 
 
+def _own_private_file(fd: int, path: Path) -> int:
+    """Check the opened log file is ours and make it private; returns its size."""
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or not stat.S_ISREG(info.st_mode):
+        raise UntrustedPath(f"log file {path} was replaced while being opened")
+    if stat.S_IMODE(info.st_mode) & ~FILE_MODE:
+        os.fchmod(fd, FILE_MODE)  # made by hand (or by an old version) too open
+    return info.st_size
+
+
+def open_log_dir(log_file: Path) -> int:
+    """Create the directories of `log_file` if need be and return an fd of the last one, once
+    it and every directory above it are trusted (store/trust.py), and `log_file`, if it
+    exists, is a regular file of the supervisor's user. Raise UntrustedPath otherwise."""
+    check_trusted_to_create(log_file.parent, what="log directory")
+    _make_directories(log_file.parent)
+    dir_fd = open_trusted_dir(log_file.parent, what="log directory")
+    try:
+        check_owned_file(dir_fd, log_file.name, log_file, what="log file")
+    except BaseException:
+        os.close(dir_fd)
+        raise
+    return dir_fd
+
+
+def check_log_file(log_file: Path) -> None:
+    """Raise UntrustedPath when output could not safely be written to `log_file`."""
+    os.close(open_log_dir(log_file))
+
+
 def _make_directories(directory: Path) -> None:
     missing: list[Path] = []
     while not directory.exists():
@@ -200,10 +255,21 @@ def _make_directories(directory: Path) -> None:
         each.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
 
 
+def enlarge_pipe(fd: int) -> None:
+    """Give the pipe room for OUTPUT_PIPE_BYTES (or the host's pipe-max-size, if lower)."""
+    try:
+        limit = int(PIPE_MAX_SIZE.read_text())
+    except (OSError, ValueError):
+        limit = OUTPUT_PIPE_BYTES
+    with contextlib.suppress(OSError):  # too many pipe pages for this user: keep the default
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(OUTPUT_PIPE_BYTES, limit))
+
+
 def open_output_pipe() -> tuple[int, trio.lowlevel.FdStream]:
     """A new pipe: (its write end for the child, non-inheritable; a stream over its read end)."""
     read_fd, write_fd = os.pipe()
     try:
+        enlarge_pipe(read_fd)
         return write_fd, trio.lowlevel.FdStream(read_fd)
     except BaseException:
         os.close(read_fd)
@@ -231,6 +297,23 @@ async def pump_output(
             if failing:
                 _log.info("program_output_write_recovered", path=str(sink.path))
             failing = False
+
+
+def drain_available(read_fd: int, sink: RotatingLogFile) -> bool:
+    """Copy what a pipe holds now into `sink`; True when it reached end of file (no writer
+    is left), False when a writer may still add more."""
+    os.set_blocking(read_fd, False)
+    while True:
+        try:
+            data = os.read(read_fd, READ_CHUNK_BYTES)
+        except BlockingIOError:
+            return False
+        if not data:
+            return True
+        try:
+            sink.write(data)
+        except OSError as error:
+            _log.warning("program_output_write_failed", path=str(sink.path), error=str(error))
 
 
 async def follow(

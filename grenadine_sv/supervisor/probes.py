@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -14,13 +14,22 @@ class ProbeFailed(Exception):
     pass
 
 
-async def probe_tcp(address: str) -> None:
+# Says whether the listener on a port belongs to the instance being probed.
+ListenerOwner = Callable[[int], bool]
+
+
+async def probe_tcp(address: str, owner: ListenerOwner | None = None) -> None:
     host, port = parse_host_port(address)
     try:
         stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         raise ProbeFailed(f"tcp {address}: {exc.strerror or exc}") from exc
     await stream.aclose()
+    if owner is not None and not owner(port):
+        raise ProbeFailed(
+            f"tcp {address}: answered by a process that is not this instance (another copy"
+            " or another program holds the port)"
+        )
 
 
 async def probe_command(command: Sequence[str]) -> None:
@@ -37,7 +46,12 @@ async def probe_command(command: Sequence[str]) -> None:
 
 
 async def wait_until_ready(
-    *, tcp: str | None, command: Sequence[str] | None, timeout: float, interval: float
+    *,
+    tcp: str | None,
+    command: Sequence[str] | None,
+    timeout: float,
+    interval: float,
+    owner: ListenerOwner | None = None,
 ) -> None:
     """Retry the probe until it passes; raise ProbeFailed with the last reason after `timeout`."""
     last = "no attempt finished"
@@ -46,7 +60,7 @@ async def wait_until_ready(
         try:
             with trio.fail_after(max(deadline - trio.current_time(), 0.0)):
                 if tcp is not None:
-                    await probe_tcp(tcp)
+                    await probe_tcp(tcp, owner)
                 elif command is not None:
                     await probe_command(command)
                 return

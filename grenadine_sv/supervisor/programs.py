@@ -12,6 +12,7 @@ import trio
 
 from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.control.protocol import ControlError
+from grenadine_sv.keeper.client import StdioKeeper
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.sandbox import LauncherServer
@@ -60,6 +61,8 @@ class Programs:
         self._nursery: trio.Nursery | None = None
         # Launches every sandbox by a fork (started at the first launch, closed at the end).
         self.sandbox_server = LauncherServer()
+        # Set by the supervisor once it runs: the holder of the output pipes.
+        self.keeper: StdioKeeper | None = None
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -73,6 +76,7 @@ class Programs:
             root_anchor=self.config.supervisor.state_dir / "sandbox-root",
             observers=self._observers,
             sandbox_server=self.sandbox_server,
+            keeper=self.keeper,
         )
 
     def attach(self, nursery: trio.Nursery) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ import structlog
 import trio
 
 from grenadine_sv.config.loading import ProgramConfig
+from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_stream
 from grenadine_sv.lifecycle.machine import (
     Action,
     BackoffElapsed,
@@ -47,8 +49,15 @@ from grenadine_sv.sandbox import (
     SandboxSpec,
     spawn_sandbox,
 )
+from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
 from grenadine_sv.sandbox.init import TINI
-from grenadine_sv.supervisor.output import RotatingLogFile, open_output_pipe, pump_output
+from grenadine_sv.supervisor.membership import emptied, instance_listens_on, instance_pids
+from grenadine_sv.supervisor.output import (
+    RotatingLogFile,
+    drain_available,
+    open_output_pipe,
+    pump_output,
+)
 from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
 
 StateObserver = Callable[["ProgramRunner", State, State], None]
@@ -62,6 +71,29 @@ class RunnerContext:
     root_anchor: Path
     observers: tuple[StateObserver, ...] = ()
     sandbox_server: LauncherServer | None = None
+    # Holds each output pipe's read end too, so programs outlive a killed supervisor.
+    keeper: StdioKeeper | None = None
+    # A cgroup per program, so that its processes are known whatever was recorded.
+    cgroups: ProgramCgroups | None = None
+
+    def keep_pipe(self, program: str, stream: str, read_fd: int) -> str | None:
+        """Hand a copy of an output pipe's read end to the stdio keeper; its key, or None."""
+        if self.keeper is None:
+            return None
+        try:
+            return self.keeper.keep(program, stream, read_fd)
+        except KeeperError as exc:
+            structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
+            return None
+
+    def release_pipes(self, keys: tuple[str, ...]) -> None:
+        if self.keeper is None:
+            return
+        for key in keys:
+            try:
+                self.keeper.drop(key)
+            except KeeperError as exc:
+                structlog.get_logger().error("stdio_keeper_failed", key=key, error=str(exc))
 
 
 @dataclass
@@ -69,6 +101,8 @@ class LaunchedInstance:
     process: SandboxProcess
     stdout: trio.abc.ReceiveStream
     stderr: trio.abc.ReceiveStream
+    # Keys of the pipes the stdio keeper holds for this instance (released at end of file).
+    held: tuple[str, ...] = ()
     companions: list[Callable[[SandboxProcess], Awaitable[None]]] = field(default_factory=list)
     """Tasks that run next to the instance (a lazy restore's memory supervision)."""
 
@@ -89,7 +123,9 @@ def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
     )
 
 
-def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
+def sandbox_spec(
+    config: ProgramConfig, root_anchor: Path, cgroup: ProgramCgroup | None = None
+) -> SandboxSpec:
     environment = dict(os.environ)
     environment.update(config.environment)
     environment["GRENADINE_SV_PROGRAM"] = config.name
@@ -104,6 +140,7 @@ def sandbox_spec(config: ProgramConfig, root_anchor: Path) -> SandboxSpec:
         binds=tuple(str(path) for path in config.binds),
         root_anchor=str(root_anchor),
         init=TINI if config.init else None,
+        cgroup=str(cgroup.path) if cgroup is not None else None,
     )
 
 
@@ -138,6 +175,40 @@ class ProgramRunner:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def cgroup(self) -> ProgramCgroup | None:
+        cgroups = self.context.cgroups
+        return cgroups.of(self.name) if cgroups is not None else None
+
+    async def claim_cgroup(self) -> None:
+        """Before an instance starts: the program's cgroup exists, holds no process (a stray
+        copy is ended) and records the definition about to run."""
+        cgroup = self.cgroup
+        if cgroup is None:
+            return
+        await trio.to_thread.run_sync(cgroup.ensure)
+        strays = cgroup.pids()
+        if strays:
+            self.log.warning("stray_processes_ended", pids=strays, cgroup=str(cgroup.path))
+            await emptied(cgroup)
+        cgroup.set_definition(self.config.definition_digest())
+
+    def _place_in_cgroup(self, process: SandboxProcess) -> None:
+        """A restored instance whose image predates cgroups lands outside: move it in."""
+        cgroup = self.cgroup
+        if cgroup is None or process.pid in cgroup.pids():
+            return
+        for pid in instance_pids(None, process.pid_ns_inode):
+            with contextlib.suppress(OSError):  # gone meanwhile
+                cgroup.join(pid)
+
+    def owns_listener(self, port: int) -> bool:
+        """True when the listener on `port` belongs to this runner's current instance."""
+        process = self.process
+        if process is None or process.returncode is not None:
+            return False
+        return instance_listens_on(port, self.cgroup, process.pid_ns_inode)
 
     @property
     def state(self) -> State:
@@ -273,7 +344,9 @@ class ProgramRunner:
     async def _spawn(self, instance: int) -> None:
         launcher = self._launchers.pop(instance, self._launcher)
         try:
+            await self.claim_cgroup()
             launched = await launcher(self)
+            self._place_in_cgroup(launched.process)
         except Exception as exc:  # whatever goes wrong, only this program's start fails
             if isinstance(exc, SandboxError | OSError):
                 self.log.warning("spawn_failed", error=str(exc))
@@ -289,12 +362,36 @@ class ProgramRunner:
         """Watch a started process: its exit and its output."""
         assert self._nursery is not None
         self.process = launched.process
-        self._nursery.start_soon(pump_output, launched.stdout, self.stdout_log)
-        self._nursery.start_soon(pump_output, launched.stderr, self.stderr_log)
+        self._nursery.start_soon(self._capture_output, launched)
         self._nursery.start_soon(self._watch_exit, instance, launched.process)
         for companion in launched.companions:
             self._nursery.start_soon(companion, launched.process)
         self._post(Spawned(instance, launched.process.pid, trio.current_time()))
+
+    async def _capture_output(self, launched: LaunchedInstance) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump_output, launched.stdout, self.stdout_log)
+            nursery.start_soon(pump_output, launched.stderr, self.stderr_log)
+        self.context.release_pipes(launched.held)
+
+    def take_leftover_output(self, key: str, read_fd: int) -> None:
+        """Output a previous supervisor's instance wrote while no supervisor ran: write what
+        its pipe holds to the log now, and the rest (if a writer is left) as it comes."""
+        assert self._nursery is not None
+        sink = self.stderr_log if key_stream(key) == "stderr" else self.stdout_log
+        if drain_available(read_fd, sink):
+            os.close(read_fd)
+            self.context.release_pipes((key,))
+            return
+        os.set_blocking(read_fd, True)
+        stream = trio.lowlevel.FdStream(read_fd)
+
+        async def pump_rest() -> None:
+            with contextlib.closing(stream):
+                await pump_output(stream, sink)
+            self.context.release_pipes((key,))
+
+        self._nursery.start_soon(pump_rest)
 
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
         returncode = await process.wait()
@@ -310,7 +407,11 @@ class ProgramRunner:
             return
         try:
             await wait_until_ready(
-                tcp=ready.tcp, command=ready.command, timeout=ready.timeout, interval=ready.interval
+                tcp=ready.tcp,
+                command=ready.command,
+                timeout=ready.timeout,
+                interval=ready.interval,
+                owner=self.owns_listener,
             )
         except ProbeFailed as exc:
             self._post(ReadyFailed(action.instance, str(exc), trio.current_time()))
@@ -320,16 +421,26 @@ class ProgramRunner:
 
 async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:
     """Start the program from scratch in a fresh sandbox."""
-    spec = sandbox_spec(runner.config, runner.context.root_anchor)
+    spec = sandbox_spec(runner.config, runner.context.root_anchor, runner.cgroup)
     stdout_fd, stdout_stream = open_output_pipe()
     stderr_fd, stderr_stream = open_output_pipe()
+    context, name = runner.context, runner.name
+    held = tuple(
+        key
+        for key in (
+            context.keep_pipe(name, "stdout", stdout_stream.fileno()),
+            context.keep_pipe(name, "stderr", stderr_stream.fileno()),
+        )
+        if key is not None
+    )
     try:
         process = await spawn_sandbox(spec, stdout_fd, stderr_fd, runner.context.sandbox_server)
     except BaseException:
+        context.release_pipes(held)
         await stdout_stream.aclose()
         await stderr_stream.aclose()
         raise
     finally:
         os.close(stdout_fd)
         os.close(stderr_fd)
-    return LaunchedInstance(process, stdout_stream, stderr_stream)
+    return LaunchedInstance(process, stdout_stream, stderr_stream, held)

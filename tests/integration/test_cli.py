@@ -132,7 +132,8 @@ class SupervisorProcess:
 
         def running() -> bool:
             entries = {e["name"]: e for e in request(self.dirs.socket, "status", {}, 5.0)}
-            return all(entries[n]["state"] == "RUNNING" for n in names)
+            # A program is listed once the supervisor has added it (after taking back orphans).
+            return all(entries.get(n, {}).get("state") == "RUNNING" for n in names)
 
         wait_until(running, START_TIMEOUT, f"{', '.join(names)} RUNNING")
         entries = self.status()

@@ -288,11 +288,33 @@ async def test_restore_onto_a_busy_port_names_the_cause_and_follows_the_fallback
         await wait_state(sv, "lenient", State.RUNNING)
         assert (hit(strict_port), hit(lenient_port)) == (1, 1)
         await sv.operations.checkpoint_programs(["strict", "lenient"], stop=True)
+        # The dumped instances are killed once their images are listed: wait for their exit.
+        await wait_state(sv, "strict", State.STOPPED)
+        await wait_state(sv, "lenient", State.STOPPED)
         zombies_before = zombie_children()
         squatters = [socket.create_server(("127.0.0.1", p)) for p in (strict_port, lenient_port)]
+        lenient: dict[str, Any] = {}
         try:
             strict = await sv.operations.restore_program("strict", "latest")
-            lenient = await sv.operations.restore_program("lenient", "latest")
+
+            async def restore_lenient() -> None:
+                lenient.update(await sv.operations.restore_program("lenient", "latest"))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(restore_lenient)
+                # Free the port once the restore has failed on it: the squatter must not
+                # satisfy the cold instance's ready probe (it is not that instance).
+                restore_logs = sv_dirs.state_dir / "restore-logs" / "lenient"
+                await wait_for(
+                    lambda: any(
+                        "Address already in use" in log.read_text()
+                        for log in restore_logs.glob("restore-*.log")
+                    ),
+                    timeout=30,
+                    what="lenient's restore failed",
+                )
+                for squatter in squatters:
+                    squatter.close()
         finally:
             for squatter in squatters:
                 squatter.close()

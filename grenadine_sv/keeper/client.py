@@ -1,0 +1,161 @@
+"""The supervisor's side of the stdio keeper (see holder.py): find it or start it, hand it the
+read end of each new output pipe, take them back after a crash."""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+HOLDER = str(Path(__file__).resolve().with_name("holder.py"))
+SOCKET_NAME = "stdio-keeper.sock"
+MAX_MESSAGE = 65536
+STOP_WAIT_SECONDS = 5.0
+
+log = structlog.get_logger()
+
+
+class KeeperError(Exception):
+    """The stdio keeper could not be reached or refused a request."""
+
+
+def pipe_key(program: str, stream: str, read_fd: int) -> str:
+    """The name a pipe is held under: program, stream and the pipe's inode (unique while open)."""
+    return f"{program}/{stream}/{os.fstat(read_fd).st_ino}"
+
+
+def key_program(key: str) -> str:
+    return key.split("/", 1)[0]
+
+
+def key_stream(key: str) -> str:
+    return key.split("/")[1]
+
+
+class StdioKeeper:
+    """A connection to the keeper process of one state_dir. Thread-safe: a restore deposits
+    its pipes from a worker thread."""
+
+    def __init__(self, conn: socket.socket, process: subprocess.Popen[bytes] | None) -> None:
+        self._conn = conn
+        self._process = process
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @classmethod
+    def connect_or_start(cls, state_dir: Path) -> StdioKeeper:
+        """The keeper a previous supervisor left running, else a new one. The caller holds
+        the state_dir lock, so no other supervisor races for the socket."""
+        path = state_dir / SOCKET_NAME
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            conn.connect(os.fspath(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+        else:
+            keeper = cls(conn, None)
+            keeper._request({"op": "list"})
+            log.info("stdio_keeper_found", socket=str(path))
+            return keeper
+        return cls._start(path)
+
+    @classmethod
+    def _start(cls, path: Path) -> StdioKeeper:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            old_umask = os.umask(0o177)
+            try:
+                listener.bind(os.fspath(path))
+            finally:
+                os.umask(old_umask)
+            listener.listen(8)
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", HOLDER, str(listener.fileno())],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                pass_fds=(listener.fileno(),),
+                start_new_session=True,
+            )
+        finally:
+            listener.close()
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        conn.connect(os.fspath(path))
+        log.info("stdio_keeper_started", pid=process.pid, socket=str(path))
+        return cls(conn, process)
+
+    def keep(self, program: str, stream: str, read_fd: int) -> str:
+        key = pipe_key(program, stream, read_fd)
+        self._request({"op": "keep", "key": key}, read_fd)
+        return key
+
+    def drop(self, key: str) -> None:
+        self._request({"op": "drop", "key": key})
+
+    def take_all(self) -> dict[str, int]:
+        """Copies of every held read end, by key (the keeper keeps its own until dropped)."""
+        keys = self._request({"op": "list"})[0].get("keys", [])
+        taken: dict[str, int] = {}
+        for key in keys:
+            _answer, fd = self._request({"op": "take", "key": key})
+            if fd is not None:
+                taken[str(key)] = fd
+        return taken
+
+    def close(self, *, stop_keeper: bool) -> None:
+        """Disconnect; with `stop_keeper`, the keeper exits (nothing it held is needed)."""
+        if stop_keeper:
+            with contextlib.suppress(KeeperError):
+                self._request({"op": "quit"})
+        self._conn.close()
+        if self._process is not None and stop_keeper:
+            try:
+                self._process.wait(timeout=STOP_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+    def _request(
+        self, request: dict[str, Any], fd: int | None = None
+    ) -> tuple[dict[str, Any], int | None]:
+        message = json.dumps(request).encode()
+        with self._lock:
+            try:
+                if fd is None:
+                    self._conn.sendmsg([message])
+                else:
+                    rights = array.array("i", [fd])
+                    self._conn.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+                fds = array.array("i")
+                data, ancillary, _flags, _address = self._conn.recvmsg(
+                    MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize)
+                )
+            except OSError as exc:
+                raise KeeperError(f"stdio keeper unreachable: {exc}") from exc
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if not data:
+            for received in fds:
+                os.close(received)
+            raise KeeperError("stdio keeper went away")
+        answer = json.loads(data)
+        if not answer.get("ok"):
+            for received in fds:
+                os.close(received)
+            raise KeeperError(str(answer.get("error")))
+        return answer, (fds[0] if fds else None)

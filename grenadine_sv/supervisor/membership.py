@@ -1,0 +1,153 @@
+"""Which processes are an instance of a program: counted from the kernel, never from a file.
+
+An instance is a sandbox: a PID namespace whose PID 1 is in the program's cgroup. Anything else
+in that cgroup (another sandbox, a process left in the supervisor's own namespace) is not the
+instance the supervisor runs, and is ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import trio
+
+from grenadine_sv.sandbox.cgroup import ProgramCgroup
+from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time
+
+log = structlog.get_logger()
+
+EMPTY_WAIT_SECONDS = 10.0
+POLL_SECONDS = 0.02
+TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
+TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """One instance found in a cgroup."""
+
+    root: int
+    """Host pid of the namespace's PID 1."""
+    start_time: int
+    pid_ns_inode: int
+
+
+def namespace_pid(pid: int) -> int | None:
+    """The pid of `pid` inside its own (innermost) PID namespace."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return None
+
+
+def census(cgroup: ProgramCgroup) -> tuple[list[Sandbox], list[int]]:
+    """The sandboxes in `cgroup` (one per PID namespace with its PID 1 there) and the other
+    processes in it (strays)."""
+    own_ns = read_pid_ns_inode(os.getpid())
+    by_namespace: dict[int, list[int]] = {}
+    strays: list[int] = []
+    for pid in cgroup.pids():
+        try:
+            namespace = read_pid_ns_inode(pid)
+        except OSError:
+            continue  # gone meanwhile
+        if namespace == own_ns:
+            strays.append(pid)
+        else:
+            by_namespace.setdefault(namespace, []).append(pid)
+    sandboxes: list[Sandbox] = []
+    for namespace, pids in by_namespace.items():
+        root = next((pid for pid in pids if namespace_pid(pid) == 1), None)
+        if root is None:
+            strays.extend(pids)
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            sandboxes.append(Sandbox(root, read_start_time(root), namespace))
+    return sandboxes, strays
+
+
+def end_processes(pids: Iterable[int]) -> None:
+    """SIGKILL (a sandbox's PID 1 takes its whole namespace with it)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def end_all_but(cgroup: ProgramCgroup, pid_ns_inode: int) -> list[int]:
+    """End every process of `cgroup` outside the PID namespace `pid_ns_inode` (the instance
+    the supervisor runs); returns the pids ended."""
+    sandboxes, strays = census(cgroup)
+    ended = [s.root for s in sandboxes if s.pid_ns_inode != pid_ns_inode] + strays
+    end_processes(ended)
+    return ended
+
+
+async def emptied(cgroup: ProgramCgroup, timeout: float = EMPTY_WAIT_SECONDS) -> None:
+    """Kill everything in `cgroup` and wait until it holds no process."""
+    if not cgroup.pids():
+        return
+    cgroup.kill()
+    with trio.move_on_after(timeout):
+        while cgroup.pids():
+            await trio.sleep(POLL_SECONDS)
+        return
+    raise OSError(f"processes of cgroup {cgroup.path} did not end within {timeout:g} s")
+
+
+def instance_pids(cgroup: ProgramCgroup | None, pid_ns_inode: int) -> list[int]:
+    """The processes of the instance whose PID namespace is `pid_ns_inode`."""
+    candidates: Iterable[int]
+    if cgroup is not None:
+        candidates = cgroup.pids()
+    else:
+        candidates = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    found = []
+    for pid in candidates:
+        with contextlib.suppress(OSError):
+            if read_pid_ns_inode(pid) == pid_ns_inode:
+                found.append(pid)
+    return found
+
+
+def listening_socket_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on `port` (any address) in this network namespace."""
+    inodes: set[int] = set()
+    for table in TCP_TABLES:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            listening = len(fields) > 9 and fields[3] == TCP_LISTEN
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def holds_any_socket(pids: Iterable[int], inodes: set[int]) -> bool:
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in wanted:
+                        return True
+    return False
+
+
+def instance_listens_on(port: int, cgroup: ProgramCgroup | None, pid_ns_inode: int) -> bool:
+    """True when a process of this instance holds a socket listening on `port`."""
+    inodes = listening_socket_inodes(port)
+    return bool(inodes) and holds_any_socket(instance_pids(cgroup, pid_ns_inode), inodes)
