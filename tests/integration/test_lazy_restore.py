@@ -215,9 +215,14 @@ async def test_corrupt_page_file_found_while_served_ends_the_program(sv_dirs: Su
 
             await sv.operations.restore_program("hog", image.id)
 
-            await wait_for(lambda: sv.programs.runners["hog"].state == State.EXITED, timeout=60)
+            [done] = [e for e in events(logs, "restore_done") if e["image_id"] == image.id]
+            restored_pid = int(str(done["pid"]))
+            await wait_for(lambda: bool(events(logs, "lazy_restore_corrupt")), timeout=60)
             [corrupt] = events(logs, "lazy_restore_corrupt")
             assert "does not match its blake3 checksum" in str(corrupt["error"])
+            # The instance is killed (whether it had counted as started or not).
+            await wait_for(lambda: sv.programs.runners["hog"].machine.pid != restored_pid)
+            assert not Path(f"/proc/{restored_pid}").exists()
             # The image is not restored again: the next attempt falls back at once.
             result = await sv.operations.restore_program("hog", image.id)
             assert "did not match" in str(result["fallback"])
