@@ -236,6 +236,29 @@ def format_images(images: Sequence[ImageRow]) -> str:
     )
 
 
+def format_remote_images(images: Sequence[Mapping[str, Any]]) -> str:
+    """`images --remote`: entries with program, id, created (datetime), trigger, size."""
+    header = ("PROGRAM", "IMAGE_ID", "CTIME", "TRIGGER", "SIZE")
+    rows: list[tuple[str, ...]] = [header]
+    for image in images:
+        rows.append(
+            (
+                image["program"],
+                image["id"],
+                format_ctime(image["created"]),
+                image["trigger"],
+                format_bytes(image["size"]),
+            )
+        )
+    if len(rows) == 1:
+        return "no images in the object store\n"
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() + "\n"
+        for row in rows
+    )
+
+
 def format_ctime(created: datetime) -> str:
     return created.strftime("%Y-%m-%d %H:%M:%S %z")
 

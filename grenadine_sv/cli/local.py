@@ -12,7 +12,7 @@ from typing import TextIO
 
 from grenadine_sv.cli.config_path import config_path_of
 from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from grenadine_sv.cli.formatting import format_images, print_json
+from grenadine_sv.cli.formatting import format_images, format_remote_images, print_json
 from grenadine_sv.config.loading import Config, ConfigError, config_json_schema, load_config
 from grenadine_sv.control.protocol import ControlError
 
@@ -136,10 +136,40 @@ def images(args: argparse.Namespace, out: TextIO) -> int:
     config = load_or_explain(args)
     if config is None:
         return EXIT_USAGE
+    if args.remote:
+        return remote_images(config, args, out)
     store = ImageStore(config.supervisor.state_dir)
     listed = store.list(args.name)
     if args.json:
         print_json([image.model_dump(mode="json") for image in listed], out)
     else:
         out.write(format_images(listed))
+    return EXIT_OK
+
+
+def remote_images(config: Config, args: argparse.Namespace, out: TextIO) -> int:
+    """`images --remote`: what the object store holds (boto3 is imported here only)."""
+    from dataclasses import asdict
+
+    from grenadine_sv.store.remote import RemoteSettingsLike, RemoteStore, RemoteStoreError
+
+    settings = config.supervisor.remote
+    if settings is None or settings.url is None:
+        print("grenadine-sv: images --remote needs [supervisor.remote] url", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        store = RemoteStore(
+            RemoteSettingsLike(
+                settings.url, settings.endpoint, settings.region, settings.credentials_file
+            )
+        )
+        names = [args.name] if args.name else store.programs()
+        listed = [asdict(image) for name in names for image in store.list(name)]
+    except RemoteStoreError as exc:
+        print(f"grenadine-sv: images --remote failed: {exc}", file=sys.stderr)
+        return EXIT_USAGE if "credentials_file" in str(exc) else EXIT_FAILED
+    if args.json:
+        print_json(listed, out)
+    else:
+        out.write(format_remote_images(listed))
     return EXIT_OK

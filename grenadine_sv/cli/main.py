@@ -13,7 +13,9 @@ from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from grenadine_sv.cli.remote import remote
 
 # Commands done by this process; the others are requests to the running supervisor.
-LOCAL_COMMANDS = frozenset({"run", "check", "doctor", "schema", "logs", "images"})
+LOCAL_COMMANDS = frozenset(
+    {"run", "check", "doctor", "schema", "logs", "images", "export", "import"}
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("doctor", "report what CRIU needs on this host and what will not work", json_output=True)
     add("schema", "print the JSON Schema of the configuration")
     add_checkpoint_commands(add)
+    add_transfer_commands(add)
     return parser
 
 
@@ -55,7 +58,11 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     checkpoint.add_argument("--stop", action="store_true", help="stop the program after the dump")
     restore = add("restore", "restore a program from an image", json_output=True)
     restore.add_argument("name")
-    restore.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    restore.add_argument(
+        "image",
+        help="image id, unique id prefix, IDX from `images`, or latest; "
+        "remote:ID or remote:latest for the object store's",
+    )
     restore.add_argument(
         "--allow-changed-definition",
         action="store_true",
@@ -64,9 +71,34 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     )
     images = add("images", "list checkpoint images", json_output=True)
     images.add_argument("name", nargs="?")
+    images.add_argument(
+        "--remote", action="store_true", help="the object store's images ([supervisor.remote])"
+    )
     prune = add("prune", "delete old images", json_output=True)
     prune.add_argument("name", nargs="?")
     prune.add_argument("--keep", type=int, help="images to keep per program (default: its keep)")
+
+
+def add_transfer_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    export = add("export", "write an image as one archive (to move it to another host)")
+    export.add_argument("name")
+    export.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
+    export.add_argument(
+        "-o", "--output", help="archive file, or - for standard output (default: NAME-ID.tar...)"
+    )
+    export.add_argument("--compress", choices=("zstd", "none"), default="zstd")
+    export.add_argument(
+        "--no-encrypt",
+        action="store_true",
+        help="write an unencrypted archive (the image holds the process's memory, secrets too)",
+    )
+    imported = add("import", "add an image from an archive made by export (FILE or -)")
+    imported.add_argument("file")
+    imported.add_argument(
+        "--allow-changed-definition",
+        action="store_true",
+        help="import an image made by a different definition of the program",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +120,7 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         return remote(args, out)
     # Loaded only for these commands: they need the configuration models and more, which a
     # command answered by the running supervisor does not.
-    from grenadine_sv.cli import local
+    from grenadine_sv.cli import local, transfer
 
     if command != "run":
         local.log_to_stderr()  # stdout carries the command's output only
@@ -99,6 +131,8 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         "schema": local.schema,
         "logs": local.logs,
         "images": local.images,
+        "export": transfer.export,
+        "import": transfer.import_archive,
     }
     return handlers[command](args, out)
 

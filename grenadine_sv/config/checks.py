@@ -7,7 +7,7 @@ from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 from grenadine_sv.config.errors import Problem, key_path
-from grenadine_sv.config.models import ProgramConfig
+from grenadine_sv.config.models import ProgramConfig, RemoteSettings
 
 PathDisplay = Callable[[Path], str]
 
@@ -154,4 +154,41 @@ def _log_path_problems(
                 )
             else:
                 writers[path] = (name, stream)
+    return problems
+
+
+def remote_problems(
+    programs: Mapping[str, ProgramConfig], remote: RemoteSettings | None
+) -> list[Problem]:
+    """Programs that upload or restore remotely need an object store, and uploads a key."""
+    has_store = remote is not None and remote.url is not None
+    has_recipients = remote is not None and bool(remote.encryption.recipients)
+    problems = []
+    for name, program in programs.items():
+        if program.checkpoint.upload and not has_store:
+            problems.append(
+                Problem(
+                    program.source,
+                    key_path(["programs", name, "checkpoint", "upload"]),
+                    "expected [supervisor.remote] url to be set (uploads go to an object store)",
+                )
+            )
+        elif program.checkpoint.upload and not has_recipients:
+            problems.append(
+                Problem(
+                    program.source,
+                    key_path(["programs", name, "checkpoint", "upload"]),
+                    "expected [supervisor.remote.encryption] recipients to be set "
+                    "(images hold process memory: nothing is uploaded unencrypted)",
+                )
+            )
+        if program.restore_source != "local" and not has_store:
+            problems.append(
+                Problem(
+                    program.source,
+                    key_path(["programs", name, "restore_source"]),
+                    f'expected "local" without [supervisor.remote] url, '
+                    f'got "{program.restore_source}"',
+                )
+            )
     return problems

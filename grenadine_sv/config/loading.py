@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
 from pydantic_core import core_schema
 
-from grenadine_sv.config.checks import program_problems, start_order
+from grenadine_sv.config.checks import program_problems, remote_problems, start_order
 from grenadine_sv.config.errors import (
     ConfigError,
     Problem,
@@ -132,6 +132,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     for included_doc in included_docs:
         programs.update(included_doc.programs)
     problems.extend(program_problems(programs, main_doc.supervisor.log_dir, display))
+    problems.extend(remote_problems(programs, main_doc.supervisor.remote))
     if problems:
         raise _config_error(problems, display)
     return Config(path=main, files=files, supervisor=main_doc.supervisor, programs=programs)

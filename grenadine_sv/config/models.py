@@ -41,6 +41,8 @@ from grenadine_sv.config.units import (
 
 PROGRAM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 IMAGE_REF_PATTERN = r"[0-9a-f-]{1,64}|latest"
+S3_URL_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\0]*)?"
+AGE_RECIPIENT_PATTERN = r"age1[02-9ac-hj-np-z]{58}"
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 MIB = 1024 * 1024
@@ -264,6 +266,45 @@ class MetricsSettings(BaseModel):
         return parse_host_port(self.listen) if self.listen else None
 
 
+def _check_s3_url(url: str) -> str:
+    if not re.fullmatch(S3_URL_PATTERN, url):
+        raise ValueError('expected "s3://BUCKET" or "s3://BUCKET/PREFIX"')
+    return url.rstrip("/")
+
+
+def _check_age_recipient(recipient: str) -> str:
+    if not re.fullmatch(AGE_RECIPIENT_PATTERN, recipient):
+        raise ValueError('expected an age public key ("age1" and 58 more lowercase characters)')
+    return recipient
+
+
+class EncryptionSettings(BaseModel):
+    """[supervisor.remote.encryption]: age keys for archives and uploads."""
+
+    model_config = TABLE_CONFIG
+
+    recipients: list[Annotated[str, AfterValidator(_check_age_recipient)]] = []
+    """age public keys ("age1...") that exports and uploads are encrypted to"""
+    identity_file: ResolvedPath | None = None
+    """age identity file (AGE-SECRET-KEY-1... lines) that decrypts imports and downloads; 0600"""
+
+
+class RemoteSettings(BaseModel):
+    """[supervisor.remote]: an S3-compatible image store shared by hosts."""
+
+    model_config = TABLE_CONFIG
+
+    url: Annotated[str, AfterValidator(_check_s3_url)] | None = None
+    """s3://BUCKET/PREFIX where images are stored; absent: no object store (export/import only)"""
+    endpoint: NonEmptyStr | None = None
+    """URL of an S3-compatible store ("http://127.0.0.1:8333"); default: AWS"""
+    region: NonEmptyStr | None = None
+    credentials_file: ResolvedPath | None = None
+    """AWS-style credentials file ([default] aws_access_key_id, aws_secret_access_key), 0600;
+    default: the AWS environment variables"""
+    encryption: EncryptionSettings = EncryptionSettings()
+
+
 class SupervisorSettings(BaseModel):
     """[supervisor]: settings of the supervisor itself (main file only)."""
 
@@ -280,6 +321,8 @@ class SupervisorSettings(BaseModel):
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     metrics: MetricsSettings = MetricsSettings()
+    remote: RemoteSettings | None = None
+    """an object store for images (optional)"""
 
 
 class ReadyProbe(BaseModel):
@@ -321,6 +364,10 @@ class CheckpointPolicy(BaseModel):
     """restore the pre-deploy image when the new instance never gets ready"""
     tcp_established: StrictBool = False
     """let CRIU checkpoint established TCP connections"""
+    upload: StrictBool = False
+    """upload every new image to [supervisor.remote] (encrypted; queued, retried)"""
+    remote_keep: Annotated[int, Strict(), Field(ge=1)] | None = None
+    """images of this program kept in the object store (across hosts); default: all"""
 
 
 class ProgramConfig(BaseModel):
@@ -351,6 +398,8 @@ class ProgramConfig(BaseModel):
     ready: ReadyProbe | None = None
     restore: ImageRef | None = None
     """start from this image id, or "latest", instead of from scratch"""
+    restore_source: Literal["local", "remote", "newest"] = "local"
+    """where restore = "latest" looks: this host's images, the object store's, or the newer"""
     restore_fallback: Literal["cold", "fail"] = "cold"
     """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
     restore_mode: Literal["eager", "lazy"] = "eager"

@@ -8,6 +8,7 @@ restart of the supervisor and after a prune. Metric names are a contract (README
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ log = structlog.get_logger()
 CHECKPOINT_TRIGGERS: tuple[str, ...] = get_args(Trigger)
 # From a small idle daemon (tens of milliseconds) to a large memory image (a minute).
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+# Uploads and downloads of images: from a small archive to gigabytes over a slow link.
+TRANSFER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class ImageMetaLike(Protocol):
@@ -244,6 +247,55 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._uploads = Counter(
+            "grenadine_uploads",
+            "Images uploaded to the object store",
+            ["program"],
+            registry=self.registry,
+        )
+        self._upload_failures = Counter(
+            "grenadine_upload_failures",
+            "Upload attempts that failed (the image stays queued and is retried)",
+            ["program"],
+            registry=self.registry,
+        )
+        self._upload_duration = Histogram(
+            "grenadine_upload_duration_seconds",
+            "Wall time of successful uploads: archive, compress, encrypt and send",
+            ["program"],
+            buckets=TRANSFER_BUCKETS,
+            registry=self.registry,
+        )
+        self._upload_queue = Gauge(
+            "grenadine_upload_queue_length",
+            "Images sealed locally and waiting for upload",
+            registry=self.registry,
+        )
+        self._remote_images = Gauge(
+            "grenadine_remote_images",
+            "Images of the program in the object store (as last listed)",
+            ["program"],
+            registry=self.registry,
+        )
+        self._downloads = Counter(
+            "grenadine_downloads",
+            "Images downloaded from the object store, decrypted and verified",
+            ["program"],
+            registry=self.registry,
+        )
+        self._download_failures = Counter(
+            "grenadine_download_failures",
+            "Downloads that failed or were refused (decryption, checksum, definition)",
+            ["program"],
+            registry=self.registry,
+        )
+        self._download_duration = Histogram(
+            "grenadine_download_duration_seconds",
+            "Wall time of successful downloads, verification included",
+            ["program"],
+            buckets=TRANSFER_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(StoreCollector(store, programs))
 
     def add_program(self, program: str) -> None:
@@ -260,6 +312,15 @@ class Metrics:
         self._restore_failures.labels(program=program)
         self._restore_duration.labels(program=program)
         self._restore_memory.labels(program=program)
+        for metric in (
+            self._uploads,
+            self._upload_failures,
+            self._upload_duration,
+            self._downloads,
+            self._download_failures,
+            self._download_duration,
+        ):
+            metric.labels(program=program)
 
     def forget_program(self, program: str) -> None:
         """Drop the program's series (it was removed from the configuration)."""
@@ -275,8 +336,16 @@ class Metrics:
             self._restore_failures,
             self._restore_duration,
             self._restore_memory,
+            self._uploads,
+            self._upload_failures,
+            self._upload_duration,
+            self._downloads,
+            self._download_failures,
+            self._download_duration,
         ):
             metric.remove(program)
+        with contextlib.suppress(KeyError):
+            self._remote_images.remove(program)
 
     def program_restarted(self, program: str) -> None:
         self._restarts.labels(program=program).inc()
@@ -303,6 +372,26 @@ class Metrics:
 
     def restore_memory_complete(self, program: str, seconds: float) -> None:
         self._restore_memory.labels(program=program).observe(seconds)
+
+    def upload_succeeded(self, program: str, duration_seconds: float) -> None:
+        self._uploads.labels(program=program).inc()
+        self._upload_duration.labels(program=program).observe(duration_seconds)
+
+    def upload_failed(self, program: str) -> None:
+        self._upload_failures.labels(program=program).inc()
+
+    def upload_queue_changed(self, length: int) -> None:
+        self._upload_queue.set(length)
+
+    def remote_images_seen(self, program: str, count: int) -> None:
+        self._remote_images.labels(program=program).set(count)
+
+    def download_succeeded(self, program: str, duration_seconds: float) -> None:
+        self._downloads.labels(program=program).inc()
+        self._download_duration.labels(program=program).observe(duration_seconds)
+
+    def download_failed(self, program: str) -> None:
+        self._download_failures.labels(program=program).inc()
 
     def render(self) -> bytes:
         """The text exposition format (0.0.4). Reads the image store: call it off the loop."""

@@ -27,7 +27,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +48,7 @@ from grenadine_sv.store.sealing import (
     SEAL_WORKERS,
     ChecksumAlgorithm,
     DumpWatcher,
+    FileRecord,
     digest_of,
     seal_tree,
 )
@@ -319,6 +320,25 @@ class PendingImage:
             (image_dir / INTENT_FILE).unlink()
         log.info("image_committed", program=self.program, image_id=self.id, trigger=meta.trigger)
 
+    def publish_received(self, meta: ImageMeta) -> None:
+        """Publish files received from elsewhere (an import, a download) under `meta`, which
+        must name this image: every file is made private and durable and checked against
+        meta's sizes and checksums, then meta.json is written and the directory renamed. On
+        failure nothing remains."""
+        self._require_open("publish")
+        try:
+            records = seal_tree(self.criu_dir)
+            _check_received(meta, self.id, self.program, records, self.criu_dir)
+            _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
+            _fsync_dir(self._partial_dir)
+            os.rename(self._partial_dir, self._program_dir / self.id)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        _fsync_dir(self._program_dir)
+        log.info("image_received", program=self.program, image_id=self.id)
+
     def sealed_meta(self) -> ImageMeta | None:
         """The meta.json an interrupted commit wrote completely, or None."""
         path = self._partial_dir / META_FILE
@@ -371,6 +391,40 @@ class ImageStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.root = state_dir / IMAGES_SUBDIR
+
+    def begin_import(self, meta: ImageMeta) -> PendingImage:
+        """Start receiving the image `meta` describes (an import or a download); raises
+        FileExistsError when this store already has it or is receiving it. No intent is
+        written: a supervisor that dies meanwhile leaves a partial that start-up removes."""
+        program_dir = self._program_dir(meta.program)
+        if not self.state_dir.is_dir():
+            self.state_dir.mkdir(mode=DIR_MODE, parents=True)
+        self._ensure_dir(self.root)
+        self._ensure_dir(program_dir)
+        if (program_dir / meta.id).exists():
+            raise FileExistsError(
+                f"program {meta.program!r} already has image {meta.id} on this host"
+            )
+        intent = DumpIntent(
+            trigger=meta.trigger,
+            criu_version=meta.criu_version,
+            definition_digest=meta.definition_digest,
+            leave_running=meta.leave_running,
+            source_pid=meta.source_pid or 0,
+            source_start_time=meta.source_start_time or 0,
+            boot_id="",
+            definition=meta.definition,
+            init=meta.init,
+        )
+        pending = PendingImage(program_dir, meta.program, validate_image_id(meta.id), intent)
+        try:
+            _make_private_dir(pending._partial_dir)
+        except FileExistsError:
+            raise FileExistsError(
+                f"image {meta.id} of program {meta.program!r} is being received already"
+            ) from None
+        _make_private_dir(pending.criu_dir)
+        return pending
 
     def begin(self, program: str, intent: DumpIntent) -> PendingImage:
         """Start a dump of `program`: CRIU writes into the returned image's `criu_dir`.
@@ -604,6 +658,10 @@ class ImageStore:
         st = os.statvfs(path)
         return st.f_bavail * st.f_frsize
 
+    def image_dir(self, image: ImageMeta) -> Path:
+        """The directory of a published image (meta.json and criu/)."""
+        return self._image_dir(image)
+
     def _program_dir(self, program: str) -> Path:
         return self.root / validate_program_name(program)
 
@@ -647,6 +705,34 @@ class ImageStore:
                 raise
             return  # made meanwhile by a dump of another program
         _fsync_dir(path.parent)
+
+
+def _check_received(
+    meta: ImageMeta,
+    image_id: str,
+    program: str,
+    records: Mapping[str, FileRecord],
+    criu_dir: Path,
+) -> None:
+    """Raise unless the received files are exactly those meta.json lists, byte for byte."""
+    if (meta.id, meta.program) != (image_id, program):
+        raise ValueError(f"meta.json names image {meta.id} of {meta.program!r}")
+    for rel in sorted(set(records) | set(meta.checksums)):
+        record = records.get(rel)
+        where = f"{CRIU_SUBDIR}/{rel}"
+        if record is None:
+            raise ImageCorrupt(meta, where, "is missing")
+        if rel not in meta.checksums:
+            raise ImageCorrupt(meta, where, "is not listed in meta.json")
+        digest = (
+            record.digest
+            if meta.checksum_algorithm == NEW_IMAGE_ALGORITHM
+            else digest_of(criu_dir / rel, meta.checksum_algorithm)
+        )
+        if digest != meta.checksums[rel]:
+            raise ImageCorrupt(
+                meta, where, f"does not match its {meta.checksum_algorithm} checksum"
+            )
 
 
 def _match_ref(images: list[ImageMeta], ref: str) -> list[ImageMeta]:

@@ -11,13 +11,15 @@ from grenadine_sv.config.loading import Config
 from grenadine_sv.criu.binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
 from grenadine_sv.criu.client import Criu
 from grenadine_sv.metrics.collector import Metrics
+from grenadine_sv.store.encryption import EncryptionKeyError
 from grenadine_sv.store.images import ImageStore
 from grenadine_sv.supervisor.checkpointing import Checkpointing
-from grenadine_sv.supervisor.checkpoints import CheckpointService
-from grenadine_sv.supervisor.core import Supervisor
+from grenadine_sv.supervisor.checkpoints import CheckpointService, current_definition
+from grenadine_sv.supervisor.core import StartupError, Supervisor
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery
+from grenadine_sv.supervisor.remote import RemoteImages
 
 log = structlog.get_logger()
 
@@ -60,7 +62,20 @@ def build_supervisor(config: Config) -> Supervisor:
         observers=(recovery.record_instances,),
         launcher=service.launch_pinned if service is not None else None,
     )
-    return Supervisor(
+    supervisor: Supervisor
+    remote = config.supervisor.remote
+    if service is not None and remote is not None and remote.url is not None:
+        try:
+            service.remote = RemoteImages(
+                remote,
+                store,
+                lambda: supervisor.config.programs,
+                current_definition,
+                metrics=metrics,
+            )
+        except EncryptionKeyError as exc:
+            raise StartupError(f"{config.path}: {exc}", configuration=True) from exc
+    supervisor = Supervisor(
         config,
         programs=programs,
         deploys=Deploys(programs, service),
@@ -68,3 +83,4 @@ def build_supervisor(config: Config) -> Supervisor:
         recovery=recovery,
         metrics=metrics,
     )
+    return supervisor

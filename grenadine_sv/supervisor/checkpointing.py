@@ -26,6 +26,7 @@ from grenadine_sv.supervisor.checkpoints import (
     check_definition,
 )
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
+from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteUnavailable
 from grenadine_sv.supervisor.runner import ProgramRunner
 
 log = structlog.get_logger()
@@ -152,8 +153,13 @@ class Checkpointing:
         runner = self.programs.runners[self.programs.select([name])[0]]
         try:
             await trio.to_thread.run_sync(service.store.check_trusted)
-            image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
-        except (LookupError, ValueError, UntrustedPath) as exc:
+            if ref.startswith(REMOTE_PREFIX):
+                image = await service.resolve_for_start(
+                    runner.config, ref, allow_changed_definition=allow_changed_definition
+                )
+            else:
+                image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
+        except (LookupError, ValueError, UntrustedPath, RemoteUnavailable) as exc:
             raise ControlError(str(exc)) from exc
         check = check_definition(runner.config, image)
         if not check.unchanged and not allow_changed_definition:

@@ -57,6 +57,7 @@ from grenadine_sv.supervisor.lazy import (
     wait_for_orphan_daemon,
 )
 from grenadine_sv.supervisor.output import enlarge_pipe
+from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteImages, RemoteUnavailable
 from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
 
 log = structlog.get_logger()
@@ -169,6 +170,8 @@ class CheckpointService:
         self.hold_fds: tuple[int, ...] = ()
         # Images a lazy restore found corrupt while serving them: never restored again.
         self._corrupt: set[str] = set()
+        # The object store, when [supervisor.remote] has a url: uploads and remote restores.
+        self.remote: RemoteImages | None = None
         # Image id -> restores of it under way: retention and prune leave those images alone.
         self._in_use: collections.Counter[str] = collections.Counter()
 
@@ -277,6 +280,9 @@ class CheckpointService:
             frozen_seconds=frozen,
             image_bytes=image.image_bytes,
         )
+        if self.remote is not None:
+            await trio.to_thread.run_sync(self.remote.image_sealed, runner.config, image)
+            self.remote.wake()
         keep = runner.config.checkpoint.keep
         deleted = await trio.to_thread.run_sync(self.prune_images, program, keep)
         for old in deleted:
@@ -286,6 +292,8 @@ class CheckpointService:
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
         in_use = set(self._in_use)
+        if self.remote is not None:
+            in_use |= self.remote.pinned(program)
         serving = self.images_of(program).serving_image_id()
         if serving is not None:
             in_use.add(serving)
@@ -595,8 +603,10 @@ class CheckpointService:
         try:
             if isinstance(image, str):
                 try:
-                    image = await trio.to_thread.run_sync(self.store.resolve, runner.name, image)
-                except (LookupError, ValueError) as exc:
+                    image = await self.resolve_for_start(
+                        runner.config, image, allow_changed_definition=allow_changed_definition
+                    )
+                except (LookupError, ValueError, RemoteUnavailable) as exc:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
             return await self.launch_from_image(
                 runner, image, allow_changed_definition=allow_changed_definition
@@ -608,6 +618,18 @@ class CheckpointService:
             if on_fallback is not None:
                 on_fallback(str(exc))
             return await launch_cold(runner)
+
+    async def resolve_for_start(
+        self, config: ProgramConfig, ref: str, *, allow_changed_definition: bool = False
+    ) -> ImageMeta:
+        """The image `ref` names: local, or "remote:REF", or "latest" under restore_source."""
+        if self.remote is not None:
+            return await self.remote.resolve_pinned(
+                config, ref, allow_changed_definition=allow_changed_definition
+            )
+        if ref.startswith(REMOTE_PREFIX):
+            raise RemoteUnavailable("no object store is configured ([supervisor.remote] url)")
+        return await trio.to_thread.run_sync(self.store.resolve, config.name, ref)
 
 
 OLD_FORMAT_WARNING = (

@@ -129,6 +129,11 @@ class Supervisor:
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
         await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
+        service = self.checkpointing.service
+        remote = service.remote if service is not None else None
+        if remote is not None:
+            await trio.to_thread.run_sync(remote.remove_stale_downloads)
+            await trio.to_thread.run_sync(remote.load_queue)
         sock = control.bind_socket(settings.control_socket)
         log.info(
             "supervisor_started",
@@ -143,6 +148,8 @@ class Supervisor:
                 nursery.start_soon(self.checkpointing.signal_rounds.run)
                 if self.metrics is not None:
                     await self._serve_metrics(nursery, self.metrics)
+                if remote is not None:
+                    nursery.start_soon(remote.run_uploads)
                 async with trio.open_nursery() as programs:
                     await self._start_programs(programs)
                     self._started = True

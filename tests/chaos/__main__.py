@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
+    # A SIGTERM ends the run like ^C: the episode in progress ends what it started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     began = time.monotonic()
     tally, failed = run_episodes(
         seed,

@@ -65,6 +65,7 @@ DUMPING_OPERATIONS = ("checkpoint", "checkpoint-stop", "usr1", "reload-changed")
 LANDINGS = ("dump", "sealing", "restore", "elsewhere")
 
 KEEP = 3
+KEEPER_COMM = "grenadine-keep"
 # After any kill, the share of iterations that also kill the next supervisor in its take-back.
 TAKE_BACK_KILL_SHARE = 0.25
 SETTLE_POLL = 0.1
@@ -83,10 +84,12 @@ class Options:
     operations: tuple[str, ...] = OPERATIONS
     kill_targets: tuple[str, ...] = KILL_TARGETS
     kill_share: float = 0.7
+    # Phases of the next supervisor's take-back in which it may be killed again.
+    take_back_targets: tuple[str, ...] = ("dump", "sealing", "restore")
     # Operations during which a kill may be aimed (all, unless a fix has not landed yet).
     kill_operations: tuple[str, ...] = OPERATIONS
     print_interval: float = 0.2
-    ballast_mib: tuple[int, int] = (8, 32)
+    ballast_mib: tuple[int, int] = (16, 48)
     # A new supervisor must have every program back, supervised, within this many seconds.
     recovery_bound: float = 30.0
     keep_dir: bool = False
@@ -164,8 +167,11 @@ class Episode:
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.generation = 0
         self.criu_seen: dict[int, int] = {}
+        # Stdio keepers the supervisors started (they outlive a killed supervisor).
+        self.keepers_seen: dict[int, int] = {}
         self.image_tokens: dict[str, str] = {}
-        self.phase_seconds = dict.fromkeys(("dump", "sealing", "restore"), 0.03)
+        # How long each phase lasted when last seen: a kill waits a random part of it.
+        self.phase_seconds = dict.fromkeys(("dump", "sealing", "restore"), 0.02)
         self.iteration = 0
         self.history: list[str] = []
 
@@ -240,14 +246,14 @@ class Episode:
         return self.rng.choice(allowed or ["none"])
 
     def choose_target(self, operation: str) -> str:
-        targets = ["anywhere"]
+        # Weighted towards CRIU's calls, the moments the issue is about.
+        weights = {"anywhere": 1, "recovery": 1}
         if operation in DUMPING_OPERATIONS:
-            targets += ["dump", "sealing"]
+            weights |= {"dump": 2, "sealing": 3}
         if operation == "restore":
-            targets.append("restore")
-        targets.append("recovery")
-        allowed = [t for t in targets if t in self.options.kill_targets]
-        return self.rng.choice(allowed or ["anywhere"])
+            weights["restore"] = 3
+        allowed = [t for t in weights if t in self.options.kill_targets] or ["anywhere"]
+        return self.rng.choices(allowed, [weights.get(t, 1) for t in allowed])[0]
 
     # the supervisor ------------------------------------------------------------
 
@@ -324,10 +330,12 @@ class Episode:
         """Kill the new supervisor while it takes its programs back (inside its CRIU calls),
         then start another one."""
         for _ in range(2):
-            landing = self.watch_and_kill(("dump", "sealing", "restore"), None, 20.0, 0.0)
+            target = self.rng.choice(self.options.take_back_targets)
+            landing = self.watch_and_kill((target,), None, 20.0, 0.0)
             if landing is None:
                 return
             self.log(f"  iteration {self.iteration}: killed again during take-back: {landing}")
+            self.tally.kills[landing] += 1
             self.tally.kill_details[f"{landing} (take-back)"] += 1
             self.start_supervisor()
 
@@ -468,7 +476,7 @@ class Episode:
                 time.sleep(0.01)
             return self.kill_now()
         entered: dict[str, float] = {}
-        delays = {t: self.rng.uniform(0, self.phase_seconds[t]) for t in targets}
+        delays = {t: self.rng.uniform(0, 0.8 * self.phase_seconds[t]) for t in targets}
         quiet_since: float | None = None
         while time.monotonic() < deadline:
             phase = kernel.observe(self.supervisor_pid, self.state_dir, self.criu_binary)
@@ -478,7 +486,7 @@ class Episode:
                 self.criu_seen.setdefault(pid, kernel.start_time(pid) or 0)
             for t in list(entered):
                 if t != label:
-                    self.phase_seconds[t] = max(self.phase_seconds[t], now - entered.pop(t))
+                    self.phase_seconds[t] = now - entered.pop(t)
             if label in targets:
                 entered.setdefault(label, now)
                 if now - entered[label] >= delays[label]:
@@ -671,6 +679,9 @@ class Episode:
                 raise Violation("; ".join(problems))
             time.sleep(SETTLE_POLL)
         self.tally.recovery_seconds.append(time.monotonic() - started)
+        for pid in kernel.children(self.supervisor_pid):
+            if kernel.comm(pid) == KEEPER_COMM:
+                self.keepers_seen.setdefault(pid, kernel.start_time(pid) or 0)
         running = sum(1 for t in tokens.values() if t is not None)
         self.tally.checks["one supervised instance"] += running
         self.tally.checks["no instance of a stopped program"] += len(tokens) - running
@@ -794,7 +805,7 @@ class Episode:
             for instance in kernel.instances(self.run_id, name):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(instance.pid, signal.SIGKILL)
-        for pid, began in self.criu_seen.items():
+        for pid, began in (self.criu_seen | self.keepers_seen).items():
             if began and kernel.start_time(pid) == began:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

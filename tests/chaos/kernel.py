@@ -42,6 +42,10 @@ def stat_fields(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()
 
 
+def comm(pid: int) -> str:
+    return (_read(f"/proc/{pid}/comm") or "").strip()
+
+
 def start_time(pid: int) -> int | None:
     fields = stat_fields(pid)
     return int(fields[19]) if fields is not None else None

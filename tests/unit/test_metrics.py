@@ -439,7 +439,42 @@ def test_exposition_has_the_design_names_and_no_created_series(state_dir: Path) 
         "grenadine_image_bytes",
         "grenadine_latest_image_memory_bytes",
         "grenadine_state_dir_free_bytes",
+        "grenadine_uploads",
+        "grenadine_upload_failures",
+        "grenadine_upload_duration_seconds",
+        "grenadine_upload_queue_length",
+        "grenadine_remote_images",
+        "grenadine_downloads",
+        "grenadine_download_failures",
+        "grenadine_download_duration_seconds",
     }
+
+
+def test_uploads_and_downloads_are_counted_timed_and_failed(state_dir: Path) -> None:
+    metrics = make_metrics(state_dir)
+    metrics.add_program("redis")
+    samples = scrape(metrics)
+    assert value(samples, "grenadine_uploads_total", program="redis") == 0
+    assert value(samples, "grenadine_upload_queue_length") == 0
+
+    metrics.upload_queue_changed(3)
+    metrics.upload_failed("redis")
+    metrics.upload_succeeded("redis", 1.5)
+    metrics.remote_images_seen("redis", 2)
+    metrics.download_succeeded("redis", 0.5)
+    metrics.download_failed("redis")
+
+    samples = scrape(metrics)
+    assert value(samples, "grenadine_upload_queue_length") == 3
+    assert value(samples, "grenadine_upload_failures_total", program="redis") == 1
+    assert value(samples, "grenadine_uploads_total", program="redis") == 1
+    assert value(samples, "grenadine_upload_duration_seconds_sum", program="redis") == 1.5
+    assert value(samples, "grenadine_remote_images", program="redis") == 2
+    assert value(samples, "grenadine_downloads_total", program="redis") == 1
+    assert value(samples, "grenadine_download_failures_total", program="redis") == 1
+
+    metrics.forget_program("redis")
+    assert series_of(scrape(metrics), "redis") == set()
 
 
 def test_no_label_value_is_an_image_id(state_dir: Path) -> None:
@@ -612,6 +647,7 @@ def exported_series_names(state_dir: Path) -> set[str]:
     metrics = make_metrics(state_dir, ProgramTable({"memcached": Status("RUNNING")}))
     metrics.add_program("memcached")
     metrics.checkpoint_succeeded("memcached", "signal", 0.1, 0.01)
+    metrics.remote_images_seen("memcached", 1)
     return {name for name, _ in scrape(metrics)}
 
 

@@ -1,0 +1,415 @@
+"""Image archives: one image as a single stream, to move it to another host.
+
+An archive is a tar stream of `meta.json` (with every file's size and sha256) followed by the
+image's `criu/` files, zstd-compressed by default, and age-encrypted when recipients are given
+(`.tar`, `.tar.zst`, `.tar.zst.age`). Writing and reading both stream in fixed-size chunks, so
+memory use does not depend on the image's size.
+
+Reading writes into a hidden partial directory of the image store, checks every file against
+meta.json as it arrives, reads the stream to its end (age authenticates its last chunk there),
+and only then publishes the image with one rename, as a local checkpoint does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import threading
+from collections.abc import Callable
+from pathlib import PurePosixPath
+from types import TracebackType
+from typing import Any, BinaryIO, Literal, Self
+
+import blake3
+from pydantic import ValidationError
+
+from grenadine_sv.store.definition import CurrentDefinition, definition_changes
+from grenadine_sv.store.encryption import (
+    AGE_MAGIC,
+    DecryptionFailed,
+    decrypt_stream,
+    encrypt_stream,
+)
+from grenadine_sv.store.images import (
+    CRIU_SUBDIR,
+    META_FILE,
+    ImageCorrupt,
+    ImageMeta,
+    ImageStore,
+    PendingImage,
+)
+from grenadine_sv.store.sealing import ChecksumAlgorithm
+
+Compression = Literal["none", "zstd"]
+COMPRESSIONS: tuple[Compression, ...] = ("zstd", "none")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_LEVEL = 3
+CHUNK_BYTES = 1 << 20
+MAX_META_BYTES = 16 << 20
+_MEMBER_PREFIX = f"{CRIU_SUBDIR}/"
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes of image files done, bytes of image files in all)."""
+
+Acceptance = Callable[[ImageMeta], None]
+"""Called with an archive's meta.json before any file is written; raises ArchiveRefused to
+refuse the archive (an unknown program, a different definition)."""
+
+
+class ArchiveRefused(Exception):
+    """An archive was not imported; the message is a sentence saying why."""
+
+
+def acceptance(
+    definition_of: Callable[[str], CurrentDefinition | None],
+    defined_by: str,
+    allow_changed: bool,
+) -> Acceptance:
+    """The test an archive's meta.json passes before anything is received: its program must
+    be defined here (`definition_of` gives its definition now, None when `defined_by` does
+    not define it), by the definition the image was taken under unless `allow_changed`."""
+
+    def accept(meta: ImageMeta) -> None:
+        current = definition_of(meta.program)
+        if current is None:
+            raise ArchiveRefused(
+                f"it holds an image of program {meta.program!r}, which {defined_by} does not define"
+            )
+        check = definition_changes(meta.definition, meta.definition_digest, current)
+        if not check.unchanged and not allow_changed:
+            raise ArchiveRefused(
+                f"its image of {meta.program} was taken under another definition of the "
+                f"program ({check.describe()}); allow it with --allow-changed-definition"
+            )
+
+    return accept
+
+
+def archive_suffix(compress: Compression, encrypted: bool) -> str:
+    return ".tar" + (".zst" if compress == "zstd" else "") + (".age" if encrypted else "")
+
+
+# writing ---------------------------------------------------------------------
+
+
+def write_archive(
+    store: ImageStore,
+    image: ImageMeta,
+    sink: BinaryIO,
+    *,
+    compress: Compression = "zstd",
+    recipients: list[Any] | None = None,
+    progress: Progress | None = None,
+) -> None:
+    """Write `image` as an archive into `sink`; encrypted when `recipients` (pyrage
+    recipients) are given."""
+
+    def write_plain(out: BinaryIO) -> None:
+        if compress == "zstd":
+            import zstandard
+
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+            with compressor.stream_writer(out, closefd=False) as compressed:
+                _write_tar(store, image, compressed, progress)
+        else:
+            _write_tar(store, image, out, progress)
+
+    if not recipients:
+        write_plain(sink)
+        return
+    with _ProducerThread(write_plain) as producer:
+        encrypt_stream(producer.reader, sink, recipients)
+        producer.finish()
+
+
+class ArchiveStream:
+    """`image`'s archive as a readable stream (`reader`), written by a thread: for a consumer
+    that pulls, such as an upload. Call `finish` after reading to the end: it raises if the
+    archive could not be written whole."""
+
+    def __init__(
+        self,
+        store: ImageStore,
+        image: ImageMeta,
+        recipients: list[Any] | None,
+        compress: Compression = "zstd",
+    ) -> None:
+        self._producer = _ProducerThread(
+            lambda out: write_archive(store, image, out, compress=compress, recipients=recipients)
+        )
+        self.reader = self._producer.reader
+
+    def finish(self) -> None:
+        self._producer.finish()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._producer.__exit__(exc_type, exc, tb)
+
+
+def _write_tar(
+    store: ImageStore, image: ImageMeta, out: BinaryIO, progress: Progress | None
+) -> None:
+    image_dir = store.image_dir(image)
+    criu_dir = store.criu_dir(image)
+    meta_bytes = (image_dir / META_FILE).read_bytes()
+    total = sum(image.file_sizes.values())
+    counter = _Counter(total, progress)
+    mtime = int(image.created.timestamp())
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.copybufsize = CHUNK_BYTES  # type: ignore[attr-defined]
+        tar.addfile(_member(META_FILE, len(meta_bytes), mtime), io.BytesIO(meta_bytes))
+        for rel in sorted(image.checksums):
+            with (criu_dir / rel).open("rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                member = _member(f"{_MEMBER_PREFIX}{rel}", size, mtime)
+                tar.addfile(member, _CountingReader(file, counter))
+
+
+def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o600
+    info.mtime = mtime
+    return info
+
+
+# reading ---------------------------------------------------------------------
+
+
+def read_archive(
+    store: ImageStore,
+    source: BinaryIO,
+    *,
+    identities: list[Any] | None,
+    accept: Acceptance,
+    progress: Progress | None = None,
+) -> ImageMeta:
+    """Import the archive `source` into `store` and return its image, or raise
+    ArchiveRefused (nothing is left behind). `source` must support peek (a BufferedReader);
+    an encrypted archive needs `identities`."""
+    head = _peek(source, len(AGE_MAGIC))
+    if not head.startswith(AGE_MAGIC):
+        return _import(store, source, accept, progress, lambda: None)
+    if not identities:
+        raise ArchiveRefused(
+            "the archive is encrypted (age) and no [supervisor.remote.encryption] "
+            "identity_file is configured to decrypt it"
+        )
+
+    def decrypt(out: BinaryIO) -> None:
+        decrypt_stream(source, out, identities)
+
+    try:
+        with _ProducerThread(decrypt) as producer:
+            # Publish only once the last chunk is authenticated: finish() raises otherwise.
+            return _import(store, producer.reader, accept, progress, producer.finish)
+    except DecryptionFailed as exc:
+        raise ArchiveRefused(f"the archive was refused: {exc}") from exc
+
+
+def _import(
+    store: ImageStore,
+    source: BinaryIO,
+    accept: Acceptance,
+    progress: Progress | None,
+    before_publish: Callable[[], None],
+) -> ImageMeta:
+    """Extract the plain (maybe compressed) tar stream into a pending image whose files all
+    match meta.json, read `source` to its end, call `before_publish`, and publish the image.
+    On any error the pending image is removed."""
+    stream: BinaryIO = source
+    if _peek(source, len(ZSTD_MAGIC)) == ZSTD_MAGIC:
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            source, read_size=CHUNK_BYTES, closefd=False
+        )
+        stream = reader
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115 (closed in finally)
+    except tarfile.TarError as exc:
+        raise ArchiveRefused(f"this is not an image archive (tar: {exc})") from exc
+    except Exception as exc:
+        raise ArchiveRefused(f"the archive cannot be read: {exc}") from exc
+    try:
+        meta = _read_meta(tar)
+        accept(meta)
+        try:
+            pending = store.begin_import(meta)
+        except FileExistsError as exc:
+            raise ArchiveRefused(str(exc)) from exc
+        with pending:
+            _extract_files(tar, meta, pending, _Counter(sum(meta.file_sizes.values()), progress))
+            for remaining in (stream, source):
+                while remaining.read(CHUNK_BYTES):
+                    pass
+            before_publish()
+            pending.publish_received(meta)
+            return meta
+    except (tarfile.TarError, EOFError) as exc:
+        raise ArchiveRefused(f"the archive is truncated or damaged (tar: {exc})") from exc
+    except ImageCorrupt as exc:
+        raise ArchiveRefused(f"the archive was refused: {exc.path} {exc.reason}") from exc
+    except (ArchiveRefused, DecryptionFailed):
+        raise
+    except Exception as exc:
+        if isinstance(exc, OSError) and not _is_decompression_error(exc):
+            raise
+        raise ArchiveRefused(f"the archive is truncated or damaged ({exc})") from exc
+    finally:
+        tar.close()
+
+
+def _is_decompression_error(exc: Exception) -> bool:
+    return type(exc).__module__.startswith("zstd") or "zstd" in str(exc).lower()
+
+
+def _read_meta(tar: tarfile.TarFile) -> ImageMeta:
+    first = tar.next()
+    if first is None or first.name != META_FILE or not first.isreg():
+        raise ArchiveRefused(f"this is not an image archive: it does not start with {META_FILE}")
+    if first.size > MAX_META_BYTES:
+        raise ArchiveRefused(f"the archive's {META_FILE} is {first.size} bytes: too large")
+    extracted = tar.extractfile(first)
+    assert extracted is not None
+    try:
+        return ImageMeta.model_validate_json(extracted.read())
+    except ValidationError as exc:
+        raise ArchiveRefused(f"the archive's {META_FILE} is not valid: {exc}") from exc
+
+
+def _extract_files(
+    tar: tarfile.TarFile, meta: ImageMeta, pending: PendingImage, counter: _Counter
+) -> None:
+    seen: set[str] = set()
+    while (member := tar.next()) is not None:
+        name = member.name
+        rel = name.removeprefix(_MEMBER_PREFIX)
+        if not name.startswith(_MEMBER_PREFIX) or rel not in meta.checksums:
+            raise ArchiveRefused(f"the archive holds {name!r}, which its {META_FILE} does not list")
+        if rel in seen:
+            raise ArchiveRefused(f"the archive holds {name!r} twice")
+        if not member.isreg():
+            raise ArchiveRefused(f"the archive's {name!r} is not a regular file")
+        parts = PurePosixPath(rel).parts
+        if PurePosixPath(rel).is_absolute() or ".." in parts or not parts:
+            raise ArchiveRefused(f"the archive's {name!r} points outside the image")
+        expected_size = meta.file_sizes.get(rel)
+        if expected_size is not None and member.size != expected_size:
+            raise ImageCorrupt(meta, name, f"has {member.size} bytes, expected {expected_size}")
+        seen.add(rel)
+        target = pending.criu_dir.joinpath(*parts)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        extracted = tar.extractfile(member)
+        assert extracted is not None
+        digest = _hasher(meta.checksum_algorithm)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := extracted.read(CHUNK_BYTES):
+                digest.update(chunk)
+                out.write(chunk)
+                counter.add(len(chunk))
+        if digest.hexdigest() != meta.checksums[rel]:
+            raise ImageCorrupt(meta, name, f"does not match its {meta.checksum_algorithm} checksum")
+    missing = sorted(set(meta.checksums) - seen)
+    if missing:
+        raise ImageCorrupt(meta, f"{_MEMBER_PREFIX}{missing[0]}", "is missing from the archive")
+
+
+def _hasher(algorithm: ChecksumAlgorithm) -> Any:
+    if algorithm == "blake3":
+        return blake3.blake3()
+    return hashlib.sha256()
+
+
+def _peek(source: BinaryIO, size: int) -> bytes:
+    peek = getattr(source, "peek", None)
+    if peek is None:
+        raise TypeError("an archive source must support peek (open it buffered)")
+    data: bytes = peek(size)
+    return data[:size]
+
+
+# plumbing --------------------------------------------------------------------
+
+
+class _ProducerThread:
+    """A readable stream (`reader`) of what `produce` writes, run in a thread through a pipe.
+    `finish` waits for the thread and raises its error, if any: that error is the cause of
+    whatever the reader saw go wrong (such as a stream that ended early), so leaving the
+    context raises it in preference to the reader's."""
+
+    def __init__(self, produce: Callable[[BinaryIO], None]) -> None:
+        read_fd, write_fd = os.pipe()
+        self.reader: BinaryIO = os.fdopen(read_fd, "rb", buffering=CHUNK_BYTES)
+        self._errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with os.fdopen(write_fd, "wb", buffering=CHUNK_BYTES) as writer:
+                    produce(writer)
+            except BrokenPipeError:
+                pass  # the reader stopped first; its own error is the one to report
+            except BaseException as exc:
+                self._errors.append(exc)
+
+        self._thread = threading.Thread(target=run, name="archive-stream", daemon=True)
+        self._thread.start()
+
+    def finish(self) -> None:
+        self._thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.reader.close()
+        self._thread.join()
+        if self._errors and self._errors[0] is not exc:
+            raise self._errors[0] from exc
+
+
+class _Counter:
+    """Reports progress at most every CHUNK_BYTES * 8 and at the end."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self._reported = 0
+        self._progress = progress
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self._progress is not None and (
+            self.done - self._reported >= CHUNK_BYTES * 8 or self.done >= self.total
+        ):
+            self._reported = self.done
+            self._progress(self.done, self.total)
+
+
+class _CountingReader:
+    def __init__(self, file: BinaryIO, counter: _Counter) -> None:
+        self._file = file
+        self._counter = counter
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._file.read(size)
+        self._counter.add(len(data))
+        return data
