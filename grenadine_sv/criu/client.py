@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,8 @@ class RestoreRequest:
     log_name: str = "restore.log"
     lazy_pages: bool = False
     """Leave anonymous memory to a lazy-pages daemon listening in work_dir (post-copy)."""
+    # Called with the CRIU process's pid before it is asked to restore.
+    on_criu_started: Callable[[int], None] | None = None
 
 
 def error_lines(log_path: Path) -> list[str]:
@@ -150,12 +152,15 @@ class Criu:
                 entry = opts.inherit_fd.add()
                 entry.key = key
                 entry.fd = fd
+            if request.on_criu_started is not None:
+                request.on_criu_started(session.process.pid)
             try:
                 response = session.client.restore()
             except pycriu.CRIUException as exc:
                 failure = exc
         if failure is not None:
             _end_restore_leftovers(session)
+            _end_orphaned_helpers()
             raise self._failure("restore", failure, log_path, session.process) from failure
         return int(response.pid)
 
@@ -204,6 +209,8 @@ class Criu:
         finally:
             theirs.close()
         client = pycriu.criu()
+        with _ACTIVE_LOCK:
+            _ACTIVE_SWRK.add(swrk.pid)
         try:
             client.use_fd(ours.fileno())
             yield _Session(client, swrk, children_before)
@@ -219,6 +226,9 @@ class Criu:
             except subprocess.TimeoutExpired:
                 swrk.kill()
                 swrk.wait()
+            finally:
+                with _ACTIVE_LOCK:
+                    _ACTIVE_SWRK.discard(swrk.pid)
 
     @staticmethod
     def _failure(
@@ -242,6 +252,51 @@ def _thread_children() -> frozenset[int]:
         return frozenset()
 
 
+# The `criu swrk` processes of the sessions under way (any thread).
+_ACTIVE_SWRK: set[int] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def _namespace_depth(pid: int | str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    return len(line.split()) - 1
+    except OSError:
+        pass
+    return 0
+
+
+def _end_orphaned_helpers() -> None:
+    """CRIU's helper processes (its cgroupd) outlive a restore that failed and are re-parented
+    to this process, a child subreaper: end and reap those in this process's PID namespace
+    (a restored task is in its own), other than a session's `criu swrk`."""
+    own_depth = _namespace_depth("self")
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as listing:
+                children = [int(pid) for pid in listing.read().split()]
+        except OSError:
+            continue
+        for pid in children:
+            with _ACTIVE_LOCK:
+                if pid in _ACTIVE_SWRK:
+                    continue
+            try:
+                with open(f"/proc/{pid}/comm") as comm:
+                    if comm.read().strip() != "criu":
+                        continue
+            except OSError:
+                continue
+            if _namespace_depth(pid) != own_depth:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
 def _end_restore_leftovers(session: _Session) -> None:
     """A failed restore may leave the partly restored root behind as our child (restored as
     CRIU's sibling): a zombie CRIU already killed, or a task it gave up on. End and reap it,
@@ -255,7 +310,9 @@ def _end_restore_leftovers(session: _Session) -> None:
 
 @contextlib.contextmanager
 def _open_dir(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    """The directory CRIU works in, as an fd it is handed: never through a symlink there (the
+    directories above are checked by the caller, see store/trust.py)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         yield fd
     finally:

@@ -194,6 +194,7 @@ class ProgramMachine:
     failures: int = 0
     since: float = 0.0
     started_at: float | None = None
+    ready_at: float | None = None
     last_exit: int | None = None
     reason: str = ""
     restart_count: int = 0
@@ -291,7 +292,9 @@ class ProgramMachine:
     def _on_ready(self, event: BecameReady) -> list[Action]:
         if event.instance != self.instance or self.state != State.STARTING:
             return []
-        self.failures = 0
+        # Failures are forgiven only once the instance has stayed up for startsecs (see
+        # _on_exited): a program that dies right after getting ready still backs off.
+        self.ready_at = event.now
         self.reason = ""
         self._enter(State.RUNNING, event.now)
         return []
@@ -329,6 +332,14 @@ class ProgramMachine:
         self._enter(State.EXITED, event.now)
         if not restart:
             return []
+        ran = event.now - (self.ready_at if self.ready_at is not None else event.now)
+        if ran < self.policy.startsecs:
+            self.reason = (
+                f"exited with {describe_returncode(event.returncode)} {ran:.1f}s after it became"
+                f" ready (less than startsecs = {self.policy.startsecs:g})"
+            )
+            return self._start_failed(event.now)
+        self.failures = 0
         self.restart_count += 1
         return self._spawn(event.now)
 
@@ -356,6 +367,7 @@ class ProgramMachine:
         self.instance += 1
         self.pid = None
         self.started_at = None
+        self.ready_at = None
         self._enter(State.STARTING, now)
         return [Spawn(self.instance)]
 

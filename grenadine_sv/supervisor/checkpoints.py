@@ -566,6 +566,7 @@ class CheckpointService:
                     tcp_established=runner.config.checkpoint.tcp_established,
                     log_name=restore_log_name(image),
                     lazy_pages=lazy,
+                    on_criu_started=_restorer_recorder(runner),
                 )
             )
         except BaseException:
@@ -577,6 +578,8 @@ class CheckpointService:
             for fd in write_fds.values():
                 os.close(fd)
             _make_files_private(work_dir)
+            if runner.cgroup is not None:
+                runner.cgroup.clear_restorer()
         return pid, read_fds, tuple(held)
 
     # launchers -----------------------------------------------------------------
@@ -617,6 +620,7 @@ class CheckpointService:
             log.warning("restore_fallback_cold", program=runner.name, reason=str(exc))
             if on_fallback is not None:
                 on_fallback(str(exc))
+            await runner.claim_cgroup()  # what the failed restore may have left there
             return await launch_cold(runner)
 
     async def resolve_for_start(
@@ -691,6 +695,19 @@ async def kill_frozen_orphan(pid: int, start_time: int) -> None:
     finally:
         trio.lowlevel.notify_closing(pidfd)
         os.close(pidfd)
+
+
+def _restorer_recorder(runner: ProgramRunner) -> Callable[[int], None] | None:
+    """Records the CRIU process on the program's cgroup before it restores, so a supervisor
+    started after this one is killed waits for it rather than starting a second copy."""
+    cgroup = runner.cgroup
+    if cgroup is None:
+        return None
+
+    def record(criu_pid: int) -> None:
+        cgroup.set_restorer(criu_pid, read_start_time(criu_pid))
+
+    return record
 
 
 def restore_log_name(image: ImageMeta) -> str:

@@ -18,6 +18,7 @@ from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_program
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.metrics.endpoint import MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.sandbox.cgroup import CgroupUnavailable, ProgramCgroups
 from grenadine_sv.store.trust import UntrustedPath, check_trusted_dir, check_trusted_to_create
 from grenadine_sv.supervisor.checkpointing import Checkpointing
 from grenadine_sv.supervisor.deploys import Deploys
@@ -128,6 +129,12 @@ class Supervisor:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
+        try:
+            cgroups = await trio.to_thread.run_sync(ProgramCgroups.for_state_dir, self.state_dir)
+        except CgroupUnavailable as exc:
+            log.warning("cgroups_unavailable", reason=str(exc))
+        else:
+            self.programs.cgroups = self.recovery.cgroups = cgroups
         await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
         service = self.checkpointing.service
         remote = service.remote if service is not None else None
@@ -146,6 +153,7 @@ class Supervisor:
                 await nursery.start(control.serve, sock, RequestHandler(self.operations).handle)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self.checkpointing.signal_rounds.run)
+                nursery.start_soon(self.programs.end_extra_copies)
                 if self.metrics is not None:
                     await self._serve_metrics(nursery, self.metrics)
                 if remote is not None:
@@ -162,6 +170,8 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self.programs.kill_leftovers()
+                if self._started:
+                    await self.programs.remove_cgroups()
             self.programs.sandbox_server.close()
             keeper = self.programs.keeper
             if keeper is not None:

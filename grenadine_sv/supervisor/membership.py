@@ -38,36 +38,39 @@ class Sandbox:
     pid_ns_inode: int
 
 
-def namespace_pid(pid: int) -> int | None:
-    """The pid of `pid` inside its own (innermost) PID namespace."""
+def namespace_pids(pid: int) -> list[int]:
+    """The pids of `pid` in each PID namespace it is in, outermost first (NSpid); empty
+    when it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return None
+        return []
     for line in status.splitlines():
         if line.startswith("NSpid:"):
-            return int(line.split()[-1])
-    return None
+            return [int(field) for field in line.split()[1:]]
+    return []
 
 
 def census(cgroup: ProgramCgroup) -> tuple[list[Sandbox], list[int]]:
-    """The sandboxes in `cgroup` (one per PID namespace with its PID 1 there) and the other
-    processes in it (strays)."""
-    own_ns = read_pid_ns_inode(os.getpid())
+    """The sandboxes in `cgroup` (one per PID namespace directly below this process's, with
+    its PID 1 there) and the other processes in it (strays). Processes in namespaces nested
+    deeper belong to a sandbox (a program may make its own) and count as neither."""
+    own_depth = len(namespace_pids(os.getpid()))
     by_namespace: dict[int, list[int]] = {}
     strays: list[int] = []
     for pid in cgroup.pids():
+        depth = len(namespace_pids(pid)) - own_depth
         try:
             namespace = read_pid_ns_inode(pid)
         except OSError:
             continue  # gone meanwhile
-        if namespace == own_ns:
+        if depth <= 0:
             strays.append(pid)
-        else:
+        elif depth == 1:
             by_namespace.setdefault(namespace, []).append(pid)
     sandboxes: list[Sandbox] = []
     for namespace, pids in by_namespace.items():
-        root = next((pid for pid in pids if namespace_pid(pid) == 1), None)
+        root = next((pid for pid in pids if namespace_pids(pid)[-1:] == [1]), None)
         if root is None:
             strays.extend(pids)
             continue

@@ -16,11 +16,15 @@ from grenadine_sv.keeper.client import StdioKeeper
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.sandbox import LauncherServer
+from grenadine_sv.sandbox.cgroup import ProgramCgroups
+from grenadine_sv.supervisor.membership import emptied, end_all_but
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
 
 log = structlog.get_logger()
 
 DEPENDENCY_WAIT_SECONDS = math.inf
+# How often the running programs' cgroups are checked for a copy that is not their instance.
+CENSUS_SECONDS = 2.0
 
 
 class ProgramListener(Protocol):
@@ -63,6 +67,8 @@ class Programs:
         self.sandbox_server = LauncherServer()
         # Set by the supervisor once it runs: the holder of the output pipes.
         self.keeper: StdioKeeper | None = None
+        # Set by the supervisor once it runs: a cgroup per program, when the host has them.
+        self.cgroups: ProgramCgroups | None = None
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -77,7 +83,34 @@ class Programs:
             observers=self._observers,
             sandbox_server=self.sandbox_server,
             keeper=self.keeper,
+            cgroups=self.cgroups,
         )
+
+    async def end_extra_copies(self) -> None:
+        """A copy that turns up in a running program's cgroup beside its instance (a restore
+        that a killed supervisor left running, say) is ended: one instance per program."""
+        while True:
+            await trio.sleep(CENSUS_SECONDS)
+            for runner in list(self.runners.values()):
+                process, cgroup = runner.process, runner.cgroup
+                if cgroup is None or process is None or process.returncode is not None:
+                    continue
+                if runner.state != State.RUNNING:
+                    continue
+                ended = await trio.to_thread.run_sync(end_all_but, cgroup, process.pid_ns_inode)
+                if ended:
+                    log.warning("extra_copies_ended", program=runner.name, pids=ended)
+
+    async def remove_cgroups(self) -> None:
+        """Every program has ended: end any stray left in their cgroups and remove them."""
+        if self.cgroups is None:
+            return
+        for cgroup in list(self.cgroups.existing()):
+            try:
+                await emptied(cgroup)
+            except OSError as exc:
+                log.warning("cgroup_not_emptied", cgroup=str(cgroup.path), error=str(exc))
+        self.cgroups.remove_empty()
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Run the runners in this nursery from now on."""

@@ -1,11 +1,13 @@
 """What survives a supervisor killed with SIGKILL: its programs' sandboxes.
 
-The supervisor records every running instance (pid, start time, PID namespace
-inode) in `state_dir/supervisor.json`. The next supervisor finds those that are
-still running, proves they are the same processes (never trusting a pid or a
-name alone), and takes them back: it checkpoints each one and restores it as its
-own child, so the program keeps its memory and its output is captured again. An
-orphan that cannot be taken back that way is stopped cleanly and started anew.
+Each program runs in its own cgroup (sandbox/cgroup.py), which the kernel keeps whatever the
+supervisor managed to write: the next supervisor finds the survivors there first, keeps one
+instance per program and ends any other copy. It also reads `state_dir/supervisor.json`,
+where every running instance (pid, start time, PID namespace inode) is recorded, for
+instances outside any cgroup (a host without cgroup v2), proving they are the same processes
+(never trusting a pid or a name alone). It takes each survivor back: it checkpoints it and
+restores it as its own child, so the program keeps its memory and its output is captured
+again. An orphan that cannot be taken back that way is stopped cleanly and started anew.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import trio
 from grenadine_sv.config.loading import Config
 from grenadine_sv.criu.client import task_condition
 from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
 from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time, resume_sandbox
 from grenadine_sv.store.images import ImageMeta, ImageStore
 from grenadine_sv.supervisor.checkpoints import (
@@ -35,12 +38,15 @@ from grenadine_sv.supervisor.checkpoints import (
     CheckpointService,
     kill_frozen_orphan,
 )
+from grenadine_sv.supervisor.membership import census, end_processes
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner
 
 log = structlog.get_logger()
 
 STATE_FILE = "supervisor.json"
 LOCK_FILE = "supervisor.lock"
+# How long a new supervisor waits for a CRIU restore its killed predecessor left running.
+RESTORER_WAIT_SECONDS = 300.0
 # How long a new supervisor waits for a CRIU dump its killed predecessor left running.
 LEFTOVER_CRIU_WAIT_SECONDS = 120.0
 LOCK_POLL_SECONDS = 0.05
@@ -176,6 +182,79 @@ def is_same_process(instance: RecordedInstance) -> bool:
         return False
 
 
+def _running(pid: int, start_time: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X") and read_start_time(pid) == start_time
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+async def wait_for_restorer(cgroup: ProgramCgroup) -> None:
+    """A CRIU restore a killed supervisor left running into this cgroup: let it finish, so
+    that the instance it brings back is found here rather than started a second time."""
+    restorer = await trio.to_thread.run_sync(cgroup.restorer)
+    if restorer is None:
+        return
+    pid, start_time = restorer
+    if _running(pid, start_time):
+        log.warning("waiting_for_restore_in_progress", program=cgroup.program, criu_pid=pid)
+        with trio.move_on_after(RESTORER_WAIT_SECONDS):
+            while _running(pid, start_time):
+                await trio.sleep(0.05)
+    cgroup.clear_restorer()
+
+
+async def cgroup_survivors(
+    cgroups: ProgramCgroups, recorded: Mapping[str, RecordedInstance]
+) -> dict[str, RecordedInstance]:
+    """One instance per program found in the programs' cgroups (the recorded one if it is
+    there, else the oldest); every other process found there is ended."""
+    found: dict[str, RecordedInstance] = {}
+    for cgroup in await trio.to_thread.run_sync(lambda: list(cgroups.existing())):
+        await wait_for_restorer(cgroup)
+        sandboxes, strays = await trio.to_thread.run_sync(census, cgroup)
+        noted = recorded.get(cgroup.program)
+        keep = next(
+            (
+                s
+                for s in sandboxes
+                if noted is not None and (s.root, s.start_time) == (noted.pid, noted.start_time)
+            ),
+            min(sandboxes, key=lambda s: s.start_time, default=None),
+        )
+        extras = [s.root for s in sandboxes if s is not keep] + strays
+        if extras:
+            log.warning("extra_copies_ended", program=cgroup.program, pids=extras)
+            end_processes(extras)
+        if keep is None:
+            continue
+        try:
+            digest = cgroup.definition()
+        except OSError:
+            digest = None
+        if digest is None and noted is not None and noted.pid == keep.root:
+            digest = noted.definition_digest
+        found[cgroup.program] = RecordedInstance(
+            pid=keep.root,
+            start_time=keep.start_time,
+            pid_ns_inode=keep.pid_ns_inode,
+            definition_digest=digest or "",
+        )
+    return found
+
+
+async def find_orphans(
+    state_dir: Path, cgroups: ProgramCgroups | None
+) -> dict[str, RecordedInstance]:
+    """The instances a killed supervisor may have left, by program: the one found in each
+    program's cgroup, else the one the state file records (alive or not: check it)."""
+    recorded = await trio.to_thread.run_sync(read_state, state_dir)
+    found = await cgroup_survivors(cgroups, recorded) if cgroups is not None else {}
+    return {**recorded, **found}
+
+
 async def stop_orphan(
     name: str, instance: RecordedInstance, stop_signal: int, stop_wait: float
 ) -> None:
@@ -206,6 +285,8 @@ class Recovery:
         self.state_dir = state_dir
         self.checkpoints = checkpoints
         self._recorded: dict[str, RecordedInstance] = {}
+        # Set by the supervisor once it runs, when the host has a usable cgroup v2 hierarchy.
+        self.cgroups: ProgramCgroups | None = None
 
     def record_instances(self, runner: ProgramRunner, before: State, after: State) -> None:
         """A runner's state observer: keep state_dir/supervisor.json up to date."""
@@ -244,7 +325,7 @@ class Recovery:
         listed (and restored from it when the checkpoint was such a take-back), else resumed
         and taken back like the others."""
         launchers: dict[str, Launcher] = {}
-        recorded = await trio.to_thread.run_sync(read_state, self.state_dir)
+        recorded = await find_orphans(self.state_dir, self.cgroups)
         for name, instance in recorded.items():
             program = config.programs.get(name)
             bound = log.bind(program=name, pid=instance.pid)

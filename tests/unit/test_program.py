@@ -225,3 +225,37 @@ def test_a_refused_start_does_not_touch_an_active_program():
     assert machine.handle(StartRefused("dependency db is FATAL", 2.0)) == []
     assert machine.state == State.RUNNING
     assert machine.reason == ""
+
+
+def test_exit_soon_after_ready_backs_off_then_gives_up():
+    machine = ProgramMachine(LifecyclePolicy(startsecs=1.0, startretries=2, autorestart="always"))
+    machine.handle(StartRequested(0.0))
+    now = 0.0
+    for attempt in (1, 2):
+        machine.handle(Spawned(machine.instance, 10, now))
+        machine.handle(BecameReady(machine.instance, now + 0.1))
+        assert machine.state == State.RUNNING
+        actions = machine.handle(Exited(machine.instance, 1, now + 0.3))
+        assert machine.state == State.BACKOFF
+        assert actions == [ScheduleRetry(attempt, backoff_delay(attempt))]
+        assert "0.2s after it became ready" in machine.reason
+        now += 10.0
+        assert machine.handle(BackoffElapsed(attempt, now)) == [Spawn(machine.instance)]
+    machine.handle(Spawned(machine.instance, 10, now))
+    machine.handle(BecameReady(machine.instance, now + 0.1))
+    assert machine.handle(Exited(machine.instance, 1, now + 0.3)) == []
+    assert machine.state == State.FATAL
+
+
+def test_an_instance_that_stayed_up_restarts_at_once_and_is_forgiven_earlier_failures():
+    machine = ProgramMachine(LifecyclePolicy(startsecs=1.0, startretries=3, autorestart="always"))
+    machine.handle(StartRequested(0.0))
+    machine.handle(Spawned(machine.instance, 10, 0.0))
+    machine.handle(Exited(machine.instance, 1, 0.5))  # a failed start
+    machine.handle(BackoffElapsed(1, 2.0))
+    machine.handle(Spawned(machine.instance, 11, 2.0))
+    machine.handle(BecameReady(machine.instance, 3.0))
+    assert machine.failures == 1
+    assert machine.handle(Exited(machine.instance, 1, 60.0)) == [Spawn(machine.instance)]
+    assert machine.state == State.STARTING
+    assert machine.failures == 0
