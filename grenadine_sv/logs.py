@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 import structlog
-from structlog.typing import FilteringBoundLogger, Processor
+from structlog.typing import Processor
 
 LogFormat = Literal["auto", "console", "json"]
 
@@ -56,9 +56,3 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-
-
-def get_logger(**initial: Any) -> FilteringBoundLogger:
-    """A logger carrying `initial` as context, e.g. `get_logger(program="memcached")`."""
-    logger: FilteringBoundLogger = structlog.get_logger(**initial)
-    return logger

@@ -27,13 +27,13 @@ from grenadine_sv.config.errors import (
 from grenadine_sv.config.models import (
     DIGEST_FIELDS,
     LOADER_FIELDS,
-    PROGRAM_NAME_PATTERN,
     CheckpointPolicy,
     MetricsSettings,
     ProgramConfig,
     ReadyProbe,
     SupervisorSettings,
 )
+from grenadine_sv.config.units import PROGRAM_NAME_PATTERN
 
 __all__ = [
     "DIGEST_FIELDS",

@@ -30,6 +30,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from grenadine_sv.config.units import (
     HOST_PORT_EXPECTED,
+    check_program_name,
     check_size_form,
     parse_duration,
     parse_host_port,
@@ -39,7 +40,6 @@ from grenadine_sv.config.units import (
     split_command,
 )
 
-PROGRAM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 IMAGE_REF_PATTERN = r"[0-9a-f-]{1,64}|latest"
 S3_URL_PATTERN = r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\0]*)?"
 AGE_RECIPIENT_PATTERN = r"age1[02-9ac-hj-np-z]{58}"
@@ -92,15 +92,6 @@ _SIZE_JSON: dict[str, Any] = {
     ],
     "description": 'bytes, or a size such as "50MB" (10**6) or "10KiB" (2**10)',
 }
-
-
-def _check_program_name(name: str) -> str:
-    if not re.fullmatch(PROGRAM_NAME_PATTERN, name):
-        raise ValueError(
-            'expected a program name of letters, digits, "_", "." and "-"'
-            " starting with a letter or digit, at most 64 characters"
-        )
-    return name
 
 
 def _check_image_ref(ref: str) -> str:
@@ -236,7 +227,7 @@ HostPort = Annotated[
 ResolvedPath = Annotated[Path, BeforeValidator(_reject_empty_path), AfterValidator(_resolve_path)]
 AbsolutePath = Annotated[Path, AfterValidator(_check_absolute)]
 SocketPath = Annotated[ResolvedPath, AfterValidator(_check_socket_path)]
-ProgramName = Annotated[str, AfterValidator(_check_program_name)]
+ProgramName = Annotated[str, AfterValidator(check_program_name)]
 ImageRef = Annotated[
     str,
     AfterValidator(_check_image_ref),

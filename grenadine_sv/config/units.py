@@ -20,6 +20,12 @@ HOST_PORT_EXPECTED = (
     " and a port from 1 to 65535"
 )
 
+PROGRAM_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+PROGRAM_NAME_EXPECTED = (
+    'expected a program name of letters, digits, "_", "." and "-"'
+    " starting with a letter or digit, at most 64 characters"
+)
+
 _NUMBER = re.compile(r"\d+(?:\.\d+)?", re.ASCII)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)\s*", re.ASCII)
 _DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d)\s*)+", re.ASCII)
@@ -29,6 +35,13 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?", re.IGNORECASE | re.ASCII
 
 _HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _MAX_PORT = 65535
+
+
+def check_program_name(name: str) -> str:
+    """`name` if it can name a program (and so a directory of the image store)."""
+    if not re.fullmatch(PROGRAM_NAME_PATTERN, name):
+        raise ValueError(PROGRAM_NAME_EXPECTED)
+    return name
 
 
 def parse_duration(value: object) -> float:

@@ -21,8 +21,8 @@ LOG_LEVEL = 4
 ERROR_LINES_SHOWN = 8
 SWRK_EXIT_SECONDS = 30.0
 
-# Logged as an error by every run on hosts without CAP_SYS_RESOURCE, and harmless
-# (CRIU-NOTES.md): it would otherwise be the first "cause" shown for any failure.
+# Logged as an error by every run on hosts without CAP_SYS_RESOURCE, and harmless (CRIU
+# goes on with the limit it has): it would otherwise be the first "cause" shown for any failure.
 _HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
 # CRIU's summary line says nothing the action name does not.
 _SUMMARY_ERROR = re.compile(r"^(Dumping|Restoring) FAILED\.?$")
@@ -102,6 +102,10 @@ class _Session:
 
 
 class Criu:
+    """CRIU driven through pycriu's RPC (`criu swrk`, one CRIU process per request): dump a
+    process tree into a directory, restore one from it. Blocking: call it from a worker
+    thread. A failure is a CriuError quoting CRIU's own error lines and naming its log."""
+
     def __init__(self, binary: Path) -> None:
         self.binary = binary
 

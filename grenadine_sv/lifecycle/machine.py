@@ -40,7 +40,6 @@ class LifecyclePolicy:
     startretries: int = 3
     stopwaitsecs: float = 10.0
     has_ready_probe: bool = False
-    ready_timeout: float = 10.0
 
 
 # Events --------------------------------------------------------------------
@@ -152,7 +151,6 @@ class WatchReadiness:
     instance: int
     startsecs: float
     use_probe: bool
-    timeout: float
 
 
 @dataclass(frozen=True)
@@ -187,6 +185,11 @@ def backoff_delay(attempt: int) -> float:
 
 @dataclass
 class ProgramMachine:
+    """One program's lifecycle: `handle(event)` changes the state and returns the actions
+    to carry out (spawn, watch readiness, schedule a retry, signal, kill); it does no I/O
+    and reads no clock. Events carry the instance number they are about, so a late event
+    from a previous instance changes nothing."""
+
     policy: LifecyclePolicy
     state: State = State.STOPPED
     instance: int = 0
@@ -272,7 +275,6 @@ class ProgramMachine:
                 self.instance,
                 startsecs=self.policy.startsecs,
                 use_probe=self.policy.has_ready_probe,
-                timeout=self.policy.ready_timeout,
             )
         ]
 

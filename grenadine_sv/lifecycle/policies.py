@@ -33,8 +33,13 @@ class CoalescingTrigger:
     def __init__(self, action: Callable[[], Awaitable[None]]) -> None:
         self._action = action
         self._wakeup = trio.Event()
+        self._running = False
         self.requests = 0
-        self.runs = 0
+
+    @property
+    def idle(self) -> bool:
+        """No run in progress and none to come (until the next request)."""
+        return not self._running and not self._wakeup.is_set()
 
     def request(self) -> None:
         self.requests += 1
@@ -44,8 +49,11 @@ class CoalescingTrigger:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-            self.runs += 1
-            await self._action()
+            self._running = True
+            try:
+                await self._action()
+            finally:
+                self._running = False
 
 
 async def run_interval(

@@ -1,6 +1,6 @@
 """The image store: where checkpoints live on disk, and how they appear and disappear atomically.
 
-Layout (DESIGN.md, "Image store")::
+Layout (the README, "Images")::
 
     {state_dir}/images/{program}/{image_id}/meta.json
     {state_dir}/images/{program}/{image_id}/criu/         CRIU's files
@@ -16,6 +16,10 @@ image was listed, `recover_partials` at the next start seals and lists that dump
 throwing it away, and removes only what is incomplete.
 
 Everything here blocks on disk I/O: the supervisor calls it through `trio.to_thread`.
+
+Longer than most modules (about 800 lines): the layout, the atomic writes, the recovery of
+interrupted dumps and the reads are one on-disk contract, kept in one place; sealing
+(sealing.py) and the recorded definitions (definition.py) are already apart.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from grenadine_sv import __version__
+from grenadine_sv.config.units import check_program_name
 from grenadine_sv.criu.facts import DumpFacts, ImageFactsError, read_dump_facts
 from grenadine_sv.store.definition import META_FORMAT_VERSION, RecordedDefinition
 from grenadine_sv.store.sealing import (
@@ -51,6 +56,7 @@ from grenadine_sv.store.sealing import (
     FileRecord,
     digest_of,
     seal_tree,
+    walk_tree,
 )
 from grenadine_sv.store.trust import check_trusted_dir
 
@@ -70,25 +76,19 @@ MIN_PREFIX_LEN = 4
 _IMAGE_ID = re.compile(r"[0-9a-f]{32}")
 _DECIMAL = re.compile(r"[0-9]+")
 _HEX = re.compile(r"[0-9a-f]+")
-_MAX_NAME_BYTES = 255
 
 log = structlog.get_logger(__name__)
 
 
 def validate_program_name(program: str) -> str:
-    """Return `program` if it can name a directory under the store, else raise ValueError."""
-    if (
-        not program
-        or "/" in program
-        or "\0" in program
-        or program.startswith(".")
-        or len(program.encode()) > _MAX_NAME_BYTES
-    ):
+    """Return `program` if it can name a directory under the store (the configuration's
+    rule for program names), else raise ValueError."""
+    try:
+        return check_program_name(program)
+    except ValueError as exc:
         raise ValueError(
-            f"program name {program!r} cannot name an image directory: it must be 1 to "
-            f"{_MAX_NAME_BYTES} bytes, contain no '/' or NUL, and not start with '.'"
-        )
-    return program
+            f"program name {program!r} cannot name an image directory: {exc}"
+        ) from None
 
 
 def validate_image_id(image_id: str) -> str:
@@ -493,7 +493,7 @@ class ImageStore:
     ) -> None:
         if not criu_dir.is_dir():
             raise ImageCorrupt(image, f"{CRIU_SUBDIR}/", "is missing")
-        present = dict(_walk_files(criu_dir))
+        present = dict(walk_tree(criu_dir)[0])
         # Cheap checks on every file first, so a truncated image fails before any hashing.
         for rel in sorted(image.checksums):
             path = present.pop(rel, None)
@@ -646,7 +646,7 @@ class ImageStore:
         total = sum(
             path.lstat().st_size
             for image in images
-            for _, path in _walk_files(self._image_dir(image))
+            for _, path in walk_tree(self._image_dir(image))[0]
         )
         return len(images), total
 
@@ -793,18 +793,3 @@ def _write_private_file(path: Path, text: str) -> None:
         file.write(text)
         file.flush()
         os.fsync(fd)
-
-
-def _walk_files(top: Path) -> Iterator[tuple[str, Path]]:
-    """(posix path relative to `top`, path) of every non-directory under `top`."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        dirnames.sort()
-        base = Path(dirpath)
-        for name in sorted(filenames):
-            path = base / name
-            yield path.relative_to(top).as_posix(), path
-        # os.walk lists symlinks to directories among dirnames without descending: treat
-        # them as files so that they are reported rather than silently ignored.
-        for name in [d for d in dirnames if (base / d).is_symlink()]:
-            path = base / name
-            yield path.relative_to(top).as_posix(), path

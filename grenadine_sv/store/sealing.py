@@ -213,21 +213,31 @@ class DumpWatcher:
         self._files.clear()
 
 
+def walk_tree(top: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
+    """Every non-directory under `top` as (posix path relative to `top`, path), sorted, and
+    every directory, each before its parent. A symlink to a directory counts as a file: it
+    is reported rather than followed or silently left out."""
+    files: list[tuple[str, Path]] = []
+    directories: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames.sort()
+        base = Path(dirpath)
+        directories.append(base)
+        linked_dirs = [d for d in dirnames if (base / d).is_symlink()]
+        for name in sorted([*filenames, *linked_dirs]):
+            path = base / name
+            files.append((path.relative_to(top).as_posix(), path))
+    directories.reverse()
+    return files, directories
+
+
 def seal_tree(top: Path, watcher: DumpWatcher | None = None) -> Mapping[str, FileRecord]:
     """Over what CRIU wrote (and has closed): make files 0600 and directories 0700, hash
     (BLAKE3) and fsync every file, fsync every directory. Returns each file's size and digest.
 
     Files the watcher already hashed and synced, and that did not change since, are taken as
     they are; the rest are hashed (on all cores) and fsynced in worker threads at once."""
-    files: list[tuple[str, Path]] = []
-    directories: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
-        base = Path(dirpath)
-        linked_dirs = [d for d in dirnames if (base / d).is_symlink()]
-        for name in [*filenames, *linked_dirs]:
-            path = base / name
-            files.append((path.relative_to(top).as_posix(), path))
-        directories.append(base)
+    files, directories = walk_tree(top)
     seen = dict(watcher.records()) if watcher is not None and watcher.error is None else {}
     try:
         with ThreadPoolExecutor(max_workers=SEAL_WORKERS) as pool:

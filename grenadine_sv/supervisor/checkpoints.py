@@ -1,4 +1,9 @@
-"""Checkpoint a running program into the image store, and start a program from an image."""
+"""Checkpoint a running program into the image store, and start a program from an image.
+
+Longer than most modules (about 650 lines): a checkpoint and a restore of a program share
+its lock, the store, the metrics and the failure reporting, and the code for crash safety
+around both (frozen trees, orphans) is being extended; splitting the restore half out is
+the next step once that settles."""
 
 from __future__ import annotations
 
@@ -149,6 +154,11 @@ class ProgramImages:
 
 
 class CheckpointService:
+    """Does one checkpoint or one restore of a program, one at a time per program: the dump
+    into the image store (never a half image listed, the program running on when it fails),
+    and a start from an image (verified first, following restore_fallback when it fails).
+    Supervisor.checkpointing decides when; this class does it."""
+
     def __init__(
         self,
         store: ImageStore,
@@ -199,71 +209,51 @@ class CheckpointService:
     async def checkpoint(
         self, runner: ProgramRunner, trigger: Trigger, *, stop: bool = False
     ) -> ImageMeta:
-        """Checkpoint a RUNNING program; with `stop` (or checkpoint.leave_running = false) it
-        ends once its image is listed (see `checkpoint_and_stop`)."""
-        if stop or not runner.config.checkpoint.leave_running:
-            return await self.checkpoint_and_stop(runner, trigger)
+        """Checkpoint a RUNNING program. With `stop` (or checkpoint.leave_running = false) it
+        ends, never losing both program and image: CRIU dumps it and leaves every task frozen
+        (TCP connections locked); the image is made durable and listed; only then is the
+        frozen tree killed. The program never runs on after its dump (what it did then would
+        vanish on restore) and never ends before its image is listed. If the dump or the
+        sealing fails, the program runs on and CheckpointError says why. A supervisor killed
+        on the way leaves a state the next one resolves (recovery)."""
+        stop = stop or not runner.config.checkpoint.leave_running
         program = runner.name
         async with self.images_of(program).lock:
             await self.images_of(program).memory_back()
             process = _running_process(runner)
             pid, start_time = process.pid, process.start_time
             bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = tree_condition(pid)
+            # /proc reads: off the event loop, like everything that touches the dump.
+            before = await trio.to_thread.run_sync(tree_condition, pid)
+            if _running_process(runner) is not process:  # it ended meanwhile
+                raise CheckpointError(f"{program} is {runner.state.value}, no longer RUNNING")
+            instance = runner.stop_for_checkpoint() if stop else None
+            source = DumpSource(pid, start_time, _under_init(runner))
             began = self.clock()
             try:
-                image = await trio.to_thread.run_sync(
-                    self._dump,
-                    runner.config,
-                    DumpSource(pid, start_time, _under_init(runner)),
-                    trigger,
-                    True,
-                    abandon_on_cancel=False,
-                )
-            except (CriuError, ImageFactsError, OSError, ValueError) as exc:
-                self.metrics.checkpoint_failed(program, trigger)
-                message = self._failure_message(exc)
-                bound.error("checkpoint_failed", error=message)
-                _examine_after_failed_dump(runner, pid, before, bound)
-                raise CheckpointError(message) from exc
-            return await self._checkpoint_done(runner, image, began, bound)
-
-    async def checkpoint_and_stop(self, runner: ProgramRunner, trigger: Trigger) -> ImageMeta:
-        """Checkpoint a RUNNING program and end it, never losing both program and image.
-
-        CRIU dumps it and leaves every task frozen (TCP connections locked); the image is made
-        durable and listed; only then is the frozen tree killed. The program never runs on after
-        its dump (what it did then would vanish on restore) and never ends before its image is
-        listed. If the dump or the sealing fails, the program resumes and CheckpointError says
-        why. A supervisor killed on the way leaves a state the next one resolves (recovery)."""
-        program = runner.name
-        async with self.images_of(program).lock:
-            await self.images_of(program).memory_back()
-            process = _running_process(runner)
-            pid, start_time = process.pid, process.start_time
-            bound = log.bind(program=program, pid=pid, trigger=trigger)
-            before = tree_condition(pid)
-            instance = runner.stop_for_checkpoint()
-            began = self.clock()
-            try:
-                image = await trio.to_thread.run_sync(
-                    self._dump_frozen,
-                    runner.config,
-                    DumpSource(pid, start_time, _under_init(runner)),
-                    trigger,
-                    abandon_on_cancel=False,
-                )
+                image = await self._dump_in_worker(runner.config, source, trigger, frozen=stop)
             except CheckpointError as exc:
-                runner.resume_instance(instance)
+                if instance is not None:
+                    runner.resume_instance(instance)
                 self.metrics.checkpoint_failed(program, trigger)
                 bound.error("checkpoint_failed", error=str(exc))
-                _examine_after_failed_dump(runner, pid, before, bound)
+                after = await trio.to_thread.run_sync(tree_condition, pid)
+                _examine_after_failed_dump(runner, pid, before, after, bound)
                 raise
-            # Listed and durable: the frozen tree may go now (its exit ends the instance).
-            # Return once it has ended: its ports and files are free for what comes next.
-            process.send_signal(signal.SIGKILL)
-            await runner.wait_until(lambda s: s != State.STOPPING, KILLED_TREE_WAIT_SECONDS)
+            if stop:
+                # Listed and durable: the frozen tree may go now (its exit ends the instance).
+                # Return once it has ended: its ports and files are free for what comes next.
+                process.send_signal(signal.SIGKILL)
+                await runner.wait_until(lambda s: s != State.STOPPING, KILLED_TREE_WAIT_SECONDS)
             return await self._checkpoint_done(runner, image, began, bound)
+
+    async def _dump_in_worker(
+        self, config: ProgramConfig, source: DumpSource, trigger: Trigger, *, frozen: bool
+    ) -> ImageMeta:
+        """Dump and list in a worker thread (never abandoned: CRIU is not left running
+        unwatched); CheckpointError when it did not happen."""
+        dump = self._dump_frozen if frozen else self._dump_leaving_running
+        return await trio.to_thread.run_sync(dump, config, source, trigger, abandon_on_cancel=False)
 
     async def _checkpoint_done(
         self, runner: ProgramRunner, image: ImageMeta, began: float, bound: Any
@@ -384,6 +374,16 @@ class CheckpointService:
         except (CriuError, ImageFactsError, OSError, ValueError) as exc:
             raise CheckpointError(self._failure_message(exc)) from exc
 
+    def _dump_leaving_running(
+        self, config: ProgramConfig, source: DumpSource, trigger: Trigger
+    ) -> ImageMeta:
+        """Dump leaving the tree running, and list the image; CheckpointError says why not
+        (in a worker thread)."""
+        try:
+            return self._dump(config, source, trigger, True)
+        except (CriuError, ImageFactsError, OSError, ValueError) as exc:
+            raise CheckpointError(self._failure_message(exc)) from exc
+
     def _keep_failed_dump_log(
         self, program: str, image_id: str, dump_log: Path | None
     ) -> Path | None:
@@ -420,18 +420,13 @@ class CheckpointService:
 
     async def recover_orphan(self, config: ProgramConfig, pid: int, start_time: int) -> ImageMeta:
         """Checkpoint a sandbox left running by a previous supervisor and end it (its image
-        listed first, as `checkpoint_and_stop` does), so that it can be restored as a child of
+        listed first, as `checkpoint(stop=True)` does), so that it can be restored as a child of
         this one. On failure it runs on."""
         async with self.images_of(config.name).lock:
             await wait_for_orphan_daemon(self.work_dir / config.name)
+            source = DumpSource(pid, start_time, config.init)
             try:
-                image = await trio.to_thread.run_sync(
-                    self._dump_frozen,
-                    config,
-                    DumpSource(pid, start_time, config.init),
-                    "recovery",
-                    abandon_on_cancel=False,
-                )
+                image = await self._dump_in_worker(config, source, "recovery", frozen=True)
             except CheckpointError:
                 self.metrics.checkpoint_failed(config.name, "recovery")
                 raise
@@ -440,9 +435,6 @@ class CheckpointService:
             return image
 
     # restore -------------------------------------------------------------------
-
-    def resolve(self, program: str, ref: str) -> ImageMeta:
-        return self.store.resolve(program, ref)
 
     async def launch_from_image(
         self,
@@ -715,11 +707,14 @@ def restore_log_name(image: ImageMeta) -> str:
 
 
 def _examine_after_failed_dump(
-    runner: ProgramRunner, pid: int, before: dict[int, TaskCondition], bound: Any
+    runner: ProgramRunner,
+    pid: int,
+    before: dict[int, TaskCondition],
+    after: dict[int, TaskCondition],
+    bound: Any,
 ) -> None:
     """CRIU that fails (or dies) mid-dump lets go of the tree: the kernel detaches its tasks and
     the parasite code returns them to where they were. Check that, and say what was left behind."""
-    after = tree_condition(pid)
     if pid not in after:
         # The exit reaches the runner, which restarts the program per its autorestart.
         bound.warning("program_gone_after_failed_checkpoint")

@@ -129,12 +129,7 @@ class Supervisor:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
-        try:
-            cgroups = await trio.to_thread.run_sync(ProgramCgroups.for_state_dir, self.state_dir)
-        except CgroupUnavailable as exc:
-            log.warning("cgroups_unavailable", reason=str(exc))
-        else:
-            self.programs.cgroups = self.recovery.cgroups = cgroups
+        await self._set_up_cgroups()
         await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
         service = self.checkpointing.service
         remote = service.remote if service is not None else None
@@ -153,6 +148,7 @@ class Supervisor:
                 await nursery.start(control.serve, sock, RequestHandler(self.operations).handle)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self.checkpointing.signal_rounds.run)
+                nursery.start_soon(self.recovery.keep_state_file)
                 nursery.start_soon(self.programs.end_extra_copies)
                 if self.metrics is not None:
                     await self._serve_metrics(nursery, self.metrics)
@@ -165,6 +161,7 @@ class Supervisor:
                     await self._shutdown.wait()
                     log.info("supervisor_stopping")
                     await self.programs.stop_programs(list(self.programs.runners))
+                    await self.recovery.write_now()
                     programs.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
         finally:
@@ -182,6 +179,15 @@ class Supervisor:
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
             log.info("supervisor_stopped")
+
+    async def _set_up_cgroups(self) -> None:
+        """A cgroup per program when the host has a usable cgroup v2 hierarchy."""
+        try:
+            cgroups = await trio.to_thread.run_sync(ProgramCgroups.for_state_dir, self.state_dir)
+        except CgroupUnavailable as exc:
+            log.warning("cgroups_unavailable", reason=str(exc))
+        else:
+            self.programs.cgroups = self.recovery.cgroups = cgroups
 
     async def _start_programs(self, nursery: trio.Nursery) -> None:
         """Take back a crashed predecessor's programs, then start those that autostart."""

@@ -285,11 +285,33 @@ class Recovery:
         self.state_dir = state_dir
         self.checkpoints = checkpoints
         self._recorded: dict[str, RecordedInstance] = {}
+        self._changed = trio.Event()
+        self._writes = trio.Lock()
         # Set by the supervisor once it runs, when the host has a usable cgroup v2 hierarchy.
         self.cgroups: ProgramCgroups | None = None
 
+    async def keep_state_file(self) -> None:
+        """Write the state file each time the recorded instances change, in a worker thread
+        (a file write on every state change would stall the event loop). One writer, each
+        write a snapshot taken after the previous write ended: the file only ever moves
+        forward, and the last write is the last state."""
+        while True:
+            await self._changed.wait()
+            await self.write_now()
+
+    async def write_now(self) -> None:
+        """Write the recorded instances as they are now (also at shutdown)."""
+        async with self._writes:
+            self._changed = trio.Event()
+            snapshot = dict(self._recorded)
+            try:
+                await trio.to_thread.run_sync(write_state, self.state_dir, snapshot)
+            except OSError as exc:
+                log.error("state_file_write_failed", error=str(exc))
+
     def record_instances(self, runner: ProgramRunner, before: State, after: State) -> None:
-        """A runner's state observer: keep state_dir/supervisor.json up to date."""
+        """A runner's state observer: keep the recorded instances (and, through
+        keep_state_file, state_dir/supervisor.json) up to date."""
         process = runner.process
         name = runner.name
         alive = process is not None and process.returncode is None and runner.machine.pid
@@ -305,10 +327,7 @@ class Recovery:
             self._recorded[name] = entry
         elif self._recorded.pop(name, None) is None:
             return
-        try:
-            write_state(self.state_dir, self._recorded)
-        except OSError as exc:
-            log.error("state_file_write_failed", error=str(exc))
+        self._changed.set()
 
     @property
     def image_store(self) -> ImageStore:

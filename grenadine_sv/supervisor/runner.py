@@ -1,4 +1,8 @@
-"""Drives one program: feeds its state machine with events and carries out its actions."""
+"""Drives one program: feeds its state machine with events and carries out its actions.
+
+A little over 400 lines: each instance's process, output pipes (kept by the stdio keeper)
+and cgroup meet here; the cold start (sandbox_spec, launch_cold) is the part to move out
+next."""
 
 from __future__ import annotations
 
@@ -119,7 +123,6 @@ def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
         startretries=config.startretries,
         stopwaitsecs=config.stopwaitsecs,
         has_ready_probe=config.ready is not None,
-        ready_timeout=config.ready.timeout if config.ready is not None else 0.0,
     )
 
 
@@ -145,6 +148,12 @@ def sandbox_spec(
 
 
 class ProgramRunner:
+    """Drives one program: feeds its ProgramMachine with events (requests, a spawn, an exit,
+    readiness, timers) and carries out the actions that come back, in one trio task of its
+    own. Each instance starts through a launcher: the runner's own (a cold start, or the
+    pinned image) or the one a start names (a restore, a rollback, a recovery). Other parts
+    of the supervisor ask it; none writes to its machine."""
+
     def __init__(
         self, config: ProgramConfig, context: RunnerContext, launcher: Launcher | None = None
     ) -> None:

@@ -27,6 +27,7 @@ from tests.integration.supervising import (
     pid_alive,
     python_program,
     running_supervisor,
+    wait_for,
     wait_state,
     wait_until,
 )
@@ -317,3 +318,38 @@ async def test_a_port_held_by_another_process_does_not_make_the_program_ready(
             machine = sv.programs.runners["impostor"].machine
             assert "answered by a process that is not this instance" in machine.reason
             assert State.RUNNING not in [state for _, state in machine.history]
+
+
+async def test_a_copy_that_turns_up_in_a_running_programs_cgroup_is_ended(
+    sv_dirs: SupervisorDirs,
+):
+    config = sv_dirs.write_config(f"[programs.idle]\ncommand = {IDLE}\nstartsecs = 0\n")
+    async with running_supervisor(config) as sv:
+        pid = await wait_state(sv, "idle", State.RUNNING)
+        cgroup = sv.programs.runners["idle"].cgroup
+        assert cgroup is not None
+        instance = set(cgroup.pids())  # the program (and tini, its PID 1)
+        assert pid in instance
+        # A second sandbox in the program's cgroup, as a restore left running by a killed
+        # supervisor would put there: PID 1 of its own PID namespace.
+        procs = os.fspath(cgroup.path / "cgroup.procs")
+        intruder = subprocess.Popen(
+            ["sh", "-c", f"echo $$ > {procs} && exec unshare --pid --fork sleep 600"]
+        )
+        try:
+            await wait_for(
+                lambda: set(cgroup.pids()) > instance or intruder.poll() is not None,
+                what="the intruder in the cgroup",
+            )
+            # (Reaped as it is polled: a zombie child of this test may stay listed meanwhile.)
+            await wait_for(
+                lambda: intruder.poll() is not None and set(cgroup.pids()) == instance,
+                timeout=10,
+                what="the intruder ended, the instance alone",
+            )
+            assert intruder.returncode == -signal.SIGKILL
+            assert sv.programs.runners["idle"].state == State.RUNNING
+            assert sv.programs.runners["idle"].machine.pid == pid
+        finally:
+            intruder.kill()
+            intruder.wait()

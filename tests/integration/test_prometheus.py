@@ -7,22 +7,15 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from grenadine_sv.metrics.endpoint import serve_metrics
+from grenadine_sv.testing import MemoryImageStore
 from tests.integration.prometheus_server import PrometheusLauncher, value_of
-from tests.unit.test_metrics import (
-    CONTRIB,
-    ProgramTable,
-    Status,
-    image_id,
-    make_metrics,
-    write_image,
-)
+from tests.unit.test_metrics import CONTRIB, ProgramTable, Status, make_metrics
 
 # Values Grafana gives the dashboard's variables, for running its queries here.
 DASHBOARD_VARIABLES = {
@@ -40,13 +33,12 @@ def prometheus() -> Iterator[PrometheusLauncher]:
 
 
 async def test_prometheus_scrapes_the_endpoint(
-    prometheus: PrometheusLauncher, tmp_path: Path
+    prometheus: PrometheusLauncher,
 ) -> None:
-    state_dir = tmp_path / "state"
+    store = MemoryImageStore()
     for n in range(3):
-        write_image(state_dir, "memcached", image_id(n), memory_bytes=1000, page_bytes=10)
-    write_image(state_dir, "memcached", image_id(9), memory_bytes=1, page_bytes=1, partial=True)
-    metrics = make_metrics(state_dir, ProgramTable({"memcached": Status("RUNNING")}))
+        store.add("memcached", memory_bytes=1000, image_bytes=10, minutes=n)
+    metrics = make_metrics(store, ProgramTable({"memcached": Status("RUNNING")}))
     metrics.add_program("memcached")
     metrics.checkpoint_succeeded("memcached", "signal", 0.2, 0.03)
 

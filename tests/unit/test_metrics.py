@@ -1,10 +1,9 @@
-"""Metrics: figures read from an image store laid out on disk, counters and histograms, the
-exposition text, and the /metrics endpoint."""
+"""Metrics: figures read from an image store (in memory, and once the real one), counters
+and histograms, the exposition text, and the /metrics endpoint."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -12,7 +11,6 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,91 +18,13 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from grenadine_sv.criu import facts
 from grenadine_sv.metrics.collector import CHECKPOINT_TRIGGERS, Metrics
 from grenadine_sv.metrics.endpoint import CONTENT_TYPE, MetricsListenError, serve_metrics
+from grenadine_sv.store import images
+from grenadine_sv.testing import MemoryImageStore
 
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 IMAGE_ID = re.compile(r"[0-9a-f]{32}")
-
-
-# --- an image store laid out on disk by the test --------------------------------------------
-
-
-@dataclass(frozen=True)
-class FakeImage:
-    id: str
-    created: datetime
-    memory_bytes: int
-
-
-class DiskImageStore:
-    """The image store contract over `{state_dir}/images/{program}/{id}/meta.json`: names
-    starting with "." (dumps in progress, deletes in progress) are not images."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.root = state_dir / "images"
-
-    def programs(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
-
-    def list(self, program: str) -> list[FakeImage]:
-        program_dir = self.root / program
-        if not program_dir.is_dir():
-            return []
-        images = []
-        for entry in program_dir.iterdir():
-            if entry.name.startswith("."):
-                continue
-            meta = json.loads((entry / "meta.json").read_text())
-            created = datetime.fromisoformat(meta["created"])
-            images.append(FakeImage(meta["id"], created, meta["memory_bytes"]))
-        return sorted(images, key=lambda image: image.created, reverse=True)
-
-    def usage(self, program: str) -> tuple[int, int]:
-        images = self.list(program)
-        total = sum(
-            path.stat().st_size
-            for image in images
-            for path in (self.root / program / image.id).rglob("*")
-            if path.is_file()
-        )
-        return len(images), total
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.state_dir)
-        return st.f_bavail * st.f_frsize
-
-
-def write_image(
-    state_dir: Path,
-    program: str,
-    image_id: str,
-    *,
-    memory_bytes: int,
-    page_bytes: int,
-    minutes: int = 0,
-    partial: bool = False,
-) -> int:
-    """Lay out one image (or a dump in progress) and return the bytes its files take."""
-    name = f".partial-{image_id}" if partial else image_id
-    image_dir = state_dir / "images" / program / name
-    (image_dir / "criu").mkdir(parents=True)
-    (image_dir / "criu" / "pages-1.img").write_bytes(b"\0" * page_bytes)
-    meta = {
-        "id": image_id,
-        "program": program,
-        "created": (T0 + timedelta(minutes=minutes)).isoformat(),
-        "memory_bytes": memory_bytes,
-    }
-    (image_dir / "meta.json").write_text(json.dumps(meta))
-    return page_bytes + (image_dir / "meta.json").stat().st_size
-
-
-def image_id(n: int) -> str:
-    return f"{n:032x}"
 
 
 @dataclass
@@ -120,9 +40,9 @@ class ProgramTable:
         return self.states
 
 
-def make_metrics(state_dir: Path, table: ProgramTable | None = None) -> Metrics:
+def make_metrics(store: MemoryImageStore, table: ProgramTable | None = None) -> Metrics:
     return Metrics(
-        store=DiskImageStore(state_dir),
+        store=store,
         programs=table or ProgramTable(),
         criu_version="4.2.1",
         version="0.1.0",
@@ -155,80 +75,62 @@ def series_of(samples: Samples, program: str) -> set[str]:
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "state"
-    path.mkdir()
-    return path
+def store() -> MemoryImageStore:
+    return MemoryImageStore()
 
 
 # --- image figures ---------------------------------------------------------------------------
 
 
-def test_image_figures_come_from_the_store_on_disk(state_dir: Path) -> None:
-    old = write_image(state_dir, "memcached", image_id(1), memory_bytes=1000, page_bytes=4096)
-    new = write_image(
-        state_dir, "memcached", image_id(2), memory_bytes=3000, page_bytes=8192, minutes=5
-    )
-    write_image(state_dir, "redis", image_id(3), memory_bytes=7000, page_bytes=100)
+def test_image_figures_come_from_the_store(store: MemoryImageStore) -> None:
+    old = store.add("memcached", memory_bytes=1000, image_bytes=4096)
+    new = store.add("memcached", memory_bytes=3000, image_bytes=8192, minutes=5)
+    store.add("redis", memory_bytes=7000, image_bytes=100)
 
-    samples = scrape(make_metrics(state_dir))
+    samples = scrape(make_metrics(store))
 
     assert value(samples, "grenadine_images", program="memcached") == 2
-    assert value(samples, "grenadine_image_bytes", program="memcached") == old + new
+    assert (
+        value(samples, "grenadine_image_bytes", program="memcached")
+        == old.image_bytes + new.image_bytes
+    )
     assert value(samples, "grenadine_latest_image_memory_bytes", program="memcached") == 3000
     assert value(samples, "grenadine_images", program="redis") == 1
     assert value(samples, "grenadine_latest_image_memory_bytes", program="redis") == 7000
-    assert value(samples, "grenadine_state_dir_free_bytes") > 0
+    assert value(samples, "grenadine_state_dir_free_bytes") == store.free
 
 
-def test_a_dump_in_progress_is_not_counted(state_dir: Path) -> None:
-    done = write_image(state_dir, "memcached", image_id(1), memory_bytes=1000, page_bytes=4096)
-    write_image(
-        state_dir,
-        "memcached",
-        image_id(2),
-        memory_bytes=9999,
-        page_bytes=1 << 20,
-        minutes=5,
-        partial=True,
-    )
-
-    samples = scrape(make_metrics(state_dir))
-
-    assert value(samples, "grenadine_images", program="memcached") == 1
-    assert value(samples, "grenadine_image_bytes", program="memcached") == done
-    assert value(samples, "grenadine_latest_image_memory_bytes", program="memcached") == 1000
-
-
-def test_figures_are_read_at_each_scrape(state_dir: Path) -> None:
-    write_image(state_dir, "memcached", image_id(1), memory_bytes=1000, page_bytes=10)
-    metrics = make_metrics(state_dir)
+def test_figures_are_read_at_each_scrape(store: MemoryImageStore) -> None:
+    store.add("memcached", memory_bytes=1000, image_bytes=10)
+    metrics = make_metrics(store)
     assert value(scrape(metrics), "grenadine_images", program="memcached") == 1
 
-    write_image(state_dir, "memcached", image_id(2), memory_bytes=2000, page_bytes=10, minutes=1)
+    newer = store.add("memcached", memory_bytes=2000, image_bytes=10, minutes=1)
     samples = scrape(metrics)
     assert value(samples, "grenadine_images", program="memcached") == 2
     assert value(samples, "grenadine_latest_image_memory_bytes", program="memcached") == 2000
 
-    shutil.rmtree(state_dir / "images" / "memcached" / image_id(2))  # a prune
+    store.remove(newer)  # a prune
     samples = scrape(metrics)
     assert value(samples, "grenadine_images", program="memcached") == 1
     assert value(samples, "grenadine_latest_image_memory_bytes", program="memcached") == 1000
 
 
-def test_a_new_supervisor_sees_the_images_already_on_disk(state_dir: Path) -> None:
-    write_image(state_dir, "memcached", image_id(1), memory_bytes=1000, page_bytes=10)
-    make_metrics(state_dir).checkpoint_succeeded("memcached", "signal", 0.5, 0.05)
+def test_a_new_supervisor_sees_the_images_already_there(store: MemoryImageStore) -> None:
+    store.add("memcached", memory_bytes=1000, image_bytes=10)
+    make_metrics(store).checkpoint_succeeded("memcached", "signal", 0.5, 0.05)
 
-    restarted = make_metrics(state_dir)
+    restarted = make_metrics(store)
 
     assert value(scrape(restarted), "grenadine_images", program="memcached") == 1
 
 
-def test_a_configured_program_without_images_has_zero_and_no_latest(state_dir: Path) -> None:
+def test_a_configured_program_without_images_has_zero_and_no_latest(
+    store: MemoryImageStore,
+) -> None:
     table = ProgramTable({"memcached": Status("RUNNING")})
 
-    samples = scrape(make_metrics(state_dir, table))
+    samples = scrape(make_metrics(store, table))
 
     assert value(samples, "grenadine_images", program="memcached") == 0
     assert value(samples, "grenadine_image_bytes", program="memcached") == 0
@@ -236,10 +138,10 @@ def test_a_configured_program_without_images_has_zero_and_no_latest(state_dir: P
     assert latest not in samples
 
 
-def test_the_real_image_store_fits_the_collector(state_dir: Path) -> None:
-    images = pytest.importorskip("grenadine_sv.store.images")
-    facts = pytest.importorskip("grenadine_sv.criu.facts")
-    store = images.ImageStore(state_dir)
+def test_the_real_image_store_fits_the_collector(tmp_path: Path) -> None:
+    """The in-memory store above stands for this one: the same figures, a dump in
+    progress not counted."""
+    store = images.ImageStore(tmp_path)
     dump = facts.DumpFacts(
         root_pid=1, comm="memcached", memory_bytes=4096, stdio_pipes={}, dump_stats={}
     )
@@ -270,18 +172,19 @@ def test_the_real_image_store_fits_the_collector(state_dir: Path) -> None:
     in_progress.abort()
 
 
-class UnreadableStore(DiskImageStore):
+class UnreadableStore(MemoryImageStore):
     def usage(self, program: str) -> tuple[int, int]:
         if program == "broken":
-            raise PermissionError(13, "Permission denied", str(self.root / program))
+            raise PermissionError(13, "Permission denied", f"/state/images/{program}")
         return super().usage(program)
 
 
-def test_an_unreadable_program_is_left_out_and_the_rest_is_scraped(state_dir: Path) -> None:
-    write_image(state_dir, "broken", image_id(1), memory_bytes=1, page_bytes=1)
-    write_image(state_dir, "memcached", image_id(2), memory_bytes=1000, page_bytes=10)
+def test_an_unreadable_program_is_left_out_and_the_rest_is_scraped() -> None:
+    store = UnreadableStore()
+    store.add("broken", memory_bytes=1, image_bytes=1)
+    store.add("memcached", memory_bytes=1000, image_bytes=10)
     metrics = Metrics(
-        store=UnreadableStore(state_dir),
+        store=store,
         programs=ProgramTable(),
         criu_version="4.2.1",
         version="0.1.0",
@@ -296,9 +199,9 @@ def test_an_unreadable_program_is_left_out_and_the_rest_is_scraped(state_dir: Pa
 # --- program up ------------------------------------------------------------------------------
 
 
-def test_program_up_follows_the_program_table_at_scrape_time(state_dir: Path) -> None:
+def test_program_up_follows_the_program_table_at_scrape_time(store: MemoryImageStore) -> None:
     table = ProgramTable({"web": Status("RUNNING"), "cache": Status("BACKOFF")})
-    metrics = make_metrics(state_dir, table)
+    metrics = make_metrics(store, table)
 
     samples = scrape(metrics)
     assert value(samples, "grenadine_program_up", program="web") == 1
@@ -314,13 +217,13 @@ def test_program_up_follows_the_program_table_at_scrape_time(state_dir: Path) ->
 # --- counters and histograms ------------------------------------------------------------------
 
 
-def test_build_info_names_both_versions(state_dir: Path) -> None:
-    samples = scrape(make_metrics(state_dir))
+def test_build_info_names_both_versions(store: MemoryImageStore) -> None:
+    samples = scrape(make_metrics(store))
     assert value(samples, "grenadine_build_info", version="0.1.0", criu_version="4.2.1") == 1
 
 
-def test_added_program_starts_every_series_at_zero(state_dir: Path) -> None:
-    metrics = make_metrics(state_dir)
+def test_added_program_starts_every_series_at_zero(store: MemoryImageStore) -> None:
+    metrics = make_metrics(store)
     metrics.add_program("memcached")
 
     samples = scrape(metrics)
@@ -345,8 +248,8 @@ def test_added_program_starts_every_series_at_zero(state_dir: Path) -> None:
     )
 
 
-def test_events_update_counters_and_histograms(state_dir: Path) -> None:
-    metrics = make_metrics(state_dir)
+def test_events_update_counters_and_histograms(store: MemoryImageStore) -> None:
+    metrics = make_metrics(store)
     metrics.add_program("memcached")
     before = time.time()
 
@@ -383,8 +286,8 @@ def test_events_update_counters_and_histograms(state_dir: Path) -> None:
     assert value(samples, "grenadine_restore_memory_complete_seconds_sum", **mc) == 0.75
 
 
-def test_histogram_buckets_span_ten_milliseconds_to_a_minute(state_dir: Path) -> None:
-    metrics = make_metrics(state_dir)
+def test_histogram_buckets_span_ten_milliseconds_to_a_minute(store: MemoryImageStore) -> None:
+    metrics = make_metrics(store)
     metrics.add_program("memcached")
     bounds = {
         dict(labels)["le"]
@@ -397,8 +300,8 @@ def test_histogram_buckets_span_ten_milliseconds_to_a_minute(state_dir: Path) ->
     assert "+Inf" in bounds
 
 
-def test_forgotten_program_loses_its_series(state_dir: Path) -> None:
-    metrics = make_metrics(state_dir)
+def test_forgotten_program_loses_its_series(store: MemoryImageStore) -> None:
+    metrics = make_metrics(store)
     for program in ("old", "kept"):
         metrics.add_program(program)
         metrics.checkpoint_succeeded(program, "manual", 0.1, 0.01)
@@ -413,9 +316,9 @@ def test_forgotten_program_loses_its_series(state_dir: Path) -> None:
     assert value(samples, "grenadine_checkpoints_total", program="kept", trigger="manual") == 1
 
 
-def test_exposition_has_the_design_names_and_no_created_series(state_dir: Path) -> None:
-    write_image(state_dir, "memcached", image_id(1), memory_bytes=1000, page_bytes=10)
-    metrics = make_metrics(state_dir, ProgramTable({"memcached": Status("RUNNING")}))
+def test_exposition_has_the_design_names_and_no_created_series(store: MemoryImageStore) -> None:
+    store.add("memcached", memory_bytes=1000, image_bytes=10)
+    metrics = make_metrics(store, ProgramTable({"memcached": Status("RUNNING")}))
     metrics.add_program("memcached")
     metrics.checkpoint_succeeded("memcached", "signal", 0.1, 0.01)
 
@@ -450,8 +353,8 @@ def test_exposition_has_the_design_names_and_no_created_series(state_dir: Path) 
     }
 
 
-def test_uploads_and_downloads_are_counted_timed_and_failed(state_dir: Path) -> None:
-    metrics = make_metrics(state_dir)
+def test_uploads_and_downloads_are_counted_timed_and_failed(store: MemoryImageStore) -> None:
+    metrics = make_metrics(store)
     metrics.add_program("redis")
     samples = scrape(metrics)
     assert value(samples, "grenadine_uploads_total", program="redis") == 0
@@ -477,11 +380,9 @@ def test_uploads_and_downloads_are_counted_timed_and_failed(state_dir: Path) -> 
     assert series_of(scrape(metrics), "redis") == set()
 
 
-def test_no_label_value_is_an_image_id(state_dir: Path) -> None:
-    ids = [image_id(n) for n in (0xABC, 0xDEF)]
-    for n, id_ in enumerate(ids):
-        write_image(state_dir, "memcached", id_, memory_bytes=1, page_bytes=1, minutes=n)
-    metrics = make_metrics(state_dir, ProgramTable({"memcached": Status("RUNNING")}))
+def test_no_label_value_is_an_image_id(store: MemoryImageStore) -> None:
+    ids = [store.add("memcached", memory_bytes=1, image_bytes=1, minutes=n).id for n in (0, 1)]
+    metrics = make_metrics(store, ProgramTable({"memcached": Status("RUNNING")}))
     metrics.add_program("memcached")
     metrics.checkpoint_succeeded("memcached", "manual", 0.1, 0.01)
     metrics.restore_succeeded("memcached", 0.1)
@@ -493,12 +394,12 @@ def test_no_label_value_is_an_image_id(state_dir: Path) -> None:
     assert not any(id_ in text for id_ in ids)
 
 
-def test_promtool_accepts_the_exposition(state_dir: Path) -> None:
+def test_promtool_accepts_the_exposition(store: MemoryImageStore) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed")
-    write_image(state_dir, "memcached", image_id(1), memory_bytes=1000, page_bytes=10)
-    metrics = make_metrics(state_dir, ProgramTable({"memcached": Status("RUNNING")}))
+    store.add("memcached", memory_bytes=1000, image_bytes=10)
+    metrics = make_metrics(store, ProgramTable({"memcached": Status("RUNNING")}))
     metrics.add_program("memcached")
     metrics.checkpoint_succeeded("memcached", "signal", 0.1, 0.01)
 
@@ -546,9 +447,9 @@ def get(path: str, method: str = "GET") -> bytes:
 
 
 @pytest.fixture
-def endpoint_metrics(state_dir: Path) -> Metrics:
-    write_image(state_dir, "memcached", image_id(1), memory_bytes=1000, page_bytes=10)
-    return make_metrics(state_dir, ProgramTable({"memcached": Status("RUNNING")}))
+def endpoint_metrics(store: MemoryImageStore) -> Metrics:
+    store.add("memcached", memory_bytes=1000, image_bytes=10)
+    return make_metrics(store, ProgramTable({"memcached": Status("RUNNING")}))
 
 
 async def test_endpoint_serves_metrics_on_port_zero(endpoint_metrics: Metrics) -> None:
@@ -642,9 +543,9 @@ CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 
 
-def exported_series_names(state_dir: Path) -> set[str]:
-    write_image(state_dir, "memcached", image_id(1), memory_bytes=1, page_bytes=1)
-    metrics = make_metrics(state_dir, ProgramTable({"memcached": Status("RUNNING")}))
+def exported_series_names(store: MemoryImageStore) -> set[str]:
+    store.add("memcached", memory_bytes=1, image_bytes=1)
+    metrics = make_metrics(store, ProgramTable({"memcached": Status("RUNNING")}))
     metrics.add_program("memcached")
     metrics.checkpoint_succeeded("memcached", "signal", 0.1, 0.01)
     metrics.remote_images_seen("memcached", 1)
@@ -659,16 +560,16 @@ def exported_series_names(state_dir: Path) -> set[str]:
     ],
     ids=lambda p: p.name,
 )
-def test_contrib_file_names_only_exported_metrics(state_dir: Path, path: Path) -> None:
-    exported = exported_series_names(state_dir)
+def test_contrib_file_names_only_exported_metrics(store: MemoryImageStore, path: Path) -> None:
+    exported = exported_series_names(store)
     used = set(re.findall(r"\bgrenadine_[a-z_]+\b", path.read_text()))
 
     assert used, f"{path} names no grenadine metric"
     assert used <= exported, f"{path} names unknown series {sorted(used - exported)}"
 
 
-def test_dashboard_covers_every_metric(state_dir: Path) -> None:
-    exported = exported_series_names(state_dir)
+def test_dashboard_covers_every_metric(store: MemoryImageStore) -> None:
+    exported = exported_series_names(store)
     families = {
         name.removesuffix(suffix)
         for name in exported

@@ -43,7 +43,7 @@ def test_start_spawns_then_watches_readiness_then_runs():
     assert machine.handle(StartRequested(0.0)) == [Spawn(1)]
     assert machine.state == State.STARTING
     actions = machine.handle(Spawned(1, 4242, 0.1))
-    assert actions == [WatchReadiness(1, startsecs=2.0, use_probe=False, timeout=10.0)]
+    assert actions == [WatchReadiness(1, startsecs=2.0, use_probe=False)]
     assert machine.pid == 4242
     machine.handle(BecameReady(1, 2.1))
     assert machine.state == State.RUNNING
@@ -96,9 +96,10 @@ def test_spawn_failure_counts_as_a_failed_start():
 )
 def test_autorestart_after_running(autorestart, returncode, restarts):
     machine = running_machine(autorestart=autorestart)
-    actions = machine.handle(Exited(machine.instance, returncode, 10.0))
+    exited = machine.instance
+    actions = machine.handle(Exited(exited, returncode, 10.0))
     if restarts:
-        assert actions == [Spawn(machine.instance)]
+        assert actions == [Spawn(exited + 1)]
         assert machine.state == State.STARTING
         assert machine.restart_count == 1
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import cast
 
 import pytest
 import trio
@@ -12,46 +11,10 @@ import trio.testing
 
 from grenadine_sv.config.loading import ProgramConfig
 from grenadine_sv.lifecycle.machine import State
-from grenadine_sv.sandbox import SandboxError, SandboxProcess
+from grenadine_sv.sandbox import SandboxError
 from grenadine_sv.sandbox.spec import InvalidSandboxSpec
-from grenadine_sv.supervisor.runner import LaunchedInstance, Launcher, ProgramRunner, RunnerContext
-
-
-class FakeProcess:
-    """Stands in for a sandboxed process: exits when told, or on a signal it does not ignore."""
-
-    def __init__(self, pid: int, *, ignore: frozenset[int] = frozenset()) -> None:
-        self.pid = pid
-        self.start_time = 0
-        self.pid_ns_inode = 0
-        self.returncode: int | None = None
-        self.signals: list[tuple[float, int]] = []
-        self._ignore = ignore
-        self._exited = trio.Event()
-
-    def exit(self, returncode: int) -> None:
-        if self.returncode is None:
-            self.returncode = returncode
-            self._exited.set()
-
-    async def wait(self) -> int:
-        await self._exited.wait()
-        assert self.returncode is not None
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        self.signals.append((trio.current_time(), sig))
-        if sig not in self._ignore:
-            self.exit(-sig)
-
-    def close(self) -> None:
-        pass
-
-
-def closed_stream() -> trio.abc.ReceiveStream:
-    send, receive = trio.testing.memory_stream_one_way_pair()
-    send.close()
-    return receive
+from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, RunnerContext
+from grenadine_sv.testing import FakeLauncher, FakeProcess
 
 
 def program(tmp_path: Path, **fields: object) -> ProgramConfig:
@@ -61,13 +24,8 @@ def program(tmp_path: Path, **fields: object) -> ProgramConfig:
 
 
 def runner_with(tmp_path: Path, config: ProgramConfig, make: object) -> ProgramRunner:
-    pids = iter(range(100, 200))
-
-    async def launch(_: ProgramRunner) -> LaunchedInstance:
-        process = make(next(pids))  # type: ignore[operator]
-        return LaunchedInstance(cast(SandboxProcess, process), closed_stream(), closed_stream())
-
-    return ProgramRunner(config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path), launch)
+    launcher = FakeLauncher(make)  # type: ignore[arg-type]
+    return ProgramRunner(config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path), launcher)
 
 
 async def test_failed_starts_back_off_one_then_two_seconds_then_fatal(
@@ -118,13 +76,10 @@ async def test_stop_escalates_to_sigkill_after_stopwaitsecs(
 async def test_running_program_that_crashes_is_restarted(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
-    made: list[FakeProcess] = []
-
-    def service(pid: int) -> FakeProcess:
-        made.append(FakeProcess(pid))
-        return made[-1]
-
-    runner = runner_with(tmp_path, program(tmp_path, startsecs=1), service)
+    launcher = FakeLauncher()
+    made = launcher.made
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    runner = ProgramRunner(program(tmp_path, startsecs=1), context, launcher)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
         assert await runner.start(timeout=10) == State.RUNNING
@@ -170,40 +125,27 @@ async def test_a_start_with_its_own_launcher_uses_it_for_that_instance_only(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
     """A restore starts one instance from an image; a later restart starts the usual way."""
-    made: list[tuple[str, FakeProcess]] = []
-
-    def launcher(kind: str) -> Launcher:
-        async def launch(_: ProgramRunner) -> LaunchedInstance:
-            made.append((kind, FakeProcess(100 + len(made))))
-            return LaunchedInstance(
-                cast(SandboxProcess, made[-1][1]), closed_stream(), closed_stream()
-            )
-
-        return launch
-
+    usual, restore, ignored = FakeLauncher(), FakeLauncher(first_pid=200), FakeLauncher()
     context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
-    runner = ProgramRunner(program(tmp_path, startsecs=1), context, launcher("usual"))
+    runner = ProgramRunner(program(tmp_path, startsecs=1), context, usual)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
-        assert await runner.start(10, launcher("restore")) == State.RUNNING
+        assert await runner.start(10, restore) == State.RUNNING
         # Asked while running: nothing starts, and the launcher is not kept for later.
-        assert await runner.start(10, launcher("ignored")) == State.RUNNING
-        made[0][1].exit(-9)
-        await runner.wait_until(lambda s: s == State.RUNNING and len(made) == 2, 10)
-        assert [kind for kind, _ in made] == ["restore", "usual"]
+        assert await runner.start(10, ignored) == State.RUNNING
+        restore.made[0].exit(-9)
+        await runner.wait_until(lambda s: s == State.RUNNING and len(usual.made) == 1, 10)
+        assert (len(restore.made), len(usual.made), len(ignored.made)) == (1, 1, 0)
         nursery.cancel_scope.cancel()
 
 
 async def test_a_stopping_checkpoint_holds_the_instance_without_a_signal_and_can_resume(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
-    made: list[FakeProcess] = []
-
-    def service(pid: int) -> FakeProcess:
-        made.append(FakeProcess(pid))
-        return made[-1]
-
-    runner = runner_with(tmp_path, program(tmp_path, startsecs=1, stopwaitsecs=1), service)
+    launcher = FakeLauncher()
+    made = launcher.made
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
         assert await runner.start(timeout=10) == State.RUNNING
