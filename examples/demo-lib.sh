@@ -81,11 +81,23 @@ start_supervisor() {
     trap stop_supervisor EXIT
     rm -rf "$DEMO_WORK" # this demo's own images and logs from an earlier run
     mkdir -p "$DEMO_WORK"
+    launch_supervisor
+}
+
+# launch_supervisor: start a supervisor on this demo's files as they are (its log appended).
+launch_supervisor() {
     say "start the supervisor (its log: $DEMO_WORK/supervisor.log)"
     printf '$ grenadine-sv -c %s &\n' "$DEMO_CONFIG"
-    "$GRENADINE_SV" -c "$DEMO_CONFIG" >"$DEMO_WORK/supervisor.log" 2>&1 &
+    "$GRENADINE_SV" -c "$DEMO_CONFIG" >>"$DEMO_WORK/supervisor.log" 2>&1 &
     SUPERVISOR_PID=$!
     wait_for "the supervisor answers" supervisor_answers
+}
+
+# shutdown_supervisor: `grenadine-sv shutdown` (what SIGTERM does), then reap the supervisor.
+shutdown_supervisor() {
+    gsv shutdown
+    wait "$SUPERVISOR_PID" || fail "the supervisor exited with an error"
+    SUPERVISOR_PID=
 }
 
 # The EXIT trap: SIGTERM (the supervisor stops its programs and exits 0), SIGKILL after a

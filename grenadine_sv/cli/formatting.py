@@ -7,6 +7,7 @@ and returns the text to print, ending with a newline.
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
@@ -23,6 +24,7 @@ __all__ = [
     "format_images",
     "format_prune",
     "format_reload",
+    "format_removed",
     "format_restore",
     "format_status",
     "print_json",
@@ -60,11 +62,11 @@ def format_duration(seconds: float) -> str:
 
 
 def format_moment(created: datetime | str) -> str:
-    """`2026-11-27 05:46:25`, in UTC like the CTIME column of `images`."""
+    """`2026-11-27 05:46:25 UTC`: in UTC, and saying so."""
     moment = datetime.fromisoformat(created) if isinstance(created, str) else created
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # status, start, stop, restart -------------------------------------------------
@@ -80,20 +82,65 @@ def describe_program(entry: Mapping[str, Any]) -> str:
         details.append(f"uptime {format_duration(entry['uptime_seconds'])}")
     if entry.get("reason"):
         details.append(str(entry["reason"]))
+    if entry.get("restarts"):
+        details.append(f"restarts {entry['restarts']}")
+    if entry.get("exit_status") is not None and not entry.get("exit_requested"):
+        details.append(f"last exit {describe_exit(int(entry['exit_status']))}")
+    origin = entry.get("restored_from")
+    if origin and state in ("STARTING", "RUNNING", "STOPPING"):
+        instead = (
+            f", instead of {short_id(origin['instead_of'])}" if origin.get("instead_of") else ""
+        )
+        details.append(
+            f"restored from {short_id(origin['id'])} of {format_moment(origin['created'])} "
+            f"({origin['occasion']}{instead})"
+        )
+    if entry.get("depends_on"):
+        details.append(
+            f"depends on {', '.join(entry['depends_on'])} "
+            f"(on_dependency_stop {entry.get('on_dependency_stop')})"
+        )
     checkpoint = entry.get("last_checkpoint")
     if checkpoint:
         details.append(
             f"last checkpoint {short_id(checkpoint['id'])} at "
             f"{format_moment(checkpoint['created'])} ({checkpoint['trigger']})"
         )
+    failure = entry.get("last_checkpoint_failure")
+    if failure:
+        details.append(
+            f"last checkpoint FAILED at {format_moment(failure['at'])} "
+            f"({failure['trigger']}): {failure['error']}"
+        )
     return ", ".join(details)
 
 
-def format_status(entries: Sequence[Mapping[str, Any]]) -> str:
+def describe_exit(returncode: int) -> str:
+    """`code 3`, or `signal KILL` for a process a signal ended (a negative returncode)."""
+    if returncode >= 0:
+        return f"code {returncode}"
+    try:
+        return f"signal {signal.Signals(-returncode).name.removeprefix('SIG')}"
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+# ANSI colours of states on a terminal (supervisorctl users read FATAL in red).
+STATE_COLOURS = {"FATAL": "\033[31m", "BACKOFF": "\033[33m", "RUNNING": "\033[32m"}
+RESET = "\033[0m"
+
+
+def format_status(entries: Sequence[Mapping[str, Any]], colours: bool = False) -> str:
     if not entries:
         return "no programs\n"
     width = max(len(str(e["name"])) for e in entries) + 2
-    lines = [f"{e['name']:<{width}}{e['state']:<10}{describe_program(e)}".rstrip() for e in entries]
+    lines = []
+    for e in entries:
+        state = f"{e['state']:<10}"
+        colour = STATE_COLOURS.get(e["state"]) if colours else None
+        if colour:
+            state = f"{colour}{e['state']}{RESET}{' ' * (10 - len(e['state']))}"
+        lines.append(f"{e['name']:<{width}}{state}{describe_program(e)}".rstrip())
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +164,9 @@ def describe_image(image: Mapping[str, Any]) -> str:
 def format_checkpoints(results: Sequence[Mapping[str, Any]]) -> str:
     lines = []
     for result in results:
-        if result.get("ok") and result.get("image"):
+        if result.get("skipped"):
+            lines.append(f"{result['program']}: skipped ({result['skipped']})")
+        elif result.get("ok") and result.get("image"):
             image = result["image"]
             lines.append(
                 f"{result['program']}: checkpoint {short_id(image['id'])} ({describe_image(image)})"
@@ -135,16 +184,21 @@ def format_restore(result: Mapping[str, Any]) -> str:
     name = result["name"]
     image = short_id(str(result["image"]))
     now = result["state"] if result.get("pid") is None else f"{result['state']} pid {result['pid']}"
+    saved = ""
+    if result.get("saved"):
+        saved = f"{name}: checkpoint {short_id(str(result['saved']))} of its running memory first\n"
     if result.get("fallback"):
-        return (
+        instead = result.get("restored_from")
+        did = f"restored the previous image {short_id(str(instead))}" if instead else "started cold"
+        return saved + (
             f"{name}: restore from {image} failed ({result['fallback']}); "
-            f"started cold as restore_fallback says, {now}\n"
+            f"{did} as restore_fallback says, {now}\n"
         )
     if result.get("state") != "RUNNING":
         reason = f" ({result['reason']})" if result.get("reason") else ""
-        return f"{name}: restore from {image} failed{reason}, {now}\n"
+        return saved + f"{name}: restore from {image} failed{reason}, {now}\n"
     warning = f"warning: {result['warning']}\n" if result.get("warning") else ""
-    return f"{warning}{name}: restored from {image}, {now}\n"
+    return f"{saved}{warning}{name}: restored from {image}, {now}\n"
 
 
 # reload, prune ----------------------------------------------------------------
@@ -159,6 +213,10 @@ def format_reload(summary: Mapping[str, Any]) -> str:
             if section == "changed" and name in pre_deploy:
                 line += f" (pre-deploy image {short_id(pre_deploy[name])})"
             lines.append(line)
+    for name in summary.get("left_stopped") or []:
+        lines.append(f"left stopped: {name} (stopped by hand before the reload)")
+    for name, why in (summary.get("failed") or {}).items():
+        lines.append(f"failed: {name} ({why})")
     for name in summary.get("rolled_back") or []:
         line = f"rolled back: {name}"
         if name in pre_deploy:
@@ -186,6 +244,53 @@ def format_prune(deleted: Mapping[str, Sequence[str]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def format_removed(removed: Mapping[str, Sequence[str]]) -> str:
+    return "".join(
+        f"{program}: removed image {short_id(image_id)}\n"
+        for program, ids in removed.items()
+        for image_id in ids
+    )
+
+
+def format_reread(summary: Mapping[str, Any]) -> str:
+    """What `reload` would do, without having done it."""
+    lines = [
+        f"{name}: would be {section}"
+        for section in RELOAD_SECTIONS
+        for name in summary.get(section) or []
+    ]
+    kept = summary.get("supervisor_settings_kept") or []
+    if kept:
+        lines.append(f"[supervisor] {', '.join(kept)}: need a restart of the supervisor")
+    return "".join(line + "\n" for line in lines) or "no changes\n"
+
+
+def format_avail(entries: Sequence[Mapping[str, Any]]) -> str:
+    """supervisorctl's `avail`: each program of the file, in use or not, auto or manual."""
+    if not entries:
+        return "no programs\n"
+    width = max(len(str(e["name"])) for e in entries) + 2
+    lines = []
+    for e in entries:
+        use = "removed" if e.get("removed") else "in use" if e["in_use"] else "avail"
+        auto = "auto" if e["autostart"] else "manual"
+        lines.append(f"{e['name']:<{width}}{use:<9}{auto:<8}{e.get('state') or ''}".rstrip())
+    return "".join(line + "\n" for line in lines)
+
+
+def format_signalled(results: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(
+        f"{r['program']}: {r['signal']} sent\n"
+        if r["sent"]
+        else f"{r['program']}: not signalled ({r['state']})\n"
+        for r in results
+    )
+
+
+def format_cleared(names: Sequence[str]) -> str:
+    return "".join(f"{name}: logs cleared\n" for name in names)
+
+
 # images -----------------------------------------------------------------------
 
 
@@ -208,8 +313,13 @@ class ImageRow(Protocol):
     def trigger(self) -> str: ...
 
 
-def format_images(images: Sequence[ImageRow]) -> str:
-    header = ("IDX", "IMAGE_ID", "CTIME", "COMM", "MEM_SIZE", "PROGRAM", "TRIGGER", "SIZE")
+def format_images(
+    images: Sequence[ImageRow], corrupt: Mapping[str, str | None] | None = None
+) -> str:
+    """The seed's columns, then ours; an image known to be corrupt says CORRUPT, and why
+    below the table."""
+    corrupt = corrupt or {}
+    header = ("IDX", "IMAGE_ID", "CTIME", "COMM", "MEM_SIZE", "PROGRAM", "TRIGGER", "SIZE", "CHECK")
     rows: list[tuple[str, ...]] = [header]
     index: dict[str, int] = {}
     for image in images:
@@ -225,15 +335,20 @@ def format_images(images: Sequence[ImageRow]) -> str:
                 image.program,
                 image.trigger,
                 format_bytes(image.image_bytes),
+                "CORRUPT" if corrupt.get(image.id) else "ok",
             )
         )
     if len(rows) == 1:
         return "no images\n"
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "".join(
+    table = "".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() + "\n"
         for row in rows
     )
+    notes = "".join(
+        f"{short_id(image_id)} is corrupt: {why}\n" for image_id, why in corrupt.items() if why
+    )
+    return table + notes
 
 
 def format_remote_images(images: Sequence[Mapping[str, Any]]) -> str:

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shutil
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
@@ -39,7 +42,7 @@ def log_to_stderr() -> None:
 def run(args: argparse.Namespace, out: TextIO) -> int:
     import trio
 
-    from grenadine_sv.logs import configure_logging
+    from grenadine_sv.logs import SUPERVISOR_LOG_FILE, configure_logging
     from grenadine_sv.sandbox.linux import set_process_name
     from grenadine_sv.supervisor.build import build_supervisor
     from grenadine_sv.supervisor.core import StartupError
@@ -47,7 +50,11 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     config = load_or_explain(args)
     if config is None:
         return EXIT_USAGE
-    configure_logging(config.supervisor.log_format, config.supervisor.log_level)
+    configure_logging(
+        config.supervisor.log_format,
+        config.supervisor.log_level,
+        also_to=config.supervisor.log_dir / SUPERVISOR_LOG_FILE,
+    )
     try:
         set_process_name("grenadine-sv")
         trio.run(build_supervisor(config).run)
@@ -72,12 +79,34 @@ def startup_failure(raised: BaseException) -> Exception | None:
 
 
 def check(args: argparse.Namespace, out: TextIO) -> int:
+    from grenadine_sv.config.host_checks import host_warnings
+
     config = load_or_explain(args)
     if config is None:
+        return EXIT_USAGE
+    warnings = host_warnings(config, partial(pinned_image_problem, config.supervisor.state_dir))
+    for warning in warnings:
+        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    if warnings and args.strict:
+        print(f"grenadine-sv: {len(warnings)} warnings, and --strict", file=sys.stderr)
         return EXIT_USAGE
     files = ", ".join(str(f) for f in config.files)
     out.write(f"configuration valid: {len(config.programs)} programs from {files}\n")
     return EXIT_OK
+
+
+def pinned_image_problem(state_dir: Path, program: str, ref: str) -> str | None:
+    """Why `ref` names no image of `program` in the store under `state_dir`, or None."""
+    from grenadine_sv.store.images import ImageStore
+
+    store = ImageStore(state_dir)
+    try:
+        store.resolve(program, ref)
+    except (LookupError, ValueError) as exc:
+        return f"{exc} (in {store.root})"
+    except OSError as exc:
+        return f"cannot read the images in {store.root}: {exc}"
+    return None
 
 
 def doctor(args: argparse.Namespace, out: TextIO) -> int:
@@ -98,9 +127,7 @@ def schema(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def logs(args: argparse.Namespace, out: TextIO) -> int:
-    import trio
-
-    from grenadine_sv.supervisor.output import follow
+    from grenadine_sv.cli.tailing import start_of_last_lines
 
     config = load_or_explain(args)
     if config is None:
@@ -115,13 +142,46 @@ def logs(args: argparse.Namespace, out: TextIO) -> int:
         if not path.exists():
             return EXIT_OK
         with path.open("rb") as log_file:
-            size = log_file.seek(0, 2)
-            log_file.seek(max(size - args.bytes, 0))
-            sys.stdout.buffer.write(log_file.read())
+            log_file.seek(start_of_last_lines(log_file, args.lines))
+            shutil.copyfileobj(log_file, sys.stdout.buffer)
         return EXIT_OK
+    return follow_log(path, args.lines)
+
+
+def maintail(args: argparse.Namespace, out: TextIO) -> int:
+    """The supervisor's own log, as it writes it to log_dir (supervisorctl's `maintail`)."""
+    from grenadine_sv.cli.tailing import start_of_last_lines
+    from grenadine_sv.logs import SUPERVISOR_LOG_FILE
+
+    config = load_or_explain(args)
+    if config is None:
+        return EXIT_USAGE
+    path = config.supervisor.log_dir / SUPERVISOR_LOG_FILE
+    if args.follow:
+        return follow_log(path, args.lines)
+    if not path.exists():
+        print(f"grenadine-sv: no supervisor log at {path} yet", file=sys.stderr)
+        return EXIT_OK
+    with path.open("rb") as log_file:
+        log_file.seek(start_of_last_lines(log_file, args.lines))
+        shutil.copyfileobj(log_file, sys.stdout.buffer)
+    return EXIT_OK
+
+
+def follow_log(path: Path, lines: int) -> int:
+    """Print the last `lines` lines of `path`, then what is written to it, like `tail -F`."""
+    import trio
+
+    from grenadine_sv.cli.tailing import start_of_last_lines
+    from grenadine_sv.supervisor.output import follow
+
+    from_end = 0
+    with contextlib.suppress(FileNotFoundError), path.open("rb") as log_file:
+        size = log_file.seek(0, os.SEEK_END)
+        from_end = size - start_of_last_lines(log_file, lines)
 
     async def stream() -> None:
-        async with contextlib.aclosing(follow(path, args.bytes)) as chunks:
+        async with contextlib.aclosing(follow(path, from_end)) as chunks:
             async for chunk in chunks:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
@@ -140,10 +200,80 @@ def images(args: argparse.Namespace, out: TextIO) -> int:
         return remote_images(config, args, out)
     store = ImageStore(config.supervisor.state_dir)
     listed = store.list(args.name)
+    if args.name is not None and args.name not in config.programs and not listed:
+        print(f"grenadine-sv: no such program: {args.name}", file=sys.stderr)
+        return EXIT_USAGE
+    removed = sorted({i.program for i in listed if i.program not in config.programs})
+    if args.name is None and not args.all:
+        listed = [image for image in listed if image.program in config.programs]
+    corrupt = {image.id: store.corruption(image) for image in listed}
     if args.json:
-        print_json([image.model_dump(mode="json") for image in listed], out)
-    else:
-        out.write(format_images(listed))
+        print_json(
+            [
+                image.model_dump(mode="json")
+                | {"corrupt": corrupt[image.id], "configured": image.program in config.programs}
+                for image in listed
+            ],
+            out,
+        )
+        return EXIT_OK
+    out.write(format_images(listed, corrupt))
+    if removed and args.name is None and not args.all:
+        names = ", ".join(removed)
+        print(
+            f"(images of programs no longer configured, {names}: see images --all; "
+            "prune NAME deletes them)",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def import_supervisord(args: argparse.Namespace, out: TextIO) -> int:
+    """Write grenadine.toml and conf.d/NAME.toml from a supervisord configuration, check the
+    result as `check` would, and list what could not be translated and why."""
+    import tomli_w
+
+    from grenadine_sv.config.host_checks import host_warnings
+    from grenadine_sv.config.supervisord import SupervisordConfigError, import_supervisord
+
+    try:
+        imported = import_supervisord(args.file)
+    except SupervisordConfigError as exc:
+        print(f"grenadine-sv: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    main_file = args.output / "grenadine.toml"
+    conf_d = args.output / "conf.d"
+    targets = [main_file, *(conf_d / f"{name}.toml" for name in imported.programs)]
+    existing = [str(path) for path in targets if path.exists()]
+    if existing and not args.force:
+        print(
+            f"grenadine-sv: would overwrite {', '.join(existing)}; nothing written "
+            "(--force overwrites)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    conf_d.mkdir(parents=True, exist_ok=True)
+    sources = ", ".join(str(file) for file in imported.files)
+    main_file.write_text(
+        f"# Imported from {sources} by grenadine-sv import-supervisord.\n"
+        + tomli_w.dumps({"supervisor": {**imported.supervisor, "include": ["conf.d/*.toml"]}})
+    )
+    for name, table in imported.programs.items():
+        file, section = imported.origins[name]
+        (conf_d / f"{name}.toml").write_text(
+            f"# [{section}] of {file}\n" + tomli_w.dumps({"programs": {name: table}})
+        )
+    out.write(f"wrote {main_file} and {len(imported.programs)} programs in {conf_d}/\n")
+    for item in imported.untranslated:
+        out.write(f"not translated: {item.render()}\n")
+    try:
+        config = load_config(main_file)
+    except ConfigError as exc:
+        print(f"grenadine-sv: the result does not pass check:\n{exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for warning in host_warnings(config):
+        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    out.write(f"check: configuration valid: {len(config.programs)} programs\n")
     return EXIT_OK
 
 

@@ -244,6 +244,9 @@ ExitCode = Annotated[int, Strict(), Field(ge=0, le=255)]
 TABLE_CONFIG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+RestoreOccasion = Literal["supervisor-start", "crash", "start"]
+
+
 class MetricsSettings(BaseModel):
     """[supervisor.metrics]: the Prometheus endpoint."""
 
@@ -311,6 +314,9 @@ class SupervisorSettings(BaseModel):
     """path of the criu binary; found automatically when absent"""
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    shutdown_checkpoint_timeout: PositiveDuration = 60.0
+    """at shutdown, how long the checkpoints of programs with checkpoint.on_stop may take;
+    a program whose checkpoint is not done by then is stopped normally"""
     metrics: MetricsSettings = MetricsSettings()
     remote: RemoteSettings | None = None
     """an object store for images (optional)"""
@@ -355,6 +361,9 @@ class CheckpointPolicy(BaseModel):
     """restore the pre-deploy image when the new instance never gets ready"""
     tcp_established: StrictBool = False
     """let CRIU checkpoint established TCP connections"""
+    on_stop: StrictBool = False
+    """when the supervisor stops (SIGTERM, shutdown), checkpoint the program instead of
+    stopping it with its stop signal, so that a restart brings it back as it was"""
     upload: StrictBool = False
     """upload every new image to [supervisor.remote] (encrypted; queued, retried)"""
     remote_keep: Annotated[int, Strict(), Field(ge=1)] | None = None
@@ -386,13 +395,21 @@ class ProgramConfig(BaseModel):
     """time between stopsignal and SIGKILL"""
     depends_on: list[NonEmptyStr] = []
     """programs to start (and be ready) before this one, and to stop after it"""
+    on_dependency_stop: Literal["restart", "stop", "ignore"] = "restart"
+    """when a program it depends on stops or crashes: stop this one and start it again once
+    the dependency runs again ("restart"), only stop it ("stop"), or leave it ("ignore")"""
     ready: ReadyProbe | None = None
     restore: ImageRef | None = None
     """start from this image id, or "latest", instead of from scratch"""
+    restore_on: list[RestoreOccasion] = ["supervisor-start"]
+    """when `restore` applies: when the supervisor starts ("supervisor-start"), when the
+    supervisor restarts the program after an exit or a failed start ("crash"), when an
+    operator starts or restarts it ("start"); other starts are cold"""
     restore_source: Literal["local", "remote", "newest"] = "local"
     """where restore = "latest" looks: this host's images, the object store's, or the newer"""
-    restore_fallback: Literal["cold", "fail"] = "cold"
-    """when the image cannot be restored: start from scratch ("cold") or not at all ("fail")"""
+    restore_fallback: Literal["cold", "fail", "previous"] = "cold"
+    """when the image cannot be restored: start from scratch ("cold"), not at all ("fail"), or
+    from the next older image that restores ("previous", else from scratch)"""
     restore_mode: Literal["eager", "lazy"] = "eager"
     """"lazy": run as soon as CRIU has rebuilt the process, memory streamed in afterwards"""
     binds: Binds = []

@@ -59,5 +59,6 @@ def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120
         raise ControlError("the supervisor closed the connection without a reply")
     reply = json.loads(data)
     if not reply.get("ok"):
-        raise ControlError(str(reply.get("error", "unknown error")))
+        error = str(reply.get("error", "unknown error"))
+        raise ControlError(error, usage=bool(reply.get("usage")))
     return reply.get("result")

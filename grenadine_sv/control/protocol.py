@@ -21,7 +21,14 @@ MAX_LINE_BYTES = 1 << 20
 
 
 class ControlError(Exception):
-    """A request the supervisor refused; the message is shown to the user."""
+    """A request the supervisor refused; the message is shown to the user.
+
+    `usage` marks a request that could never succeed as asked (an unknown program, a bad
+    argument, an invalid configuration): the command line exits 2 for it, not 1."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 class SupervisorNotRunning(Exception):

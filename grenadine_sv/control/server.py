@@ -105,7 +105,7 @@ async def _serve_client(stream: trio.SocketStream, handler: Handler) -> None:
             try:
                 result = await handler(command, args)
             except ControlError as exc:
-                await _send_quietly(stream, {"ok": False, "error": str(exc)})
+                await _send_quietly(stream, {"ok": False, "error": str(exc), "usage": exc.usage})
                 return
             except Exception as exc:
                 log.exception("control_request_failed", command=command)

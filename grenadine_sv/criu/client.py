@@ -108,6 +108,19 @@ class Criu:
 
     def __init__(self, binary: Path) -> None:
         self.binary = binary
+        # The `criu swrk` children at work, for kill_running (sessions run in threads).
+        self._running: set[subprocess.Popen[bytes]] = set()
+        self._running_lock = threading.Lock()
+
+    def kill_running(self) -> int:
+        """SIGKILL every CRIU at work (a deadline passed): each dump fails and its program
+        runs on, as after any CRIU killed mid-dump. Returns how many were killed."""
+        with self._running_lock:
+            running = [p for p in self._running if p.poll() is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        return len(running)
 
     def dump(self, request: DumpRequest) -> None:
         log_path = request.images_dir / request.log_name
@@ -213,12 +226,16 @@ class Criu:
         finally:
             theirs.close()
         client = pycriu.criu()
+        with self._running_lock:
+            self._running.add(swrk)
         with _ACTIVE_LOCK:
             _ACTIVE_SWRK.add(swrk.pid)
         try:
             client.use_fd(ours.fileno())
             yield _Session(client, swrk, children_before)
         finally:
+            with self._running_lock:
+                self._running.discard(swrk)
             # pycriu talks through its own dup of `ours`, and leaves it open when CRIU
             # fails to answer (killed mid-request, say).
             comm_socket = getattr(client._comm, "sk", None)

@@ -199,6 +199,8 @@ class ProgramMachine:
     started_at: float | None = None
     ready_at: float | None = None
     last_exit: int | None = None
+    # The last exit was the end of a requested stop, not the program's doing.
+    last_exit_requested: bool = False
     reason: str = ""
     restart_count: int = 0
     history: list[tuple[float, State]] = field(default_factory=list)
@@ -317,6 +319,7 @@ class ProgramMachine:
             return []
         self.pid = None
         self.last_exit = event.returncode
+        self.last_exit_requested = self.state == State.STOPPING
         if self.state == State.STOPPING:
             self._enter(State.STOPPED, event.now)
             return []
@@ -393,8 +396,13 @@ class ProgramMachine:
 def describe_returncode(returncode: int) -> str:
     """ "code 3", or "signal TERM" for a process killed by a signal."""
     if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name.removeprefix('SIG')}"
-        except ValueError:
-            return f"signal {-returncode}"
+        return f"signal {signal_name(-returncode)}"
     return f"code {returncode}"
+
+
+def signal_name(number: int) -> str:
+    """`KILL` for 9 (as in `stopsignal`); the number itself for one Python does not name."""
+    try:
+        return signal.Signals(number).name.removeprefix("SIG")
+    except ValueError:
+        return str(number)

@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol, get_args
 
 import prometheus_client
@@ -53,6 +54,10 @@ class ProgramStatusLike(Protocol):
     @property
     def state(self) -> str: ...
 
+    def restored_image_created(self) -> datetime | None:
+        """When the image the running instance was restored from was made (None: cold)."""
+        ...
+
 
 ProgramTable = Callable[[], Mapping[str, ProgramStatusLike]]
 
@@ -71,6 +76,7 @@ class StoreFamilies:
     image_bytes: GaugeMetricFamily
     latest_memory: GaugeMetricFamily
     free_bytes: GaugeMetricFamily
+    running_image_age: GaugeMetricFamily
 
     @classmethod
     def empty(cls) -> StoreFamilies:
@@ -99,10 +105,23 @@ class StoreFamilies:
                 "grenadine_state_dir_free_bytes",
                 "Bytes available to the supervisor on the filesystem of state_dir",
             ),
+            running_image_age=GaugeMetricFamily(
+                "grenadine_program_image_age_seconds",
+                "Age of the image the running instance was restored from "
+                "(absent when it started from scratch)",
+                labels=["program"],
+            ),
         )
 
     def all(self) -> list[Metric]:
-        return [self.up, self.images, self.image_bytes, self.latest_memory, self.free_bytes]
+        return [
+            self.up,
+            self.images,
+            self.image_bytes,
+            self.latest_memory,
+            self.free_bytes,
+            self.running_image_age,
+        ]
 
 
 class StoreCollector:
@@ -122,9 +141,15 @@ class StoreCollector:
 
     def collect(self) -> Iterable[Metric]:
         families = StoreFamilies.empty()
-        states = {name: status.state for name, status in dict(self._programs()).items()}
+        programs = dict(self._programs())
+        states = {name: status.state for name, status in programs.items()}
+        now = datetime.now(UTC)
         for name in sorted(states):
             families.up.add_metric([name], 1.0 if states[name] == State.RUNNING else 0.0)
+            created = programs[name].restored_image_created()
+            if created is not None:
+                age = max((now - created).total_seconds(), 0.0)
+                families.running_image_age.add_metric([name], age)
 
         try:
             on_disk = set(self._store.programs())

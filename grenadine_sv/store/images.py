@@ -60,7 +60,9 @@ from grenadine_sv.store.sealing import (
 )
 from grenadine_sv.store.trust import check_trusted_dir
 
-Trigger = Literal["signal", "interval", "pre-deploy", "manual", "recovery"]
+Trigger = Literal[
+    "signal", "interval", "pre-deploy", "manual", "recovery", "pre-restore", "shutdown"
+]
 
 IMAGES_SUBDIR = "images"
 META_FILE = "meta.json"
@@ -71,6 +73,8 @@ DUMP_STATS_FILE = "stats-dump"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 PARTIAL_PREFIX = ".partial-"
 DELETING_PREFIX = ".deleting-"
+# Written into an image's directory when a restore finds it corrupt; `images` shows it.
+CORRUPT_MARK = "CORRUPT"
 MIN_PREFIX_LEN = 4
 
 _IMAGE_ID = re.compile(r"[0-9a-f]{32}")
@@ -200,7 +204,8 @@ class ImageCorrupt(Exception):
     def __init__(self, image: ImageMeta, path: str, reason: str) -> None:
         super().__init__(
             f"image {image.id} of program {image.program!r} is corrupt: {path} {reason}; "
-            f"delete it (grenadine-sv prune) or restore another image"
+            f"remove it (grenadine-sv rmi {image.program} {image.id[:12]}) "
+            "or restore another image"
         )
         self.image = image
         self.path = path
@@ -482,15 +487,39 @@ class ImageStore:
         """Where CRIU's files of `image` are (to restore from)."""
         return self._image_dir(image) / CRIU_SUBDIR
 
+    def mark_corrupt(self, image: ImageMeta, reason: str) -> None:
+        """Remember that `image` failed its check, so that `images` marks it."""
+        mark = self._image_dir(image) / CORRUPT_MARK
+        try:
+            fd = os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(reason + "\n")
+        except OSError as exc:
+            log.warning("corrupt_mark_not_written", image_id=image.id, error=str(exc))
+
+    def corruption(self, image: ImageMeta) -> str | None:
+        """Why `image` cannot be restored, from what is cheap to know: the mark a failed
+        restore left, or a file missing or resized (no hashing; `verify` does that)."""
+        try:
+            return (self._image_dir(image) / CORRUPT_MARK).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            return f"{CORRUPT_MARK} mark unreadable: {exc}"
+        try:
+            self._check_files(image, self.criu_dir(image))
+        except ImageCorrupt as exc:
+            return f"{exc.path} {exc.reason}"
+        return None
+
     def verify(self, image: ImageMeta, *, skip: Callable[[str], bool] | None = None) -> None:
         """Check every file of `image` against its recorded size and digest; raise ImageCorrupt
         naming the first file that is missing, extra, resized or altered. Files for which
         `skip` is true get the cheap checks only (a lazy restore hashes them as it serves)."""
         self._verify_files(image, self.criu_dir(image), skip)
 
-    def _verify_files(
-        self, image: ImageMeta, criu_dir: Path, skip: Callable[[str], bool] | None = None
-    ) -> None:
+    def _check_files(self, image: ImageMeta, criu_dir: Path) -> None:
+        """Every file of `image` present, regular and of its recorded size, and no other."""
         if not criu_dir.is_dir():
             raise ImageCorrupt(image, f"{CRIU_SUBDIR}/", "is missing")
         present = dict(walk_tree(criu_dir)[0])
@@ -521,6 +550,11 @@ class ImageStore:
                 f"{CRIU_SUBDIR}/{min(present)}",
                 "was not part of the dump (is CRIU's work dir for restores inside the image?)",
             )
+
+    def _verify_files(
+        self, image: ImageMeta, criu_dir: Path, skip: Callable[[str], bool] | None = None
+    ) -> None:
+        self._check_files(image, criu_dir)
         for rel in sorted(image.checksums):
             if skip is None or not skip(rel):
                 self.verify_file(image, rel, criu_dir)
@@ -563,15 +597,21 @@ class ImageStore:
         whose id is in `in_use` (a restore of them is under way, or a lazy restore still serves
         memory from them) are not deleted either.
         """
-        if keep < 0:
-            raise ValueError(f"keep must be 0 or more, got {keep}")
-        images = self.list(program)
-        protected = next((m for m in images if m.trigger == "pre-deploy"), None)
-        candidates = [m for m in images if m is not protected and m.id not in in_use]
-        doomed = candidates[keep:]
+        doomed = self.prune_plan(self.list(program), keep, in_use)
         for image in doomed:
             self.delete(image)
         return doomed
+
+    @staticmethod
+    def prune_plan(
+        images: builtins.list[ImageMeta], keep: int, in_use: Collection[str] = ()
+    ) -> builtins.list[ImageMeta]:
+        """Which of `images` (newest first) `prune(program, keep, in_use)` deletes."""
+        if keep < 0:
+            raise ValueError(f"keep must be 0 or more, got {keep}")
+        protected = next((m for m in images if m.trigger == "pre-deploy"), None)
+        candidates = [m for m in images if m is not protected and m.id not in in_use]
+        return candidates[keep:]
 
     def recover_partials(self) -> PartialsRecovered:
         """Deal with what interrupted dumps and deletes left behind. Call it only when no dump

@@ -16,7 +16,7 @@ import trio
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
-from grenadine_sv.store.images import Trigger
+from grenadine_sv.store.images import ImageMeta, Trigger
 from grenadine_sv.store.trust import UntrustedPath
 from grenadine_sv.supervisor.checkpoints import (
     OLD_FORMAT_WARNING,
@@ -34,6 +34,8 @@ log = structlog.get_logger()
 # CRIU is CPU-bound while it freezes and copies memory: dump about as many programs at
 # once as there are cores, so one signal round neither serialises nor thrashes.
 PARALLEL_CHECKPOINTS = max(os.cpu_count() or 1, 1)
+# After the shutdown checkpoints' deadline, how often CRIUs still at work are killed.
+KILL_POLL_SECONDS = 0.05
 
 
 class Checkpointing:
@@ -117,6 +119,60 @@ class Checkpointing:
             with contextlib.suppress(CheckpointError, ControlError):
                 await self.usable_service().checkpoint(runner, trigger)
 
+    async def checkpoint_at_shutdown(self, timeout: float) -> list[str]:
+        """Checkpoint, all at once, the RUNNING programs with checkpoint.on_stop, each frozen
+        until its image is durable and then ended by the dump, so that the next supervisor
+        restores them as they were. A program whose checkpoint fails, or is not done within
+        `timeout` (its CRIU is then killed), runs on and is stopped normally afterwards.
+        Returns the programs checkpointed."""
+        runners = self.programs.runners
+        chosen = [
+            n
+            for n in self.programs.select(["all"])
+            if runners[n].config.checkpoint.on_stop and runners[n].state == State.RUNNING
+        ]
+        if not chosen:
+            return []
+        if self.service is None:
+            log.error("shutdown_checkpoints_skipped", programs=chosen, reason="no usable CRIU")
+            return []
+        service = self.service
+        log.info("shutdown_checkpoints", programs=chosen, timeout_seconds=timeout)
+        done: list[str] = []
+
+        expired = False
+
+        async def one(name: str) -> None:
+            if expired:
+                log.error("shutdown_checkpoint_skipped", program=name, reason="deadline passed")
+                return
+            try:
+                image = await service.checkpoint(runners[name], "shutdown", stop=True)
+            except CheckpointError as exc:
+                log.error("shutdown_checkpoint_failed", program=name, error=str(exc))
+                return
+            done.append(name)
+            log.info("shutdown_checkpoint_done", program=name, image_id=image.id)
+
+        async def deadline() -> None:
+            # Dumps are never cancelled half-way (a program must end up either dumped and
+            # ended, or running): past the deadline, CRIU is killed, which fails the dump.
+            nonlocal expired
+            await trio.sleep(timeout)
+            expired = True
+            log.error("shutdown_checkpoint_timeout", timeout_seconds=timeout)
+            while True:
+                service.criu.kill_running()
+                await trio.sleep(KILL_POLL_SECONDS)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(deadline)
+            async with trio.open_nursery() as dumps:
+                for name in chosen:
+                    dumps.start_soon(one, name)
+            nursery.cancel_scope.cancel()
+        return [n for n in chosen if n in done]
+
     # requests ------------------------------------------------------------------
 
     async def checkpoint_programs(self, names: list[str], stop: bool) -> list[dict[str, Any]]:
@@ -143,12 +199,29 @@ class Checkpointing:
             raise ControlError("; ".join(f"{r['program']}: {r['error']}" for r in failed))
         return ordered
 
+    async def checkpoint_signal_round(self, stop: bool) -> list[dict[str, Any]]:
+        """What SIGUSR1 does, as a request: checkpoint every RUNNING program with
+        checkpoint.on_signal = true, and say which were skipped."""
+        runners = self.programs.runners
+        every = self.programs.select(["all"])
+        chosen = [n for n in every if runners[n].config.checkpoint.on_signal]
+        if not chosen:
+            raise ControlError("no program has checkpoint.on_signal = true", usage=True)
+        running = [n for n in chosen if runners[n].state == State.RUNNING]
+        done = {r["program"]: r for r in await self.checkpoint_programs(running, stop)}
+        return [
+            done.get(n)
+            or {"program": n, "ok": True, "skipped": f"{runners[n].state.value}, not RUNNING"}
+            for n in chosen
+        ]
+
     async def restore_program(
-        self, name: str, ref: str, *, allow_changed_definition: bool = False
+        self, name: str, ref: str, force: bool = False, *, allow_changed_definition: bool = False
     ) -> dict[str, Any]:
         """Restore a program from an image; the reply says which, and any fallback taken.
         An image taken under another definition is refused before the running instance is
-        touched, unless `allow_changed_definition`."""
+        touched, unless `allow_changed_definition`. A RUNNING program is checkpointed first,
+        so that its live memory is not lost; if that fails, nothing happens unless `force`."""
         service = self.usable_service()
         runner = self.programs.runners[self.programs.select([name])[0]]
         try:
@@ -159,40 +232,114 @@ class Checkpointing:
                 )
             else:
                 image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
-        except (LookupError, ValueError, UntrustedPath, RemoteUnavailable) as exc:
+        except (UntrustedPath, RemoteUnavailable) as exc:
             raise ControlError(str(exc)) from exc
+        except (LookupError, ValueError) as exc:
+            raise ControlError(str(exc), usage=True) from exc
         check = check_definition(runner.config, image)
         if not check.unchanged and not allow_changed_definition:
             raise ControlError(changed_definition_message(image, check))
-        restored: dict[str, Any] = {"image": image.id, "fallback": None}
+        restored: dict[str, Any] = {"image": image.id, "fallback": None, "saved": None}
+        if runner.state == State.RUNNING and not force:
+            try:
+                with service.using(image):  # the retention after it must not take `image`
+                    saved = await service.checkpoint(runner, "pre-restore")
+            except CheckpointError as exc:
+                raise ControlError(
+                    f"{name} is RUNNING and its memory could not be saved first ({exc}); "
+                    "nothing was restored (--force restores anyway, losing it)"
+                ) from exc
+            restored["saved"] = saved.id
         if not check.recorded_fields:
             restored["warning"] = OLD_FORMAT_WARNING
         elif not check.unchanged:
             restored["warning"] = f"restored into a changed definition: {check.describe()}"
 
-        def note_fallback(reason: str) -> None:
+        def note_fallback(reason: str, instead: ImageMeta | None) -> None:
             restored["fallback"] = reason
+            restored["restored_from"] = instead.id if instead is not None else None
 
         # From here until it runs, a prune leaves the image alone (stopping the old instance
-        # may take its stopwaitsecs).
-        with service.using(image):
+        # may take its stopwaitsecs); a restore never stops the program's dependents.
+        with service.using(image), runner.leaving_dependents_alone():
             if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
                 await runner.stop(runner.stop_timeout_bound())
             await runner.start(
                 start_timeout_bound(runner.config),
                 lambda r: service.launch_with_fallback(
-                    r, image, note_fallback, allow_changed_definition=allow_changed_definition
+                    r,
+                    image,
+                    note_fallback,
+                    occasion="restore",
+                    allow_changed_definition=allow_changed_definition,
                 ),
             )
         return restored
 
-    async def prune(self, names: list[str], keep: int | None) -> dict[str, list[str]]:
+    async def prune(
+        self, names: list[str], keep: int | None, force: bool = False
+    ) -> dict[str, list[str]]:
+        """Apply retention (each program's checkpoint.keep, or `keep`). Programs no longer
+        configured are reached by name (their images are kept until asked: keep 0 unless
+        given). An image a pinned `restore` names is kept unless `force`."""
         service = self.usable_service()
+        known = await trio.to_thread.run_sync(service.store.programs)
         runners = self.programs.runners
+        unknown = [n for n in names if n not in runners and n not in known]
+        if unknown:
+            raise ControlError(f"no such program: {', '.join(unknown)}", usage=True)
         deleted: dict[str, list[str]] = {}
-        for name in names or list(runners):
-            limit = keep if keep is not None else runners[name].config.checkpoint.keep
+        for name in names or self.programs.select(["all"]):
+            runner = runners.get(name)
+            limit = keep if keep is not None else runner.config.checkpoint.keep if runner else 0
             async with service.images_of(name).lock:
+                listed = await trio.to_thread.run_sync(service.store.list, name)
+                doomed = service.store.prune_plan(listed, limit)
+                if not force:
+                    self._refuse_pinned(name, doomed, "prune")
                 gone = await trio.to_thread.run_sync(service.prune_images, name, limit)
             deleted[name] = [image.id for image in gone]
         return deleted
+
+    async def remove_images(
+        self, name: str, refs: list[str], force: bool = False
+    ) -> dict[str, list[str]]:
+        """Delete the images `refs` name (corrupt ones included); one a pinned `restore`
+        names only with `force`."""
+        service = self.usable_service()
+        known = await trio.to_thread.run_sync(service.store.programs)
+        if name not in self.programs.runners and name not in known:
+            raise ControlError(f"no such program: {name}", usage=True)
+        async with service.images_of(name).lock:
+            images: list[ImageMeta] = []
+            for ref in refs:
+                try:
+                    image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
+                except UntrustedPath as exc:
+                    raise ControlError(str(exc)) from exc
+                except (LookupError, ValueError) as exc:
+                    raise ControlError(str(exc), usage=True) from exc
+                if image not in images:
+                    images.append(image)
+            if not force:
+                self._refuse_pinned(name, images, "rmi")
+            for image in images:
+                await trio.to_thread.run_sync(service.remove_image, image)
+                log.info("image_removed", program=name, image_id=image.id)
+        return {name: [image.id for image in images]}
+
+    def _refuse_pinned(self, name: str, doomed: list[ImageMeta], command: str) -> None:
+        """Refuse to delete the image a pinned `restore` of `name` would start from."""
+        runner = self.programs.runners.get(name)
+        ref = runner.config.restore if runner is not None else None
+        if ref is None or self.service is None or not doomed:
+            return
+        try:
+            pinned = self.service.store.resolve(name, ref)
+        except (LookupError, ValueError):
+            return
+        if pinned in doomed:
+            raise ControlError(
+                f"{command} would delete image {pinned.id[:12]}, which programs.{name}.restore "
+                f'= "{ref}" starts {name} from; nothing deleted (--force deletes it anyway)'
+            )

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,7 +64,12 @@ from grenadine_sv.supervisor.lazy import (
 )
 from grenadine_sv.supervisor.output import enlarge_pipe
 from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteImages, RemoteUnavailable
-from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, launch_cold
+from grenadine_sv.supervisor.runner import (
+    LaunchedInstance,
+    ProgramRunner,
+    RestoredFrom,
+    launch_cold,
+)
 
 log = structlog.get_logger()
 
@@ -99,6 +105,10 @@ class RestoreError(SandboxError):
     """A restore did not happen; the message says why."""
 
 
+# Told why a restore fell back, and which older image it restored instead (None: cold).
+FallbackObserver = Callable[[str, ImageMeta | None], None]
+
+
 class CheckpointMetrics(Protocol):
     def checkpoint_succeeded(
         self, program: str, trigger: str, duration_seconds: float, frozen_seconds: float
@@ -132,12 +142,21 @@ class NoMetrics:
         pass
 
 
+@dataclass(frozen=True)
+class CheckpointFailure:
+    at: datetime
+    trigger: Trigger
+    error: str
+
+
 @dataclass
 class ProgramImages:
     """What the checkpoint layer keeps per program across its instances."""
 
     lock: trio.Lock = field(default_factory=trio.Lock)
     last_checkpoint: ImageMeta | None = None
+    # The newest failed checkpoint, until one succeeds.
+    last_failure: CheckpointFailure | None = None
     lazy: LazyMemory | None = None
     """The last lazy restore of the program (its memory may still be coming back)."""
 
@@ -217,6 +236,14 @@ class CheckpointService:
         sealing fails, the program runs on and CheckpointError says why. A supervisor killed
         on the way leaves a state the next one resolves (recovery)."""
         stop = stop or not runner.config.checkpoint.leave_running
+        if stop:  # the programs that depend on it are left alone (no on_dependency_stop)
+            with runner.leaving_dependents_alone():
+                return await self._checkpoint(runner, trigger, stop=True)
+        return await self._checkpoint(runner, trigger, stop=False)
+
+    async def _checkpoint(
+        self, runner: ProgramRunner, trigger: Trigger, *, stop: bool
+    ) -> ImageMeta:
         program = runner.name
         async with self.images_of(program).lock:
             await self.images_of(program).memory_back()
@@ -237,6 +264,9 @@ class CheckpointService:
                     runner.resume_instance(instance)
                 self.metrics.checkpoint_failed(program, trigger)
                 bound.error("checkpoint_failed", error=str(exc))
+                self.images_of(program).last_failure = CheckpointFailure(
+                    datetime.now(UTC), trigger, str(exc)
+                )
                 after = await trio.to_thread.run_sync(tree_condition, pid)
                 _examine_after_failed_dump(runner, pid, before, after, bound)
                 raise
@@ -263,6 +293,7 @@ class CheckpointService:
         frozen = image.dump_stats.get("frozen_time", 0) / MICROSECONDS
         self.metrics.checkpoint_succeeded(program, image.trigger, duration, frozen)
         self.images_of(program).last_checkpoint = image
+        self.images_of(program).last_failure = None
         bound.info(
             "checkpoint_done",
             image_id=image.id,
@@ -278,6 +309,14 @@ class CheckpointService:
         for old in deleted:
             bound.info("image_pruned", image_id=old.id)
         return image
+
+    def remove_image(self, image: ImageMeta) -> None:
+        """Delete one image (and its restore log), whatever its place in the retention."""
+        self.store.delete(image)
+        with contextlib.suppress(FileNotFoundError):
+            (self.work_dir / image.program / restore_log_name(image)).unlink()
+        if self.images_of(image.program).last_checkpoint == image:
+            self.learn_last_checkpoint(image.program)
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
@@ -440,13 +479,17 @@ class CheckpointService:
         self,
         runner: ProgramRunner,
         image: ImageMeta,
+        occasion: str | None = None,
+        instead_of: str | None = None,
         *,
         allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
-        """Restore `image` as the program's new instance (a child of this process). An image
-        taken under another definition is refused (RestoreError naming what changed) unless
-        `allow_changed_definition`."""
+        """Restore `image` as the program's new instance (a child of this process); the
+        runner remembers it (status, metrics) with the occasion (default: why it starts).
+        An image taken under another definition is refused (RestoreError naming what
+        changed) unless `allow_changed_definition`."""
         program = runner.name
+        occasion = occasion or runner.start_cause
         check = check_definition(runner.config, image)
         if not check.unchanged:
             if not allow_changed_definition:
@@ -483,6 +526,10 @@ class CheckpointService:
             except (CriuError, ImageCorrupt, OSError, LazyPagesError) as exc:
                 if daemon is not None:
                     await end_daemon(daemon)
+                if isinstance(exc, ImageCorrupt):
+                    await trio.to_thread.run_sync(
+                        self.store.mark_corrupt, image, f"{exc.path} {exc.reason}"
+                    )
                 self.metrics.restore_failed(program)
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
@@ -500,10 +547,13 @@ class CheckpointService:
                 launched.companions.append(images.lazy.supervise)
             duration = self.clock() - began
             self.metrics.restore_succeeded(program, duration)
+            runner.restored_from = RestoredFrom(image.id, image.created, occasion, instead_of)
             log.info(
                 "restore_done",
                 program=program,
                 image_id=image.id,
+                image_created=image.created.isoformat(),
+                occasion=occasion,
                 pid=launched.process.pid,
                 duration_seconds=round(duration, 3),
                 restore_mode=runner.config.restore_mode,
@@ -577,9 +627,18 @@ class CheckpointService:
     # launchers -----------------------------------------------------------------
 
     async def launch_pinned(self, runner: ProgramRunner) -> LaunchedInstance:
-        """Start as the configuration says: from the pinned image, else from scratch."""
+        """Start as the configuration says: from the pinned image when `restore_on` names
+        the occasion, else from scratch."""
         ref = runner.config.restore
         if ref is None:
+            return await launch_cold(runner)
+        if runner.start_cause not in runner.config.restore_on:
+            log.info(
+                "restore_not_on",
+                program=runner.name,
+                occasion=runner.start_cause,
+                restore_on=runner.config.restore_on,
+            )
             return await launch_cold(runner)
         return await self.launch_with_fallback(runner, ref)
 
@@ -587,14 +646,16 @@ class CheckpointService:
         self,
         runner: ProgramRunner,
         image: ImageMeta | str,
-        on_fallback: Callable[[str], None] | None = None,
+        on_fallback: FallbackObserver | None = None,
+        occasion: str | None = None,
         *,
         allow_changed_definition: bool = False,
     ) -> LaunchedInstance:
         """Restore from `image` (or a reference to one); on failure follow restore_fallback:
-        "cold" starts the program from scratch, "fail" makes it FATAL with the reason.
-        "latest" is the newest image only: one that cannot be used is never replaced by an
-        older one."""
+        "cold" starts the program from scratch, "fail" makes it FATAL with the reason,
+        "previous" restores the next older image that restores (else starts cold). "latest"
+        is the newest image only: one that cannot be used is replaced by an older one only
+        when restore_fallback = "previous" says so, and visibly."""
         try:
             if isinstance(image, str):
                 try:
@@ -604,16 +665,42 @@ class CheckpointService:
                 except (LookupError, ValueError, RemoteUnavailable) as exc:
                     raise RestoreError(f"image {image!r} not usable: {exc}") from exc
             return await self.launch_from_image(
-                runner, image, allow_changed_definition=allow_changed_definition
+                runner, image, occasion, allow_changed_definition=allow_changed_definition
             )
         except RestoreError as exc:
-            if runner.config.restore_fallback == "fail":
+            fallback = runner.config.restore_fallback
+            if fallback == "fail":
                 raise RestoreError(str(exc), fatal=True) from exc
+            if fallback == "previous":
+                failed = image if isinstance(image, ImageMeta) else None
+                for older in await trio.to_thread.run_sync(self._older_images, runner.name, failed):
+                    asked = image.id if isinstance(image, ImageMeta) else image
+                    try:
+                        launched = await self.launch_from_image(runner, older, occasion, asked)
+                    except RestoreError:
+                        continue
+                    log.warning(
+                        "restore_fallback_previous",
+                        program=runner.name,
+                        image_id=older.id,
+                        reason=str(exc),
+                    )
+                    if on_fallback is not None:
+                        on_fallback(str(exc), older)
+                    return launched
             log.warning("restore_fallback_cold", program=runner.name, reason=str(exc))
             if on_fallback is not None:
-                on_fallback(str(exc))
+                on_fallback(str(exc), None)
             await runner.claim_cgroup()  # what the failed restore may have left there
             return await launch_cold(runner)
+
+    def _older_images(self, program: str, failed: ImageMeta | None) -> list[ImageMeta]:
+        """The images older than `failed` (all, without one), newest first, without those
+        already known to be corrupt."""
+        listed = self.store.list(program)
+        if failed is not None:
+            listed = [m for m in listed if (m.created, m.id) < (failed.created, failed.id)]
+        return [m for m in listed if self.store.corruption(m) is None]
 
     async def resolve_for_start(
         self, config: ProgramConfig, ref: str, *, allow_changed_definition: bool = False

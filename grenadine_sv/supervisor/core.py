@@ -30,6 +30,18 @@ from grenadine_sv.supervisor.recovery import Recovery, StateDirBusy, state_dir_l
 log = structlog.get_logger()
 
 
+PID_FILE = "grenadine-sv.pid"
+
+
+def write_pid_file(path: Path) -> None:
+    """The supervisor's pid, 0600 like all of state_dir (`grenadine-sv pid` asks the socket)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    os.replace(temporary, path)
+
+
 class StartupError(Exception):
     """The supervisor cannot start; the message says why and what to do."""
 
@@ -110,6 +122,10 @@ class Supervisor:
     def state_dir(self) -> Path:
         return self.config.supervisor.state_dir
 
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / PID_FILE
+
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
@@ -125,6 +141,16 @@ class Supervisor:
         except StateDirBusy as exc:
             raise StartupError(str(exc)) from exc
 
+    async def _stop_programs(self) -> None:
+        """At shutdown: the on_stop checkpoints first, then every program in dependency
+        order (dependents are not stopped for their dependencies: all of them stop)."""
+        log.info("supervisor_stopping")
+        self.programs.shutting_down = True
+        await self.checkpointing.checkpoint_at_shutdown(
+            self.config.supervisor.shutdown_checkpoint_timeout
+        )
+        await self.programs.stop_programs(list(self.programs.runners))
+
     async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
@@ -137,6 +163,7 @@ class Supervisor:
             await trio.to_thread.run_sync(remote.remove_stale_downloads)
             await trio.to_thread.run_sync(remote.load_queue)
         sock = control.bind_socket(settings.control_socket)
+        write_pid_file(self.pid_file)
         log.info(
             "supervisor_started",
             pid=os.getpid(),
@@ -159,8 +186,7 @@ class Supervisor:
                     self._started = True
                     task_status.started()
                     await self._shutdown.wait()
-                    log.info("supervisor_stopping")
-                    await self.programs.stop_programs(list(self.programs.runners))
+                    await self._stop_programs()
                     await self.recovery.write_now()
                     programs.cancel_scope.cancel()
                 nursery.cancel_scope.cancel()
@@ -178,6 +204,7 @@ class Supervisor:
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
+            self.pid_file.unlink(missing_ok=True)
             log.info("supervisor_stopped")
 
     async def _set_up_cgroups(self) -> None:

@@ -3,6 +3,7 @@ and a rollback to them for a new instance that never gets ready."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import structlog
@@ -50,6 +51,27 @@ class Deploys:
         self.rollbacks: dict[str, str] = {}
         self._lock = trio.Lock()
 
+    async def read_configuration(self) -> Config:
+        """The configuration file as it is now (ControlError, usage, if it is invalid)."""
+        try:
+            return await trio.to_thread.run_sync(load_config, self.programs.config.path)
+        except ConfigError as exc:
+            raise ControlError(f"invalid configuration:\n{exc}", usage=True) from exc
+
+    async def reread(self) -> dict[str, Any]:
+        """What `reload` would change now, without changing anything (supervisorctl's
+        `reread`)."""
+        current = self.programs.config
+        new_config = await self.read_configuration()
+        summary: dict[str, Any] = dict(
+            diff_programs(current.programs, new_config.programs).summary()
+        )
+        summary["supervisor_settings_kept"] = changed_settings(
+            current.supervisor, new_config.supervisor
+        )
+        summary["dry_run"] = True
+        return summary
+
     async def reload(self) -> dict[str, Any]:
         async with self._lock:
             programs = self.programs
@@ -57,7 +79,10 @@ class Deploys:
             try:
                 new_config = await trio.to_thread.run_sync(load_config, current.path)
             except ConfigError as exc:
-                raise ControlError(f"configuration not reloaded, nothing changed:\n{exc}") from exc
+                log.error("reload_failed", error=str(exc))
+                raise ControlError(
+                    f"configuration not reloaded, nothing changed:\n{exc}", usage=True
+                ) from exc
             kept = changed_settings(current.supervisor, new_config.supervisor)
             if kept:
                 log.warning("supervisor_settings_kept", keys=kept, apply_by="restarting")
@@ -68,6 +93,9 @@ class Deploys:
             for name in diff.removed:
                 await programs.remove(name)
             safety_images = await self._pre_deploy_checkpoints(diff)
+            stopped_by_hand = {
+                n for n in diff.changed if programs.runners[n].state == State.STOPPED
+            }
             await programs.stop_programs(list(diff.changed))
             old_programs = current.programs
             for name in diff.changed:
@@ -79,19 +107,36 @@ class Deploys:
                 if name in diff.added or name in diff.changed:
                     self.rollbacks.pop(name, None)
                     await programs.add(new_config.programs[name])
-            deployed = [n for n in new_config.start_order() if n in diff.added + diff.changed]
+            deployed = [
+                n
+                for n in new_config.start_order()
+                if n in diff.added or (n in diff.changed and n not in stopped_by_hand)
+            ]
             summary: dict[str, Any] = dict(diff.summary())
             summary["supervisor_settings_kept"] = kept
             summary["pre_deploy_images"] = {n: img.id for n, img in safety_images.items()}
+            summary["left_stopped"] = sorted(stopped_by_hand)
             summary["rolled_back"] = await self._deploy(deployed, safety_images, old_programs)
+            summary["failed"] = {
+                n: self._failure_of(n)
+                for n in deployed
+                if n not in summary["rolled_back"]
+                and programs.runners[n].config.autostart
+                and programs.runners[n].state != State.RUNNING
+            }
+            if summary["failed"]:
+                log.error("reload_programs_failed", programs=summary["failed"])
             return summary
 
+    def _failure_of(self, name: str) -> str:
+        runner = self.programs.runners[name]
+        reason = runner.machine.reason
+        return f"{runner.state.value}: {reason}" if reason else runner.state.value
+
     async def reload_logging_errors(self) -> None:
-        """A reload asked for by SIGHUP: nobody to answer, so failures are logged."""
-        try:
+        """A reload asked for by SIGHUP: nobody to answer (reload() has logged why)."""
+        with contextlib.suppress(ControlError):
             await self.reload()
-        except ControlError as exc:
-            log.error("reload_failed", error=str(exc))
 
     async def _pre_deploy_checkpoints(self, diff: ProgramDiff) -> dict[str, ImageMeta]:
         """Checkpoint each running program that is about to be replaced, when it opts in."""
@@ -143,12 +188,14 @@ class Deploys:
         assert self.checkpoints is not None
         log.warning("deploy_rolled_back", program=name, image_id=image.id, reason=reason)
         failed = self.programs.runners[name]
-        await failed.stop(failed.stop_timeout_bound())
+        with failed.leaving_dependents_alone():  # a rollback never stops its dependents
+            await failed.stop(failed.stop_timeout_bound())
         self.programs.forget(name)
         self.programs.config.programs[name] = old
         runner = await self.programs.add(old)
         service = self.checkpoints
         self.rollbacks[name] = f"rolled back to {image.id[:12]}: {reason}"
         await runner.start(
-            start_timeout_bound(old), lambda r: service.launch_with_fallback(r, image)
+            start_timeout_bound(old),
+            lambda r: service.launch_with_fallback(r, image, occasion="rollback"),
         )

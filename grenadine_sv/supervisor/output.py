@@ -124,6 +124,16 @@ class RotatingLogFile:
         """The last `n_bytes` of the current file (not of older, rotated ones)."""
         return read_tail(self.path, n_bytes)
 
+    def clear(self) -> None:
+        """Empty the file and delete its rotated backups (supervisorctl's `clear`)."""
+        self._close_fd()
+        number = 1
+        while (backup := _backup_path(self.path, number)).exists() or number <= self.backups:
+            backup.unlink(missing_ok=True)
+            number += 1
+        self._fd = self._open_fd(truncate=True)
+        self._at_line_start = True
+
     def close(self) -> None:
         if not self._closed:
             os.close(self._dir_fd)

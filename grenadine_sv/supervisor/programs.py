@@ -18,11 +18,19 @@ from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.sandbox import LauncherServer
 from grenadine_sv.sandbox.cgroup import ProgramCgroups
 from grenadine_sv.supervisor.membership import emptied, end_all_but
-from grenadine_sv.supervisor.runner import Launcher, ProgramRunner, RunnerContext, StateObserver
+from grenadine_sv.supervisor.runner import (
+    Launcher,
+    ProgramRunner,
+    RunnerContext,
+    StartCause,
+    StateObserver,
+)
 
 log = structlog.get_logger()
 
 DEPENDENCY_WAIT_SECONDS = math.inf
+# A dependent in these states is stopped when its dependency stops.
+ACTIVE_OR_RETRYING = frozenset({State.STARTING, State.RUNNING, State.BACKOFF})
 # How often the running programs' cgroups are checked for a copy that is not their instance.
 CENSUS_SECONDS = 2.0
 
@@ -60,7 +68,11 @@ class Programs:
         self.metrics = metrics
         self.runners: dict[str, ProgramRunner] = {}
         self.listeners: list[ProgramListener] = []
-        self._observers = (*tuple(observers), self._count_restarts)
+        self._observers = (*tuple(observers), self._count_restarts, self._follow_dependencies)
+        # Dependents stopped because this dependency stopped, to start again when it runs.
+        self._stopped_for: dict[str, str] = {}
+        # Set at shutdown: every program stops anyway, in dependency order.
+        self.shutting_down = False
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         # Launches every sandbox by a fork (started at the first launch, closed at the end).
@@ -167,14 +179,19 @@ class Programs:
         self.forget(name, for_good=True)
 
     def autostart(self, names: Iterable[str], launchers: Mapping[str, Launcher]) -> None:
-        """Start (in the background) those of `names` that autostart, and those that have
-        their own launcher (a program taken back after a crash), through it."""
+        """At supervisor start: start (in the background) those of `names` that autostart,
+        and those that have their own launcher (a program taken back after a crash),
+        through it."""
         for name in names:
             launcher = launchers.get(name)
             if self.runners[name].config.autostart or launcher is not None:
-                self.nursery.start_soon(self.start_after_dependencies, name, launcher)
+                self.nursery.start_soon(
+                    self.start_after_dependencies, name, launcher, "supervisor-start"
+                )
 
-    async def start_after_dependencies(self, name: str, launcher: Launcher | None = None) -> State:
+    async def start_after_dependencies(
+        self, name: str, launcher: Launcher | None = None, cause: StartCause = "start"
+    ) -> State:
         """Start a program once its dependencies run; through `launcher` when given."""
         runner = self.runners[name]
         for dependency in runner.config.depends_on:
@@ -190,7 +207,48 @@ class Programs:
                     runner.refuse_start(f"dependency {dependency} is {state.value}")
                     log.error("dependency_failed", program=name, dependency=dependency)
                     return runner.state
-        return await runner.start(start_timeout_bound(runner.config), launcher)
+        return await runner.start(start_timeout_bound(runner.config), launcher, cause)
+
+    def _follow_dependencies(self, runner: ProgramRunner, before: State, after: State) -> None:
+        """A dependency that stops or crashes stops its dependents (on_dependency_stop =
+        "stop" or "restart"); once it runs again, the "restart" ones start again."""
+        if self.shutting_down or runner.dependents_unaffected or self._nursery is None:
+            return
+        name = runner.name
+        if self.runners.get(name) is not runner:
+            return  # a runner being replaced (reload): its successor speaks for it
+        if before == State.RUNNING and after != State.RUNNING:
+            for dependent_name in self.dependents(name):
+                dependent = self.runners[dependent_name]
+                policy = dependent.config.on_dependency_stop
+                if policy == "ignore" or dependent.state not in ACTIVE_OR_RETRYING:
+                    continue
+                log.warning(
+                    "dependency_stopped",
+                    program=dependent_name,
+                    dependency=name,
+                    dependency_state=after.value,
+                    on_dependency_stop=policy,
+                )
+                if policy == "restart":
+                    self._stopped_for[dependent_name] = name
+                self.nursery.start_soon(self._stop_for_dependency, dependent, name)
+        elif after == State.RUNNING:
+            for dependent_name, dependency in list(self._stopped_for.items()):
+                if dependency != name:
+                    continue
+                del self._stopped_for[dependent_name]
+                if dependent_name in self.runners:
+                    log.info("dependency_running_again", program=dependent_name, dependency=name)
+                    self.nursery.start_soon(
+                        self.start_after_dependencies, dependent_name, None, "dependency"
+                    )
+
+    @staticmethod
+    async def _stop_for_dependency(dependent: ProgramRunner, dependency: str) -> None:
+        await dependent.stop(dependent.stop_timeout_bound())
+        if dependent.state == State.STOPPED:
+            dependent.machine.reason = f"stopped because {dependency} stopped"
 
     def dependents(self, name: str) -> list[str]:
         return [n for n, r in self.runners.items() if name in r.config.depends_on]
@@ -198,6 +256,8 @@ class Programs:
     async def stop_programs(self, names: list[str]) -> None:
         """Stop these programs concurrently, each only after the ones that depend on it."""
         selected = set(names)
+        for name in selected:  # an operator's word replaces a pending restart
+            self._stopped_for.pop(name, None)
         done = {name: trio.Event() for name in selected}
 
         async def stop_one(name: str) -> None:
@@ -214,6 +274,8 @@ class Programs:
 
     async def start_programs(self, names: list[str]) -> None:
         """Start these programs and what they depend on, each after its dependencies."""
+        for name in names:
+            self._stopped_for.pop(name, None)
         async with trio.open_nursery() as nursery:
             for name in self._with_dependencies(names):
                 nursery.start_soon(self.start_after_dependencies, name)
@@ -232,12 +294,14 @@ class Programs:
     def select(self, names: list[str]) -> list[str]:
         """The programs a request names ("all" = every one); ControlError for unknown names."""
         if not names:
-            raise ControlError("name at least one program, or all")
+            raise ControlError("name at least one program, or all", usage=True)
         if "all" in names:
-            return list(self.runners)
+            # The configuration's order, also after a reload replaced some runners.
+            listed = [n for n in self.config.programs if n in self.runners]
+            return listed + [n for n in self.runners if n not in listed]
         unknown = [n for n in names if n not in self.runners]
         if unknown:
-            raise ControlError(f"no such program: {', '.join(unknown)}")
+            raise ControlError(f"no such program: {', '.join(unknown)}", usage=True)
         return list(dict.fromkeys(names))
 
     async def kill_leftovers(self) -> None:

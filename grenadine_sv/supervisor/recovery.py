@@ -394,4 +394,4 @@ class Recovery:
 
     def _restorer(self, image: ImageMeta) -> Launcher:
         assert self.checkpoints is not None
-        return partial(self.checkpoints.launch_with_fallback, image=image)
+        return partial(self.checkpoints.launch_with_fallback, image=image, occasion="recovery")

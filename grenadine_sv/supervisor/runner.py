@@ -10,11 +10,12 @@ import contextlib
 import math
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 import trio
@@ -45,6 +46,7 @@ from grenadine_sv.lifecycle.machine import (
     StopTimeout,
     WatchReadiness,
     describe_returncode,
+    signal_name,
 )
 from grenadine_sv.sandbox import (
     LauncherServer,
@@ -114,6 +116,22 @@ class LaunchedInstance:
 # A launcher starts an instance of the program: from scratch, or from an image.
 Launcher = Callable[["ProgramRunner"], Awaitable[LaunchedInstance]]
 
+# Why an instance starts: the supervisor starting, an operator's start or restart (a
+# reload's too), the supervisor restarting it after an exit or a failed start, or a
+# dependency that runs again (on_dependency_stop = "restart").
+StartCause = Literal["supervisor-start", "start", "crash", "dependency"]
+
+
+@dataclass(frozen=True)
+class RestoredFrom:
+    """The image the current instance was restored from, and on what occasion."""
+
+    image_id: str
+    created: datetime
+    occasion: str
+    # Set when this image was restored instead of the one asked for (restore_fallback).
+    instead_of: str | None = None
+
 
 def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
     return LifecyclePolicy(
@@ -180,6 +198,14 @@ class ProgramRunner:
         self._launcher = launcher or launch_cold
         # Instances that start another way than `launcher` (a restore, a recovery).
         self._launchers: dict[int, Launcher] = {}
+        # Why each requested instance starts; an instance nobody asked for is a restart.
+        self._causes: dict[int, StartCause] = {}
+        self.start_cause: StartCause = "supervisor-start"
+        # None while the current instance started from scratch (or none runs).
+        self.restored_from: RestoredFrom | None = None
+        # Above 0 while a restore, a rollback or a checkpoint that stops the program is under
+        # way: its stop and start are not passed on to the programs that depend on it.
+        self.dependents_unaffected = 0
 
     @property
     def name(self) -> str:
@@ -229,6 +255,24 @@ class ProgramRunner:
             return None
         return trio.current_time() - started
 
+    @contextlib.contextmanager
+    def leaving_dependents_alone(self) -> Iterator[None]:
+        """Within this, the program's stops and starts do not stop or start its dependents."""
+        self.dependents_unaffected += 1
+        try:
+            yield
+        finally:
+            self.dependents_unaffected -= 1
+
+    def restored_image_created(self) -> datetime | None:
+        """When the image the running instance was restored from was made (None: cold,
+        or not running)."""
+        if self.restored_from is None or self.process is None:
+            return None
+        if self.process.returncode is not None:
+            return None
+        return self.restored_from.created
+
     def update_config(self, config: ProgramConfig) -> None:
         """Take a definition whose process-affecting part is unchanged (policies, probes)."""
         self.config = config
@@ -250,12 +294,14 @@ class ProgramRunner:
 
     # Requests are handled at once rather than queued, so the state has changed on return.
 
-    def request_start(self, launcher: Launcher | None = None) -> None:
+    def request_start(self, launcher: Launcher | None = None, cause: StartCause = "start") -> None:
         """Start the program (if it is not active), through `launcher` for this instance."""
         before = self.machine.instance
         self._dispatch(StartRequested(trio.current_time()))
-        if launcher is not None and self.machine.instance != before:
-            self._launchers[self.machine.instance] = launcher
+        if self.machine.instance != before:
+            self._causes[self.machine.instance] = cause
+            if launcher is not None:
+                self._launchers[self.machine.instance] = launcher
 
     def refuse_start(self, reason: str) -> None:
         """A start that cannot happen: the program stays as it is and shows why."""
@@ -286,9 +332,11 @@ class ProgramRunner:
                 await self._changed.wait()
         return self.state
 
-    async def start(self, timeout: float, launcher: Launcher | None = None) -> State:
+    async def start(
+        self, timeout: float, launcher: Launcher | None = None, cause: StartCause = "start"
+    ) -> State:
         """Start and wait until the start has succeeded or failed (or `timeout`)."""
-        self.request_start(launcher)
+        self.request_start(launcher, cause)
         return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
 
     async def stop(self, timeout: float) -> State:
@@ -302,12 +350,31 @@ class ProgramRunner:
 
     def _dispatch(self, event: Event) -> None:
         before = self.machine.state
+        if isinstance(event, Exited) and event.instance == self.machine.instance:
+            self._log_exit(before, event.returncode)
         actions = self.machine.handle(event)
         after = self.machine.state
         if before != after or isinstance(event, Spawned):
             self._announce(before, after)
         for action in actions:
             self._perform(action)
+
+    def _log_exit(self, state: State, returncode: int) -> None:
+        """Every exit with its cause: the exit status, or the signal that ended it."""
+        fields: dict[str, Any] = {
+            "state": state.value,
+            "pid": self.machine.pid,
+            "exit": describe_returncode(returncode),
+        }
+        if returncode < 0:
+            fields["signal"] = signal_name(-returncode)
+        else:
+            fields["exit_status"] = returncode
+        expected = state == State.STOPPING or (
+            returncode >= 0 and returncode in self.config.exitcodes
+        )
+        level = "info" if expected else "warning"
+        getattr(self.log, level)("program_exited", **fields)
 
     def _announce(self, before: State, after: State) -> None:
         fields: dict[str, Any] = {"from_state": before.value, "to_state": after.value}
@@ -341,6 +408,11 @@ class ProgramRunner:
                 self.log.warning("stop_timeout_kill", stopwaitsecs=self.config.stopwaitsecs)
                 self._signal(signal.SIGKILL)
 
+    def send_signal(self, sig: int) -> None:
+        """Signal the program's process (an operator's `signal`), if one runs."""
+        self.log.info("program_signalled", signal=signal_name(sig))
+        self._signal(sig)
+
     def _signal(self, sig: int) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(sig)
@@ -352,6 +424,8 @@ class ProgramRunner:
 
     async def _spawn(self, instance: int) -> None:
         launcher = self._launchers.pop(instance, self._launcher)
+        self.start_cause = self._causes.pop(instance, "crash")
+        self.restored_from = None
         try:
             await self.claim_cgroup()
             launched = await launcher(self)
@@ -405,7 +479,6 @@ class ProgramRunner:
     async def _watch_exit(self, instance: int, process: SandboxProcess) -> None:
         returncode = await process.wait()
         process.close()
-        self.log.info("program_exited", pid=process.pid, exit=describe_returncode(returncode))
         self._post(Exited(instance, returncode, trio.current_time()))
 
     async def _watch_readiness(self, action: WatchReadiness) -> None:

@@ -55,6 +55,7 @@ OPERATIONS = (
     "reload-changed",
     "reload-unchanged",
     "prune",
+    "rmi",
     "usr1",
     "none",
 )
@@ -242,7 +243,7 @@ class Episode:
         if not running:
             allowed = [o for o in allowed if o not in ("stop", "checkpoint", "checkpoint-stop")]
         if not self.store.list():
-            allowed = [o for o in allowed if o != "restore"]
+            allowed = [o for o in allowed if o not in ("restore", "rmi")]
         return self.rng.choice(allowed or ["none"])
 
     def choose_target(self, operation: str) -> str:
@@ -370,6 +371,9 @@ class Episode:
             outcome.image = image
             ref = "latest" if image is listed[0] and self.rng.random() < 0.5 else image.id[:12]
             args = ["restore", program.name, ref, "--json"]
+            if program.token is not None:
+                # A RUNNING program is checkpointed first (pre-restore): retention may follow.
+                outcome.may_vanish |= self.retention_victims(program.name) - {image.id}
         elif operation in ("reload-changed", "reload-unchanged"):
             if operation == "reload-changed":
                 program = self.rng.choice(list(self.programs.values()))
@@ -383,6 +387,12 @@ class Episode:
             args = ["prune", "--keep", str(keep)] + ([name] if name else [])
             for victim in (name,) if name else tuple(self.programs):
                 outcome.may_vanish |= self.prune_victims(victim, keep)
+        elif operation == "rmi":
+            # One image, a corrupt one as well: gone once rmi answers, or either way if killed.
+            image = self.rng.choice(self.store.list())
+            args = ["rmi", image.program, image.id[:12], "--force"]
+            outcome.may_vanish.add(image.id)
+            outcome.image = image
         elif operation == "usr1":
             for p in running:
                 outcome.may_vanish |= self.retention_victims(p.name)
@@ -545,6 +555,11 @@ class Episode:
     ) -> None:
         """An operation that ran to its end: exactly what it said it did."""
         ok = result is None or result.returncode == 0
+        if operation == "rmi" and ok and outcome.image is not None:
+            gone = outcome.image
+            self.tally.checks["rmi removed the image"] += 1
+            if any(m.id == gone.id for m in self.store.list(gone.program)):
+                raise Violation(f"rmi said it removed image {gone.id} of {gone.program}")
         if program is None:
             return
         name = program.name

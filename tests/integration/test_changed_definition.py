@@ -78,8 +78,10 @@ async def test_restore_into_a_changed_user_and_secret_is_refused_naming_them(
         assert sv.programs.runners["counter"].state == State.RUNNING
         assert sv.programs.runners["counter"].machine.pid == pid
 
+        # force: the running instance (user nobody) cannot be checkpointed first on hosts
+        # without CAP_SYS_RESOURCE, and this test is about the definition, not that.
         restored = await sv.operations.restore_program(
-            "counter", image_id, allow_changed_definition=True
+            "counter", image_id, force=True, allow_changed_definition=True
         )
         assert restored["fallback"] is None
         assert "environment SECRET changed" in restored["warning"]
@@ -94,7 +96,8 @@ async def test_pinned_latest_taken_under_another_definition_follows_restore_fall
     sv_dirs: SupervisorDirs,
 ) -> None:
     port = free_port()
-    pinned = 'restore = "latest"\n'
+    # "start": a reload's start of the replaced program restores too (restore_on).
+    pinned = 'restore = "latest"\nrestore_on = ["supervisor-start", "start"]\n'
     config = sv_dirs.write_config(counter_program(port, "umask = 0o022", pinned))
     store = ImageStore(sv_dirs.state_dir)
     async with running_supervisor(config) as sv:

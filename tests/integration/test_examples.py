@@ -61,6 +61,7 @@ def port_is_free(port: int) -> bool:
         pytest.param("memcached", [21211], id="memcached"),
         pytest.param("python-counter", [8712], id="python-counter"),
         pytest.param("deploy-rollback", [8713, 8714], id="deploy-rollback"),
+        pytest.param("reboot-survival", [8715], id="reboot-survival"),
     ],
 )
 def test_demo_passes_and_cleans_up(example: str, ports: list[int]) -> None:

@@ -36,7 +36,8 @@ async def test_prune_during_a_restore_that_waits_for_the_old_instance_keeps_the_
         restored: dict[str, Any] = {}
 
         async def restore() -> None:
-            restored.update(await sv.operations.restore_program("stubborn", image_id))
+            # force: no pre-restore checkpoint, so the image restored is the only one.
+            restored.update(await sv.operations.restore_program("stubborn", image_id, True))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(restore)

@@ -67,10 +67,10 @@ def test_duration_reads_like_supervisorctl(seconds: float, text: str) -> None:
     assert format_duration(3 * 86400) == "3 days, 0:00:00"
 
 
-def test_moments_are_shown_in_utc_without_fractions() -> None:
-    assert format_moment("2026-11-27T05:46:25.9+00:00") == "2026-11-27 05:46:25"
+def test_moments_are_shown_in_utc_with_their_zone_without_fractions() -> None:
+    assert format_moment("2026-11-27T05:46:25.9+00:00") == "2026-11-27 05:46:25 UTC"
     tokyo = datetime(2026, 11, 27, 14, 46, 25, tzinfo=timezone(timedelta(hours=9)))
-    assert format_moment(tokyo) == "2026-11-27 05:46:25"
+    assert format_moment(tokyo) == "2026-11-27 05:46:25 UTC"
 
 
 def test_status_line_has_supervisorctl_columns_and_short_last_checkpoint() -> None:
@@ -85,7 +85,7 @@ def test_status_line_has_supervisorctl_columns_and_short_last_checkpoint() -> No
     )
     assert text.splitlines() == [
         "memcached  RUNNING   pid 32008, uptime 1:02:05, "
-        "last checkpoint 77bf8f2f3b0a at 2026-11-27 05:46:25 (signal)",
+        "last checkpoint 77bf8f2f3b0a at 2026-11-27 05:46:25 UTC (signal)",
         "counter    FATAL     no such file",
     ]
 
@@ -94,8 +94,14 @@ def test_status_of_nothing_says_so() -> None:
     assert format_status([]) == "no programs\n"
 
 
-def test_a_stopped_program_shows_no_pid() -> None:
-    line = format_status([status_entry(state="STOPPED", pid=4, uptime_seconds=None)])
+def test_a_stopped_program_shows_no_pid_nor_the_exit_of_its_stop() -> None:
+    line = format_status(
+        [
+            status_entry(
+                state="STOPPED", pid=4, uptime_seconds=None, exit_status=-15, exit_requested=True
+            )
+        ]
+    )
     assert line == "memcached  STOPPED\n"
 
 
@@ -216,7 +222,8 @@ def test_prune_counts_and_names_deleted_images() -> None:
         ("restart", ["BACKOFF"], EXIT_FAILED),
         ("stop", ["STOPPED", "EXITED"], EXIT_OK),
         ("stop", ["RUNNING"], EXIT_FAILED),
-        ("status", ["FATAL"], EXIT_OK),
+        ("status", ["RUNNING", "STOPPED", "EXITED", "BACKOFF"], EXIT_OK),
+        ("status", ["RUNNING", "FATAL"], EXIT_FAILED),
     ],
 )
 def test_lifecycle_commands_fail_when_a_program_did_not_get_there(
@@ -254,8 +261,11 @@ def test_images_table_has_the_seeds_columns_then_ours() -> None:
             grenadine_version="0",
         )
 
-    text = format_images([meta("counter", 2, OTHER_ID), meta("memcached", 1, IMAGE_ID)])
-    header, first, second = text.splitlines()
+    text = format_images(
+        [meta("counter", 2, OTHER_ID), meta("memcached", 1, IMAGE_ID)],
+        {OTHER_ID: None, IMAGE_ID: "criu/pages-1.img is missing"},
+    )
+    header, first, second, note = text.splitlines()
     assert header.split() == [
         "IDX",
         "IMAGE_ID",
@@ -265,6 +275,7 @@ def test_images_table_has_the_seeds_columns_then_ours() -> None:
         "PROGRAM",
         "TRIGGER",
         "SIZE",
+        "CHECK",
     ]
     assert first.split() == [
         "0",
@@ -277,6 +288,46 @@ def test_images_table_has_the_seeds_columns_then_ours() -> None:
         "counter",
         "signal",
         "2.00KiB",
+        "ok",
     ]
     assert second.split()[0] == "0"  # IDX counts per program
+    assert second.split()[-1] == "CORRUPT"
+    assert note == f"{IMAGE_ID[:12]} is corrupt: criu/pages-1.img is missing"
     assert format_images([]) == "no images\n"
+
+
+def test_status_shows_restarts_last_exit_and_a_failed_checkpoint() -> None:
+    failure = {"at": "2026-11-27T06:00:00+00:00", "trigger": "interval", "error": "no space"}
+    line = format_status(
+        [status_entry(restarts=2, exit_status=-9, last_checkpoint_failure=failure)]
+    )
+    assert line == (
+        "memcached  RUNNING   pid 32008, uptime 1:02:05, restarts 2, last exit signal KILL, "
+        "last checkpoint FAILED at 2026-11-27 06:00:00 UTC (interval): no space\n"
+    )
+    exited = format_status(
+        [status_entry(state="EXITED", pid=None, uptime_seconds=None, exit_status=3)]
+    )
+    assert exited == "memcached  EXITED    last exit code 3\n"
+
+
+def test_reload_says_what_failed_and_what_it_left_stopped() -> None:
+    summary = reload_summary(
+        added=["new"], changed=["manual"], left_stopped=["manual"], failed={"new": "FATAL: boom"}
+    )
+    assert format_reload(summary).splitlines() == [
+        "added: new",
+        "changed: manual",
+        "left stopped: manual (stopped by hand before the reload)",
+        "failed: new (FATAL: boom)",
+    ]
+    assert operation_exit_code("reload", summary) == EXIT_FAILED
+
+
+def test_checkpoint_all_names_the_programs_it_skipped() -> None:
+    results = [
+        {"program": "memcached", "ok": True, "image": image_json()},
+        {"program": "idle", "ok": True, "skipped": "STOPPED, not RUNNING"},
+    ]
+    assert format_checkpoints(results).splitlines()[1] == "idle: skipped (STOPPED, not RUNNING)"
+    assert operation_exit_code("checkpoint", results) == EXIT_OK

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,10 @@ IMAGE_ID = re.compile(r"[0-9a-f]{32}")
 @dataclass
 class Status:
     state: str
+    restored_created: datetime | None = None
+
+    def restored_image_created(self) -> datetime | None:
+        return self.restored_created
 
 
 @dataclass
@@ -199,6 +204,15 @@ def test_an_unreadable_program_is_left_out_and_the_rest_is_scraped() -> None:
 # --- program up ------------------------------------------------------------------------------
 
 
+def test_the_age_of_the_image_a_program_runs_from_is_reported(store: MemoryImageStore) -> None:
+    made = datetime.now(UTC) - timedelta(hours=2)
+    table = ProgramTable({"web": Status("RUNNING", made), "cold": Status("RUNNING")})
+    samples = scrape(make_metrics(store, table))
+    age = value(samples, "grenadine_program_image_age_seconds", program="web")
+    assert 7200 <= age < 7200 + 60
+    assert "grenadine_program_image_age_seconds" not in series_of(samples, "cold")
+
+
 def test_program_up_follows_the_program_table_at_scrape_time(store: MemoryImageStore) -> None:
     table = ProgramTable({"web": Status("RUNNING"), "cache": Status("BACKOFF")})
     metrics = make_metrics(store, table)
@@ -342,6 +356,7 @@ def test_exposition_has_the_design_names_and_no_created_series(store: MemoryImag
         "grenadine_image_bytes",
         "grenadine_latest_image_memory_bytes",
         "grenadine_state_dir_free_bytes",
+        "grenadine_program_image_age_seconds",
         "grenadine_uploads",
         "grenadine_upload_failures",
         "grenadine_upload_duration_seconds",
