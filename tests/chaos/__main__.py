@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-interval", type=float, default=0.2, help="seconds between lines")
     parser.add_argument("--operations", default=",".join(OPERATIONS))
     parser.add_argument("--kill-targets", default=",".join(KILL_TARGETS))
+    parser.add_argument("--take-back-targets", default="dump,sealing,restore")
     parser.add_argument("--kill-share", type=float, default=0.7)
     parser.add_argument(
         "--recovery-bound", type=float, default=30.0, help="seconds a new supervisor may take"
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         programs=args.programs,
         operations=tuple(args.operations.split(",")),
         kill_targets=tuple(args.kill_targets.split(",")),
+        take_back_targets=tuple(args.take_back_targets.split(",")),
         kill_share=args.kill_share,
         print_interval=args.print_interval,
         keep_dir=args.keep_dir,

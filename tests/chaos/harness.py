@@ -58,14 +58,19 @@ OPERATIONS = (
     "rmi",
     "usr1",
     "none",
+    "shutdown",
 )
+# Operations that exist only once main has them (the command they need).
+NEEDS_COMMAND = {"shutdown": "shutdown", "rmi": "rmi"}
 # Where a kill is aimed. "anywhere" is a random delay into the operation; "recovery" kills the
 # next supervisor again while it takes its programs back (inside its dump or restore).
 KILL_TARGETS = ("dump", "sealing", "restore", "anywhere", "recovery")
-DUMPING_OPERATIONS = ("checkpoint", "checkpoint-stop", "usr1", "reload-changed")
+DUMPING_OPERATIONS = ("checkpoint", "checkpoint-stop", "usr1", "reload-changed", "shutdown")
 LANDINGS = ("dump", "sealing", "restore", "elsewhere")
 
 KEEP = 3
+# Triggers of images made by checkpoints that end the program once the image is listed.
+STOPPING_TRIGGERS = ("manual", "shutdown")
 KEEPER_COMM = "grenadine-keep"
 # After any kill, the share of iterations that also kill the next supervisor in its take-back.
 TAKE_BACK_KILL_SHARE = 0.25
@@ -142,6 +147,8 @@ class Program:
     name: str
     port: int
     ballast_mib: int
+    on_stop: bool = False
+    lazy: bool = False
     generation: int = 0
     token: str | None = None
     seen: list[str] = field(default_factory=list)
@@ -165,7 +172,17 @@ class Episode:
             f"p{i}": Program(f"p{i}", free_port(), self.rng.randint(*options.ballast_mib))
             for i in range(options.programs)
         }
+        features = cli_features()
+        self.operations = [
+            o
+            for o in options.operations
+            if NEEDS_COMMAND.get(o, o) in features or o not in NEEDS_COMMAND
+        ]
+        for p in self.programs.values():
+            p.on_stop = "shutdown" in features and self.rng.random() < 0.5
+            p.lazy = "restore_mode" in features and self.rng.random() < 0.5
         self.supervisor: subprocess.Popen[bytes] | None = None
+        self.exited_before_kill = False
         self.generation = 0
         self.criu_seen: dict[int, int] = {}
         # Stdio keepers the supervisors started (they outlive a killed supervisor).
@@ -235,7 +252,7 @@ class Episode:
         )
 
     def choose_operation(self) -> str:
-        allowed = list(self.options.operations)
+        allowed = list(self.operations)
         running = [p for p in self.programs.values() if p.token is not None]
         stopped = [p for p in self.programs.values() if p.token is None]
         if not stopped:
@@ -287,8 +304,9 @@ class Episode:
                 f'environment = {{ CHAOS_GENERATION = "{p.generation}" }}\n'
                 f'ready = {{ tcp = "127.0.0.1:{p.port}", timeout = "20s" }}\n'
                 "stopwaitsecs = 2\n"
-                f"[programs.{p.name}.checkpoint]\non_signal = true\nkeep = {KEEP}\n"
-                "pre_deploy = true\n"
+                + ('restore_mode = "lazy"\n' if p.lazy else "")
+                + f"[programs.{p.name}.checkpoint]\non_signal = true\nkeep = {KEEP}\n"
+                "pre_deploy = true\n" + ("on_stop = true\n" if p.on_stop else "")
             )
         temporary = self.config.with_suffix(".tmp")
         temporary.write_text("\n".join(tables))
@@ -320,9 +338,18 @@ class Episode:
         assert self.supervisor is not None
         return self.supervisor.pid
 
+    def wait_for_exit(self) -> None:
+        """After `shutdown`: the supervisor has exited by itself."""
+        assert self.supervisor is not None
+        try:
+            self.supervisor.wait(timeout=CLI_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise Violation("the supervisor did not exit after `shutdown` answered") from None
+
     def kill_supervisor(self) -> None:
         """SIGKILL the supervisor, by its pid (it is our child: reaped here)."""
         assert self.supervisor is not None
+        self.exited_before_kill = self.supervisor.poll() is not None
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.supervisor.pid, signal.SIGKILL)
         self.supervisor.wait()
@@ -381,7 +408,19 @@ class Episode:
                 outcome.may_vanish |= self.retention_victims(program.name)
             self.write_config()
             args = ["reload", "--json"]
-        elif operation == "prune":
+        elif operation in ("prune", "usr1", "shutdown", "rmi"):
+            args, program = self.plan_supervisor_wide(operation, outcome)
+        outcome.program = program
+        return args, outcome
+
+    def plan_supervisor_wide(
+        self, operation: str, outcome: Outcome
+    ) -> tuple[list[str] | None, Program | None]:
+        """prune, USR1, shutdown, rmi: what they may delete."""
+        running = [p for p in self.programs.values() if p.token is not None]
+        args: list[str] | None = None
+        program: Program | None = None
+        if operation == "prune":
             keep = self.rng.randint(0, KEEP)
             name = self.rng.choice([None, *self.programs])
             args = ["prune", "--keep", str(keep)] + ([name] if name else [])
@@ -396,8 +435,12 @@ class Episode:
         elif operation == "usr1":
             for p in running:
                 outcome.may_vanish |= self.retention_victims(p.name)
-        outcome.program = program
-        return args, outcome
+        elif operation == "shutdown":
+            args = ["shutdown"]
+            for p in running:
+                if p.on_stop:
+                    outcome.may_vanish |= self.retention_victims(p.name)
+        return args, program
 
     def perform(self, operation: str, target: str | None) -> Outcome:
         running = [p for p in self.programs.values() if p.token is not None]
@@ -420,6 +463,9 @@ class Episode:
         result = self.finish_cli(process)
         if operation == "usr1" and landing is None:
             self.wait_for_signal_round(running, images_before)
+        if operation == "shutdown" and landing is None:
+            self.wait_for_exit()
+            self.start_supervisor()
         outcome.landing = landing
         outcome.summary = f"exit {result.returncode}" if result is not None else "sent"
         if landing is not None:
@@ -555,6 +601,12 @@ class Episode:
     ) -> None:
         """An operation that ran to its end: exactly what it said it did."""
         ok = result is None or result.returncode == 0
+        if operation == "shutdown":
+            for p in self.programs.values():
+                if p.on_stop and p.token is not None:
+                    self.check_new_image_token(p.name, images_before, {p.token})
+                outcome.expected[p.name] = Expected(fresh=True, why="shut down, started anew")
+            return
         if operation == "rmi" and ok and outcome.image is not None:
             gone = outcome.image
             self.tally.checks["rmi removed the image"] += 1
@@ -600,6 +652,14 @@ class Episode:
         for p in self.programs.values():
             if p.token is None:
                 outcome.expected[p.name] = Expected(fresh=True, why="was stopped: autostart")
+            elif operation == "shutdown" and (self.exited_before_kill or not p.on_stop):
+                # Stopped (or being stopped) by the shutdown: a new supervisor starts it anew.
+                outcome.expected[p.name] = Expected({p.token}, fresh=True, why="shut down")
+            elif operation == "shutdown":
+                outcome.expected[p.name] = Expected(
+                    {p.token}, why="killed during shutdown, no new image listed"
+                )
+                outcome.fresh_if_new_image.add(p.name)
             else:
                 outcome.expected[p.name] = Expected({p.token}, why="running: taken back")
         if program is None:
@@ -614,7 +674,7 @@ class Episode:
                 old,
                 why="killed during checkpoint --stop, no new image listed",
             )
-            outcome.fresh_if_new_image = name
+            outcome.fresh_if_new_image.add(name)
         elif operation == "restore":
             image = outcome.image
             assert image is not None
@@ -652,7 +712,7 @@ class Episode:
 
     def check_new_image_token(self, name: str, images_before: set[str], tokens: set[str]) -> None:
         for image in self.store.list(name):
-            if image.id not in images_before and image.trigger == "manual":
+            if image.id not in images_before and image.trigger in STOPPING_TRIGGERS:
                 self.tally.checks["image holds the token"] += 1
                 if self.token_of(image) not in tokens:
                     raise Violation(
@@ -668,18 +728,18 @@ class Episode:
         images_before: dict[str, ImageMeta],
         may_vanish: set[str],
         started: float | None,
-        fresh_if_new_image: str | None = None,
+        fresh_if_new_image: set[str] | None = None,
     ) -> None:
         """The invariants, once the supervisor has settled (bounded by recovery_bound)."""
-        if fresh_if_new_image is not None:
+        for name in fresh_if_new_image or ():
             new = [
                 m
-                for m in self.store.list(fresh_if_new_image)
-                if m.id not in images_before and m.trigger == "manual"
+                for m in self.store.list(name)
+                if m.id not in images_before and m.trigger in STOPPING_TRIGGERS
             ]
             if new:
-                expected[fresh_if_new_image].fresh = True
-                expected[fresh_if_new_image].why += f"; image {new[0].id[:12]} listed"
+                expected[name].fresh = True
+                expected[name].why += f"; image {new[0].id[:12]} listed"
         self.settle(started or time.monotonic(), expected)
         self.check_images(images_before, may_vanish, killed=started is not None)
 
@@ -844,7 +904,7 @@ class Outcome:
     program: Program | None = None
     image: ImageMeta | None = None
     summary: str = ""
-    fresh_if_new_image: str | None = None
+    fresh_if_new_image: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -852,6 +912,25 @@ class CliResult:
     returncode: int
     stdout: str
     stderr: str
+
+
+_FEATURES: set[str] = set()
+
+
+def cli_features() -> set[str]:
+    """The commands `grenadine-sv --help` lists, and "restore_mode" when the configuration has
+    it: operations that need them run only once main has them."""
+    if not _FEATURES:
+        listing = subprocess.run(
+            [os.fspath(CLI), "--help"], capture_output=True, text=True, check=False
+        ).stdout
+        _FEATURES.update(re.findall(r"^    ([a-z][a-z-]*) ", listing, re.MULTILINE))
+        schema = subprocess.run(
+            [os.fspath(CLI), "schema"], capture_output=True, text=True, check=False
+        ).stdout
+        if "restore_mode" in schema:
+            _FEATURES.add("restore_mode")
+    return _FEATURES
 
 
 def query_token(port: int) -> tuple[str, str] | None:
