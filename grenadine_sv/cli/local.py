@@ -90,8 +90,12 @@ def check(args: argparse.Namespace, out: TextIO) -> int:
     if warnings and args.strict:
         print(f"grenadine-sv: {len(warnings)} warnings, and --strict", file=sys.stderr)
         return EXIT_USAGE
+    from grenadine_sv.host.warnings import host_capabilities, init_present, program_warnings
+
     files = ", ".join(str(f) for f in config.files)
     out.write(f"configuration valid: {len(config.programs)} programs from {files}\n")
+    for warning in program_warnings(config.programs, host_capabilities(), init_present()):
+        out.write(f"warning: {warning}\n")
     return EXIT_OK
 
 

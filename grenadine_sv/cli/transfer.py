@@ -87,6 +87,7 @@ def import_archive(args: argparse.Namespace, out: TextIO) -> int:
     from grenadine_sv.store.archive import ArchiveRefused, acceptance, read_archive
     from grenadine_sv.store.encryption import EncryptionKeyError, load_identities
     from grenadine_sv.store.images import ImageStore
+    from grenadine_sv.store.trust import check_trusted_to_create
     from grenadine_sv.supervisor.checkpoints import current_definition
 
     config = load_or_explain(args)
@@ -103,6 +104,11 @@ def import_archive(args: argparse.Namespace, out: TextIO) -> int:
     progress = _progress(f"import {args.file}")
     began = time.monotonic()
     try:
+        # An image is process memory: it goes only into a state_dir others cannot touch.
+        if not store.state_dir.exists():
+            check_trusted_to_create(store.state_dir, what="state_dir")
+            store.state_dir.mkdir(mode=0o700, parents=True)
+        store.check_trusted()
         with _source(args.file) as source:
             counter = _CountingReader(source)
             image = read_archive(

@@ -24,6 +24,7 @@ from pydantic import (
     Strict,
     ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
@@ -62,6 +63,7 @@ DIGEST_FIELDS = (
     "binds",
     "stopsignal",
     "init",
+    "private_tmp",
 )
 # Fields an image records and a restore compares with the definition it restores into
 # (environment apart: store/definition.py hashes its values). Names a ProgramConfig lacks are
@@ -166,6 +168,13 @@ def _check_binds(paths: list[Path]) -> list[Path]:
     if repeated:
         raise ValueError(f"expected each path once ({', '.join(repeated)} is listed twice)")
     return paths
+
+
+def _check_snapshot_path(path: Path) -> Path:
+    for system in ("/", "/proc", "/sys", "/dev"):
+        if path == Path(system) or (system != "/" and path.is_relative_to(system)):
+            raise ValueError(f"expected a path of the program's files, not {system}")
+    return path
 
 
 def _check_socket_path(path: Path) -> Path:
@@ -360,7 +369,23 @@ class CheckpointPolicy(BaseModel):
     rollback: StrictBool = False
     """restore the pre-deploy image when the new instance never gets ready"""
     tcp_established: StrictBool = False
-    """let CRIU checkpoint established TCP connections"""
+    """let CRIU checkpoint established TCP connections (and restore them)"""
+    network_lock: Literal["auto", "nftables", "iptables", "skip"] = "auto"
+    """how CRIU keeps the peers of established connections out while the program is frozen
+    or stopped; "auto": nftables if this CRIU has it, else iptables (doctor says which)"""
+    file_locks: StrictBool = True
+    """checkpoint and restore the program's fcntl/flock locks (sqlite, pid files)"""
+    external_unix_sockets: StrictBool = False
+    """allow unix sockets connected to a peer outside the sandbox (such as /dev/log)"""
+    ghost_limit: Annotated[Size, Field(le=0xFFFFFFFF)] = ByteSize(1 << 20)
+    """largest deleted-but-open file copied into the image"""
+    skip_in_flight: StrictBool = True
+    """drop TCP connections not yet accepted (their clients retry) rather than fail"""
+    tcp_close: StrictBool = False
+    """restore established TCP connections closed (their peers see a reset)"""
+    snapshot: list[Annotated[AbsolutePath, AfterValidator(_check_snapshot_path)]] = []
+    """files and directories copied into each image while the program is frozen, and
+    written back at restore (the private /tmp always is)"""
     on_stop: StrictBool = False
     """when the supervisor stops (SIGTERM, shutdown), checkpoint the program instead of
     stopping it with its stop signal, so that a restart brings it back as it was"""
@@ -412,8 +437,22 @@ class ProgramConfig(BaseModel):
     from the next older image that restores ("previous", else from scratch)"""
     restore_mode: Literal["eager", "lazy"] = "eager"
     """"lazy": run as soon as CRIU has rebuilt the process, memory streamed in afterwards"""
+    private_tmp: StrictBool = True
+    """give the program its own /tmp (state_dir/tmp/NAME, emptied at each cold start, kept
+    across restores); false shares the host's /tmp"""
     binds: Binds = []
     """host paths bound into the sandbox at the same path"""
+
+    @field_validator("binds")
+    @classmethod
+    def _tmp_is_private_or_bound(cls, binds: list[Path], info: ValidationInfo) -> list[Path]:
+        if info.data.get("private_tmp", True) and Path("/tmp") in binds:
+            raise ValueError(
+                'expected no "/tmp" while private_tmp = true gives the program its own /tmp'
+                " (set private_tmp = false to share the host's /tmp)"
+            )
+        return binds
+
     init: StrictBool = True
     """run Debian's tini as PID 1 with the program as its child; false for a program that is
     itself an init"""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,27 +16,26 @@ from typing import Any
 
 import pycriu
 
-LOG_LEVEL = 4
-ERROR_LINES_SHOWN = 8
-SWRK_EXIT_SECONDS = 30.0
+from grenadine_sv.criu.diagnosis import advice_for, cause_lines
+from grenadine_sv.criu.notify import PostDumpFailed, dump_with_notifications
+from grenadine_sv.criu.options import CriuOptions, apply_options
 
-# Logged as an error by every run on hosts without CAP_SYS_RESOURCE, and harmless (CRIU
-# goes on with the limit it has): it would otherwise be the first "cause" shown for any failure.
-_HARMLESS_ERRORS = ("Can't setup RLIMIT_NOFILE for self",)
-# CRIU's summary line says nothing the action name does not.
-_SUMMARY_ERROR = re.compile(r"^(Dumping|Restoring) FAILED\.?$")
-# "(00.037781)      1: Error (criu/page-xfer.c:263): " before the message itself.
-_LINE_PREFIX = re.compile(r"^\(\s*[0-9.]+\)\s*(?:[0-9]+:\s*)?Error \([^)]*\):\s*")
+LOG_LEVEL = 4
+SWRK_EXIT_SECONDS = 30.0
 
 
 class CriuError(Exception):
-    """CRIU refused or failed; the message carries CRIU's own error lines."""
+    """CRIU refused or failed; the message carries CRIU's own error lines (the cause first)
+    and, when one applies, what to change in the configuration."""
 
     def __init__(self, action: str, detail: str, log_path: Path | None) -> None:
         where = f" (full log: {log_path})" if log_path is not None else ""
-        super().__init__(f"criu {action} failed: {detail}{where}")
+        advice = advice_for(detail.split("; "))
+        todo = f"; to fix: {'; '.join(advice)}" if advice else ""
+        super().__init__(f"criu {action} failed: {detail}{todo}{where}")
         self.action = action
         self.detail = detail
+        self.advice = advice
         self.log_path = log_path
 
 
@@ -46,10 +44,16 @@ class DumpRequest:
     pid: int
     images_dir: Path
     leave_running: bool
+    options: CriuOptions = field(default_factory=CriuOptions)
+    # Mount point inside the sandbox -> the name CRIU records it under, for a restore to
+    # bind a directory of its choosing there (other bind mounts are recorded by host path).
+    external_mounts: Mapping[str, str] = field(default_factory=dict)
     # The tasks stay frozen after the dump (and TCP connections locked) until the caller
     # resumes them with SIGCONT or kills them: the dump never outlives its program unlisted.
     leave_stopped: bool = False
-    tcp_established: bool = False
+    # Run while the dumped tasks are still frozen, the image complete (CRIU's post-dump
+    # notification); if it raises, the dump fails and the tasks are resumed.
+    on_post_dump: Callable[[], None] | None = None
     log_name: str = "dump.log"
     # Fds the CRIU process holds open while it runs (the state_dir lock: a supervisor killed
     # meanwhile is not replaced before CRIU has finished).
@@ -63,7 +67,9 @@ class RestoreRequest:
     work_dir: Path
     # "pipe:[INODE]" (the pipe at dump time) -> an inheritable fd of this process.
     inherit_fds: Mapping[str, int]
-    tcp_established: bool = False
+    options: CriuOptions = field(default_factory=CriuOptions)
+    # Name of an external mount in the image -> the host directory bound in its place.
+    external_mounts: Mapping[str, str] = field(default_factory=dict)
     log_name: str = "restore.log"
     lazy_pages: bool = False
     """Leave anonymous memory to a lazy-pages daemon listening in work_dir (post-copy)."""
@@ -72,23 +78,12 @@ class RestoreRequest:
 
 
 def error_lines(log_path: Path) -> list[str]:
-    """CRIU's own error messages from its log, first (the cause) first, without repeats,
-    timestamps, source locations or the lines every run logs."""
+    """CRIU's own error messages from its log, the cause first (see diagnosis.cause_lines)."""
     try:
         text = log_path.read_text(errors="replace")
     except OSError:
         return []
-    messages: dict[str, None] = {}
-    for line in text.splitlines():
-        if "Error" not in line and "error" not in line:
-            continue
-        message = _LINE_PREFIX.sub("", line.strip())
-        if any(harmless in message for harmless in _HARMLESS_ERRORS):
-            continue
-        if _SUMMARY_ERROR.match(message):
-            continue
-        messages.setdefault(message, None)
-    return list(messages)[:ERROR_LINES_SHOWN]
+    return cause_lines(text)
 
 
 @dataclass
@@ -97,6 +92,7 @@ class _Session:
 
     client: Any
     process: subprocess.Popen[bytes]
+    sock: socket.socket
     # Children of the calling thread before CRIU ran (a restore makes new ones).
     children_before: frozenset[int] = field(default_factory=frozenset)
 
@@ -124,7 +120,7 @@ class Criu:
 
     def dump(self, request: DumpRequest) -> None:
         log_path = request.images_dir / request.log_name
-        failure: pycriu.CRIUException | None = None
+        failure: Exception | None = None
         with (
             self._session(request.hold_fds, "dump", log_path) as session,
             _open_dir(request.images_dir) as dir_fd,
@@ -134,14 +130,21 @@ class Criu:
             opts.pid = request.pid
             opts.leave_running = request.leave_running
             opts.leave_stopped = request.leave_stopped
-            opts.tcp_established = request.tcp_established
+            apply_options(opts, request.options)
+            for mount_point, name in request.external_mounts.items():
+                opts.external.append(f"mnt[{mount_point}]:{name}")
             opts.external.append("mnt[]")
             opts.log_file = request.log_name
             opts.log_level = LOG_LEVEL
             try:
-                session.client.dump()
-            except pycriu.CRIUException as exc:
+                if request.on_post_dump is None:
+                    session.client.dump()
+                else:
+                    dump_with_notifications(session.sock, opts, request.on_post_dump)
+            except (pycriu.CRIUException, ConnectionError) as exc:
                 failure = exc
+            except PostDumpFailed as exc:
+                raise CriuError("dump", f"{exc} (CRIU resumed the program)", None) from exc
         if failure is not None:
             raise self._failure("dump", failure, log_path, session.process) from failure
 
@@ -161,7 +164,9 @@ class Criu:
             opts.root = "/"
             opts.rst_sibling = True
             opts.lazy_pages = request.lazy_pages
-            opts.tcp_established = request.tcp_established
+            apply_options(opts, request.options)
+            for name, host_path in request.external_mounts.items():
+                opts.external.append(f"mnt[{name}]:{host_path}")
             opts.external.append("mnt[]")
             opts.log_file = request.log_name
             opts.log_level = LOG_LEVEL
@@ -232,7 +237,7 @@ class Criu:
             _ACTIVE_SWRK.add(swrk.pid)
         try:
             client.use_fd(ours.fileno())
-            yield _Session(client, swrk, children_before)
+            yield _Session(client, swrk, ours, children_before)
         finally:
             with self._running_lock:
                 self._running.discard(swrk)

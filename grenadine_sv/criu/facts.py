@@ -8,12 +8,14 @@ pycriu is imported only when images are read, so the image store works without i
 from __future__ import annotations
 
 import os
+import quopri
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+TCP_LISTEN = 10  # a listening socket's state, unix ones included
 STDIO_FDS: Mapping[int, str] = {1: "stdout", 2: "stderr"}
 
 
@@ -84,6 +86,25 @@ def _dumped_pages(criu_dir: Path, pid: int) -> int:
         _int(entry, "nr_pages", path, default=0) or _int(entry, "compat_nr_pages", path, default=0)
         for entry in _load_entries(path, "PAGEMAP")[1:]
     )
+
+
+def listening_unix_sockets(criu_dir: Path) -> list[str]:
+    """The paths that the dump's listening unix sockets were bound to (CRIU restores each
+    there, whatever the program renamed it to after bind)."""
+    path = criu_dir / "files.img"
+    found = []
+    for entry in _load_entries(path, "FILES"):
+        socket_entry = entry.get("usk")
+        if entry.get("type") != "UNIXSK" or not isinstance(socket_entry, dict):
+            continue
+        name = socket_entry.get("name")
+        if socket_entry.get("state") != TCP_LISTEN or not isinstance(name, str):
+            continue
+        # pycriu writes unix socket names quoted-printable; the kernel's carry a final NUL.
+        raw = quopri.decodestring(name.encode()).rstrip(b"\0")
+        if raw.startswith(b"/"):
+            found.append(os.fsdecode(raw))
+    return found
 
 
 def _stdio_pipes(criu_dir: Path, pid: int) -> dict[str, int]:

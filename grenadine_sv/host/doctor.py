@@ -24,6 +24,7 @@ from grenadine_sv.criu.binary import (
     criu_version,
     find_criu,
 )
+from grenadine_sv.criu.options import probe_network_locks
 from grenadine_sv.criu.version import UnreadableOutputError, format_version, parse_version_number
 from grenadine_sv.host.facts import (
     Status,
@@ -282,6 +283,25 @@ def check_init() -> CheckResult:
     return CheckResult(name, Status.OK, f"{TINI} ({version})", advice)
 
 
+def check_network_lock(criu: CriuFound | None) -> CheckResult:
+    name = "network lock"
+    if criu is None:
+        return CheckResult(name, Status.WARN, "not checked: no usable criu", "")
+    locks = probe_network_locks(criu.path)
+    chosen = locks.choose("auto")
+    if chosen is None:
+        advice = (
+            "checkpoint.tcp_established cannot work: install iptables, or set"
+            ' checkpoint.network_lock = "skip" (peers may see resets)'
+        )
+        return CheckResult(name, Status.WARN, "neither nftables (in CRIU) nor iptables", advice)
+    works = [
+        lock for lock, ok in (("nftables", locks.nftables), ("iptables", locks.iptables)) if ok
+    ]
+    finding = f"{' and '.join(works)} work{'s' if len(works) == 1 else ''}"
+    return CheckResult(name, Status.OK, finding, f'network_lock = "auto" uses {chosen}')
+
+
 def check_kernel(release: str, kernel: tuple[int, int] | None) -> CheckResult:
     name = "kernel"
     if kernel is None:
@@ -309,6 +329,7 @@ def run_checks(criu_path: Path | None = None) -> tuple[list[CheckResult], CriuFo
         *check_capabilities(kernel),
         check_namespaces(),
         check_init(),
+        check_network_lock(criu),
         check_soft_dirty(criu),
         check_lazy_restore(criu),
         check_kernel(release, kernel),

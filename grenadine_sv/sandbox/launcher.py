@@ -103,8 +103,24 @@ def _octal_byte(match: re.Match[bytes]) -> bytes:
     return bytes([int(match.group(1), 8)])
 
 
-def build_root(root: str, binds: list[str]) -> None:
-    """In this (new) mount namespace, bind the host's mounts under ``root``, then pivot into it."""
+def _make_mount_point(source: str, target: str) -> None:
+    """Create ``target`` (in a private /tmp) as a directory or file like ``source``."""
+    if os.path.lexists(target):
+        return
+    try:
+        if os.path.isdir(source):
+            os.makedirs(target, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as error:
+        raise StepFailed(f"cannot create {target} to bind {source}: {error.strerror}") from error
+
+
+def build_root(root: str, binds: list[str], tmp: str | None = None) -> None:
+    """In this (new) mount namespace, bind the host's mounts under ``root``, then pivot into it.
+
+    With ``tmp``, that host directory is the program's /tmp; binds below /tmp go on top of it."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE, "cannot make the mounts private (make-rprivate /)")
     _bind("/", root)
     _mount(
@@ -115,11 +131,15 @@ def build_root(root: str, binds: list[str]) -> None:
         f"cannot mount a new proc on {root}/proc",
     )
     for path in HOST_MOUNTS:
-        if path != "/dev/mqueue" or os.path.isdir(path):
+        if path == "/tmp" and tmp is not None:
+            _bind(tmp, root + path)
+        elif path != "/dev/mqueue" or os.path.isdir(path):
             _bind(path, root + path)
     for path in _host_cgroup_mounts():
         _bind(path, root + path)
     for path in binds:
+        if tmp is not None and path.startswith("/tmp/"):
+            _make_mount_point(path, root + path)
         _bind(path, root + path)
     try:
         os.chdir(root)
@@ -240,7 +260,7 @@ def _exec(command: list[str], environment: dict[str, str], init: str | None) -> 
 
 def run_program(spec: dict[str, Any], status_fd: int) -> NoReturn:
     """In the forked child (PID 1 of the new PID namespace): build the sandbox and exec."""
-    build_root(spec["root_anchor"].rstrip("/"), list(spec["binds"]))
+    build_root(spec["root_anchor"].rstrip("/"), list(spec["binds"]), spec.get("tmp"))
     os.setsid()
     identity = Identity(spec["user"], spec["group"])
     _keep_only_stdio(status_fd)

@@ -25,7 +25,8 @@ class SandboxSpec:
     inside the program's own mount namespace; every program may share the same one.
     ``binds`` are host mount points to bind (non-recursively) at the same path inside.
     ``init`` is the absolute path of an init to run as PID 1 with the program as its child,
-    or None to make the program itself PID 1.
+    or None to make the program itself PID 1. ``tmp`` is a host directory mounted as the
+    program's /tmp, or None to bind the host's /tmp.
     ``cgroup`` is the program's cgroup (v2) directory, which the launcher joins before it forks
     the program, so that every process of the program is listed there.
     """
@@ -40,6 +41,7 @@ class SandboxSpec:
     binds: tuple[str, ...] = ()
     root_anchor: str
     init: str | None = None
+    tmp: str | None = None
     cgroup: str | None = None
 
     def __post_init__(self) -> None:
@@ -61,6 +63,7 @@ class SandboxSpec:
                 "binds": list(self.binds),
                 "root_anchor": self.root_anchor,
                 "init": self.init,
+                "tmp": self.tmp,
                 "cgroup": self.cgroup,
             }
         )
@@ -106,6 +109,10 @@ def _check_spec(spec: SandboxSpec) -> None:
     _check_absolute(where, "root_anchor", spec.root_anchor)
     if spec.init is not None:
         _check_absolute(where, "init", spec.init)
+    if spec.tmp is not None:
+        _check_absolute(where, "tmp", spec.tmp)
+        if "/tmp" in map(posixpath.normpath, spec.binds):
+            raise InvalidSandboxSpec(f"{where}: binds may not contain /tmp with a private tmp")
     if spec.cgroup is not None:
         _check_absolute(where, "cgroup", spec.cgroup)
     if posixpath.normpath(spec.root_anchor) == "/":

@@ -126,6 +126,10 @@ class DumpIntent(BaseModel):
     definition: RecordedDefinition | None = None
     init: bool = False
     """The root is the sandbox's init (tini), the program its child."""
+    private_tmp: bool = False
+    """The program's /tmp is recorded as an external mount named for it (not by host path)."""
+    snapshot: list[str] = []
+    """Program paths whose files the image holds a copy of (files/, see store/snapshot.py)."""
 
 
 class ImageMeta(BaseModel):
@@ -148,6 +152,10 @@ class ImageMeta(BaseModel):
     leave_running: bool
     init: bool = False
     """The root is the sandbox's init (tini), the program its child."""
+    private_tmp: bool = False
+    """The program's /tmp is recorded as an external mount named for it (not by host path)."""
+    snapshot: list[str] = []
+    """Program paths whose files the image holds a copy of (files/, see store/snapshot.py)."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -297,6 +305,8 @@ class PendingImage:
             dump_stats=dict(facts.dump_stats),
             leave_running=intent.leave_running,
             init=intent.init,
+            private_tmp=intent.private_tmp,
+            snapshot=list(intent.snapshot),
             checksums={path: r.digest for path, r in records.items()},
             file_sizes={path: r.size for path, r in records.items()},
             grenadine_version=__version__,

@@ -35,10 +35,16 @@ from grenadine_sv.criu.client import (
     pipe_key,
     tree_condition,
 )
-from grenadine_sv.criu.facts import ImageFactsError, read_dump_facts
+from grenadine_sv.criu.facts import ImageFactsError, listening_unix_sockets, read_dump_facts
+from grenadine_sv.criu.options import CriuOptions, NetworkLocks, probe_network_locks
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import SandboxError, SandboxProcess
 from grenadine_sv.sandbox.linux import read_start_time, resume_sandbox
+from grenadine_sv.sandbox.private_tmp import (
+    EXTERNAL_MOUNT_NAME,
+    ensure_private_tmp,
+    private_tmp_dir,
+)
 from grenadine_sv.store.definition import (
     CurrentDefinition,
     DefinitionCheck,
@@ -53,6 +59,7 @@ from grenadine_sv.store.images import (
     Trigger,
     current_boot_id,
 )
+from grenadine_sv.store.snapshot import take_snapshot, write_back
 from grenadine_sv.supervisor.lazy import (
     LazyMemory,
     LazyPagesError,
@@ -194,6 +201,8 @@ class CheckpointService:
         self._programs: dict[str, ProgramImages] = {}
         # Dumps run in worker threads; ImageStore.begin creates shared directories unguarded.
         self._begin_lock = threading.Lock()
+        self._probe_lock = threading.Lock()
+        self._network_locks: NetworkLocks | None = None
         self.clock: Callable[[], float] = time.monotonic
         # Fds every CRIU dump holds while it runs (the supervisor's state_dir lock).
         self.hold_fds: tuple[int, ...] = ()
@@ -334,6 +343,38 @@ class CheckpointService:
                 (self.work_dir / program / restore_log_name(image)).unlink()
         return deleted
 
+    def network_locks(self) -> NetworkLocks:
+        """Which network locks work here, probed once (blocking: call it in a worker thread)."""
+        with self._probe_lock:
+            if self._network_locks is None:
+                self._network_locks = probe_network_locks(self.criu.binary)
+            return self._network_locks
+
+    def criu_options(self, config: ProgramConfig) -> CriuOptions:
+        """CRIU's options for `config` (blocking: may probe the network locks)."""
+        policy = config.checkpoint
+        network_lock = self.network_locks().choose(policy.network_lock)
+        if network_lock is None:
+            if policy.tcp_established:
+                raise CriuError(
+                    "dump",
+                    "checkpoint.tcp_established needs a network lock, and this host has none"
+                    " (this CRIU lacks nftables support and iptables is not installed): install"
+                    ' iptables, or set checkpoint.network_lock = "skip" (peers may then see'
+                    " resets while the program is stopped)",
+                    None,
+                )
+            network_lock = "skip"  # only established connections use it
+        return CriuOptions(
+            file_locks=policy.file_locks,
+            tcp_established=policy.tcp_established,
+            network_lock=network_lock,
+            external_unix_sockets=policy.external_unix_sockets,
+            ghost_limit=int(policy.ghost_limit),
+            skip_in_flight=policy.skip_in_flight,
+            tcp_close=policy.tcp_close,
+        )
+
     def _dump(
         self,
         config: ProgramConfig,
@@ -343,6 +384,7 @@ class CheckpointService:
     ) -> ImageMeta:
         """Dump and list (in a worker thread). Without `leave_running` CRIU leaves the tasks
         frozen; a failure to seal them is then a SealError, the tasks still frozen."""
+        sources = snapshot_sources(config, self.store.state_dir)
         intent = DumpIntent(
             definition=record_definition(current_definition(config)),
             trigger=trigger,
@@ -353,6 +395,8 @@ class CheckpointService:
             source_start_time=source.start_time,
             boot_id=current_boot_id(),
             init=source.under_init,
+            private_tmp=config.private_tmp,
+            snapshot=sorted(sources),
         )
         with self._begin_lock:
             pending = self.store.begin(config.name, intent)
@@ -365,7 +409,15 @@ class CheckpointService:
                             images_dir=pending.criu_dir,
                             leave_running=leave_running,
                             leave_stopped=not leave_running,
-                            tcp_established=config.checkpoint.tcp_established,
+                            on_post_dump=(
+                                partial(self._snapshot, config.name, sources, pending.criu_dir)
+                                if sources
+                                else None
+                            ),
+                            options=self.criu_options(config),
+                            external_mounts=(
+                                {"/tmp": EXTERNAL_MOUNT_NAME} if config.private_tmp else {}
+                            ),
                             hold_fds=self.hold_fds,
                         )
                     )
@@ -378,6 +430,7 @@ class CheckpointService:
                 # The partial image, and the log in it, go when `pending` is aborted.
                 kept = self._keep_failed_dump_log(config.name, pending.id, exc.log_path)
                 raise CriuError(exc.action, detail, kept) from exc
+            _warn_about_moved_sockets(config, pending.criu_dir, self.store.state_dir)
             try:
                 facts = read_dump_facts(pending.criu_dir, under_init=source.under_init)
                 return pending.commit(facts)
@@ -575,6 +628,25 @@ class CheckpointService:
             os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
         return work_dir
 
+    def _restore_mounts(self, program: str, image: ImageMeta) -> dict[str, str]:
+        """The host directories a restore of `image` binds in place of its named mounts."""
+        if not image.private_tmp:
+            return {}
+        tmp = ensure_private_tmp(private_tmp_dir(self.store.state_dir, program))
+        return {EXTERNAL_MOUNT_NAME: str(tmp)}
+
+    def _snapshot(self, program: str, sources: dict[str, Path], criu_dir: Path) -> None:
+        """Copy the program's files into the image (CRIU's post-dump: the program is frozen)."""
+        began = self.clock()
+        summary = take_snapshot(sources, criu_dir.parent)
+        log.info(
+            "snapshot_taken",
+            program=program,
+            paths=summary.paths,
+            bytes=summary.bytes_copied,
+            seconds=round(self.clock() - began, 3),
+        )
+
     def _restore(
         self, runner: ProgramRunner, image: ImageMeta, lazy: bool
     ) -> tuple[int, dict[int, int], tuple[str, ...]]:
@@ -585,6 +657,11 @@ class CheckpointService:
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
         if not lazy:  # a lazy restore verified what it could before starting its daemon
             self._verify(image, False)
+        if image.snapshot:
+            # Only what the current definition lists goes back (the image may list more).
+            targets = snapshot_sources(runner.config, self.store.state_dir)
+            written = write_back(self.store.criu_dir(image).parent, targets)
+            log.info("snapshot_written_back", program=runner.name, paths=written)
         work_dir = self._work_dir_of(runner.name)
         write_fds: dict[int, int] = {}
         read_fds: dict[int, int] = {}
@@ -605,7 +682,8 @@ class CheckpointService:
                     images_dir=self.store.criu_dir(image),
                     work_dir=work_dir,
                     inherit_fds={pipe_key(inode): fd for inode, fd in write_fds.items()},
-                    tcp_established=runner.config.checkpoint.tcp_established,
+                    options=self.criu_options(runner.config),
+                    external_mounts=self._restore_mounts(runner.name, image),
                     log_name=restore_log_name(image),
                     lazy_pages=lazy,
                     on_criu_started=_restorer_recorder(runner),
@@ -719,6 +797,48 @@ OLD_FORMAT_WARNING = (
     "this image is from an older grenadine-sv and records only a digest of its program's "
     "definition: it matched, but what it was taken under cannot be shown"
 )
+
+
+def host_path(config: ProgramConfig, path: Path, state_dir: Path) -> Path:
+    """Where a path the program sees is on the host (its private /tmp is elsewhere)."""
+    bound = any(path.is_relative_to(bind) for bind in config.binds)
+    if config.private_tmp and path.is_relative_to("/tmp") and not bound:
+        return private_tmp_dir(state_dir, config.name) / path.relative_to("/tmp")
+    return path
+
+
+def _warn_about_moved_sockets(config: ProgramConfig, criu_dir: Path, state_dir: Path) -> None:
+    """Name each listening unix socket that is no longer at the path it was bound to (haproxy
+    binds admin.sock.PID.tmp, then renames it): CRIU restores it at the bound path."""
+    try:
+        bound_paths = listening_unix_sockets(criu_dir)
+    except ImageFactsError as exc:
+        log.warning("unix_sockets_unknown", program=config.name, error=str(exc))
+        return
+    for bound in bound_paths:
+        if not os.path.exists(host_path(config, Path(bound), state_dir)):
+            log.warning(
+                "unix_socket_moved_after_bind",
+                program=config.name,
+                socket=bound,
+                detail=f"a restore re-creates this socket at {bound}, where it was bound, not"
+                " where the program moved it: clients of the moved path will not reach it",
+            )
+
+
+def snapshot_sources(config: ProgramConfig, state_dir: Path) -> dict[str, Path]:
+    """Program path -> host path of the files an image of `config` holds a copy of: the
+    private /tmp, and checkpoint.snapshot (seen through the private /tmp when below it)."""
+    tmp = private_tmp_dir(state_dir, config.name) if config.private_tmp else None
+    sources: dict[str, Path] = {}
+    if tmp is not None:
+        sources["/tmp"] = tmp
+    for path in config.checkpoint.snapshot:
+        bound = any(path.is_relative_to(bind) for bind in config.binds)
+        if tmp is not None and path.is_relative_to("/tmp") and not bound:
+            continue  # inside the private /tmp, copied with it
+        sources[str(path)] = path  # the sandbox sees the host's / and binds at their paths
+    return sources
 
 
 def current_definition(config: ProgramConfig) -> CurrentDefinition:

@@ -193,8 +193,8 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await self.programs.kill_leftovers()
-                if self._started:
-                    await self.programs.remove_cgroups()
+                # Not started: a predecessor's orphans may be there; remove only empty ones.
+                await self.programs.remove_cgroups(end_strays=self._started)
             self.programs.sandbox_server.close()
             keeper = self.programs.keeper
             if keeper is not None:

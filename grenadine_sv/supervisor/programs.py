@@ -92,6 +92,7 @@ class Programs:
         return RunnerContext(
             log_dir=self.config.supervisor.log_dir,
             root_anchor=self.config.supervisor.state_dir / "sandbox-root",
+            state_dir=self.config.supervisor.state_dir,
             observers=self._observers,
             sandbox_server=self.sandbox_server,
             keeper=self.keeper,
@@ -113,11 +114,12 @@ class Programs:
                 if ended:
                     log.warning("extra_copies_ended", program=runner.name, pids=ended)
 
-    async def remove_cgroups(self) -> None:
-        """Every program has ended: end any stray left in their cgroups and remove them."""
+    async def remove_cgroups(self, *, end_strays: bool) -> None:
+        """Remove the programs' empty cgroups; with `end_strays` (every program has ended),
+        end anything left in them first."""
         if self.cgroups is None:
             return
-        for cgroup in list(self.cgroups.existing()):
+        for cgroup in list(self.cgroups.existing()) if end_strays else []:
             try:
                 await emptied(cgroup)
             except OSError as exc:

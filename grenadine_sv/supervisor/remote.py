@@ -329,6 +329,7 @@ class RemoteImages:
         return image
 
     def _fetch_blocking(self, config: ProgramConfig, ref: str, allow_changed: bool) -> ImageMeta:
+        self.store.check_trusted()
         remote = self.remote()
         chosen = remote.resolve(config.name, ref)
         with contextlib.suppress(ImageNotFound):

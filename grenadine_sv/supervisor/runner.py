@@ -57,6 +57,7 @@ from grenadine_sv.sandbox import (
 )
 from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
 from grenadine_sv.sandbox.init import TINI
+from grenadine_sv.sandbox.private_tmp import empty_private_tmp, private_tmp_dir
 from grenadine_sv.supervisor.membership import emptied, instance_listens_on, instance_pids
 from grenadine_sv.supervisor.output import (
     RotatingLogFile,
@@ -75,6 +76,8 @@ WAITING_STATES = frozenset({State.STARTING, State.BACKOFF, State.STOPPING})
 class RunnerContext:
     log_dir: Path
     root_anchor: Path
+    # Where programs' private /tmp directories live (state_dir/tmp).
+    state_dir: Path
     observers: tuple[StateObserver, ...] = ()
     sandbox_server: LauncherServer | None = None
     # Holds each output pipe's read end too, so programs outlive a killed supervisor.
@@ -145,7 +148,10 @@ def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
 
 
 def sandbox_spec(
-    config: ProgramConfig, root_anchor: Path, cgroup: ProgramCgroup | None = None
+    config: ProgramConfig,
+    root_anchor: Path,
+    cgroup: ProgramCgroup | None = None,
+    tmp: Path | None = None,
 ) -> SandboxSpec:
     environment = dict(os.environ)
     environment.update(config.environment)
@@ -161,6 +167,7 @@ def sandbox_spec(
         binds=tuple(str(path) for path in config.binds),
         root_anchor=str(root_anchor),
         init=TINI if config.init else None,
+        tmp=str(tmp) if tmp is not None else None,
         cgroup=str(cgroup.path) if cgroup is not None else None,
     )
 
@@ -503,7 +510,11 @@ class ProgramRunner:
 
 async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:
     """Start the program from scratch in a fresh sandbox."""
-    spec = sandbox_spec(runner.config, runner.context.root_anchor, runner.cgroup)
+    tmp = None
+    if runner.config.private_tmp:
+        tmp = private_tmp_dir(runner.context.state_dir, runner.name)
+        await trio.to_thread.run_sync(empty_private_tmp, tmp)
+    spec = sandbox_spec(runner.config, runner.context.root_anchor, runner.cgroup, tmp)
     stdout_fd, stdout_stream = open_output_pipe()
     stderr_fd, stderr_stream = open_output_pipe()
     context, name = runner.context, runner.name

@@ -56,8 +56,11 @@ def ballast_counter(port: int) -> str:
 
 
 def counter_config(sv_dirs: SupervisorDirs, port: int) -> Path:
+    # Without a private /tmp there is no file snapshot, whose copy needs the supervisor at
+    # CRIU's post-dump point: CRIU then finishes a dump on its own after the supervisor died
+    # (with a snapshot, CRIU resumes the program instead, and recovery checkpoints it).
     return sv_dirs.write_config(
-        f"[programs.counter]\ncommand = {ballast_counter(port)}\n"
+        f"[programs.counter]\ncommand = {ballast_counter(port)}\nprivate_tmp = false\n"
         f'ready = {{ tcp = "127.0.0.1:{port}", timeout = 60 }}\n'
         'restore = "latest"\n'
     )

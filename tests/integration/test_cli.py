@@ -18,6 +18,7 @@ import pytest
 from grenadine_sv.control.client import request
 from grenadine_sv.control.protocol import ControlError, SupervisorNotRunning
 from grenadine_sv.criu.binary import CriuNotFound, find_criu
+from grenadine_sv.host.warnings import host_capabilities
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import wait_until
@@ -447,3 +448,16 @@ def test_schema_and_doctor_print_json() -> None:
     report = json.loads(doctor.stdout)
     assert report["ok"] is (doctor.returncode == 0)
     assert {"criu", "root"} <= {check["check"] for check in report["checks"]}
+
+
+def test_check_warns_about_another_user_on_a_host_without_cap_sys_resource(
+    sv_dirs: SupervisorDirs,
+) -> None:
+    sv_dirs.write_config(f'[programs.idle]\ncommand = {IDLE}\nuser = "nobody"\n')
+    checked = run_cli("-c", str(sv_dirs.config), "check")
+    assert checked.returncode == 0
+    warned = f"warning: {sv_dirs.config}: programs.idle.user: 'nobody' cannot be checkpointed"
+    if "CAP_SYS_RESOURCE" in host_capabilities():
+        assert "warning:" not in checked.stdout
+    else:
+        assert warned in checked.stdout

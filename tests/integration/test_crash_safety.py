@@ -193,6 +193,8 @@ def test_a_printing_program_outlives_a_killed_supervisor_and_its_output_is_kept(
     command = counter_program(port, tick_seconds=0.2, progress=progress)
     config = sv_dirs.write_config(
         f'[programs.ticker]\ncommand = {command}\nready = {{ tcp = "127.0.0.1:{port}" }}\n'
+        # It writes `progress` in the test's directory, below the host's /tmp.
+        f'binds = ["{sv_dirs.root}"]\n'
     )
     log = sv_dirs.stdout_log("ticker")
     with supervisors(config, port) as started:

@@ -119,6 +119,13 @@ def hosts() -> Iterator[tuple[SupervisorProcess, SupervisorProcess]]:
             shutil.rmtree(host.dirs.root, ignore_errors=True)
 
 
+def start_with_programs(host: SupervisorProcess) -> None:
+    """Start the supervisor and wait until its programs are defined (the control socket
+    answers before they are added)."""
+    host.start()
+    wait_until(lambda: "redis" in host.status(), 60, "redis defined")
+
+
 def queue_length(host: SupervisorProcess) -> int:
     path = host.dirs.state_dir / "upload-queue.json"
     return len(json.loads(path.read_text())["uploads"]) if path.exists() else 0
@@ -196,7 +203,7 @@ def test_host_b_restores_what_host_a_uploaded(
     crashed_import = b.dirs.state_dir / "images" / "redis" / f".partial-{image.id}" / "criu"
     crashed_import.mkdir(parents=True)
     (crashed_import / "pages-1.img").write_bytes(b"half a file")
-    b.start()
+    start_with_programs(b)
     assert not crashed_download.exists()
     assert not crashed_import.parent.exists()
     restored = b.cli("restore", "redis", "remote:latest")
@@ -246,6 +253,16 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     a.cli("checkpoint", "redis")  # the uploaded images are not pinned now: keep = 1 applies
     remaining = {image.id for image in ImageStore(a.dirs.state_dir).list("redis")}
     assert remaining.isdisjoint(image.id for image in local)
+    # remote_keep = 2: the third upload deletes the oldest object in the store.
+    newest = ImageStore(a.dirs.state_dir).list("redis")[0]
+    newest_key = f"{PREFIX}/redis/{newest.id}.tar.zst.age"
+    oldest_key = f"{PREFIX}/redis/{local[-1].id}.tar.zst.age"
+
+    def pruned_remotely() -> bool:
+        keys = set(object_store.object_keys(f"{PREFIX}/"))
+        return newest_key in keys and oldest_key not in keys and len(keys) == 2
+
+    wait_until(pruned_remotely, UPLOAD_TIMEOUT, "remote_keep applied")
 
 
 def test_wrong_key_and_tampered_object_are_refused(
@@ -274,7 +291,7 @@ def test_wrong_key_and_tampered_object_are_refused(
         redis_program(port, upload=False, autostart=False),
         extra_supervisor=remote_tables(b.dirs, object_store, other),
     )
-    b.start()
+    start_with_programs(b)
     wrong = b.cli("restore", "redis", "remote:latest", code=1)
     assert "could not be decrypted" in wrong.stderr
     assert ImageStore(b.dirs.state_dir).list("redis") == []
@@ -290,7 +307,7 @@ def test_wrong_key_and_tampered_object_are_refused(
         redis_program(port, upload=False, autostart=False),
         extra_supervisor=remote_tables(b.dirs, object_store, identity),
     )
-    b.start()
+    start_with_programs(b)
     tampered = b.cli("restore", "redis", "remote:latest", code=1)
     assert "failed age authentication" in tampered.stderr
     assert ImageStore(b.dirs.state_dir).list("redis") == []
@@ -310,7 +327,7 @@ def test_restore_source_newest_prefers_a_newer_remote_image_to_a_stale_local_one
         redis_program(port, upload=False),
         extra_supervisor=remote_tables(b.dirs, object_store, identity),
     )
-    b.start()
+    start_with_programs(b)
     b.wait_running("redis")
     assert redis(port, "SET", "state", "stale") == b"+OK\r\n"
     b.cli("checkpoint", "redis", "--stop")
@@ -332,7 +349,7 @@ def test_restore_source_newest_prefers_a_newer_remote_image_to_a_stale_local_one
         redis_program(port, upload=False, restore='restore = "latest"\nrestore_source = "newest"'),
         extra_supervisor=remote_tables(b.dirs, object_store, identity),
     )
-    b.start()
+    start_with_programs(b)
     b.wait_running("redis")
     assert redis_get(port, "state") == "fresh"
     assert ImageStore(b.dirs.state_dir).list("redis")[0].id == newer.id

@@ -183,6 +183,7 @@ def test_relative_paths_resolve_against_the_defining_file(write, tmp_path):
         stdout_logfile = "out/app.log"
         stderr_logfile = "/abs/err.log"
         binds = ["/srv/data", "/srv/../tmp"]
+        private_tmp = false
         """,
     )
 

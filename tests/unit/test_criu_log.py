@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from grenadine_sv.criu.client import ERROR_LINES_SHOWN, error_lines
+from grenadine_sv.criu.client import error_lines
+from grenadine_sv.criu.diagnosis import ERROR_LINES_SHOWN
 
 FAILED_DUMP_LOG = """\
 (00.000012) Version: 4.2.1 (gitid 0)

@@ -25,7 +25,9 @@ def program(tmp_path: Path, **fields: object) -> ProgramConfig:
 
 def runner_with(tmp_path: Path, config: ProgramConfig, make: object) -> ProgramRunner:
     launcher = FakeLauncher(make)  # type: ignore[arg-type]
-    return ProgramRunner(config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path), launcher)
+    return ProgramRunner(
+        config, RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path), launcher
+    )
 
 
 async def test_failed_starts_back_off_one_then_two_seconds_then_fatal(
@@ -78,7 +80,7 @@ async def test_running_program_that_crashes_is_restarted(
 ):
     launcher = FakeLauncher()
     made = launcher.made
-    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
     runner = ProgramRunner(program(tmp_path, startsecs=1), context, launcher)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
@@ -110,7 +112,7 @@ async def test_a_launcher_that_raises_fails_only_this_start(
         attempts += 1
         raise error
 
-    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
     runner = ProgramRunner(program(tmp_path, startretries=1), context, broken)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
@@ -126,7 +128,7 @@ async def test_a_start_with_its_own_launcher_uses_it_for_that_instance_only(
 ):
     """A restore starts one instance from an image; a later restart starts the usual way."""
     usual, restore, ignored = FakeLauncher(), FakeLauncher(first_pid=200), FakeLauncher()
-    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
     runner = ProgramRunner(program(tmp_path, startsecs=1), context, usual)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
@@ -144,7 +146,7 @@ async def test_a_stopping_checkpoint_holds_the_instance_without_a_signal_and_can
 ):
     launcher = FakeLauncher()
     made = launcher.made
-    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path)
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
     runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)

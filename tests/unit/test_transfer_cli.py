@@ -39,3 +39,25 @@ def test_s3_client_is_loaded_only_with_an_object_store() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_import_refuses_a_state_dir_others_can_write(tmp_path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    state_dir.chmod(0o777)
+    config = tmp_path / "grenadine.toml"
+    config.write_text(f'[supervisor]\nstate_dir = "{state_dir}"\n')
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"not read: the state_dir is refused first")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "grenadine_sv", "-c", str(config), "import", str(archive)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "import of" in done.stderr
+    assert str(state_dir) in done.stderr
+    assert list(state_dir.iterdir()) == []
