@@ -31,6 +31,7 @@ from grenadine_sv.store.images import (
     ImageMeta,
 )
 from grenadine_sv.store.snapshot import write_back
+from grenadine_sv.supervisor.cold_start import launch_cold
 from grenadine_sv.supervisor.definitions import (
     OLD_FORMAT_WARNING,
     changed_definition_message,
@@ -52,7 +53,6 @@ from grenadine_sv.supervisor.runner import (
     LaunchedInstance,
     ProgramRunner,
     RestoredFrom,
-    launch_cold,
 )
 
 log = structlog.get_logger()
