@@ -33,11 +33,8 @@ from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
 from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time, resume_sandbox
 from grenadine_sv.store.images import ImageMeta, ImageStore
-from grenadine_sv.supervisor.checkpoints import (
-    CheckpointError,
-    CheckpointService,
-    kill_frozen_orphan,
-)
+from grenadine_sv.supervisor.checkpoints import CheckpointService, kill_frozen_orphan
+from grenadine_sv.supervisor.image_service import CheckpointError
 from grenadine_sv.supervisor.membership import census, end_processes
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner
 
