@@ -49,7 +49,7 @@ from grenadine_sv.sandbox import (
 from grenadine_sv.sandbox.cgroup import ProgramCgroup
 from grenadine_sv.supervisor.cold_start import launch_cold
 from grenadine_sv.supervisor.instance import LaunchedInstance, RestoredFrom, RunnerContext
-from grenadine_sv.supervisor.membership import emptied, instance_listens_on, instance_pids
+from grenadine_sv.supervisor.membership import claim, instance_listens_on, move_into
 from grenadine_sv.supervisor.output import (
     RotatingLogFile,
     drain_available,
@@ -148,26 +148,10 @@ class ProgramRunner:
         return cgroups.of(self.name) if cgroups is not None else None
 
     async def claim_cgroup(self) -> None:
-        """Before an instance starts: the program's cgroup exists, holds no process (a stray
-        copy is ended) and records the definition about to run."""
-        cgroup = self.cgroup
-        if cgroup is None:
-            return
-        await trio.to_thread.run_sync(cgroup.ensure)
-        strays = cgroup.pids()
-        if strays:
-            self.log.warning("stray_processes_ended", pids=strays, cgroup=str(cgroup.path))
-            await emptied(cgroup)
-        cgroup.set_definition(self.config.definition_digest())
-
-    def _place_in_cgroup(self, process: SandboxProcess) -> None:
-        """A restored instance whose image predates cgroups lands outside: move it in."""
-        cgroup = self.cgroup
-        if cgroup is None or process.pid in cgroup.pids():
-            return
-        for pid in instance_pids(None, process.pid_ns_inode):
-            with contextlib.suppress(OSError):  # gone meanwhile
-                cgroup.join(pid)
+        """Before an instance starts: the program's cgroup is empty and records the
+        definition about to run (membership.claim)."""
+        if self.cgroup is not None:
+            await claim(self.cgroup, self.config.definition_digest(), self.name)
 
     def owns_listener(self, port: int) -> bool:
         """True when the listener on `port` belongs to this runner's current instance."""
@@ -360,7 +344,8 @@ class ProgramRunner:
         try:
             await self.claim_cgroup()
             launched = await launcher(self)
-            self._place_in_cgroup(launched.process)
+            if self.cgroup is not None:
+                move_into(self.cgroup, launched.process.pid, launched.process.pid_ns_inode)
         except Exception as exc:  # whatever goes wrong, only this program's start fails
             if isinstance(exc, SandboxError | OSError):
                 self.log.warning("spawn_failed", error=str(exc))
