@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -294,6 +295,35 @@ async def test_a_failing_step_raises_a_sandbox_error_naming_it(
         await spawn_sandbox(spec, pipe.write_fd, pipe.write_fd, _launch["server"])
     pipe.close_write_end()
     assert await pipe.read_to_eof() == "", f"nothing should reach the program's output: {raised}"
+
+
+@pytest.fixture
+def separate_mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted on the host, like a separate /srv partition (unmounted afterwards)."""
+    point = tmp_path / "srv"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+async def test_a_directory_on_a_mount_the_sandbox_lacks_is_named_with_its_fix(
+    anchor: str, pipe: Pipe, separate_mount: Path
+) -> None:
+    spec = make_spec(anchor, "pwd", directory=str(separate_mount))
+    with pytest.raises(SandboxError) as raised:
+        await spawn_sandbox(spec, pipe.write_fd, pipe.write_fd, _launch["server"])
+    assert str(raised.value) == (
+        f"the directory {separate_mount} is on the host mount {separate_mount}, which the"
+        " sandbox does not include (its root is the host's / without the mounts below it):"
+        f' add "{separate_mount}" to programs.test.binds'
+    )
+    bound = make_spec(anchor, "pwd", directory=str(separate_mount), binds=(str(separate_mount),))
+    async with sandboxed(bound, pipe) as process:
+        assert await pipe.read_to_eof() == f"{separate_mount}\n"
+        assert await process.wait() == 0
 
 
 async def test_spawning_requires_a_child_subreaper(anchor: str, pipe: Pipe) -> None:
