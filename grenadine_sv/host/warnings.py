@@ -53,11 +53,11 @@ def program_warnings(
         search_path = program.environment.get("PATH", os.environ.get("PATH", DEFAULT_PATH))
         hidden = hidden_from_sandbox(
             name,
-            program.command[0],
-            str(program.directory),
-            search_path,
-            [str(bind) for bind in program.binds],
-            host_mounts,
+            command=program.command[0],
+            directory=str(program.directory),
+            search_path=search_path,
+            binds=[str(bind) for bind in program.binds],
+            host_mounts=host_mounts,
         )
         if hidden is not None:
             warnings.append(f"{program.source}: {hidden}")

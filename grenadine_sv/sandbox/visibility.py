@@ -39,7 +39,7 @@ def _deepest_containing(path: str, points: Iterable[str]) -> str:
 
 
 def _within(path: str, point: str) -> bool:
-    return point == "/" or path == point or path.startswith(point.rstrip("/") + "/")
+    return point in ("/", path) or path.startswith(point.rstrip("/") + "/")
 
 
 def hiding_mount(path: str, host_mounts: Iterable[str], binds: Iterable[str]) -> str | None:
@@ -69,6 +69,7 @@ def host_executable(command: str, directory: str, search_path: str) -> str | Non
 
 def hidden_from_sandbox(
     name: str,
+    *,
     command: str,
     directory: str,
     search_path: str,
@@ -104,9 +105,9 @@ def spec_hidden_from_sandbox(spec: SandboxSpec) -> str | None:
         return None
     return hidden_from_sandbox(
         spec.name,
-        spec.command[0],
-        spec.directory,
-        spec.environment.get("PATH", DEFAULT_PATH),
-        spec.binds,
-        host_mounts,
+        command=spec.command[0],
+        directory=spec.directory,
+        search_path=spec.environment.get("PATH", DEFAULT_PATH),
+        binds=spec.binds,
+        host_mounts=host_mounts,
     )

@@ -45,18 +45,26 @@ def test_hiding_mount(path: str, binds: list[str], hidden_by: str | None) -> Non
     assert hiding_mount(path, HOST, binds) == hidden_by
 
 
-def test_the_message_names_the_path_the_mount_and_the_fix(tmp_path: Path) -> None:
-    message = hidden_from_sandbox(
+def hidden(
+    *,
+    host_mounts: list[str],
+    command: str = "true",
+    directory: str = "/",
+    search_path: str = os.defpath,
+    binds: tuple[str, ...] | list[str] = (),
+) -> str | None:
+    return hidden_from_sandbox(
         "web",
-        "true",
-        str(tmp_path),
-        "/usr/bin:/bin",
-        [],
-        [
-            "/",
-            str(tmp_path),
-        ],
+        command=command,
+        directory=directory,
+        search_path=search_path,
+        binds=binds,
+        host_mounts=host_mounts,
     )
+
+
+def test_the_message_names_the_path_the_mount_and_the_fix(tmp_path: Path) -> None:
+    message = hidden(directory=str(tmp_path), host_mounts=["/", str(tmp_path)])
     assert message == (
         f"the directory {tmp_path} is on the host mount {tmp_path}, which the sandbox does not"
         " include (its root is the host's / without the mounts below it):"
@@ -71,13 +79,12 @@ def test_an_executable_found_on_a_hidden_mount_is_named(tmp_path: Path) -> None:
     tool.chmod(0o755)
     search_path = f"{tool.parent}:/usr/bin"
     assert host_executable("tool", "/", search_path) == str(tool)
-    message = hidden_from_sandbox("web", "tool", "/", search_path, [], ["/", str(tmp_path)])
+    mounts = ["/", str(tmp_path)]
+    message = hidden(command="tool", search_path=search_path, host_mounts=mounts)
     assert message is not None
     assert message.startswith(f"the executable {tool} is on the host mount {tmp_path},")
-    assert (
-        hidden_from_sandbox("web", "tool", "/", search_path, [str(tmp_path)], ["/", str(tmp_path)])
-        is None
-    )
+    bound = [str(tmp_path)]
+    assert hidden(command="tool", search_path=search_path, binds=bound, host_mounts=mounts) is None
 
 
 def test_a_symlink_into_a_hidden_mount_is_followed(tmp_path: Path) -> None:
@@ -86,6 +93,6 @@ def test_a_symlink_into_a_hidden_mount_is_followed(tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(target)
     mounts = ["/", str(tmp_path / "mounted")]
-    message = hidden_from_sandbox("web", "true", str(link), os.defpath, [], mounts)
+    message = hidden(directory=str(link), host_mounts=mounts)
     assert message is not None
     assert f"the directory {target} is on the host mount {tmp_path / 'mounted'}" in message
