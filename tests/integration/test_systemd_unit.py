@@ -113,9 +113,10 @@ def test_the_unit_keeps_programs_through_a_crash_a_restart_and_cleans_up_on_stop
     count = hit(port)
     machine.run(["systemctl", "restart", UNIT_NAME])
     wait_until(lambda: answers(port), 60, "the counter answers after systemctl restart")
+    journal = machine.journal()
+    assert '"trigger": "shutdown"' in journal, journal[-3000:]
     assert counter_started(port) == started
-    assert hit(port) > count + 1
-    assert '"trigger": "shutdown"' in machine.journal()
+    assert hit(port) > count + 1, journal[-3000:]
 
     # `systemctl stop`: the supervisor stops its programs itself and leaves the unit empty.
     machine.run(["systemctl", "stop", UNIT_NAME])
