@@ -681,6 +681,9 @@ class Episode:
                     fresh=True,
                     why=f"restore of {image.id[:12]} failed",
                 )
+        elif operation in ("reload-changed", "update") and program.token is None:
+            # The README's contract: a reload leaves a program the operator stopped stopped.
+            outcome.expected[name] = Expected(running=False, why="definition changed while stopped")
         elif operation in ("reload-changed", "update"):
             outcome.expected[name] = Expected(fresh=True, why="definition changed")
         elif operation == "restart":
