@@ -72,6 +72,16 @@ def state_dir_of(config_path: Path) -> Path:
     return (config_path.parent / value).resolve(strict=False)
 
 
+def watched_programs(images: Path, programs: list[str]) -> list[str]:
+    """The programs named, or every program with images for `all` or none named."""
+    if programs and not {"", "all"} & set(programs):
+        return programs
+    try:
+        return sorted(entry.name for entry in images.iterdir() if entry.is_dir())
+    except OSError:
+        return []
+
+
 def bytes_being_written(images: Path, programs: list[str]) -> int:
     """Bytes in the dumps in progress (`.partial-*` directories) of these programs."""
     total = 0
@@ -175,10 +185,11 @@ def progress_line(
         # The logs are read from the start: a large program's freeze may be over in a second.
         while not done.wait(REFRESH_SECONDS):
             now = time.monotonic()
-            frozen = freezes.frozen_seconds(images, programs, now) if images else None
+            names = watched_programs(images, programs) if images is not None else []
+            frozen = freezes.frozen_seconds(images, names, now) if images else None
             if now - began < QUIET_SECONDS:
                 continue
-            written = bytes_being_written(images, programs) if images is not None else None
+            written = bytes_being_written(images, names) if images is not None else None
             err.write("\r\033[K" + progress_text(action, now - began, written, frozen))
             err.flush()
             shown = True

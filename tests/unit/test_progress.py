@@ -15,6 +15,7 @@ from grenadine_sv.cli.progress import (
     progress_line,
     progress_text,
     state_dir_of,
+    watched_programs,
 )
 from tests.integration.supervising import wait_until
 
@@ -115,3 +116,13 @@ def test_state_dir_is_read_from_the_configuration(tmp_path: Path) -> None:
     assert state_dir_of(config) == tmp_path / "state"
     config.write_text("[programs.x]\n")
     assert state_dir_of(config) == Path("/var/lib/grenadine-sv")
+
+
+def test_all_or_no_name_watches_every_program(tmp_path: Path) -> None:
+    dump_in_progress(tmp_path, "web", 3 * MIB)
+    dump_in_progress(tmp_path, "db", MIB)
+    images = tmp_path / "images"
+    assert watched_programs(images, ["web"]) == ["web"]
+    assert watched_programs(images, ["all"]) == ["db", "web"]
+    assert watched_programs(images, [""]) == ["db", "web"]
+    assert watched_programs(tmp_path / "none", []) == []
