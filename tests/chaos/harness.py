@@ -64,6 +64,8 @@ OPERATIONS = (
     "update",
     "clear",
 )
+# supervisorctl's verbs that change state (`python -m tests.chaos` runs them with the rest).
+SUPERVISORCTL_VERBS = ("restart", "signal", "update", "clear")
 # Operations that exist only once main has them (the command they need).
 NEEDS_COMMAND = {
     "shutdown": "shutdown",
