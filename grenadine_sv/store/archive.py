@@ -26,6 +26,7 @@ import blake3
 from pydantic import ValidationError
 
 from grenadine_sv.store.definition import CurrentDefinition, definition_changes
+from grenadine_sv.store.durable import DIR_MODE, create_private_file
 from grenadine_sv.store.encryption import (
     AGE_MAGIC,
     DecryptionFailed,
@@ -309,12 +310,11 @@ def _extract_files(
             raise ImageCorrupt(meta, name, f"has {member.size} bytes, expected {expected_size}")
         seen.add(rel)
         target = pending.criu_dir.joinpath(*parts)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         extracted = tar.extractfile(member)
         assert extracted is not None
         digest = _hasher(meta.checksum_algorithm)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(create_private_file(target), "wb") as out:
             while chunk := extracted.read(CHUNK_BYTES):
                 digest.update(chunk)
                 out.write(chunk)
