@@ -514,7 +514,13 @@ async def test_the_launcher_server_launches_at_once_and_comes_back_after_it_died
             assert await pipe.read_until(lambda got: b"up" in got) == b"up\n"
 
         os.kill(first_server, signal.SIGKILL)
-        await wait_for(lambda: not Path(f"/proc/{first_server}/cmdline").read_bytes())
+        # Until it is a zombie (left for its owner to reap): an empty cmdline came earlier, while
+        # it was still exiting, and a launch sent then could meet the half-closed socket.
+        await wait_for(
+            lambda: (
+                os.waitid(os.P_PID, first_server, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            )
+        )
         again = Pipe()
         pipes.append(again)
         spec = make_spec(anchor, "sh", "-c", "echo again; exec sleep 1000")
