@@ -45,8 +45,6 @@ async def test_program_is_pid1_of_its_own_namespaces_with_clean_fds(sv_dirs: Sup
             assert os.readlink(f"/proc/{task}/fd/1").startswith("pipe:")
         await wait_for(lambda: b"tick 3" in sv_dirs.stdout_log("ticker").read_bytes())
     assert not pid_alive(pid)
-    # Only this test's directory: other suites on the host run CRIU, whose restores mount
-    # their cgroup yard in their own state_dir for a moment.
     assert str(sv_dirs.root) not in Path("/proc/self/mountinfo").read_text()
 
 
