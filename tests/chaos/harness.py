@@ -1,6 +1,9 @@
 """The chaos harness: random operations through the real `grenadine-sv` command line against a
 real supervisor, SIGKILLs of that supervisor at random moments (aimed inside CRIU's dumps, the
-sealing of images and CRIU's restores), then a new supervisor and the invariants of issue 11:
+sealing of images, CRIU's restores and, for programs with restore_mode = "lazy", while CRIU's
+lazy-pages daemon still serves a restored program's memory), then a new supervisor and the
+invariants of issue 11 (a lazily restored program answers with its token and its ballast whole:
+never a program silently missing memory):
 
 - exactly one instance of every program that should run, none of one that should not (counted
   from /proc: command line, PID namespace, parent; and its cgroup when it has one);
@@ -80,7 +83,7 @@ NEEDS_COMMAND = {
 SIGNALS = ("HUP", "USR2", "KILL")
 # Where a kill is aimed. "anywhere" is a random delay into the operation; "recovery" kills the
 # next supervisor again while it takes its programs back (inside its dump or restore).
-KILL_TARGETS = ("dump", "sealing", "restore", "anywhere", "recovery")
+KILL_TARGETS = ("dump", "sealing", "restore", "lazy", "anywhere", "recovery")
 DUMPING_OPERATIONS = (
     "checkpoint",
     "checkpoint-stop",
@@ -89,7 +92,7 @@ DUMPING_OPERATIONS = (
     "update",
     "shutdown",
 )
-LANDINGS = ("dump", "sealing", "restore", "elsewhere")
+LANDINGS = ("dump", "sealing", "restore", "lazy", "elsewhere")
 
 KEEP = 3
 # Triggers of images made by checkpoints that end the program once the image is listed.
@@ -122,6 +125,8 @@ class Options:
     kill_operations: tuple[str, ...] = OPERATIONS
     print_interval: float = 0.2
     ballast_mib: tuple[int, int] = (16, 48)
+    # The share of programs restored lazily (restore_mode = "lazy"), drawn per episode.
+    lazy_share: float = 0.5
     # A new supervisor must have every program back, supervised, within this many seconds.
     recovery_bound: float = 30.0
     keep_dir: bool = False
@@ -206,7 +211,7 @@ class Episode:
         ]
         for p in self.programs.values():
             p.on_stop = "shutdown" in features and self.rng.random() < 0.5
-            p.lazy = "restore_mode" in features and self.rng.random() < 0.5
+            p.lazy = "restore_mode" in features and self.rng.random() < options.lazy_share
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.exited_before_kill = False
         self.generation = 0
@@ -215,7 +220,7 @@ class Episode:
         self.keepers_seen: dict[int, int] = {}
         self.image_tokens: dict[str, str] = {}
         # How long each phase lasted when last seen: a kill waits a random part of it.
-        self.phase_seconds = dict.fromkeys(("dump", "sealing", "restore"), 0.02)
+        self.phase_seconds = dict.fromkeys(("dump", "sealing", "restore", "lazy"), 0.02)
         self.iteration = 0
         self.history: list[str] = []
 
@@ -298,6 +303,9 @@ class Episode:
             weights |= {"dump": 2, "sealing": 3}
         if operation == "restore":
             weights["restore"] = 3
+            if any(p.lazy for p in self.programs.values()):
+                # While CRIU's lazy-pages daemon still serves the restored program's memory.
+                weights["lazy"] = 2
         allowed = [t for t in weights if t in self.options.kill_targets] or ["anywhere"]
         return self.rng.choices(allowed, [weights.get(t, 1) for t in allowed])[0]
 
