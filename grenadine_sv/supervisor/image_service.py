@@ -135,6 +135,8 @@ class ImageService:
         self.hold_fds: tuple[int, ...] = ()
         # Images a lazy restore found corrupt while serving them: never restored again.
         self._corrupt: set[str] = set()
+        # Lazy restores run CRIU one at a time (see Restores.launch_from_image).
+        self._lazy_restore_lock = trio.Lock()
         # The object store, when [supervisor.remote] has a url: uploads and remote restores.
         self.remote: RemoteImages | None = None
         # Image id -> restores of it under way: retention and prune leave those images alone.
