@@ -7,14 +7,13 @@ from __future__ import annotations
 import os
 import pty
 import re
-import select
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import SupervisorDirs
 from tests.integration.supervising import python_program, wait_until
+from tests.integration.terminal import read_terminal
 from tests.integration.test_cli import GRENADINE_SV, SupervisorProcess, needs_criu, supervisor
 
 __all__ = ["needs_criu", "supervisor"]
@@ -44,24 +43,7 @@ def run_on_a_terminal(args: list[str]) -> tuple[int, str, str]:
         args, stdout=subprocess.PIPE, stderr=follower, stdin=subprocess.DEVNULL, text=True
     )
     os.close(follower)
-    shown = b""
-    deadline = time.monotonic() + READ_BOUND_SECONDS
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 1.0)
-            if not ready:
-                if command.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:  # EIO: every writer of the terminal has closed it
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(leader)
+    shown = read_terminal(leader, command, READ_BOUND_SECONDS)
     stdout, _ = command.communicate(timeout=READ_BOUND_SECONDS)
     return command.returncode, stdout, shown.decode(errors="replace")
 

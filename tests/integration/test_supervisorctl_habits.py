@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import subprocess
-import time
 
 import pytest
 
 from tests.conftest import SupervisorDirs
 from tests.integration.supervising import python_program, wait_until
+from tests.integration.terminal import read_terminal
 from tests.integration.test_cli import (
     GRENADINE_SV,
     IDLE,
@@ -108,21 +107,6 @@ def test_status_is_coloured_on_a_terminal_only(
         env=env,
     )
     os.close(follower)
-    output = b""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 1.0)
-        if not ready:
-            if command.poll() is not None:
-                break
-            continue
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # EIO: the terminal's other end closed
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(leader)
+    output = read_terminal(leader, command, 30)
     assert command.wait(10) == 0
     assert b"\033[32mRUNNING\033[0m" in output, output
