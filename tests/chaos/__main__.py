@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         "--recovery-bound", type=float, default=30.0, help="seconds a new supervisor may take"
     )
     parser.add_argument("--keep-going", action="store_true", help="go on after a violation")
-    parser.add_argument("--keep-dir", action="store_true", help="keep each episode's directory")
+    parser.add_argument(
+        "--keep-dir",
+        action="store_true",
+        help="keep each episode's directory (a failing one is always kept)",
+    )
     parser.add_argument("--failures", type=Path, default=Path("chaos-failures.txt"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -62,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         lazy_share=args.lazy_share,
         print_interval=args.print_interval,
         keep_dir=args.keep_dir,
+        keep_failing_dir=True,
         recovery_bound=args.recovery_bound,
     )
 

@@ -130,6 +130,8 @@ class Options:
     # A new supervisor must have every program back, supervised, within this many seconds.
     recovery_bound: float = 30.0
     keep_dir: bool = False
+    # By hand a failing episode's directory is kept for a look; the CI test removes it.
+    keep_failing_dir: bool = False
 
 
 @dataclass
@@ -1009,8 +1011,8 @@ class Episode:
                 self.log("  leftover instances would not die")
                 break
             time.sleep(0.05)
-        if self.options.keep_dir:
-            self.log(f"  kept {self.root}")
+        if self.options.keep_dir or (self.tally.violations and self.options.keep_failing_dir):
+            self.log(f"  kept {self.root} (the supervisors' logs, state_dir and images)")
         else:
             shutil.rmtree(self.root, ignore_errors=True)
 
