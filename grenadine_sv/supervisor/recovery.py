@@ -27,7 +27,7 @@ from typing import IO, Any
 import structlog
 import trio
 
-from grenadine_sv.config.loading import Config
+from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.criu.client import task_condition
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
@@ -348,47 +348,63 @@ class Recovery:
         and taken back like the others."""
         launchers: dict[str, Launcher] = {}
         recorded = await find_orphans(self.state_dir, self.cgroups)
+        # Every instance found (some only in their cgroup) is in the state file before any
+        # is ended: a supervisor killed during the take-back leaves the next one the
+        # instance whose image it restores.
+        self._taking_back = dict(recorded)
+        if recorded:
+            await self.write_now()
         for name, instance in recorded.items():
-            program = config.programs.get(name)
-            bound = log.bind(program=name, pid=instance.pid)
-            frozen_into = await trio.to_thread.run_sync(self._image_that_froze, name, instance)
-            alive = await trio.to_thread.run_sync(is_same_process, instance)
-            if frozen_into is not None:
-                if alive:
-                    bound.warning("frozen_program_killed", image_id=frozen_into.id)
-                    await kill_frozen_orphan(instance.pid, instance.start_time)
-                if frozen_into.trigger == "recovery" and program is not None:
-                    launchers[name] = self._restorer(frozen_into)
-                    self._taking_back[name] = instance
-                continue
-            if not alive:
-                continue
-            condition = task_condition(instance.pid)
-            if condition is not None and condition.stopped and condition.tracer_pid == 0:
-                resumed = await trio.to_thread.run_sync(resume_sandbox, instance.pid)
-                bound.warning("frozen_program_resumed", processes=resumed)
-            if (
-                program is not None
-                and self.checkpoints is not None
-                and program.definition_digest() == instance.definition_digest
-            ):
-                try:
-                    image = await self.checkpoints.recover_orphan(
-                        program, instance.pid, instance.start_time
-                    )
-                except CheckpointError as exc:
-                    bound.warning("orphan_not_recovered", error=str(exc))
-                else:
-                    bound.info("orphan_checkpointed", image_id=image.id)
-                    launchers[name] = self._restorer(image)
-                    self._taking_back[name] = instance
-                    continue
-            stop_signal = program.stop_signal if program is not None else signal.SIGTERM
-            stop_wait = program.stopwaitsecs if program is not None else 10.0
-            bound.warning("orphan_stopping")
-            await stop_orphan(name, instance, stop_signal, stop_wait)
+            launcher = await self._take_back(name, instance, config.programs.get(name))
+            if launcher is None:
+                del self._taking_back[name]
+            else:
+                launchers[name] = launcher
+        if len(launchers) < len(recorded):
+            await self.write_now()
         await self._remove_empty_cgroups()
         return launchers
+
+    async def _take_back(
+        self, name: str, instance: RecordedInstance, program: ProgramConfig | None
+    ) -> Launcher | None:
+        """Deal with one instance a killed supervisor left; the launcher that restores it as
+        our child, or None when it is gone or was stopped."""
+        bound = log.bind(program=name, pid=instance.pid)
+        frozen_into = await trio.to_thread.run_sync(self._image_that_froze, name, instance)
+        alive = await trio.to_thread.run_sync(is_same_process, instance)
+        if frozen_into is not None:
+            if alive:
+                bound.warning("frozen_program_killed", image_id=frozen_into.id)
+                await kill_frozen_orphan(instance.pid, instance.start_time)
+            if frozen_into.trigger == "recovery" and program is not None:
+                return self._restorer(frozen_into)
+            return None
+        if not alive:
+            return None
+        condition = task_condition(instance.pid)
+        if condition is not None and condition.stopped and condition.tracer_pid == 0:
+            resumed = await trio.to_thread.run_sync(resume_sandbox, instance.pid)
+            bound.warning("frozen_program_resumed", processes=resumed)
+        if (
+            program is not None
+            and self.checkpoints is not None
+            and program.definition_digest() == instance.definition_digest
+        ):
+            try:
+                image = await self.checkpoints.recover_orphan(
+                    program, instance.pid, instance.start_time
+                )
+            except CheckpointError as exc:
+                bound.warning("orphan_not_recovered", error=str(exc))
+            else:
+                bound.info("orphan_checkpointed", image_id=image.id)
+                return self._restorer(image)
+        stop_signal = program.stop_signal if program is not None else signal.SIGTERM
+        stop_wait = program.stopwaitsecs if program is not None else 10.0
+        bound.warning("orphan_stopping")
+        await stop_orphan(name, instance, stop_signal, stop_wait)
+        return None
 
     async def _remove_empty_cgroups(self) -> None:
         """The predecessor's programs' cgroups that nothing runs in any more (a program

@@ -161,8 +161,10 @@ async def test_an_orphan_ended_for_its_restore_stays_in_the_state_file_until_it_
 ) -> None:
     """A supervisor killed after ending a frozen orphan and before restoring it left a state
     file without it, and the next one cold-started the program: its memory lost (chaos
-    harness, seed 4)."""
+    harness, seeds 4 and 1). The orphan is written before it is ended (it may have been
+    found only in its cgroup) and stays until its restore is over."""
     keeper = await taken_back(tmp_path)
+    assert read_state(tmp_path) == {"p0": FROZEN}
     other = FakeRunner("p1", FakeProcess(30))
     keeper.record_instances(cast(ProgramRunner, other), State.STARTING, State.RUNNING)
     starting = FakeRunner("p0", None)
