@@ -140,7 +140,7 @@ class Criu:
             opts.pid = request.pid
             opts.leave_running = request.leave_running
             opts.leave_stopped = request.leave_stopped
-            apply_options(opts, request.options)
+            apply_options(opts, request.options.for_dump())
             for mount_point, name in request.external_mounts.items():
                 opts.external.append(f"mnt[{mount_point}]:{name}")
             opts.external.append("mnt[]")
@@ -181,7 +181,7 @@ class Criu:
             opts.root = "/"
             opts.rst_sibling = True
             opts.lazy_pages = request.lazy_pages
-            apply_options(opts, request.options)
+            apply_options(opts, request.options.for_restore(request.images_dir))
             for name, host_path in request.external_mounts.items():
                 opts.external.append(f"mnt[{name}]:{host_path}")
             opts.external.append("mnt[]")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +13,8 @@ NetworkLock = Literal["nftables", "iptables", "skip"]
 NetworkLockSetting = Literal["auto", "nftables", "iptables", "skip"]
 FEATURE_TIMEOUT_SECONDS = 10.0
 DEFAULT_GHOST_LIMIT = 1 << 20
+# The state of each established TCP connection CRIU dumped in repair mode (and locked).
+TCP_STREAM_IMAGES = "tcp-stream-*.img"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,24 @@ class CriuOptions:
     ghost_limit: int = DEFAULT_GHOST_LIMIT
     skip_in_flight: bool = True
     tcp_close: bool = False
+
+    def locks_connections(self) -> bool:
+        """Whether CRIU puts established TCP connections in repair mode, the only thing its
+        network lock holds (with `tcp_close` it neither dumps nor locks them)."""
+        return self.tcp_established and not self.tcp_close
+
+    def for_dump(self) -> CriuOptions:
+        """The options a dump runs with: no network lock when no connection is locked. CRIU
+        would still build its nftables table, chains and rules while the program is frozen
+        (0.2 to 0.8 s measured), and the restore would spend 0.2 s deleting it."""
+        return self if self.locks_connections() else replace(self, network_lock="skip")
+
+    def for_restore(self, images_dir: Path) -> CriuOptions:
+        """The options a restore of `images_dir` runs with: the network lock only when the
+        image holds locked connections (CRIU's tcp-stream images), for CRIU to lift it."""
+        if any(images_dir.glob(TCP_STREAM_IMAGES)):
+            return self
+        return replace(self, network_lock="skip")
 
 
 @dataclass(frozen=True)
