@@ -40,6 +40,9 @@ def log_to_stderr() -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO) -> int:
+    # structlog imports `rich` wherever it is installed, for tracebacks the supervisor never
+    # renders with it (logs.py chooses the renderers): 3.5 MiB and tens of ms at start-up.
+    sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
     import trio
 
     from grenadine_sv.logs import SUPERVISOR_LOG_FILE, configure_logging

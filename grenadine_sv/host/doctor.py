@@ -30,6 +30,7 @@ from grenadine_sv.host.facts import (
     Status,
     decode_capabilities,
     feature_supported,
+    filesystem_type_of,
     interpret_criu_check,
     parse_cap_eff,
     parse_kernel_version,
@@ -51,6 +52,8 @@ REQUIRED_CAPABILITIES = {
 CHECKPOINT_RESTORE_CAP_KERNEL = (5, 9)
 OLDEST_KERNEL_FOR_CRIU = (3, 11)
 PRIVILEGE_ADVICE = "run grenadine-sv as root with full capabilities (e.g. a privileged container)"
+# Where CRIU run as root caches its kernel probes (criu.kdat), only when it is a tmpfs.
+CRIU_CACHE_DIR = Path("/run")
 
 # Runs in a child: new PID + mount namespaces, / made private, a fresh proc mounted by PID 1.
 # That is what the sandbox does before it starts a program.
@@ -269,6 +272,26 @@ def check_lazy_restore(criu: CriuFound | None) -> CheckResult:
     return CheckResult(name, Status.WARN, "not supported (no uffd-noncoop)", unavailable)
 
 
+def check_criu_cache(mounts_file: Path = Path("/proc/self/mounts")) -> CheckResult:
+    """CRIU (run as root) keeps what it probed of the kernel in /run/criu.kdat, and only on
+    a tmpfs; elsewhere every CRIU run probes again."""
+    name = "criu kernel cache"
+    try:
+        fs_type = filesystem_type_of(str(CRIU_CACHE_DIR), mounts_file.read_text())
+    except OSError as exc:
+        return CheckResult(name, Status.WARN, f"cannot read {mounts_file}: {exc.strerror}", "")
+    if fs_type == "tmpfs":
+        return CheckResult(name, Status.OK, f"{CRIU_CACHE_DIR} is a tmpfs", "")
+    advice = (
+        "every CRIU run (dump, restore, lazy-pages) probes the kernel again, tens of ms each"
+        f" (more on a loaded host): mount a tmpfs on {CRIU_CACHE_DIR}"
+    )
+    finding = (
+        f"{CRIU_CACHE_DIR} is not a tmpfs ({fs_type or 'no mount found'}): CRIU keeps no cache"
+    )
+    return CheckResult(name, Status.WARN, finding, advice)
+
+
 def check_init() -> CheckResult:
     name = "sandbox init"
     if not os.access(TINI, os.X_OK):
@@ -332,6 +355,7 @@ def run_checks(criu_path: Path | None = None) -> tuple[list[CheckResult], CriuFo
         check_network_lock(criu),
         check_soft_dirty(criu),
         check_lazy_restore(criu),
+        check_criu_cache(),
         check_kernel(release, kernel),
     ]
     return results, criu

@@ -143,3 +143,20 @@ def soft_dirty_available(returncode: int, output: str) -> bool:
 def feature_supported(returncode: int, output: str, feature: str) -> bool:
     """From `criu check --feature NAME`, which prints 'NAME is supported' and exits 0."""
     return returncode == 0 and f"{feature} is supported" in output
+
+
+def filesystem_type_of(path: str, mounts: str) -> str | None:
+    """The filesystem type of the mount holding the absolute path `path`, from the text of
+    /proc/self/mounts (the last mount on the longest matching mount point); None if no
+    mount point matches."""
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Spaces and other special characters are octal escapes in /proc/self/mounts.
+        mount_point = fields[1].encode().decode("unicode_escape")
+        inside = mount_point in ("/", path) or path.startswith(mount_point + "/")
+        if inside and (best is None or len(mount_point) >= best[0]):
+            best = (len(mount_point), fields[2])
+    return None if best is None else best[1]

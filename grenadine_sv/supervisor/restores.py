@@ -105,15 +105,12 @@ class Restores(ImageService):
             daemon: trio.Process | None = None
             try:
                 if lazy:
-                    await trio.to_thread.run_sync(self._verify, image, True)
                     work_dir = await trio.to_thread.run_sync(self._work_dir_of, program)
                     # Concurrent lazy restores (a take-back restores every program at once)
                     # stalled in CRIU for up to 30 s with their restored tasks spinning in page
                     # faults; one at a time each takes a fraction of a second.
                     async with self._lazy_restore_lock:
-                        daemon = await start_lazy_pages(
-                            self.criu, self.store.criu_dir(image), work_dir, lazy_log_name(image)
-                        )
+                        daemon = await self._verified_daemon(image, work_dir)
                         pid, output_fds, held = await trio.to_thread.run_sync(
                             self._restore, runner, image, lazy, abandon_on_cancel=False
                         )
@@ -157,6 +154,44 @@ class Restores(ImageService):
                 restore_mode=runner.config.restore_mode,
             )
             return launched
+
+    async def _verified_daemon(self, image: ImageMeta, work_dir: Path) -> trio.Process:
+        """`criu lazy-pages` for `image`, started while the image's files other than its pages
+        are verified (in a worker thread): the daemon serves nothing before a restore connects
+        to it, which waits for both. If the verification fails the daemon is ended and its
+        error raised (it comes first: a corrupt image is marked so)."""
+        daemon: trio.Process | None = None
+        failures: list[Exception] = []
+
+        async def verify() -> None:
+            try:
+                await trio.to_thread.run_sync(self._verify, image, True)
+            except Exception as exc:  # raised below, once the daemon is settled
+                failures.insert(0, exc)
+
+        async def start() -> None:
+            nonlocal daemon
+            try:
+                daemon = await start_lazy_pages(
+                    self.criu, self.store.criu_dir(image), work_dir, lazy_log_name(image)
+                )
+            except Exception as exc:  # raised below, after the verification's
+                failures.append(exc)
+
+        usable = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(verify)
+                nursery.start_soon(start)
+            usable = not failures
+        finally:
+            if daemon is not None and not usable:  # a failure, or cancelled meanwhile
+                with trio.CancelScope(shield=True):
+                    await end_daemon(daemon)
+        if failures:
+            raise failures[0]
+        assert daemon is not None
+        return daemon
 
     def _verify(self, image: ImageMeta, lazy: bool) -> None:
         """Check the image before a restore: every file, or for a lazy one all but the page

@@ -227,3 +227,49 @@ async def test_corrupt_page_file_found_while_served_ends_the_program(sv_dirs: Su
             result = await sv.operations.restore_program("hog", image.id)
             assert "did not match" in str(result["fallback"])
     assert not events(logs, "restore_memory_complete")
+
+
+def lazy_pages_daemons_in(work_dir: Path) -> list[int]:
+    """Pids of `criu lazy-pages` processes working in `work_dir` (the program's restore logs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if b"lazy-pages" in cmdline and Path(cwd) == work_dir:
+            found.append(int(entry.name))
+    return found
+
+
+async def test_corrupt_file_found_before_a_lazy_restore_leaves_no_daemon(sv_dirs: SupervisorDirs):
+    # The lazy-pages daemon starts while the image's other files are verified: when one of
+    # them does not match, the restore fails as any restore of a corrupt image does, and the
+    # daemon started meanwhile is ended.
+    port, mebibytes = free_port(), 16
+    config = sv_dirs.write_config(program(port, mebibytes))
+    store = ImageStore(sv_dirs.state_dir)
+    work_dir = sv_dirs.state_dir / "restore-logs" / "hog"
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "hog", State.RUNNING, timeout=60)
+        await sv.operations.checkpoint_programs(["hog"], stop=True)
+        await wait_state(sv, "hog", State.STOPPED)
+        [image] = store.list("hog")
+        core = next(store.criu_dir(image).glob("core-*.img"))
+        with core.open("r+b") as file:  # same size, one byte changed
+            byte = file.read(1)
+            file.seek(0)
+            file.write(bytes([byte[0] ^ 0xFF]))
+
+        result = await sv.operations.restore_program("hog", image.id)
+
+        assert "does not match its blake3 checksum" in str(result["fallback"])
+        assert core.name in str(result["fallback"])
+        # The daemon was started (its pidfile says so) and has been ended.
+        assert (work_dir / PIDFILE).exists()
+        assert lazy_pages_daemons_in(work_dir) == []
+        await wait_state(sv, "hog", State.RUNNING, timeout=60)  # restore_fallback = "cold"
+        assert await ask_async(port) == expected_digest(mebibytes)

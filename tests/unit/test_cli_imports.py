@@ -34,3 +34,25 @@ def test_status_without_a_supervisor_loads_no_heavy_library(tmp_path: Path) -> N
     code, loaded = result.stdout.split()[0], result.stdout.strip().partition(" ")[2]
     assert code == "3", result.stderr  # EXIT_NOT_RUNNING: the request really was tried
     assert loaded == ""
+
+
+RUN_PROBE = """
+import sys
+from grenadine_sv.cli.main import main
+code = main(["-c", sys.argv[1], "run"])
+print(code, "structlog" in sys.modules, sys.modules.get("rich") is not None)
+"""
+
+
+def test_run_does_not_load_rich_through_structlog(tmp_path: Path) -> None:
+    # rich is installed here (import-linter needs it); structlog would import it at once.
+    config = tmp_path / "grenadine.toml"
+    config.write_text("[supervisor]\nno_such_key = 1\n")  # run stops at the configuration
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_PROBE, str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.split() == ["2", "True", "False"], result.stderr

@@ -12,11 +12,13 @@ from grenadine_sv.criu.version import (
     parse_criu_version,
     parse_version_number,
 )
+from grenadine_sv.host.doctor import check_criu_cache
 from grenadine_sv.host.facts import (
     CAPABILITY_NAMES,
     Status,
     decode_capabilities,
     feature_supported,
+    filesystem_type_of,
     interpret_criu_check,
     parse_cap_eff,
     parse_kernel_version,
@@ -184,3 +186,40 @@ def test_feature_supported_needs_exit_zero_and_the_sentence():
     assert feature_supported(0, "uffd-noncoop is supported\n", "uffd-noncoop")
     assert not feature_supported(1, "Error (criu/cr-check.c:1): UFFD is not supported\n", "uffd")
     assert not feature_supported(0, "mem_dirty_track is supported\n", "uffd-noncoop")
+
+
+# /proc/self/mounts of this project's development VM (shortened), and of a systemd host.
+VM_MOUNTS = """/dev/vda / ext4 rw,relatime,discard 0 0
+proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /run/user/0 tmpfs rw,nosuid,nodev 0 0
+"""
+SYSTEMD_MOUNTS = """/dev/sda1 / ext4 rw,relatime 0 0
+tmpfs /run tmpfs rw,nosuid,nodev,noexec,relatime,size=812360k,mode=755 0 0
+tmpfs /run/lock tmpfs rw,nosuid,nodev,noexec,relatime,size=5120k 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("mounts", "path", "expected"),
+    [
+        (VM_MOUNTS, "/run", "ext4"),  # /run/user/0 is a tmpfs, not /run
+        (SYSTEMD_MOUNTS, "/run", "tmpfs"),
+        (SYSTEMD_MOUNTS + "/dev/sdb1 /run xfs rw 0 0\n", "/run", "xfs"),  # mounted over
+        ("/dev/sdc1 /srv/my\\040data ext4 rw 0 0\n", "/srv/my data/x", "ext4"),
+        ("proc /proc proc rw 0 0\n", "/run", None),
+    ],
+)
+def test_the_filesystem_of_a_path_is_that_of_its_deepest_mount(mounts, path, expected):
+    assert filesystem_type_of(path, mounts) == expected
+
+
+def test_doctor_warns_when_criu_cannot_cache_its_kernel_probes(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(VM_MOUNTS)
+    result = check_criu_cache(mounts)
+    assert result.status is Status.WARN
+    assert "/run is not a tmpfs (ext4)" in result.finding
+    assert "mount a tmpfs on /run" in result.advice
+    mounts.write_text(SYSTEMD_MOUNTS)
+    assert check_criu_cache(mounts).status is Status.OK
