@@ -18,7 +18,11 @@ import pytest
 
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
-from tests.integration.object_store import BUCKET, ObjectStore, object_store  # noqa: F401
+from tests.integration.object_store import (  # noqa: F401 (fixtures)
+    ObjectStore,
+    object_store,
+    weed_server,
+)
 from tests.integration.supervising import wait_until
 from tests.integration.test_cli import SupervisorProcess
 
@@ -86,7 +90,7 @@ def remote_tables(
         credentials = f'credentials_file = "{path}"\n'
     return (
         "[supervisor.remote]\n"
-        f'url = "s3://{BUCKET}/{PREFIX}"\n'
+        f'url = "s3://{store.bucket}/{PREFIX}"\n'
         f'endpoint = "{store.endpoint}"\n'
         'region = "us-east-1"\n'
         f"{credentials}"
@@ -188,7 +192,7 @@ def test_host_b_restores_what_host_a_uploaded(
     wait_until(lambda: queue_length(a) == 0, UPLOAD_TIMEOUT, "the upload queue is empty")
     assert metric(metrics_port, 'grenadine_uploads_total{program="redis"}') == 1.0
     assert metric(metrics_port, "grenadine_upload_queue_length") == 0.0
-    stored = object_store.client().get_object(Bucket=BUCKET, Key=wanted)["Body"].read()
+    stored = object_store.client().get_object(Bucket=object_store.bucket, Key=wanted)["Body"].read()
     assert stored.startswith(b"age-encryption.org/v1")
     assert value.encode() not in stored
     a.stop()
@@ -299,10 +303,12 @@ def test_wrong_key_and_tampered_object_are_refused(
 
     (key,) = object_store.object_keys(f"{PREFIX}/")
     client = object_store.client()
-    stored = client.get_object(Bucket=BUCKET, Key=key)
+    stored = client.get_object(Bucket=object_store.bucket, Key=key)
     data = bytearray(stored["Body"].read())
     data[len(data) // 2] ^= 0x01
-    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data), Metadata=stored["Metadata"])
+    client.put_object(
+        Bucket=object_store.bucket, Key=key, Body=bytes(data), Metadata=stored["Metadata"]
+    )
     b.dirs.write_config(
         redis_program(port, upload=False, autostart=False),
         extra_supervisor=remote_tables(b.dirs, object_store, identity),
