@@ -435,6 +435,8 @@ class ProgramConfig(BaseModel):
     restore_fallback: Literal["cold", "fail", "previous"] = "cold"
     """when the image cannot be restored: start from scratch ("cold"), not at all ("fail"), or
     from the next older image that restores ("previous", else from scratch)"""
+    restore_mode: Literal["eager", "lazy"] = "eager"
+    """"lazy": run as soon as CRIU has rebuilt the process, memory streamed in afterwards"""
     private_tmp: StrictBool = True
     """give the program its own /tmp (state_dir/tmp/NAME, emptied at each cold start, kept
     across restores); false shares the host's /tmp"""

@@ -71,6 +71,8 @@ class RestoreRequest:
     # Name of an external mount in the image -> the host directory bound in its place.
     external_mounts: Mapping[str, str] = field(default_factory=dict)
     log_name: str = "restore.log"
+    lazy_pages: bool = False
+    """Leave anonymous memory to a lazy-pages daemon listening in work_dir (post-copy)."""
     # Called with the CRIU process's pid before it is asked to restore.
     on_criu_started: Callable[[int], None] | None = None
 
@@ -161,6 +163,7 @@ class Criu:
             opts.work_dir_fd = work_fd
             opts.root = "/"
             opts.rst_sibling = True
+            opts.lazy_pages = request.lazy_pages
             apply_options(opts, request.options)
             for name, host_path in request.external_mounts.items():
                 opts.external.append(f"mnt[{name}]:{host_path}")
@@ -182,6 +185,26 @@ class Criu:
             _end_orphaned_helpers()
             raise self._failure("restore", failure, log_path, session.process) from failure
         return int(response.pid)
+
+    def lazy_pages_command(
+        self, images_dir: Path, work_dir: Path, status_fd: int, log_name: str
+    ) -> list[str]:
+        """`criu lazy-pages`: serves the memory of a restore started with `lazy_pages` through
+        userfaultfd, over a socket in `work_dir`; writes a byte to `status_fd` once listening
+        and exits (status 0) when every page has been served."""
+        return [
+            os.fspath(self.binary),
+            "lazy-pages",
+            "--images-dir",
+            os.fspath(images_dir),
+            "--work-dir",
+            os.fspath(work_dir),
+            "--status-fd",
+            str(status_fd),
+            "--log-file",
+            log_name,
+            f"-v{LOG_LEVEL}",
+        ]
 
     @contextlib.contextmanager
     def _session(

@@ -265,6 +265,13 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._restore_memory = Histogram(
+            "grenadine_restore_memory_complete_seconds",
+            "Lazy restores: time from the restore's start until all memory was back and verified",
+            ["program"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self._uploads = Counter(
             "grenadine_uploads",
             "Images uploaded to the object store",
@@ -329,6 +336,7 @@ class Metrics:
         self._restores.labels(program=program)
         self._restore_failures.labels(program=program)
         self._restore_duration.labels(program=program)
+        self._restore_memory.labels(program=program)
         for metric in (
             self._uploads,
             self._upload_failures,
@@ -352,6 +360,7 @@ class Metrics:
             self._restores,
             self._restore_failures,
             self._restore_duration,
+            self._restore_memory,
             self._uploads,
             self._upload_failures,
             self._upload_duration,
@@ -385,6 +394,9 @@ class Metrics:
 
     def restore_failed(self, program: str) -> None:
         self._restore_failures.labels(program=program).inc()
+
+    def restore_memory_complete(self, program: str, seconds: float) -> None:
+        self._restore_memory.labels(program=program).observe(seconds)
 
     def upload_succeeded(self, program: str, duration_seconds: float) -> None:
         self._uploads.labels(program=program).inc()

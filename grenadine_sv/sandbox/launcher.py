@@ -4,7 +4,9 @@ The program runs as the child of an init (the spec's ``init``, Debian's tini) th
 as PID 1 itself when the spec has no init.
 
 Run as ``python -I -S launcher.py STATUS_FD`` with the sandbox spec (JSON) on stdin and the
-program's stdout/stderr already in place. Standard library only: it runs without site-packages.
+program's stdout/stderr already in place; or once per supervisor as
+``python -I -S launcher.py --serve CONTROL_FD``, forking a launch per request (see `serve`).
+Standard library only: it runs without site-packages.
 
 Reports on STATUS_FD, one JSON object per line: ``{"pid": N}`` (PID 1's host pid) as soon
 as it is forked, and ``{"error": "..."}`` if any step fails. STATUS_FD is close-on-exec, so the
@@ -20,6 +22,7 @@ import os
 import pwd
 import re
 import signal
+import socket
 import sys
 from typing import Any, NoReturn
 
@@ -38,6 +41,8 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_MOUNTS = ("/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/tmp", "/sys")
 CGROUP_ROOT = "/sys/fs/cgroup"
 EXIT_STEP_FAILED = 127
+SERVE_FLAG = "--serve"
+MAX_REQUEST_BYTES = 1 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (
@@ -277,12 +282,16 @@ def report(status_fd: int, **fields: object) -> None:
     os.write(status_fd, (json.dumps(fields) + "\n").encode())
 
 
-def read_spec() -> dict[str, Any]:
+def read_spec() -> bytes:
     chunks = []
     while chunk := os.read(0, 65536):
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_spec(data: bytes) -> dict[str, Any]:
     try:
-        spec = json.loads(b"".join(chunks))
+        spec = json.loads(data)
     except ValueError as error:
         raise StepFailed(f"the sandbox launcher received an invalid spec: {error}") from error
     if not isinstance(spec, dict):
@@ -302,10 +311,67 @@ def join_cgroup(cgroup: str | None) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[1] == SERVE_FLAG:
+        return serve(int(argv[2]))
     status_fd = int(argv[1])
+    return launch(read_spec(), status_fd)
+
+
+def serve(control_fd: int) -> int:
+    """Launch a sandbox per request, by forking this interpreter: no Python start-up per program.
+
+    A request on the (SOCK_SEQPACKET) control socket is the spec as JSON with three fds: the
+    program's stdout and stderr and the status fd. A forked child launches as `launch` does and
+    exits once it has forked the sandbox's PID 1; this server reaps it, so PID 1 is re-parented
+    to the supervisor (the nearest child subreaper), and answers `{"exit": CODE}`. It ends when
+    the supervisor closes its end of the socket."""
+    control = socket.socket(fileno=control_fd)
+    os.set_inheritable(control_fd, False)
+    while True:
+        try:
+            data, fds, _flags, _address = socket.recv_fds(control, MAX_REQUEST_BYTES, 3)
+        except OSError:
+            return 1
+        if not data:
+            return 0
+        code = EXIT_STEP_FAILED
+        if len(fds) == 3:
+            code = _launch_forked(control, data, *fds)
+        for fd in fds:
+            os.close(fd)
+        try:
+            control.send(json.dumps({"exit": code}).encode())
+        except OSError:
+            return 1
+
+
+def _launch_forked(
+    control: socket.socket, data: bytes, stdout: int, stderr: int, status: int
+) -> int:
+    try:
+        child = os.fork()
+    except OSError as error:
+        report(status, error=f"the sandbox launcher cannot fork: {error.strerror}")
+        return EXIT_STEP_FAILED
+    if child == 0:
+        code = EXIT_STEP_FAILED
+        try:
+            control.close()
+            os.dup2(stdout, 1)
+            os.dup2(stderr, 2)
+            code = launch(data, status)
+        finally:
+            os._exit(code)
+    _, wait_status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(wait_status)
+
+
+def launch(data: bytes, status_fd: int) -> int:
+    """Create the namespaces, fork the sandbox's PID 1 (which builds the root and execs) and
+    report its pid on `status_fd`."""
     os.set_inheritable(status_fd, False)
     try:
-        spec = read_spec()
+        spec = parse_spec(data)
         join_cgroup(spec.get("cgroup"))
         if _libc.unshare(CLONE_NEWPID | CLONE_NEWNS) != 0:
             raise _failure("cannot create the PID and mount namespaces (unshare)")

@@ -8,6 +8,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,11 @@ from grenadine_sv.sandbox.linux import is_subreaper, read_pid_ns_inode, read_sta
 from grenadine_sv.sandbox.spec import SandboxSpec
 
 LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
+# launcher.py's own constant (it imports nothing of the package).
+SERVE_FLAG = "--serve"
 LAUNCH_TIMEOUT = 10.0
+MAX_ANSWER_BYTES = 4096
+SERVER_EXIT_SECONDS = 5.0
 
 
 class SandboxError(Exception):
@@ -122,8 +127,87 @@ def _has_exited(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
-async def spawn_sandbox(spec: SandboxSpec, stdout: int, stderr: int) -> SandboxProcess:
-    """Start ``spec``'s program in a new sandbox, with ``stdout``/``stderr`` as its fds 1 and 2.
+def _launcher_command() -> list[str]:
+    return [sys.executable, "-I", "-S", "-X", "utf8", LAUNCHER]
+
+
+class LauncherServer:
+    """The sandbox launcher started once (`launcher.py --serve`): each program is launched by a
+    fork of it, so no Python interpreter starts per program. Owned by one supervisor, which
+    `close`s it when it ends; started again if it dies."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._socket: socket.socket | None = None
+        self._lock = trio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = subprocess.Popen(
+                [*_launcher_command(), SERVE_FLAG, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,  # a terminal's ^C is for the supervisor, not for it
+            )
+        except OSError as error:
+            ours.close()
+            raise SandboxError(f"cannot start the sandbox launcher {LAUNCHER}: {error}") from error
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._socket = ours
+        return ours
+
+    async def launch(self, spec_json: bytes, fds: tuple[int, int, int]) -> None:
+        """Have the server fork a launch of `spec_json` with (stdout, stderr, status fd); return
+        once that launch has forked the program and exited (its reports go to the status fd)."""
+        async with self._lock:
+            control = self._socket
+            if control is None or not self._running():
+                self.close()
+                control = self._start()
+            try:
+                await trio.lowlevel.wait_writable(control)
+                socket.send_fds(control, [spec_json], list(fds))
+                await trio.lowlevel.wait_readable(control)
+                answer = control.recv(MAX_ANSWER_BYTES)
+            except OSError as error:
+                answer = b""
+                detail = f": {error}"
+            else:
+                detail = ""
+            if not answer:
+                self.close()
+                raise SandboxError(f"the sandbox launcher {LAUNCHER} died{detail}; it restarts")
+
+    def _running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def close(self) -> None:
+        """End the server (it exits when its socket closes; killed if it does not) and reap it."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=SERVER_EXIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+async def spawn_sandbox(
+    spec: SandboxSpec, stdout: int, stderr: int, server: LauncherServer | None = None
+) -> SandboxProcess:
+    """Start ``spec``'s program in a new sandbox, with ``stdout``/``stderr`` as its fds 1 and 2:
+    through `server` when given, else by a launcher process of its own.
 
     Returns once the program has exec'ed; raises SandboxError with the failing step otherwise.
     """
@@ -132,11 +216,13 @@ async def spawn_sandbox(spec: SandboxSpec, stdout: int, stderr: int) -> SandboxP
             "cannot start a sandbox: this process is not a child subreaper, so the program would"
             " be re-parented away from it; call become_subreaper() once at start-up"
         )
+    if server is not None:
+        return await _spawn_through(server, spec, stdout, stderr)
     read_fd, write_fd = _status_pipe()
     async with trio.lowlevel.FdStream(read_fd) as status:
         try:
             launcher = await trio.lowlevel.open_process(
-                [sys.executable, "-I", "-S", "-X", "utf8", LAUNCHER, str(write_fd)],
+                [*_launcher_command(), str(write_fd)],
                 stdin=subprocess.PIPE,
                 stdout=stdout,
                 stderr=stderr,
@@ -160,7 +246,13 @@ async def spawn_sandbox(spec: SandboxSpec, stdout: int, stderr: int) -> SandboxP
                     f"the sandbox launcher did not start {spec.name!r} within {LAUNCH_TIMEOUT:g} s"
                 ) from None
             raise
-    reports = _parse_reports(received)
+    return await _adopt_reported(spec, _parse_reports(received), launcher.returncode)
+
+
+async def _adopt_reported(
+    spec: SandboxSpec, reports: list[dict[str, Any]], launcher_code: int | None
+) -> SandboxProcess:
+    """The program a launch reported, or SandboxError with the step that failed."""
     pid = next((report["pid"] for report in reports if "pid" in report), None)
     failure = next((report["error"] for report in reports if "error" in report), None)
     if failure is not None:
@@ -170,10 +262,36 @@ async def spawn_sandbox(spec: SandboxSpec, stdout: int, stderr: int) -> SandboxP
         raise SandboxError(str(failure))
     if pid is None:
         raise SandboxError(
-            f"the sandbox launcher exited with code {launcher.returncode} without starting"
+            f"the sandbox launcher exited with code {launcher_code} without starting"
             f" {spec.name!r} (see the program's stderr)"
         )
     return SandboxProcess.adopt(pid, under_init=spec.init is not None)
+
+
+async def _spawn_through(
+    server: LauncherServer, spec: SandboxSpec, stdout: int, stderr: int
+) -> SandboxProcess:
+    read_fd, write_fd = _status_pipe()
+    received = bytearray()
+    async with trio.lowlevel.FdStream(read_fd) as status:
+        try:
+            with trio.fail_after(LAUNCH_TIMEOUT):
+                try:
+                    await server.launch(spec.to_json().encode(), (stdout, stderr, write_fd))
+                finally:
+                    os.close(write_fd)
+                await _read_to_end(status, received)
+        except BaseException as error:
+            with trio.CancelScope(shield=True):
+                for report in _parse_reports(received):
+                    if "pid" in report:
+                        await _kill_and_reap(report["pid"])
+            if isinstance(error, trio.TooSlowError):
+                raise SandboxError(
+                    f"the sandbox launcher did not start {spec.name!r} within {LAUNCH_TIMEOUT:g} s"
+                ) from None
+            raise
+    return await _adopt_reported(spec, _parse_reports(received), None)
 
 
 def _status_pipe() -> tuple[int, int]:

@@ -604,7 +604,8 @@ class ImageStore:
 
         The newest pre-deploy image is never deleted and does not count against `keep`: it is
         what a rollback restores, however many checkpoints were taken since the deploy. Images
-        whose id is in `in_use` (a restore of them is under way) are not deleted either.
+        whose id is in `in_use` (a restore of them is under way, or a lazy restore still serves
+        memory from them) are not deleted either.
         """
         doomed = self.prune_plan(self.list(program), keep, in_use)
         for image in doomed:

@@ -60,6 +60,15 @@ from grenadine_sv.store.images import (
     current_boot_id,
 )
 from grenadine_sv.store.snapshot import take_snapshot, write_back
+from grenadine_sv.supervisor.lazy import (
+    LazyMemory,
+    LazyPagesError,
+    end_daemon,
+    is_page_file,
+    lazy_log_name,
+    start_lazy_pages,
+    wait_for_orphan_daemon,
+)
 from grenadine_sv.supervisor.output import enlarge_pipe
 from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteImages, RemoteUnavailable
 from grenadine_sv.supervisor.runner import (
@@ -118,6 +127,8 @@ class CheckpointMetrics(Protocol):
 
     def restore_failed(self, program: str) -> None: ...
 
+    def restore_memory_complete(self, program: str, seconds: float) -> None: ...
+
 
 class NoMetrics:
     def checkpoint_succeeded(
@@ -132,6 +143,9 @@ class NoMetrics:
         pass
 
     def restore_failed(self, program: str) -> None:
+        pass
+
+    def restore_memory_complete(self, program: str, seconds: float) -> None:
         pass
 
 
@@ -150,6 +164,19 @@ class ProgramImages:
     last_checkpoint: ImageMeta | None = None
     # The newest failed checkpoint, until one succeeds.
     last_failure: CheckpointFailure | None = None
+    lazy: LazyMemory | None = None
+    """The last lazy restore of the program (its memory may still be coming back)."""
+
+    async def memory_back(self) -> None:
+        """Wait until a lazy restore of the program has all its memory back."""
+        if self.lazy is not None:
+            await self.lazy.done.wait()
+
+    def serving_image_id(self) -> str | None:
+        """The image a lazy restore still serves memory from (it must not be pruned)."""
+        if self.lazy is None or self.lazy.done.is_set():
+            return None
+        return self.lazy.image.id
 
 
 class CheckpointService:
@@ -179,6 +206,8 @@ class CheckpointService:
         self.clock: Callable[[], float] = time.monotonic
         # Fds every CRIU dump holds while it runs (the supervisor's state_dir lock).
         self.hold_fds: tuple[int, ...] = ()
+        # Images a lazy restore found corrupt while serving them: never restored again.
+        self._corrupt: set[str] = set()
         # The object store, when [supervisor.remote] has a url: uploads and remote restores.
         self.remote: RemoteImages | None = None
         # Image id -> restores of it under way: retention and prune leave those images alone.
@@ -226,6 +255,7 @@ class CheckpointService:
     ) -> ImageMeta:
         program = runner.name
         async with self.images_of(program).lock:
+            await self.images_of(program).memory_back()
             process = _running_process(runner)
             pid, start_time = process.pid, process.start_time
             bound = log.bind(program=program, pid=pid, trigger=trigger)
@@ -299,8 +329,13 @@ class CheckpointService:
 
     def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
         """Apply retention to `program`'s images, with the restore logs of those deleted."""
-        pinned = self.remote.pinned(program) if self.remote is not None else set()
-        deleted = self.store.prune(program, keep, in_use=set(self._in_use) | pinned)
+        in_use = set(self._in_use)
+        if self.remote is not None:
+            in_use |= self.remote.pinned(program)
+        serving = self.images_of(program).serving_image_id()
+        if serving is not None:
+            in_use.add(serving)
+        deleted = self.store.prune(program, keep, in_use=in_use)
         if self.images_of(program).last_checkpoint in deleted:
             self.learn_last_checkpoint(program)
         for image in deleted:
@@ -480,6 +515,7 @@ class CheckpointService:
         listed first, as `checkpoint(stop=True)` does), so that it can be restored as a child of
         this one. On failure it runs on."""
         async with self.images_of(config.name).lock:
+            await wait_for_orphan_daemon(self.work_dir / config.name)
             source = DumpSource(pid, start_time, config.init)
             try:
                 image = await self._dump_in_worker(config, source, "recovery", frozen=True)
@@ -525,13 +561,24 @@ class CheckpointService:
                 image_id=image.id,
                 detail=OLD_FORMAT_WARNING,
             )
-        async with self.images_of(program).lock:
+        images = self.images_of(program)
+        lazy = runner.config.restore_mode == "lazy"
+        async with images.lock:
             began = self.clock()
+            daemon: trio.Process | None = None
             try:
+                if lazy:
+                    await trio.to_thread.run_sync(self._verify, image, True)
+                    work_dir = await trio.to_thread.run_sync(self._work_dir_of, program)
+                    daemon = await start_lazy_pages(
+                        self.criu, self.store.criu_dir(image), work_dir, lazy_log_name(image)
+                    )
                 pid, output_fds, held = await trio.to_thread.run_sync(
-                    self._restore, runner, image, abandon_on_cancel=False
+                    self._restore, runner, image, lazy, abandon_on_cancel=False
                 )
-            except (CriuError, ImageCorrupt, OSError) as exc:
+            except (CriuError, ImageCorrupt, OSError, LazyPagesError) as exc:
+                if daemon is not None:
+                    await end_daemon(daemon)
                 if isinstance(exc, ImageCorrupt):
                     await trio.to_thread.run_sync(
                         self.store.mark_corrupt, image, f"{exc.path} {exc.reason}"
@@ -540,6 +587,17 @@ class CheckpointService:
                 log.error("restore_failed", program=program, image_id=image.id, error=str(exc))
                 raise RestoreError(f"restore of {program} from {image.id} failed: {exc}") from exc
             launched = _launched_instance(pid, image, output_fds, held)
+            if daemon is not None:
+                images.lazy = LazyMemory(
+                    self.store,
+                    image,
+                    daemon,
+                    work_dir=self.work_dir / program,
+                    began=began,
+                    on_complete=partial(self.metrics.restore_memory_complete, program),
+                    on_corrupt=lambda bad: self._corrupt.add(bad.id),
+                )
+                launched.companions.append(images.lazy.supervise)
             duration = self.clock() - began
             self.metrics.restore_succeeded(program, duration)
             runner.restored_from = RestoredFrom(image.id, image.created, occasion, instead_of)
@@ -551,8 +609,24 @@ class CheckpointService:
                 occasion=occasion,
                 pid=launched.process.pid,
                 duration_seconds=round(duration, 3),
+                restore_mode=runner.config.restore_mode,
             )
             return launched
+
+    def _verify(self, image: ImageMeta, lazy: bool) -> None:
+        """Check the image before a restore: every file, or for a lazy one all but the page
+        files (LazyMemory hashes those while they are served)."""
+        self.store.check_trusted()
+        if image.id in self._corrupt:
+            raise ImageCorrupt(image, "criu/pages-*.img", "did not match while it was served")
+        self.store.verify(image, skip=is_page_file if lazy else None)
+
+    def _work_dir_of(self, program: str) -> Path:
+        work_dir = self.work_dir / program
+        for directory in (self.work_dir, work_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        return work_dir
 
     def _restore_mounts(self, program: str, image: ImageMeta) -> dict[str, str]:
         """The host directories a restore of `image` binds in place of its named mounts."""
@@ -574,24 +648,21 @@ class CheckpointService:
         )
 
     def _restore(
-        self, runner: ProgramRunner, image: ImageMeta
+        self, runner: ProgramRunner, image: ImageMeta, lazy: bool
     ) -> tuple[int, dict[int, int], tuple[str, ...]]:
         """Run CRIU's restore (in a worker thread). Returns the restored root's pid; per
         stdio pipe inode of the image, the read end of the new pipe that replaces it; and the
         keys under which the stdio keeper holds those read ends.
 
         Only raw fds cross the thread boundary: trio streams are closed in trio's thread."""
-        self.store.check_trusted()
-        self.store.verify(image)
+        if not lazy:  # a lazy restore verified what it could before starting its daemon
+            self._verify(image, False)
         if image.snapshot:
             # Only what the current definition lists goes back (the image may list more).
             targets = snapshot_sources(runner.config, self.store.state_dir)
             written = write_back(self.store.criu_dir(image).parent, targets)
             log.info("snapshot_written_back", program=runner.name, paths=written)
-        work_dir = self.work_dir / runner.name
-        for directory in (self.work_dir, work_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
+        work_dir = self._work_dir_of(runner.name)
         write_fds: dict[int, int] = {}
         read_fds: dict[int, int] = {}
         held: list[str] = []
@@ -614,6 +685,7 @@ class CheckpointService:
                     options=self.criu_options(runner.config),
                     external_mounts=self._restore_mounts(runner.name, image),
                     log_name=restore_log_name(image),
+                    lazy_pages=lazy,
                     on_criu_started=_restorer_recorder(runner),
                 )
             )

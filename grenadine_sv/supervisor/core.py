@@ -195,6 +195,7 @@ class Supervisor:
                 await self.programs.kill_leftovers()
                 # Not started: a predecessor's orphans may be there; remove only empty ones.
                 await self.programs.remove_cgroups(end_strays=self._started)
+            self.programs.sandbox_server.close()
             keeper = self.programs.keeper
             if keeper is not None:
                 # Once started, every program has ended here; before that, a previous

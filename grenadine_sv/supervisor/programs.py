@@ -15,6 +15,7 @@ from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.keeper.client import StdioKeeper
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
+from grenadine_sv.sandbox import LauncherServer
 from grenadine_sv.sandbox.cgroup import ProgramCgroups
 from grenadine_sv.supervisor.membership import emptied, end_all_but
 from grenadine_sv.supervisor.runner import (
@@ -74,6 +75,8 @@ class Programs:
         self.shutting_down = False
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        # Launches every sandbox by a fork (started at the first launch, closed at the end).
+        self.sandbox_server = LauncherServer()
         # Set by the supervisor once it runs: the holder of the output pipes.
         self.keeper: StdioKeeper | None = None
         # Set by the supervisor once it runs: a cgroup per program, when the host has them.
@@ -91,6 +94,7 @@ class Programs:
             root_anchor=self.config.supervisor.state_dir / "sandbox-root",
             state_dir=self.config.supervisor.state_dir,
             observers=self._observers,
+            sandbox_server=self.sandbox_server,
             keeper=self.keeper,
             cgroups=self.cgroups,
         )

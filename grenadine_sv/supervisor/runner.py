@@ -11,7 +11,7 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -48,7 +48,13 @@ from grenadine_sv.lifecycle.machine import (
     describe_returncode,
     signal_name,
 )
-from grenadine_sv.sandbox import SandboxError, SandboxProcess, SandboxSpec, spawn_sandbox
+from grenadine_sv.sandbox import (
+    LauncherServer,
+    SandboxError,
+    SandboxProcess,
+    SandboxSpec,
+    spawn_sandbox,
+)
 from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
 from grenadine_sv.sandbox.init import TINI
 from grenadine_sv.sandbox.private_tmp import empty_private_tmp, private_tmp_dir
@@ -73,6 +79,7 @@ class RunnerContext:
     # Where programs' private /tmp directories live (state_dir/tmp).
     state_dir: Path
     observers: tuple[StateObserver, ...] = ()
+    sandbox_server: LauncherServer | None = None
     # Holds each output pipe's read end too, so programs outlive a killed supervisor.
     keeper: StdioKeeper | None = None
     # A cgroup per program, so that its processes are known whatever was recorded.
@@ -105,6 +112,8 @@ class LaunchedInstance:
     stderr: trio.abc.ReceiveStream
     # Keys of the pipes the stdio keeper holds for this instance (released at end of file).
     held: tuple[str, ...] = ()
+    companions: list[Callable[[SandboxProcess], Awaitable[None]]] = field(default_factory=list)
+    """Tasks that run next to the instance (a lazy restore's memory supervision)."""
 
 
 # A launcher starts an instance of the program: from scratch, or from an image.
@@ -445,6 +454,8 @@ class ProgramRunner:
         self.process = launched.process
         self._nursery.start_soon(self._capture_output, launched)
         self._nursery.start_soon(self._watch_exit, instance, launched.process)
+        for companion in launched.companions:
+            self._nursery.start_soon(companion, launched.process)
         self._post(Spawned(instance, launched.process.pid, trio.current_time()))
 
     async def _capture_output(self, launched: LaunchedInstance) -> None:
@@ -516,7 +527,7 @@ async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:
         if key is not None
     )
     try:
-        process = await spawn_sandbox(spec, stdout_fd, stderr_fd)
+        process = await spawn_sandbox(spec, stdout_fd, stderr_fd, runner.context.sandbox_server)
     except BaseException:
         context.release_pipes(held)
         await stdout_stream.aclose()

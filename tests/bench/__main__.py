@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from grenadine_sv.criu.binary import CriuNotFound, find_criu
-from tests.bench import case_checkpoint, case_many, case_restore, case_supervision
+from tests.bench import case_checkpoint, case_lazy, case_many, case_restore, case_supervision
 from tests.bench.machine import machine_facts
 from tests.bench.procs import BenchError
 from tests.bench.profiling import find_py_spy
@@ -30,8 +30,9 @@ CASES: dict[str, Callable[[Settings], list[Comparison]]] = {
     "restore": case_restore.run,
     "supervision": case_supervision.run,
     "many": case_many.run,
+    "lazy": case_lazy.run,
 }
-CASE_ITEMS = {"checkpoint": "1 and 4", "restore": "2", "supervision": "3", "many": "5"}
+CASE_ITEMS = {"checkpoint": "1 and 4", "restore": "2", "supervision": "3", "many": "5", "lazy": "6"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -51,6 +52,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sizes",
         type=lambda text: tuple(int(part) for part in text.split(",")),
         help="MiB of touched memory for the checkpoint case, comma-separated (e.g. 16,256)",
+    )
+    parser.add_argument(
+        "--lazy-sizes",
+        type=lambda text: tuple(int(part) for part in text.split(",")),
+        help="MiB of memory of the service restored eager and lazy (case 6), comma-separated",
     )
     parser.add_argument(
         "--py-spy",
@@ -87,7 +93,12 @@ def check_host(cases: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        settings = (QUICK if args.quick else FULL).with_runs(args.runs).with_sizes(args.sizes)
+        settings = (
+            (QUICK if args.quick else FULL)
+            .with_runs(args.runs)
+            .with_sizes(args.sizes)
+            .with_lazy_sizes(args.lazy_sizes)
+        )
         if args.py_spy is not None:
             args.results_dir.mkdir(parents=True, exist_ok=True)
             settings = settings.with_profiling(find_py_spy(args.py_spy), args.results_dir)

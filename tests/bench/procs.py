@@ -9,7 +9,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +59,32 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid`, all its threads (living and ended) together."""
     fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of `pid` (shared pages divided among their users)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"/proc/{pid}/smaps_rollup has no Pss line")
+
+
+def descendants_in_own_pid_namespace(pid: int, programs: Collection[int] = ()) -> list[int]:
+    """`pid` and its descendants that share its PID namespace, without `programs` and theirs:
+    a supervisor's own helper processes (launcher, CRIU, stdio holders), not its programs."""
+    own = os.stat(f"/proc/{pid}/ns/pid").st_ino
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        try:
+            if current in programs or os.stat(f"/proc/{current}/ns/pid").st_ino != own:
+                continue
+            found.append(current)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                queue += [int(child) for child in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
 
 
 def rss_bytes(pid: int) -> int:

@@ -30,6 +30,8 @@ class Settings:
     many_programs: int
     many_mib: int
     """Touched memory of each of the programs of case 5."""
+    lazy_sizes_mib: tuple[int, ...] = (64,)
+    """Memory of the service restored eager and lazy in case 6."""
     py_spy: str | None = None
     """With a profile_dir: the py-spy that records each case's supervisor."""
     profile_dir: str | None = None
@@ -57,6 +59,13 @@ class Settings:
             raise ValueError(f"--sizes must be positive MiB counts, got {sizes}")
         return replace(self, sizes_mib=sizes)
 
+    def with_lazy_sizes(self, sizes: tuple[int, ...] | None) -> Settings:
+        if sizes is None:
+            return self
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--lazy-sizes must be positive MiB counts, got {sizes}")
+        return replace(self, lazy_sizes_mib=sizes)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -64,12 +73,13 @@ class Settings:
 FULL = Settings(
     mode="full",
     runs=5,
-    sizes_mib=(16, 256, 1024),
+    sizes_mib=(16, 256, 1024, 4096),
     warm_documents=250_000,
     supervised_programs=50,
     idle_seconds=30.0,
     many_programs=50,
     many_mib=16,
+    lazy_sizes_mib=(16, 64, 256, 1024, 4096),
 )
 
 QUICK = Settings(
@@ -81,4 +91,5 @@ QUICK = Settings(
     idle_seconds=3.0,
     many_programs=50,
     many_mib=4,
+    lazy_sizes_mib=(64,),
 )

@@ -636,6 +636,9 @@ class Episode:
                     fresh=True,
                     why=f"restore of {image.id[:12]} failed",
                 )
+        elif operation == "reload-changed" and program.token is None:
+            # The README's contract: a reload leaves a program the operator stopped stopped.
+            outcome.expected[name] = Expected(running=False, why="definition changed while stopped")
         elif operation == "reload-changed":
             outcome.expected[name] = Expected(fresh=True, why="definition changed")
         if operation in ("checkpoint", "checkpoint-stop") and ok:

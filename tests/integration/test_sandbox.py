@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from grenadine_sv.sandbox import (
+    LauncherServer,
     SandboxError,
     SandboxProcess,
     SandboxSpec,
@@ -55,6 +56,21 @@ def _no_leftover_children() -> Iterator[None]:
     before = our_children()
     yield
     assert our_children() <= before, "a test left a child process behind"
+
+
+@pytest.fixture(autouse=True, params=["own-launcher", "launcher-server"])
+def launcher_server(request: pytest.FixtureRequest) -> Iterator[LauncherServer | None]:
+    """Each test runs with a launcher process per program, and through the forking server the
+    supervisor uses (ended, by pid, before the leftover check)."""
+    server = LauncherServer() if request.param == "launcher-server" else None
+    _launch["server"] = server
+    yield server
+    _launch["server"] = None
+    if server is not None:
+        server.close()
+
+
+_launch: dict[str, LauncherServer | None] = {"server": None}
 
 
 @pytest.fixture
@@ -124,7 +140,7 @@ async def sandboxed(
     spec: SandboxSpec, out: Pipe, err: Pipe | None = None
 ) -> AsyncIterator[SandboxProcess]:
     """Start a program, close our copy of its pipe's write end, and end it by pid afterwards."""
-    process = await spawn_sandbox(spec, out.write_fd, (err or out).write_fd)
+    process = await spawn_sandbox(spec, out.write_fd, (err or out).write_fd, _launch["server"])
     out.close_write_end()
     if err is not None:
         err.close_write_end()
@@ -273,8 +289,9 @@ async def test_group_alone_keeps_the_user(anchor: str, pipe: Pipe) -> None:
 async def test_a_failing_step_raises_a_sandbox_error_naming_it(
     anchor: str, pipe: Pipe, fields: dict[str, Any], command: str, message: str
 ) -> None:
+    spec = make_spec(anchor, command, **fields)
     with pytest.raises(SandboxError, match="^" + message.replace("(", r"\(")) as raised:
-        await spawn_sandbox(make_spec(anchor, command, **fields), pipe.write_fd, pipe.write_fd)
+        await spawn_sandbox(spec, pipe.write_fd, pipe.write_fd, _launch["server"])
     pipe.close_write_end()
     assert await pipe.read_to_eof() == "", f"nothing should reach the program's output: {raised}"
 
@@ -468,3 +485,49 @@ async def test_criu_dumps_and_restores_a_sandboxed_memcached(
     finally:
         restored_output.close_write_end()
         await restored_output.stream.aclose()
+
+
+async def test_the_launcher_server_launches_at_once_and_comes_back_after_it_died(
+    anchor: str, launcher_server: LauncherServer | None
+) -> None:
+    if launcher_server is None:
+        pytest.skip("about the launcher server only")
+    pipes = [Pipe() for _ in range(4)]
+    processes: list[SandboxProcess] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def one(pipe: Pipe) -> None:
+                spec = make_spec(anchor, "sh", "-c", "echo up; exec sleep 1000")
+                processes.append(
+                    await spawn_sandbox(spec, pipe.write_fd, pipe.write_fd, launcher_server)
+                )
+                pipe.close_write_end()
+
+            for pipe in pipes:
+                nursery.start_soon(one, pipe)
+        first_server = launcher_server.pid
+        assert first_server is not None
+        assert len({p.pid_ns_inode for p in processes}) == len(pipes)
+        for process, pipe in zip(processes, pipes, strict=True):
+            assert int(status_field(process.pid, "PPid")) == os.getpid()
+            assert await pipe.read_until(lambda got: b"up" in got) == b"up\n"
+
+        os.kill(first_server, signal.SIGKILL)
+        await wait_for(lambda: not Path(f"/proc/{first_server}/cmdline").read_bytes())
+        again = Pipe()
+        pipes.append(again)
+        spec = make_spec(anchor, "sh", "-c", "echo again; exec sleep 1000")
+        processes.append(await spawn_sandbox(spec, again.write_fd, again.write_fd, launcher_server))
+        again.close_write_end()
+        assert launcher_server.pid not in (None, first_server)
+        assert await again.read_until(lambda got: b"again" in got) == b"again\n"
+    finally:
+        with trio.CancelScope(shield=True):
+            for process in processes:
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+                process.close()
+            for pipe in pipes:
+                pipe.close_write_end()
+                await pipe.stream.aclose()

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -280,6 +281,10 @@ class Soak:
                 f"{s.elapsed:7.0f} {s.fds:5d} {s.rss_kib:10d} {s.threads:8d} {s.zombie_children:8d}"
             )
         print("actions:", dict(self.actions))
+        causes = failed_checkpoint_causes(self.root / "supervisor.log")
+        print(f"failed checkpoints by cause ({sum(causes.values())}):")
+        for cause, count in causes.most_common():
+            print(f"  {count:6d}  {cause}")
         for name in sorted(totals):
             print(f"  {name} {totals[name]:.0f}")
         if self.status_seconds:
@@ -305,6 +310,42 @@ class Soak:
         limits = f"limits: fds +{FD_SLACK}, RSS +{RSS_SLACK_SHARE:.0%}, no zombie, exit 0"
         print("verdict:", "FAILED" if failed else "within", limits)
         return 1 if failed else 0
+
+
+# Variable parts of a failure message: pids, image ids, paths, figures.
+_VARIABLE = (
+    (re.compile(r"[0-9a-f]{32}"), "ID"),
+    (re.compile(r"(?<![\w.])/[^\s:;,)]+"), "PATH"),
+    (re.compile(r"\d+(\.\d+)?"), "N"),
+)
+
+
+def failure_cause(message: str) -> str:
+    """A failure message with its variable parts replaced, so that equal causes count together."""
+    for pattern, replacement in _VARIABLE:
+        message = pattern.sub(replacement, message)
+    return message
+
+
+def failed_checkpoint_causes(log_path: Path) -> Counter[str]:
+    """How many checkpoints failed, by cause, from the supervisor's JSON log: every
+    `checkpoint_failed` line, and the policy-driven checkpoints that were skipped."""
+    causes: Counter[str] = Counter()
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return causes
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("event") == "checkpoint_failed":
+            program = re.sub(r"\d+$", "", str(entry.get("program", "")))
+            causes[f"{program}: {failure_cause(str(entry.get('error', '?')))}"] += 1
+    return causes
 
 
 def rss_slope(samples: list[Sample]) -> float:

@@ -114,6 +114,7 @@ def test_defaults_of_a_minimal_program(write):
     assert p.stderr_path(Path("/logs")) == Path("/logs/p.err.log")
     assert p.ready is None
     assert p.restore is None
+    assert p.restore_mode == "eager"
     assert not p.checkpoint.on_signal
     assert p.checkpoint.interval is None
     assert p.checkpoint.leave_running
@@ -335,7 +336,7 @@ def test_digest_changes_with_the_process_definition(change):
         {"autostart": False},
         {"depends_on": ["q"]},
         {"ready": {"tcp": "127.0.0.1:80"}},
-        {"restore": "latest", "restore_fallback": "fail"},
+        {"restore": "latest", "restore_fallback": "fail", "restore_mode": "lazy"},
         {"stdout_logfile": "/x.log", "stdout_logfile_maxbytes": 0, "log_timestamps": True},
     ],
 )

@@ -83,6 +83,10 @@ INVALID = {
             ' "never", got "sometimes"'
         ],
     ),
+    "bad restore_mode": (
+        one_program('restore_mode = "postcopy"\n'),
+        ['grenadine.toml: programs.a.restore_mode: expected "eager" or "lazy", got "postcopy"'],
+    ),
     "empty command list": (
         {MAIN: "[programs.a]\ncommand = []\n"},
         ["grenadine.toml: programs.a.command: expected a non-empty command, got []"],

@@ -251,6 +251,7 @@ def test_added_program_starts_every_series_at_zero(store: MemoryImageStore) -> N
         "grenadine_checkpoint_duration_seconds",
         "grenadine_checkpoint_frozen_seconds",
         "grenadine_restore_duration_seconds",
+        "grenadine_restore_memory_complete_seconds",
     ):
         assert value(samples, f"{histogram}_count", program="memcached") == 0
     assert value(samples, "grenadine_restores_total", program="memcached") == 0
@@ -274,6 +275,7 @@ def test_events_update_counters_and_histograms(store: MemoryImageStore) -> None:
     metrics.restore_failed("memcached")
     metrics.restore_failed("memcached")
     metrics.program_restarted("memcached")
+    metrics.restore_memory_complete("memcached", 0.75)
     after = time.time()
 
     samples = scrape(metrics)
@@ -295,6 +297,7 @@ def test_events_update_counters_and_histograms(store: MemoryImageStore) -> None:
     assert value(samples, "grenadine_restore_duration_seconds_sum", **mc) == 1.5
     assert value(samples, "grenadine_restore_failures_total", **mc) == 2
     assert value(samples, "grenadine_program_restarts_total", **mc) == 1
+    assert value(samples, "grenadine_restore_memory_complete_seconds_sum", **mc) == 0.75
 
 
 def test_histogram_buckets_span_ten_milliseconds_to_a_minute(store: MemoryImageStore) -> None:
@@ -348,6 +351,7 @@ def test_exposition_has_the_design_names_and_no_created_series(store: MemoryImag
         "grenadine_restores",
         "grenadine_restore_failures",
         "grenadine_restore_duration_seconds",
+        "grenadine_restore_memory_complete_seconds",
         "grenadine_images",
         "grenadine_image_bytes",
         "grenadine_latest_image_memory_bytes",
