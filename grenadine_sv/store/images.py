@@ -45,7 +45,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from grenadine_sv import __version__
 from grenadine_sv.config.units import check_program_name
 from grenadine_sv.criu.facts import DumpFacts, ImageFactsError, read_dump_facts
-from grenadine_sv.store.definition import META_FORMAT_VERSION, RecordedDefinition
+from grenadine_sv.store.definition import (
+    META_FORMAT_VERSION,
+    SNAPSHOT_FORMAT_VERSION,
+    RecordedDefinition,
+)
 from grenadine_sv.store.sealing import (
     DIR_MODE,
     FILE_MODE,
@@ -57,6 +61,12 @@ from grenadine_sv.store.sealing import (
     digest_of,
     seal_tree,
     walk_tree,
+)
+from grenadine_sv.store.snapshot import (
+    SnapshotEntry,
+    SnapshotMismatch,
+    check_snapshot,
+    seal_snapshot,
 )
 from grenadine_sv.store.trust import check_trusted_dir
 
@@ -156,6 +166,8 @@ class ImageMeta(BaseModel):
     """The program's /tmp is recorded as an external mount named for it (not by host path)."""
     snapshot: list[str] = []
     """Program paths whose files the image holds a copy of (files/, see store/snapshot.py)."""
+    snapshot_files: dict[str, SnapshotEntry] = {}
+    """Relative path under files/ -> what it is (format_version 3 on; see store/snapshot.py)."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -167,9 +179,15 @@ class ImageMeta(BaseModel):
     """Host pid of the instance dumped (None in images made before it was recorded)."""
     source_start_time: int | None = None
     format_version: int = 1
-    """1: images that record only definition_digest; 2: also `definition`."""
+    """1: images that record only definition_digest; 2: also `definition`; 3: also
+    `snapshot_files`."""
     definition: RecordedDefinition | None = None
     """The program's definition when the image was taken (see store/definition.py)."""
+
+    @property
+    def records_snapshot(self) -> bool:
+        """meta.json records the files/ of the image (older images have them unrecorded)."""
+        return self.format_version >= SNAPSHOT_FORMAT_VERSION
 
     def froze(self, pid: int, start_time: int) -> bool:
         """True when this image was taken of that very instance, which the dump left frozen
@@ -307,6 +325,7 @@ class PendingImage:
             init=intent.init,
             private_tmp=intent.private_tmp,
             snapshot=list(intent.snapshot),
+            snapshot_files=seal_snapshot(self._partial_dir),
             checksums={path: r.digest for path, r in records.items()},
             file_sizes={path: r.size for path, r in records.items()},
             grenadine_version=__version__,
@@ -344,6 +363,11 @@ class PendingImage:
         try:
             records = seal_tree(self.criu_dir)
             _check_received(meta, self.id, self.program, records, self.criu_dir)
+            if meta.records_snapshot:
+                try:
+                    check_snapshot(self._partial_dir, meta.snapshot_files, sync=True)
+                except SnapshotMismatch as exc:
+                    raise ImageCorrupt(meta, exc.path, exc.reason) from exc
             _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
             _fsync_dir(self._partial_dir)
             os.rename(self._partial_dir, self._program_dir / self.id)
@@ -527,6 +551,11 @@ class ImageStore:
         naming the first file that is missing, extra, resized or altered. Files for which
         `skip` is true get the cheap checks only (a lazy restore hashes them as it serves)."""
         self._verify_files(image, self.criu_dir(image), skip)
+        if image.records_snapshot:
+            try:
+                check_snapshot(self._image_dir(image), image.snapshot_files)
+            except SnapshotMismatch as exc:
+                raise ImageCorrupt(image, exc.path, exc.reason) from exc
 
     def _check_files(self, image: ImageMeta, criu_dir: Path) -> None:
         """Every file of `image` present, regular and of its recorded size, and no other."""
