@@ -287,12 +287,22 @@ class PendingImage:
             self._watcher = watcher
             yield
 
-    def commit(self, facts: DumpFacts, *, created: datetime | None = None) -> ImageMeta:
-        """Seal the dump: make every file private and durable, write meta.json, and publish the
-        image by renaming its directory. On failure the partial directory is removed."""
+    def commit(
+        self,
+        facts: DumpFacts,
+        *,
+        created: datetime | None = None,
+        before_publish: Callable[[ImageMeta], None] | None = None,
+    ) -> ImageMeta:
+        """Seal the dump: make every file private and durable, write meta.json, call
+        `before_publish` with the sealed image (to record what must happen to it, such as an
+        upload, before anyone can see it), and publish the image by renaming its directory.
+        On failure the partial directory is removed."""
         self._require_open("commit")
         try:
             meta = self.seal(facts, created=created)
+            if before_publish is not None:
+                before_publish(meta)
         except BaseException:
             self.abort()
             raise
@@ -708,6 +718,10 @@ class ImageStore:
                 return f"the finished dump cannot be sealed: {exc}"
         pending.publish(sealed)
         return sealed
+
+    def being_made(self, program: str, image_id: str) -> bool:
+        """A dump or an import of this image is in progress (its partial directory exists)."""
+        return (self._program_dir(program) / f"{PARTIAL_PREFIX}{image_id}").is_dir()
 
     def programs(self) -> builtins.list[str]:
         """Names of programs that have an image directory, sorted."""

@@ -14,7 +14,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -180,9 +180,17 @@ class RemoteImages:
 
     # the queue -------------------------------------------------------------------
 
-    def load_queue(self) -> None:
-        """Read the queue a previous supervisor left; drop images no longer on disk."""
+    def load_queue(self, completed: Sequence[ImageMeta] = ()) -> None:
+        """Read the queue a previous supervisor left; drop images no longer on disk, and
+        queue those of `completed` (dumps a killed supervisor left sealing, listed at this
+        start) whose program uploads: it may have been killed before it queued them."""
         self.queue.load()
+        programs = self.programs()
+        for image in completed:
+            config = programs.get(image.program)
+            uploads = config is not None and config.checkpoint.upload
+            if uploads and self.queue.add(image.program, image.id):
+                log.info("upload_queued", program=image.program, image_id=image.id)
         present = {(m.program, m.id) for m in self.store.list()}
         for entry in list(self.queue.entries):
             if (entry.program, entry.image_id) not in present:
@@ -235,6 +243,10 @@ class RemoteImages:
         try:
             remote_count = await trio.to_thread.run_sync(self._upload_blocking, entry)
         except ImageNotFound:
+            if self.store.being_made(entry.program, entry.image_id):
+                # Queued while sealed, before it is listed: it will be in a moment.
+                entry.not_before = self.clock() + BACKOFF_FIRST_SECONDS
+                return
             bound.warning("upload_dropped", reason="the image is no longer on this host")
             self.queue.remove(entry)
         except (RemoteStoreError, OSError, ArchiveRefused, EncryptionKeyError) as exc:

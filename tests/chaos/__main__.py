@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-going", action="store_true", help="go on after a violation")
     parser.add_argument("--keep-dir", action="store_true", help="keep each episode's directory")
+    parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="upload to a real object store (SeaweedFS), restore from it, kill inside both",
+    )
     parser.add_argument("--failures", type=Path, default=Path("chaos-failures.txt"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -59,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print_interval=args.print_interval,
         keep_dir=args.keep_dir,
         recovery_bound=args.recovery_bound,
+        remote=args.remote,
     )
 
     def log(line: str) -> None:

@@ -39,7 +39,16 @@ from grenadine_sv.control import protocol
 from grenadine_sv.criu.binary import find_criu
 from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore
 from tests.chaos import kernel
+from tests.chaos.remote_mode import (
+    REMOTE_OPERATION,
+    REMOTE_TARGETS,
+    RemoteMode,
+    RemoteObject,
+    new_remote_mode,
+    object_store_server,
+)
 from tests.conftest import free_port
+from tests.integration.object_store import WeedServer
 
 TOKEN_SERVICE = Path(__file__).resolve().with_name("token_service.py")
 CLI = Path(sys.executable).with_name("grenadine-sv")
@@ -66,7 +75,7 @@ NEEDS_COMMAND = {"shutdown": "shutdown", "rmi": "rmi"}
 # next supervisor again while it takes its programs back (inside its dump or restore).
 KILL_TARGETS = ("dump", "sealing", "restore", "anywhere", "recovery")
 DUMPING_OPERATIONS = ("checkpoint", "checkpoint-stop", "usr1", "reload-changed", "shutdown")
-LANDINGS = ("dump", "sealing", "restore", "elsewhere")
+LANDINGS = ("dump", "sealing", "restore", *REMOTE_TARGETS, "elsewhere")
 
 KEEP = 3
 # Triggers of images made by checkpoints that end the program once the image is listed.
@@ -99,6 +108,10 @@ class Options:
     # A new supervisor must have every program back, supervised, within this many seconds.
     recovery_bound: float = 30.0
     keep_dir: bool = False
+    # Remote mode (remote_mode.py): uploads to a real object store, `remote-restore`, kills
+    # aimed at "upload" and "remote-restore"; rmi is left out (it may delete an image waiting
+    # for upload, which the remote invariants forbid).
+    remote: bool = False
 
 
 @dataclass
@@ -155,7 +168,13 @@ class Program:
 
 
 class Episode:
-    def __init__(self, seed: int, options: Options, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        seed: int,
+        options: Options,
+        log: Callable[[str], None],
+        object_store: WeedServer | None = None,
+    ) -> None:
         self.seed = seed
         self.options = options
         self.rng = random.Random(seed)
@@ -178,6 +197,10 @@ class Episode:
             for o in options.operations
             if NEEDS_COMMAND.get(o, o) in features or o not in NEEDS_COMMAND
         ]
+        self.remote: RemoteMode | None = None
+        if object_store is not None:
+            self.remote = new_remote_mode(object_store, self.root, seed)
+            self.operations = [o for o in self.operations if o != "rmi"] + [REMOTE_OPERATION]
         for p in self.programs.values():
             p.on_stop = "shutdown" in features and self.rng.random() < 0.5
             p.lazy = "restore_mode" in features and self.rng.random() < 0.5
@@ -204,6 +227,8 @@ class Episode:
                 self.iteration = iteration
                 self.one_iteration()
                 self.tally.iterations += 1
+            if self.remote is not None:
+                self.remote.check_at_end(self)
         except Violation as exc:
             message = f"seed {self.seed}, iteration {self.iteration}: {exc}"
             self.tally.violations.append(message)
@@ -261,6 +286,8 @@ class Episode:
             allowed = [o for o in allowed if o not in ("stop", "checkpoint", "checkpoint-stop")]
         if not self.store.list():
             allowed = [o for o in allowed if o not in ("restore", "rmi")]
+        if REMOTE_OPERATION in allowed and (self.remote is None or not self.remote.objects()):
+            allowed.remove(REMOTE_OPERATION)
         return self.rng.choice(allowed or ["none"])
 
     def choose_target(self, operation: str) -> str:
@@ -270,7 +297,15 @@ class Episode:
             weights |= {"dump": 2, "sealing": 3}
         if operation == "restore":
             weights["restore"] = 3
-        allowed = [t for t in weights if t in self.options.kill_targets] or ["anywhere"]
+        if self.remote is not None and operation in DUMPING_OPERATIONS:
+            weights["upload"] = 3
+        if operation == REMOTE_OPERATION:
+            weights |= {"remote-restore": 3, "restore": 2}
+        allowed = [
+            t
+            for t in weights
+            if t in self.options.kill_targets or (self.remote is not None and t in REMOTE_TARGETS)
+        ] or ["anywhere"]
         return self.rng.choices(allowed, [weights.get(t, 1) for t in allowed])[0]
 
     # the supervisor ------------------------------------------------------------
@@ -306,8 +341,12 @@ class Episode:
                 "stopwaitsecs = 2\n"
                 + ('restore_mode = "lazy"\n' if p.lazy else "")
                 + f"[programs.{p.name}.checkpoint]\non_signal = true\nkeep = {KEEP}\n"
-                "pre_deploy = true\n" + ("on_stop = true\n" if p.on_stop else "")
+                "pre_deploy = true\n"
+                + ("on_stop = true\n" if p.on_stop else "")
+                + (self.remote.checkpoint_keys() if self.remote is not None else "")
             )
+        if self.remote is not None:
+            tables.append(self.remote.supervisor_tables())
         temporary = self.config.with_suffix(".tmp")
         temporary.write_text("\n".join(tables))
         os.replace(temporary, self.config)
@@ -410,6 +449,10 @@ class Episode:
             args = ["reload", "--json"]
         elif operation in ("prune", "usr1", "shutdown", "rmi"):
             args, program = self.plan_supervisor_wide(operation, outcome)
+        elif operation == REMOTE_OPERATION:
+            assert self.remote is not None
+            args = self.remote.plan_restore(self, outcome)
+            program = outcome.program
         outcome.program = program
         return args, outcome
 
@@ -451,7 +494,10 @@ class Episode:
         if operation == "usr1":
             os.kill(self.supervisor_pid, signal.SIGUSR1)
         landing = None
-        if target not in (None, "recovery"):
+        if target in REMOTE_TARGETS:
+            assert self.remote is not None
+            landing = self.remote.watch_and_kill(self, target, process) or self.kill_now()
+        elif target not in (None, "recovery"):
             landing = self.watch_and_kill(
                 (target,) if target != "anywhere" else (), process, 30.0, self.rng.uniform(0, 1.5)
             )
@@ -601,6 +647,10 @@ class Episode:
     ) -> None:
         """An operation that ran to its end: exactly what it said it did."""
         ok = result is None or result.returncode == 0
+        if operation == REMOTE_OPERATION:
+            assert self.remote is not None
+            self.remote.expect(self, outcome, ok)
+            return
         if operation == "shutdown":
             for p in self.programs.values():
                 if p.on_stop and p.token is not None:
@@ -688,6 +738,9 @@ class Episode:
             )
         elif operation == "reload-changed":
             outcome.expected[name] = Expected(old, fresh=True, why="killed during reload")
+        elif operation == REMOTE_OPERATION:
+            assert self.remote is not None
+            self.remote.expect(self, outcome, None)
 
     def retention_victims(self, program: str) -> set[str]:
         """Images a new checkpoint of `program` may delete: retention keeps KEEP, the new one
@@ -745,6 +798,8 @@ class Episode:
                 expected[name].why += f"; image {new[0].id[:12]} listed"
         self.settle(started or time.monotonic(), expected)
         self.check_images(images_before, may_vanish, killed=started is not None)
+        if self.remote is not None:
+            self.remote.check(self, killed=started is not None)
 
     def settle(self, started: float, expected: dict[str, Expected]) -> None:
         """Wait until every program is as expected; past the bound, say what is wrong."""
@@ -893,6 +948,8 @@ class Episode:
                 self.log("  leftover instances would not die")
                 break
             time.sleep(0.05)
+        if self.remote is not None:
+            self.remote.clean_up()
         if self.options.keep_dir:
             self.log(f"  kept {self.root}")
         else:
@@ -908,6 +965,8 @@ class Outcome:
     image: ImageMeta | None = None
     summary: str = ""
     fresh_if_new_image: set[str] = field(default_factory=set)
+    remote: RemoteObject | None = None
+    """The object a remote restore restores from."""
 
 
 @dataclass(frozen=True)
@@ -959,6 +1018,29 @@ def run_episodes(
     log: Callable[[str], None],
 ) -> tuple[Tally, list[int]]:
     """Episodes with seeds first_seed, first_seed + 1, ... for `minutes` (or `episodes`)."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(object_store_server()) if options.remote else None
+        return _run_episodes(
+            first_seed,
+            options=options,
+            minutes=minutes,
+            episodes=episodes,
+            keep_going=keep_going,
+            log=log,
+            server=server,
+        )
+
+
+def _run_episodes(
+    first_seed: int,
+    *,
+    options: Options,
+    minutes: float | None,
+    episodes: int | None,
+    keep_going: bool,
+    log: Callable[[str], None],
+    server: WeedServer | None,
+) -> tuple[Tally, list[int]]:
     total = Tally()
     failed: list[int] = []
     began = time.monotonic()
@@ -969,7 +1051,7 @@ def run_episodes(
         if minutes is not None and time.monotonic() - began >= minutes * 60:
             break
         log(f"episode seed {seed}")
-        tally = Episode(seed, options, log).run()
+        tally = Episode(seed, options, log, server).run()
         total.merge(tally)
         log(
             f"episode seed {seed}: {tally.iterations} iterations, "

@@ -1,0 +1,112 @@
+"""The upload queue across a killed supervisor: an image is queued before it is listed, a dump
+a killed supervisor left sealing is queued when the next one lists it, and an entry whose
+image is still being sealed waits for it instead of being dropped (found by the chaos
+harness's remote mode: images made around a kill never reached the object store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyrage
+import pytest
+import trio
+
+from grenadine_sv.config.models import EncryptionSettings, ProgramConfig, RemoteSettings
+from grenadine_sv.store.images import ImageMeta, ImageStore
+from grenadine_sv.supervisor.remote import RemoteImages
+from tests.unit.test_images import CRIU_FILES, FACTS, INTENT
+
+KEY = pyrage.x25519.Identity.generate()
+
+
+def program(name: str, *, upload: bool) -> ProgramConfig:
+    return ProgramConfig.model_validate(
+        {
+            "name": name,
+            "command": ["/bin/true"],
+            "source": Path("/etc/x.toml"),
+            "checkpoint": {"upload": upload},
+        }
+    )
+
+
+def remote_images(store: ImageStore, *configs: ProgramConfig) -> RemoteImages:
+    settings = RemoteSettings(
+        url="s3://bucket/prefix",
+        encryption=EncryptionSettings(recipients=[str(KEY.to_public())]),
+    )
+
+    def no_store(settings: Any) -> Any:
+        raise AssertionError("these tests reach no object store")
+
+    return RemoteImages(
+        settings,
+        store,
+        lambda: {c.name: c for c in configs},
+        lambda config: pytest.fail("no definition is needed"),
+        store_factory=no_store,
+    )
+
+
+def seal_without_listing(store: ImageStore, name: str) -> str:
+    """What a supervisor killed after sealing a dump, before listing it, leaves."""
+    pending = store.begin(name, INTENT)
+    for file, data in CRIU_FILES.items():
+        (pending.criu_dir / file).write_bytes(data)
+    return pending.seal(FACTS).id
+
+
+def test_a_dump_left_sealing_by_a_killed_supervisor_is_queued_when_listed(
+    tmp_path: Path,
+) -> None:
+    store = ImageStore(tmp_path / "state")
+    sealed = seal_without_listing(store, "uploads")
+    seal_without_listing(store, "local-only")
+    recovered = store.recover_partials()
+    assert sorted(m.program for m in recovered.completed) == ["local-only", "uploads"]
+
+    remote = remote_images(
+        store, program("uploads", upload=True), program("local-only", upload=False)
+    )
+    remote.load_queue(recovered.completed)
+    assert [(e.program, e.image_id) for e in remote.queue.entries] == [("uploads", sealed)]
+    again = remote_images(store, program("uploads", upload=True))
+    again.load_queue()
+    assert [e.image_id for e in again.queue.entries] == [sealed], "the queue is on disk"
+
+
+def test_an_image_is_queued_before_it_is_listed(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "state")
+    remote = remote_images(store, program("uploads", upload=True))
+    config = program("uploads", upload=True)
+    seen_in_queue: list[bool] = []
+
+    def queue(meta: ImageMeta) -> None:
+        remote.image_sealed(config, meta)
+        listed = [m.id for m in store.list("uploads")]
+        seen_in_queue.append(meta.id in remote.queue.ids_of("uploads") and meta.id not in listed)
+
+    with store.begin("uploads", INTENT) as pending:
+        for file, data in CRIU_FILES.items():
+            (pending.criu_dir / file).write_bytes(data)
+        image = pending.commit(FACTS, before_publish=queue)
+    assert seen_in_queue == [True]
+    assert store.list("uploads") == [image]
+
+
+async def test_an_entry_whose_image_is_still_being_sealed_waits_for_it(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "state")
+    remote = remote_images(store, program("uploads", upload=True))
+    pending = store.begin("uploads", INTENT)
+    remote.queue.add("uploads", pending.id)
+    remote.clock = lambda: 1000.0
+    with trio.move_on_after(5):
+        await remote._upload(remote.queue.entries[0])
+    assert [e.image_id for e in remote.queue.entries] == [pending.id], "not dropped"
+    assert remote.queue.entries[0].not_before > 1000.0
+    assert remote.queue.entries[0].attempts == 0
+
+    pending.abort()  # the dump failed: now the entry names no image, and goes
+    await remote._upload(remote.queue.entries[0])
+    assert remote.queue.entries == []
