@@ -310,8 +310,6 @@ class CheckpointService:
             frozen_seconds=frozen,
             image_bytes=image.image_bytes,
         )
-        if self.remote is not None:
-            self.remote.wake()  # the dump queued the image for upload when it asks for it
         keep = runner.config.checkpoint.keep
         deleted = await trio.to_thread.run_sync(self.prune_images, program, keep)
         for old in deleted:

@@ -176,6 +176,7 @@ class RemoteImages:
         self._store_factory = store_factory
         self._remote: RemoteStore | None = None
         self._wake = trio.Event()
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self.clock: Callable[[], float] = time.time
 
     # the queue -------------------------------------------------------------------
@@ -219,12 +220,22 @@ class RemoteImages:
             self.queue.save()
             log.info("upload_queued", program=image.program, image_id=image.id)
         self.metrics.upload_queue_changed(len(self.queue.entries))
+        self._wake_from_thread()
 
     def wake(self) -> None:
         self._wake.set()
 
+    def _wake_from_thread(self) -> None:
+        """Wake the uploader from a worker thread (a dump queues its image there, whichever
+        task asked for it: a checkpoint, a take-back, a restore's first checkpoint)."""
+        token = self._trio_token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self.wake)
+
     async def run_uploads(self) -> None:
         """Upload queued images one at a time, oldest first, until cancelled."""
+        self._trio_token = trio.lowlevel.current_trio_token()
         while True:
             self._wake = trio.Event()
             now = self.clock()
@@ -243,9 +254,9 @@ class RemoteImages:
         try:
             remote_count = await trio.to_thread.run_sync(self._upload_blocking, entry)
         except ImageNotFound:
-            if self.store.being_made(entry.program, entry.image_id):
-                # Queued while sealed, before it is listed: it will be in a moment.
-                entry.not_before = self.clock() + BACKOFF_FIRST_SECONDS
+            if await trio.to_thread.run_sync(self._listed_soon, entry):
+                # Queued while sealed, before it is listed: it is, or will be in a moment.
+                entry.not_before = self.clock() + BACKOFF_FIRST_SECONDS / 10
                 return
             bound.warning("upload_dropped", reason="the image is no longer on this host")
             self.queue.remove(entry)
@@ -300,6 +311,17 @@ class RemoteImages:
             remote.delete(old)
             log.info("remote_image_pruned", program=entry.program, image_id=old.id)
         return min(len(images), keep)
+
+    def _listed_soon(self, entry: QueuedUpload) -> bool:
+        """The entry's image is being sealed, or was listed since it was looked for (its
+        partial directory is looked at first: publishing renames it into the listing)."""
+        if self.store.being_made(entry.program, entry.image_id):
+            return True
+        try:
+            self.store.resolve(entry.program, entry.image_id)
+        except ImageNotFound:
+            return False
+        return True
 
     def remote(self) -> RemoteStore:
         """The store client, built on first use (in a worker thread: it imports boto3)."""

@@ -78,6 +78,7 @@ DUMPING_OPERATIONS = ("checkpoint", "checkpoint-stop", "usr1", "reload-changed",
 LANDINGS = ("dump", "sealing", "restore", *REMOTE_TARGETS, "elsewhere")
 
 KEEP = 3
+REMOTE_KEEP = 1
 # Triggers of images made by checkpoints that end the program once the image is listed.
 STOPPING_TRIGGERS = ("manual", "shutdown")
 KEEPER_COMM = "grenadine-keep"
@@ -198,9 +199,13 @@ class Episode:
             if NEEDS_COMMAND.get(o, o) in features or o not in NEEDS_COMMAND
         ]
         self.remote: RemoteMode | None = None
+        self.keep = KEEP
         if object_store is not None:
+            # Uploaded images leave the host soon: remote restores then download them.
+            self.keep = REMOTE_KEEP
             self.remote = new_remote_mode(object_store, self.root, seed)
-            self.operations = [o for o in self.operations if o != "rmi"] + [REMOTE_OPERATION]
+            # A remote restore is twice as likely as any other operation: remote mode is for it.
+            self.operations = [o for o in self.operations if o != "rmi"] + [REMOTE_OPERATION] * 2
         for p in self.programs.values():
             p.on_stop = "shutdown" in features and self.rng.random() < 0.5
             p.lazy = "restore_mode" in features and self.rng.random() < 0.5
@@ -242,10 +247,8 @@ class Episode:
 
     def one_iteration(self) -> None:
         operation = self.choose_operation()
-        kill = (
-            operation in self.options.kill_operations
-            and self.rng.random() < self.options.kill_share
-        )
+        killable = operation in self.options.kill_operations or operation == REMOTE_OPERATION
+        kill = killable and self.rng.random() < self.options.kill_share
         target = self.choose_target(operation) if kill else None
         self.tally.operations[operation] += 1
         before = {p.name: p.token for p in self.programs.values()}
@@ -287,7 +290,7 @@ class Episode:
         if not self.store.list():
             allowed = [o for o in allowed if o not in ("restore", "rmi")]
         if REMOTE_OPERATION in allowed and (self.remote is None or not self.remote.objects()):
-            allowed.remove(REMOTE_OPERATION)
+            allowed = [o for o in allowed if o != REMOTE_OPERATION]
         return self.rng.choice(allowed or ["none"])
 
     def choose_target(self, operation: str) -> str:
@@ -340,7 +343,7 @@ class Episode:
                 f'ready = {{ tcp = "127.0.0.1:{p.port}", timeout = "20s" }}\n'
                 "stopwaitsecs = 2\n"
                 + ('restore_mode = "lazy"\n' if p.lazy else "")
-                + f"[programs.{p.name}.checkpoint]\non_signal = true\nkeep = {KEEP}\n"
+                + f"[programs.{p.name}.checkpoint]\non_signal = true\nkeep = {self.keep}\n"
                 "pre_deploy = true\n"
                 + ("on_stop = true\n" if p.on_stop else "")
                 + (self.remote.checkpoint_keys() if self.remote is not None else "")
@@ -464,7 +467,7 @@ class Episode:
         args: list[str] | None = None
         program: Program | None = None
         if operation == "prune":
-            keep = self.rng.randint(0, KEEP)
+            keep = self.rng.randint(0, self.keep)
             name = self.rng.choice([None, *self.programs])
             args = ["prune", "--keep", str(keep)] + ([name] if name else [])
             for victim in (name,) if name else tuple(self.programs):
@@ -743,9 +746,9 @@ class Episode:
             self.remote.expect(self, outcome, None)
 
     def retention_victims(self, program: str) -> set[str]:
-        """Images a new checkpoint of `program` may delete: retention keeps KEEP, the new one
+        """Images a new checkpoint of `program` may delete: retention keeps `keep`, the new one
         among them (a new pre-deploy image unprotects the one before it)."""
-        return {m.id for m in self.store.list(program)[KEEP - 1 :]}
+        return {m.id for m in self.store.list(program)[self.keep - 1 :]}
 
     def prune_victims(self, program: str, keep: int) -> set[str]:
         images = self.store.list(program)

@@ -52,7 +52,7 @@ DOWNLOADS = "downloads"
 # How long a new supervisor may take to finish an upload a kill interrupted, and to empty
 # its queue at the end of an episode (uploads retry after 1, 2, 4 ... 30 s).
 UPLOAD_BOUND = 90.0
-# An upload starts at most this long after the checkpoint that queued it returned.
+# An upload starts at most this long after the operation that made its image began.
 UPLOAD_START_WAIT = 15.0
 WATCH_POLL = 0.003
 
@@ -251,12 +251,9 @@ class RemoteMode:
     # kills ---------------------------------------------------------------------------------
 
     def watch_and_kill(self, episode: Episode, target: str, process: Any) -> str | None:
-        """Kill the supervisor at a random moment inside an upload (which starts after the
-        checkpoint that queued it returned) or inside a remote restore's download and import.
-        Returns where the kill landed, or None when no such moment came."""
-        if target == "upload" and process is not None:
-            with contextlib.suppress(Exception):
-                process.wait(timeout=180)
+        """Kill the supervisor at a random moment inside an upload (which starts as soon as
+        the checkpoint that queued it has listed its image) or inside a remote restore's
+        download and import. Returns where the kill landed, or None when no such moment came."""
         wait = UPLOAD_START_WAIT if target == "upload" else 30.0
         deadline = time.monotonic() + wait
         delay = episode.rng.uniform(0, 0.8 * self.phase_seconds[target])

@@ -110,3 +110,43 @@ async def test_an_entry_whose_image_is_still_being_sealed_waits_for_it(tmp_path:
     pending.abort()  # the dump failed: now the entry names no image, and goes
     await remote._upload(remote.queue.entries[0])
     assert remote.queue.entries == []
+
+
+class RecordingStore:
+    """Stands in for the object store (the integration tests use SeaweedFS): records what
+    is uploaded."""
+
+    def __init__(self) -> None:
+        self.uploaded: list[str] = []
+
+    def upload(self, image: ImageMeta, source: Any) -> None:
+        while source.read(1 << 20):
+            pass
+        self.uploaded.append(image.id)
+
+
+async def test_an_image_queued_by_any_dump_wakes_the_uploader(tmp_path: Path) -> None:
+    """A take-back's dump queues its image in a worker thread, not through a checkpoint's
+    end: the uploader must not wait for the next checkpoint to notice it."""
+    store = ImageStore(tmp_path / "state")
+    config = program("uploads", upload=True)
+    recording = RecordingStore()
+    remote = remote_images(store, config)
+    remote._store_factory = lambda settings: recording  # type: ignore[assignment,return-value]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(remote.run_uploads)
+        await trio.sleep(0)  # the uploader waits for work
+
+        def dump() -> ImageMeta:
+            with store.begin("uploads", INTENT) as pending:
+                for file, data in CRIU_FILES.items():
+                    (pending.criu_dir / file).write_bytes(data)
+                return pending.commit(
+                    FACTS, before_publish=lambda meta: remote.image_sealed(config, meta)
+                )
+
+        image = await trio.to_thread.run_sync(dump)
+        with trio.fail_after(10):
+            while recording.uploaded != [image.id]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
