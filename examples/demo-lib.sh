@@ -154,6 +154,15 @@ json_field() {
     .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
 }
 
+# hit_and_show: one GET / of the demo's service ($HIT on $PORT), echoed; sets HIT_REPLY (its
+# JSON answer), HITS and STARTED from it.
+hit_and_show() {
+    HIT_REPLY=$("$HIT" "$PORT")
+    printf '$ %s\n%s\n' "$HIT" "$HIT_REPLY"
+    HITS=$(json_field hits <<<"$HIT_REPLY")
+    STARTED=$(json_field started <<<"$HIT_REPLY")
+}
+
 # expect WHAT ACTUAL WANTED
 expect() {
     if [[ $2 == "$3" ]]; then

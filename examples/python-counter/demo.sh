@@ -12,15 +12,6 @@ readonly PORT=8712 HIT=examples/python-counter/hit
 # shellcheck source=examples/demo-lib.sh
 source examples/demo-lib.sh
 
-# hit_and_show: one GET /, echoed; sets HITS and STARTED from the reply.
-hit_and_show() {
-    local reply
-    reply=$("$HIT" "$PORT")
-    printf '$ %s\n%s\n' "$HIT" "$reply"
-    HITS=$(json_field hits <<<"$reply")
-    STARTED=$(json_field started <<<"$reply")
-}
-
 restored_hit_logged() {
     tail -n 1 "$DEMO_WORK/logs/counter.out.log" | grep -q ' hit 4$'
 }

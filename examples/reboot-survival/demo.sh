@@ -14,16 +14,6 @@ readonly PORT=8715 HIT=examples/reboot-survival/hit
 # shellcheck source=examples/demo-lib.sh
 source examples/demo-lib.sh
 
-# hit_and_show: one GET /, echoed; sets HITS, STARTED and BUILD from the reply.
-hit_and_show() {
-    local reply
-    reply=$("$HIT" "$PORT")
-    printf '$ %s\n%s\n' "$HIT" "$reply"
-    HITS=$(json_field hits <<<"$reply")
-    STARTED=$(json_field started <<<"$reply")
-    BUILD=$(json_field build_seconds <<<"$reply")
-}
-
 since() {
     awk -v from="$1" -v to="$EPOCHREALTIME" 'BEGIN { printf "%.2f", to - from }'
 }
@@ -45,6 +35,7 @@ say "three hits on the warm service"
 for _ in 1 2 3; do hit_and_show; done
 expect "hits" "$HITS" 3
 first_start=$STARTED
+build=$(json_field build_seconds <<<"$HIT_REPLY")
 
 say "stop the supervisor: the service is checkpointed first (checkpoint.on_stop)"
 shutdown_supervisor
@@ -73,7 +64,7 @@ done = {e["event"]: e for e in events if e["event"] in ("checkpoint_done", "rest
 print(done["checkpoint_done"]["duration_seconds"], done["restore_done"]["duration_seconds"])
 ' "$DEMO_WORK/supervisor.log")
 read -r dumped restored <<<"$timings"
-printf 'cold start: %ss to RUNNING (index built in %ss)\n' "$cold" "$BUILD"
+printf 'cold start: %ss to RUNNING (index built in %ss)\n' "$cold" "$build"
 printf 'after a restart of the supervisor: %ss to RUNNING (restore %ss; checkpoint at shutdown %ss)\n' \
     "$back" "$restored" "$dumped"
 

@@ -79,24 +79,30 @@ def startup_failure(raised: BaseException) -> Exception | None:
 
 
 def check(args: argparse.Namespace, out: TextIO) -> int:
-    from grenadine_sv.config.host_checks import host_warnings
-
     config = load_or_explain(args)
     if config is None:
         return EXIT_USAGE
-    warnings = host_warnings(config, partial(pinned_image_problem, config.supervisor.state_dir))
-    for warning in warnings:
-        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    warnings = warn_about_host(config, check_pinned_images=True)
     if warnings and args.strict:
-        print(f"grenadine-sv: {len(warnings)} warnings, and --strict", file=sys.stderr)
+        print(f"grenadine-sv: {warnings} warnings, and --strict", file=sys.stderr)
         return EXIT_USAGE
-    from grenadine_sv.host.warnings import host_capabilities, init_present, program_warnings
-
     files = ", ".join(str(f) for f in config.files)
     out.write(f"configuration valid: {len(config.programs)} programs from {files}\n")
-    for warning in program_warnings(config.programs, host_capabilities(), init_present()):
-        out.write(f"warning: {warning}\n")
     return EXIT_OK
+
+
+def warn_about_host(config: Config, *, check_pinned_images: bool = False) -> int:
+    """Print, on stderr, one warning per thing the configuration names that this host lacks
+    or cannot do (each naming file and key); returns how many."""
+    from grenadine_sv.config.host_checks import host_warnings
+    from grenadine_sv.host.warnings import host_capabilities, init_present, program_warnings
+
+    image_problem = partial(pinned_image_problem, config.supervisor.state_dir)
+    warnings = host_warnings(config, image_problem if check_pinned_images else None)
+    warnings += program_warnings(config.programs, host_capabilities(), init_present())
+    for warning in warnings:
+        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    return len(warnings)
 
 
 def pinned_image_problem(state_dir: Path, program: str, ref: str) -> str | None:
@@ -237,7 +243,6 @@ def import_supervisord(args: argparse.Namespace, out: TextIO) -> int:
     result as `check` would, and list what could not be translated and why."""
     import tomli_w
 
-    from grenadine_sv.config.host_checks import host_warnings
     from grenadine_sv.config.supervisord import SupervisordConfigError, import_supervisord
 
     try:
@@ -275,8 +280,7 @@ def import_supervisord(args: argparse.Namespace, out: TextIO) -> int:
     except ConfigError as exc:
         print(f"grenadine-sv: the result does not pass check:\n{exc}", file=sys.stderr)
         return EXIT_FAILED
-    for warning in host_warnings(config):
-        print(f"grenadine-sv: warning: {warning}", file=sys.stderr)
+    warn_about_host(config)
     out.write(f"check: configuration valid: {len(config.programs)} programs\n")
     return EXIT_OK
 

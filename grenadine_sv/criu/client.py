@@ -75,6 +75,10 @@ class RestoreRequest:
     """Leave anonymous memory to a lazy-pages daemon listening in work_dir (post-copy)."""
     # Called with the CRIU process's pid before it is asked to restore.
     on_criu_started: Callable[[int], None] | None = None
+    # The cgroup (its path from the root of the cgroup hierarchy) the tree is restored into,
+    # whichever cgroup it was dumped from (another state_dir's, another host's); else CRIU
+    # makes the cgroup it was dumped from again.
+    cgroup_root: str | None = None
 
 
 def error_lines(log_path: Path) -> list[str]:
@@ -170,6 +174,10 @@ class Criu:
             opts.external.append("mnt[]")
             opts.log_file = request.log_name
             opts.log_level = LOG_LEVEL
+            if request.cgroup_root is not None:
+                root = opts.cg_root.add()
+                root.ctrl = ""  # CRIU's name for the cgroup v2 hierarchy (v1 ones are kept)
+                root.path = request.cgroup_root
             for key, fd in request.inherit_fds.items():
                 entry = opts.inherit_fd.add()
                 entry.key = key

@@ -20,6 +20,8 @@ HOLDER = str(Path(__file__).resolve().with_name("holder.py"))
 SOCKET_NAME = "stdio-keeper.sock"
 MAX_MESSAGE = 65536
 STOP_WAIT_SECONDS = 5.0
+# How long the keeper waits for a supervisor once every program whose output it holds is gone.
+IDLE_SECONDS = 600.0
 
 log = structlog.get_logger()
 
@@ -84,7 +86,7 @@ class StdioKeeper:
                 os.umask(old_umask)
             listener.listen(8)
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", HOLDER, str(listener.fileno())],
+                [sys.executable, "-I", "-S", HOLDER, str(listener.fileno()), str(IDLE_SECONDS)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -1,6 +1,7 @@
 """The stdio keeper process: holds the read end of every supervised program's stdout/stderr pipe.
 
-Run as ``python -I -S holder.py FD`` where FD is a listening unix socket (SOCK_SEQPACKET).
+Run as ``python -I -S holder.py FD [IDLE_SECONDS]`` where FD is a listening unix socket
+(SOCK_SEQPACKET).
 Standard library only: it runs without site-packages. It never reads the pipes: while a
 supervisor runs, the supervisor drains them through its own copy of each read end; when the
 supervisor is killed, this process keeps the pipes open, so a program's writes neither fail
@@ -14,6 +15,10 @@ One request per message (JSON), one reply per request; fds travel with SCM_RIGHT
   {"op": "list"}                  {"keys": [...]}
   {"op": "quit"}                  close everything and exit
 A single supervisor talks to it at a time (the state_dir lock ensures there is only one).
+
+It exits on its own once no supervisor has been connected for IDLE_SECONDS while every pipe it
+holds is hung up (no program can write to it any more): a supervisor killed for good, whose
+programs are gone too, leaves nothing for it to keep.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import array
 import ctypes
 import json
 import os
+import select
 import socket
 import struct
 import sys
+import time
 
 MAX_MESSAGE = 65536
 PR_SET_NAME = 15
 PROCESS_NAME = b"grenadine-keep"
+DEFAULT_IDLE_SECONDS = 600.0
+# Once idle that long, how often it looks again whether a program still holds a pipe.
+RECHECK_SECONDS = 5.0
 
 
 def receive(conn: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
@@ -98,13 +108,38 @@ def serve(conn: socket.socket, held: dict[str, int]) -> bool:
                 os.close(fd)
 
 
+def all_hung_up(held: dict[str, int]) -> bool:
+    """True when no process holds the write end of any pipe held (also when none is held)."""
+    poller = select.poll()
+    for fd in held.values():
+        poller.register(fd, select.POLLIN)
+    hung_up = {fd for fd, events in poller.poll(0) if events & (select.POLLHUP | select.POLLERR)}
+    return hung_up == set(held.values())
+
+
+def wait_for_supervisor(listener: socket.socket, held: dict[str, int], idle: float) -> bool:
+    """Wait until a supervisor connects (True), or until `idle` seconds have passed without
+    one and everything held is hung up (False)."""
+    deadline = time.monotonic() + idle
+    poller = select.poll()
+    poller.register(listener, select.POLLIN)
+    while True:
+        remaining = deadline - time.monotonic()
+        timeout = remaining if remaining > 0 else min(idle, RECHECK_SECONDS)
+        if poller.poll(timeout * 1000):
+            return True
+        if time.monotonic() >= deadline and all_hung_up(held):
+            return False
+
+
 def main(argv: list[str]) -> int:
     libc = ctypes.CDLL(None)
     libc.prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
     listener = socket.socket(fileno=int(argv[1]))
     os.set_inheritable(listener.fileno(), False)
+    idle = float(argv[2]) if len(argv) > 2 else DEFAULT_IDLE_SECONDS
     held: dict[str, int] = {}
-    while True:
+    while wait_for_supervisor(listener, held, idle):
         conn, _address = listener.accept()
         with conn:
             if same_user(conn) and not serve(conn, held):

@@ -75,6 +75,13 @@ class ProgramCgroup:
     def ensure(self) -> None:
         self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
 
+    def hierarchy_path(self) -> str:
+        """Its path from the root of the cgroup v2 hierarchy (as /proc/PID/cgroup shows it)."""
+        mount = v2_mount_point(MOUNTINFO.read_text())
+        if mount is None:
+            raise CgroupUnavailable("no cgroup v2 hierarchy is mounted")
+        return "/" + self.path.relative_to(mount).as_posix()
+
     def pids(self) -> list[int]:
         try:
             return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
@@ -95,10 +102,14 @@ class ProgramCgroup:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
-    def remove(self) -> None:
-        """Remove it if it is empty (a crash leaves nothing worse than an empty directory)."""
-        with contextlib.suppress(OSError):
+    def remove(self) -> bool:
+        """Remove it if it is empty (a crash leaves nothing worse than an empty directory);
+        True when it was removed."""
+        try:
             self.path.rmdir()
+        except OSError:
+            return False
+        return True
 
     def set_definition(self, digest: str) -> None:
         """Record which definition runs in it, before anything runs (kept by the kernel)."""
@@ -164,8 +175,11 @@ class ProgramCgroups:
                 if entry.is_dir() and entry.name.startswith(PROGRAM_PREFIX):
                     yield ProgramCgroup(entry)
 
+    def remove_empty_programs(self) -> list[str]:
+        """Remove the programs' cgroups that hold no process; returns their programs."""
+        return [cgroup.program for cgroup in list(self.existing()) if cgroup.remove()]
+
     def remove_empty(self) -> None:
-        for cgroup in self.existing():
-            cgroup.remove()
+        self.remove_empty_programs()
         with contextlib.suppress(OSError):
             self.root.rmdir()

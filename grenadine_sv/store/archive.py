@@ -28,6 +28,7 @@ import blake3
 from pydantic import ValidationError
 
 from grenadine_sv.store.definition import CurrentDefinition, definition_changes
+from grenadine_sv.store.durable import DIR_MODE, create_private_file, make_private_dir
 from grenadine_sv.store.encryption import (
     AGE_MAGIC,
     DecryptionFailed,
@@ -358,7 +359,7 @@ def _extract_files(
             raise ImageCorrupt(meta, name, f"has {member.size} bytes, expected {expected_size}")
         seen.add(rel)
         target = pending.criu_dir.joinpath(*parts)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         digest = _receive_file(tar, member, target, meta.checksum_algorithm, counter)
         if digest != meta.checksums[rel]:
             raise ImageCorrupt(meta, name, f"does not match its {meta.checksum_algorithm} checksum")
@@ -381,12 +382,11 @@ def _receive_file(
     algorithm: ChecksumAlgorithm,
     counter: _Counter,
 ) -> str:
-    """Write the member's contents to a new file `target` (0600); returns their digest."""
+    """Write the member's contents to a new private file `target`; returns their digest."""
     extracted = tar.extractfile(member)
     assert extracted is not None
     digest = _hasher(algorithm)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as out:
+    with os.fdopen(create_private_file(target), "wb") as out:
         while chunk := extracted.read(CHUNK_BYTES):
             digest.update(chunk)
             out.write(chunk)
@@ -425,7 +425,7 @@ class _SnapshotReceiver:
         if parent_rel and parent_rel not in self._received:
             raise ArchiveRefused(f"the archive's {name!r} comes before its directory")
         if not self._received:
-            self._files_dir.mkdir(mode=0o700)
+            make_private_dir(self._files_dir)
         parent = self._received[parent_rel] if parent_rel else self._files_dir
         target = parent / PurePosixPath(rel).name
         if entry.kind == "file":
@@ -437,7 +437,7 @@ class _SnapshotReceiver:
             if digest != entry.digest:
                 raise ImageCorrupt(self._meta, name, "does not match its blake3 checksum")
         elif entry.kind == "dir":
-            os.mkdir(target, 0o700)
+            os.mkdir(target, DIR_MODE)
         elif entry.kind == "symlink":
             if member.linkname != entry.target:
                 raise ImageCorrupt(

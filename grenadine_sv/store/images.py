@@ -50,9 +50,14 @@ from grenadine_sv.store.definition import (
     SNAPSHOT_FORMAT_VERSION,
     RecordedDefinition,
 )
-from grenadine_sv.store.sealing import (
+from grenadine_sv.store.durable import (
     DIR_MODE,
     FILE_MODE,
+    fsync_dir,
+    make_private_dir,
+    write_private_file,
+)
+from grenadine_sv.store.sealing import (
     NEW_IMAGE_ALGORITHM,
     SEAL_WORKERS,
     ChecksumAlgorithm,
@@ -266,12 +271,12 @@ class PendingImage:
     def create(cls, program_dir: Path, program: str, intent: DumpIntent) -> PendingImage:
         """A new partial image whose intent is on disk before CRIU writes anything."""
         pending = cls(program_dir, program, uuid.uuid4().hex, intent)
-        _make_private_dir(pending._partial_dir)
+        make_private_dir(pending._partial_dir)
         try:
-            _make_private_dir(pending.criu_dir)
-            _write_private_file(pending._partial_dir / INTENT_FILE, intent.model_dump_json())
-            _fsync_dir(pending._partial_dir)
-            _fsync_dir(program_dir)
+            make_private_dir(pending.criu_dir)
+            write_private_file(pending._partial_dir / INTENT_FILE, intent.model_dump_json())
+            fsync_dir(pending._partial_dir)
+            fsync_dir(program_dir)
         except BaseException:
             pending.abort()
             raise
@@ -348,8 +353,8 @@ class PendingImage:
         meta_path = self._partial_dir / META_FILE
         with contextlib.suppress(FileNotFoundError):
             meta_path.unlink()
-        _write_private_file(meta_path, meta.model_dump_json(indent=2))
-        _fsync_dir(self._partial_dir)
+        write_private_file(meta_path, meta.model_dump_json(indent=2))
+        fsync_dir(self._partial_dir)
         return meta
 
     def publish(self, meta: ImageMeta) -> None:
@@ -358,7 +363,7 @@ class PendingImage:
         image_dir = self._program_dir / self.id
         os.rename(self._partial_dir, image_dir)
         self._state = "committed"
-        _fsync_dir(self._program_dir)
+        fsync_dir(self._program_dir)
         # meta.json says all it said; a crash before this unlink leaves a harmless extra file.
         with contextlib.suppress(FileNotFoundError):
             (image_dir / INTENT_FILE).unlink()
@@ -378,14 +383,14 @@ class PendingImage:
                     check_snapshot(self._partial_dir, meta.snapshot_files, sync=True)
                 except SnapshotMismatch as exc:
                     raise ImageCorrupt(meta, exc.path, exc.reason) from exc
-            _write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
-            _fsync_dir(self._partial_dir)
+            write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
+            fsync_dir(self._partial_dir)
             os.rename(self._partial_dir, self._program_dir / self.id)
         except BaseException:
             self.abort()
             raise
         self._state = "committed"
-        _fsync_dir(self._program_dir)
+        fsync_dir(self._program_dir)
         log.info("image_received", program=self.program, image_id=self.id)
 
     def sealed_meta(self) -> ImageMeta | None:
@@ -467,12 +472,12 @@ class ImageStore:
         )
         pending = PendingImage(program_dir, meta.program, validate_image_id(meta.id), intent)
         try:
-            _make_private_dir(pending._partial_dir)
+            make_private_dir(pending._partial_dir)
         except FileExistsError:
             raise FileExistsError(
                 f"image {meta.id} of program {meta.program!r} is being received already"
             ) from None
-        _make_private_dir(pending.criu_dir)
+        make_private_dir(pending.criu_dir)
         return pending
 
     def begin(self, program: str, intent: DumpIntent) -> PendingImage:
@@ -632,7 +637,7 @@ class ImageStore:
             raise ImageNotFound(
                 f"program {image.program!r} has no image {image.id} (already deleted?)"
             ) from None
-        _fsync_dir(program_dir)
+        fsync_dir(program_dir)
         shutil.rmtree(doomed)
         log.info("image_deleted", program=image.program, image_id=image.id)
 
@@ -792,12 +797,12 @@ class ImageStore:
         if path.is_dir():
             return
         try:
-            _make_private_dir(path)
+            make_private_dir(path)
         except FileExistsError:
             if not path.is_dir():
                 raise
             return  # made meanwhile by a dump of another program
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _check_received(
@@ -864,25 +869,3 @@ def _remove_entry(entry: Path) -> None:
         shutil.rmtree(entry)
     else:
         entry.unlink()
-
-
-def _make_private_dir(path: Path) -> None:
-    path.mkdir(mode=DIR_MODE)
-    os.chmod(path, DIR_MODE)  # mkdir's mode is filtered by the umask
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_private_file(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
-        os.fchmod(fd, FILE_MODE)
-        file.write(text)
-        file.flush()
-        os.fsync(fd)

@@ -28,11 +28,11 @@ from typing import Literal
 import blake3
 import inotify_simple
 
+from grenadine_sv.store.durable import DIR_MODE, FILE_MODE, fsync_dir
+
 ChecksumAlgorithm = Literal["sha256", "blake3"]
 NEW_IMAGE_ALGORITHM: ChecksumAlgorithm = "blake3"
 
-DIR_MODE = 0o700
-FILE_MODE = 0o600
 # Threads that seal an image: fsyncs wait on the disk while hashes use the CPUs.
 SEAL_WORKERS = 4
 # The watcher hashes a growing file in pieces of this size (a multiple of the page size).
@@ -254,7 +254,7 @@ def seal_tree(top: Path, watcher: DumpWatcher | None = None) -> Mapping[str, Fil
             watcher.close_files()
     for directory in directories:
         os.chmod(directory, DIR_MODE)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return records
 
 
@@ -303,13 +303,5 @@ def _sync_file(path: Path) -> int:
         os.fchmod(fd, FILE_MODE)
         os.fsync(fd)
         return os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)

@@ -690,6 +690,9 @@ class CheckpointService:
                     log_name=restore_log_name(image),
                     lazy_pages=lazy,
                     on_criu_started=_restorer_recorder(runner),
+                    cgroup_root=(
+                        runner.cgroup.hierarchy_path() if runner.cgroup is not None else None
+                    ),
                 )
             )
         except BaseException:

@@ -382,7 +382,17 @@ class Recovery:
             stop_wait = program.stopwaitsecs if program is not None else 10.0
             bound.warning("orphan_stopping")
             await stop_orphan(name, instance, stop_signal, stop_wait)
+        await self._remove_empty_cgroups()
         return launchers
+
+    async def _remove_empty_cgroups(self) -> None:
+        """The predecessor's programs' cgroups that nothing runs in any more (a program
+        start makes its cgroup again)."""
+        if self.cgroups is None:
+            return
+        removed = await trio.to_thread.run_sync(self.cgroups.remove_empty_programs)
+        if removed:
+            log.info("empty_cgroups_removed", programs=removed)
 
     def _image_that_froze(self, name: str, instance: RecordedInstance) -> ImageMeta | None:
         """The listed image a checkpoint that stops the program took of this very instance."""

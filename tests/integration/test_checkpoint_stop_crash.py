@@ -7,14 +7,12 @@ leave, then starts a new supervisor and checks what survived.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,10 +35,10 @@ from tests.integration.supervising import (
     wait_state,
     wait_until,
 )
+from tests.integration.supervisor_processes import GRENADINE_SV, Processes, running_pid
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
-GRENADINE_SV = [sys.executable, "-m", "grenadine_sv"]
 # Enough memory that dumping and sealing take a while (hundreds of ms) on this machine.
 BALLAST_MIB = 300
 
@@ -66,19 +64,26 @@ def counter_config(sv_dirs: SupervisorDirs, port: int) -> Path:
     )
 
 
-def running_pid(config: Path) -> int | None:
-    result = subprocess.run(
-        [*GRENADINE_SV, "-c", str(config), "status", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        return None
-    for entry in json.loads(result.stdout):
-        if entry["name"] == "counter" and entry["state"] == "RUNNING":
-            return int(entry["pid"])
-    return None
+def start_counted(
+    processes: Processes, config: Path, port: int
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A supervisor running the counter, hit three times; returns it and the counter's pid."""
+    first = processes.supervisor(config)
+    wait_until(lambda: running_pid(config, "counter") is not None, 60, "counter running")
+    pid = running_pid(config, "counter") or 0
+    processes.pids.add(pid)
+    assert [hit(port) for _ in range(3)] == [1, 2, 3]
+    return first, pid
+
+
+def next_supervisor(processes: Processes, config: Path, old_pid: int) -> int:
+    """After the first supervisor was killed: the next one, once the counter runs again
+    other than as `old_pid`; returns the counter's pid."""
+    processes.supervisor(config)
+    wait_until(lambda: running_pid(config, "counter") not in (None, old_pid), 120, "counter back")
+    pid = running_pid(config, "counter") or 0
+    processes.pids.add(pid)
+    return pid
 
 
 def partial_dirs(sv_dirs: SupervisorDirs) -> list[Path]:
@@ -110,55 +115,13 @@ def inside_seal(sv_dirs: SupervisorDirs) -> bool:
     return any((p / "criu" / "stats-dump").exists() for p in partial_dirs(sv_dirs))
 
 
-class Processes:
-    """Every process a test starts or leaves behind, ended by pid when it finishes."""
-
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[bytes]] = []
-        self.pids: set[int] = set()
-
-    def supervisor(self, config: Path) -> subprocess.Popen[bytes]:
-        with (config.parent / "supervisors.log").open("ab") as log:
-            process = subprocess.Popen([*GRENADINE_SV, "-c", str(config)], stderr=log)
-        self.started.append(process)
-        return process
-
-    def end_all(self) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-        for pid in self.pids:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    tracked = Processes()
-    try:
-        yield tracked
-    finally:
-        tracked.end_all()
-
-
 @pytest.mark.parametrize("kill_when", [inside_dump, inside_seal], ids=["dump", "seal"])
 def test_supervisor_killed_during_checkpoint_stop_keeps_the_image_and_the_state(
     sv_dirs: SupervisorDirs, processes: Processes, kill_when: Callable[[SupervisorDirs], bool]
 ) -> None:
     port = free_port()
     config = counter_config(sv_dirs, port)
-    first = processes.supervisor(config)
-    wait_until(lambda: running_pid(config) is not None, 60, "counter running")
-    old_pid = running_pid(config) or 0
-    processes.pids.add(old_pid)
-    assert [hit(port) for _ in range(3)] == [1, 2, 3]
+    first, old_pid = start_counted(processes, config, port)
 
     request = subprocess.Popen(
         [*GRENADINE_SV, "-c", str(config), "checkpoint", "--stop", "counter"],
@@ -172,10 +135,7 @@ def test_supervisor_killed_during_checkpoint_stop_keeps_the_image_and_the_state(
     first.wait()
     request.wait(timeout=30)
 
-    processes.supervisor(config)
-    wait_until(lambda: running_pid(config) not in (None, old_pid), 120, "counter back")
-    new_pid = running_pid(config) or 0
-    processes.pids.add(new_pid)
+    next_supervisor(processes, config, old_pid)
     store = ImageStore(sv_dirs.state_dir)
     images = store.list("counter")
     # The dump the killed supervisor made is listed, verifies, and the program came back
@@ -201,11 +161,7 @@ def test_frozen_program_whose_image_is_listed_is_ended_by_the_next_supervisor(
     marked as one that stops the program, its instance frozen as CRIU leaves it."""
     port = free_port()
     config = counter_config(sv_dirs, port)
-    first = processes.supervisor(config)
-    wait_until(lambda: running_pid(config) is not None, 60, "counter running")
-    old_pid = running_pid(config) or 0
-    processes.pids.add(old_pid)
-    assert [hit(port) for _ in range(3)] == [1, 2, 3]
+    first, old_pid = start_counted(processes, config, port)
     checkpoint = subprocess.run(
         [*GRENADINE_SV, "-c", str(config), "checkpoint", "counter"],
         capture_output=True,
@@ -224,9 +180,7 @@ def test_frozen_program_whose_image_is_listed_is_ended_by_the_next_supervisor(
     meta_path.write_text(json.dumps(meta))
     set_stopped(old_pid, True)
 
-    processes.supervisor(config)
-    wait_until(lambda: running_pid(config) not in (None, old_pid), 120, "counter back")
-    processes.pids.add(running_pid(config) or 0)
+    next_supervisor(processes, config, old_pid)
     wait_until(lambda: not pid_alive(old_pid), 15, "frozen instance ended")
     # Restored from the listed image (3 hits), not the frozen instance resumed (4 hits).
     assert hit(port) == 4
@@ -239,20 +193,13 @@ def test_frozen_program_whose_dump_was_not_listed_is_resumed_and_taken_back(
     the next supervisor resumes it and takes it back with its memory."""
     port = free_port()
     config = counter_config(sv_dirs, port)
-    first = processes.supervisor(config)
-    wait_until(lambda: running_pid(config) is not None, 60, "counter running")
-    old_pid = running_pid(config) or 0
-    processes.pids.add(old_pid)
-    assert [hit(port) for _ in range(3)] == [1, 2, 3]
+    first, old_pid = start_counted(processes, config, port)
     first.kill()
     first.wait()
     set_stopped(old_pid, True)
 
-    processes.supervisor(config)
-    wait_until(lambda: running_pid(config) not in (None, old_pid), 120, "counter back")
-    processes.pids.add(running_pid(config) or 0)
+    new_pid = next_supervisor(processes, config, old_pid)
     assert hit(port) == 4
-    new_pid = running_pid(config) or 0
     condition = task_condition(new_pid)
     assert condition is not None
     assert not condition.stopped

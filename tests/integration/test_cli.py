@@ -456,8 +456,17 @@ def test_check_warns_about_another_user_on_a_host_without_cap_sys_resource(
     sv_dirs.write_config(f'[programs.idle]\ncommand = {IDLE}\nuser = "nobody"\n')
     checked = run_cli("-c", str(sv_dirs.config), "check")
     assert checked.returncode == 0
-    warned = f"warning: {sv_dirs.config}: programs.idle.user: 'nobody' cannot be checkpointed"
+    # Every warning goes to stderr, as the host's other warnings do: stdout is the verdict.
+    assert checked.stdout.startswith("configuration valid: 1 programs")
+    assert "warning" not in checked.stdout
+    warned = (
+        f"grenadine-sv: warning: {sv_dirs.config}: programs.idle.user: 'nobody' cannot be"
+        " checkpointed"
+    )
     if "CAP_SYS_RESOURCE" in host_capabilities():
-        assert "warning:" not in checked.stdout
+        assert "warning:" not in checked.stderr
     else:
-        assert warned in checked.stdout
+        assert warned in checked.stderr
+        strict = run_cli("-c", str(sv_dirs.config), "check", "--strict")
+        assert strict.returncode == 2
+        assert "1 warnings, and --strict" in strict.stderr

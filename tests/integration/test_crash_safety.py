@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,10 +29,15 @@ from tests.integration.supervising import (
     wait_state,
     wait_until,
 )
+from tests.integration.supervisor_processes import (
+    GRENADINE_SV,
+    Processes,
+    kill,
+    running_pid,
+    status,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
-
-GRENADINE_SV = [sys.executable, "-m", "grenadine_sv"]
 
 
 def counter_program(
@@ -94,23 +97,8 @@ def namespace_root(pid: int) -> int:
         pid = int(fields["PPid"])
 
 
-def status(config: Path) -> list[dict]:
-    result = subprocess.run(
-        [*GRENADINE_SV, "-c", str(config), "status", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return json.loads(result.stdout) if result.returncode == 0 else []
-
-
 def program_status(config: Path, name: str) -> dict:
     return next((entry for entry in status(config) if entry["name"] == name), {})
-
-
-def running_pid(config: Path, name: str) -> int | None:
-    entry = program_status(config, name)
-    return int(entry["pid"]) if entry.get("state") == "RUNNING" else None
 
 
 def last_printed(progress: Path) -> int:
@@ -139,50 +127,14 @@ def criu_children(pid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def supervisors(config: Path, port: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+def supervisors(port: int) -> Iterator[Processes]:
     """Supervisors the test starts; on leaving, every one of them and every instance of the
     program is ended by its pid."""
-    started: list[subprocess.Popen[bytes]] = []
+    processes = Processes()
     try:
-        yield started
+        yield processes
     finally:
-        for process in started:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-        for pid in instances_of(port):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in instances_of(port):
-            # Re-parented to this test process when it is a child subreaper: reap it.
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        reap_orphaned_keepers()
-
-
-def reap_orphaned_keepers() -> None:
-    """A killed supervisor's stdio keeper is re-parented to this process when it is a child
-    subreaper; the next supervisor ends it, and it is reaped here."""
-    for child in children_of(os.getpid()):
-        with contextlib.suppress(OSError):
-            stat = Path(f"/proc/{child}/stat").read_text()
-            if "(grenadine-keep) Z" in stat:
-                os.waitpid(child, 0)
-
-
-def start_supervisor(config: Path, started: list[subprocess.Popen[bytes]]) -> int:
-    process = subprocess.Popen([*GRENADINE_SV, "-c", str(config)], stderr=subprocess.DEVNULL)
-    started.append(process)
-    return process.pid
-
-
-def kill_supervisor(process: subprocess.Popen[bytes]) -> None:
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+        processes.end_all(also=lambda: instances_of(port))
 
 
 def test_a_printing_program_outlives_a_killed_supervisor_and_its_output_is_kept(
@@ -197,13 +149,13 @@ def test_a_printing_program_outlives_a_killed_supervisor_and_its_output_is_kept(
         f'binds = ["{sv_dirs.root}"]\n'
     )
     log = sv_dirs.stdout_log("ticker")
-    with supervisors(config, port) as started:
-        start_supervisor(config, started)
+    with supervisors(port) as processes:
+        first = processes.supervisor(config)
         wait_until(lambda: running_pid(config, "ticker") is not None, 30, "ticker running")
         orphan = running_pid(config, "ticker") or 0
         assert [hit(port) for _ in range(3)] == [1, 2, 3]
         wait_until(lambda: len(ticks(log)) >= 3, what="ticks in the log")
-        kill_supervisor(started[0])
+        kill(first)
 
         # With no supervisor at all, the program goes on printing (10 more lines, 2 s).
         before = last_printed(progress)
@@ -215,7 +167,7 @@ def test_a_printing_program_outlives_a_killed_supervisor_and_its_output_is_kept(
         assert pid_alive(orphan), "the program died with its supervisor"
         printed_while_alone = last_printed(progress)
 
-        start_supervisor(config, started)
+        processes.supervisor(config)
         wait_until(lambda: running_pid(config, "ticker") not in (None, orphan), 60, "taken back")
         assert hit(port) == 4  # its memory was kept
         wait_until(lambda: ticks(log)[-1] >= printed_while_alone + 15, 30, "ticks go on")
@@ -232,8 +184,8 @@ def test_supervisor_killed_during_a_restore_leaves_one_copy(sv_dirs: SupervisorD
         f'ready = {{ tcp = "127.0.0.1:{port}", timeout = 60 }}\n'
     )
     restore_logs = sv_dirs.state_dir / "restore-logs" / "big"
-    with supervisors(config, port) as started:
-        start_supervisor(config, started)
+    with supervisors(port) as processes:
+        first = processes.supervisor(config)
         wait_until(lambda: running_pid(config, "big") is not None, 60, "big running")
         assert [hit(port) for _ in range(3)] == [1, 2, 3]
         checkpoint = subprocess.run(
@@ -252,18 +204,18 @@ def test_supervisor_killed_during_a_restore_leaves_one_copy(sv_dirs: SupervisorD
         try:
             # Kill the supervisor once CRIU has taken the request (its log exists).
             def restoring() -> bool:
-                return bool(criu_children(started[0].pid)) and any(restore_logs.glob("*.log"))
+                return bool(criu_children(first.pid)) and any(restore_logs.glob("*.log"))
 
             wait_until(restoring, 60, "criu restoring")
-            criu = criu_children(started[0].pid)
-            kill_supervisor(started[0])
+            criu = criu_children(first.pid)
+            kill(first)
         finally:
             restore.wait(timeout=60)
         # CRIU carries on without its caller; let it finish before the next supervisor starts.
         wait_until(lambda: not any(pid_alive(pid) for pid in criu), 120, "criu finished")
         restored = instances_of(port)
 
-        start_supervisor(config, started)
+        processes.supervisor(config)
         wait_until(lambda: running_pid(config, "big") is not None, 120, "big running again")
         # Exactly one copy, the one the supervisor knows, and the state of the image.
         wait_until(lambda: len(instances_of(port)) == 1, 30, "one copy")
@@ -284,16 +236,16 @@ def test_unwritable_state_file_then_kill_leaves_one_copy_and_no_restart_storm(
     # every write fail (state_file_write_failed), as a full state_dir would.
     sv_dirs.state_dir.mkdir(mode=0o700)
     (sv_dirs.state_dir / ".supervisor.json.tmp").mkdir()
-    with supervisors(config, port) as started:
-        start_supervisor(config, started)
+    with supervisors(port) as processes:
+        first = processes.supervisor(config)
         wait_until(lambda: running_pid(config, "counter") is not None, 30, "counter running")
         orphan = running_pid(config, "counter")
         assert [hit(port) for _ in range(3)] == [1, 2, 3]
         assert not (sv_dirs.state_dir / "supervisor.json").exists()
-        kill_supervisor(started[0])
+        kill(first)
         assert pid_alive(orphan or 0)
 
-        start_supervisor(config, started)
+        processes.supervisor(config)
         wait_until(lambda: running_pid(config, "counter") not in (None, orphan), 60, "taken back")
         assert hit(port) == 4  # the orphan itself was taken back, memory and all
         assert instances_of(port) == [running_pid(config, "counter")]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -12,6 +14,7 @@ from structlog.testing import capture_logs
 
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.supervisor.core import Supervisor
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.services import ask, ping, pong_client, sqlite_counter
 from tests.integration.supervising import python_program, running_supervisor, wait_for, wait_state
@@ -76,75 +79,67 @@ async def accepted(listener: socket.socket) -> socket.socket:
             return peer
 
 
-async def test_an_established_tcp_connection_survives_checkpoint_stop_and_restore(
-    sv_dirs: SupervisorDirs,
-):
+@asynccontextmanager
+async def connected_client(
+    sv_dirs: SupervisorDirs, checkpoint: str = ""
+) -> AsyncIterator[tuple[Supervisor, socket.socket, socket.socket]]:
+    """Program `client` (services.pong_client) running with these [checkpoint] keys and
+    connected to this test: yields the supervisor, the test's end of the connection and the
+    listener the client connected to."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.setblocking(False)
         port = listener.getsockname()[1]
         config = sv_dirs.write_config(
             f"[programs.client]\ncommand = {pong_client(port)}\nstartsecs = 0.2\n"
-            "[programs.client.checkpoint]\ntcp_established = true\n"
+            f"[programs.client.checkpoint]\n{checkpoint}"
         )
         async with running_supervisor(config) as sv:
             await wait_state(sv, "client", State.RUNNING)
-            peer = await accepted(listener)
-            with peer:
-                assert [ping(peer) for _ in range(3)] == [1, 2, 3]
-                [entry] = await sv.operations.checkpoint_programs(["client"], stop=True)
-                assert entry["ok"]
-                await wait_state(sv, "client", State.STOPPED)
-                await sv.operations.restore_program("client", "latest")
-                await wait_state(sv, "client", State.RUNNING)
-                # The same connection, the same count: nothing was reset or reconnected.
-                assert ping(peer) == 4
-                with pytest.raises(BlockingIOError):
-                    listener.accept()
+            with await accepted(listener) as peer:
+                yield sv, peer, listener
+
+
+async def test_an_established_tcp_connection_survives_checkpoint_stop_and_restore(
+    sv_dirs: SupervisorDirs,
+):
+    async with connected_client(sv_dirs, "tcp_established = true\n") as (sv, peer, listener):
+        assert [ping(peer) for _ in range(3)] == [1, 2, 3]
+        [entry] = await sv.operations.checkpoint_programs(["client"], stop=True)
+        assert entry["ok"]
+        await wait_state(sv, "client", State.STOPPED)
+        await sv.operations.restore_program("client", "latest")
+        await wait_state(sv, "client", State.RUNNING)
+        # The same connection, the same count: nothing was reset or reconnected.
+        assert ping(peer) == 4
+        with pytest.raises(BlockingIOError):
+            listener.accept()
 
 
 @pytest.mark.skipif(shutil.which("iptables") is not None, reason="iptables is installed here")
 async def test_the_iptables_lock_without_iptables_fails_naming_network_lock(
     sv_dirs: SupervisorDirs,
 ):
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        config = sv_dirs.write_config(
-            f"[programs.client]\ncommand = {pong_client(port)}\nstartsecs = 0.2\n"
-            '[programs.client.checkpoint]\ntcp_established = true\nnetwork_lock = "iptables"\n'
-        )
-        async with running_supervisor(config) as sv:
-            await wait_state(sv, "client", State.RUNNING)
-            peer = await accepted(listener)
-            with peer:
-                assert ping(peer) == 1
-                with pytest.raises(ControlError) as failure:
-                    await sv.operations.checkpoint_programs(["client"], stop=True)
-                message = str(failure.value)
-                # The cause first: the shell's line explains CRIU's "exited, status=127".
-                assert message.startswith("client: criu dump failed: sh: 1: iptables: not found")
-                assert message.index("exited, status=127") < message.index("Iptables config")
-                assert 'set checkpoint.network_lock = "auto"' in message
-                assert ping(peer) == 2, "the program and its connection are as they were"
+    keys = 'tcp_established = true\nnetwork_lock = "iptables"\n'
+    async with connected_client(sv_dirs, keys) as (sv, peer, _listener):
+        assert ping(peer) == 1
+        with pytest.raises(ControlError) as failure:
+            await sv.operations.checkpoint_programs(["client"], stop=True)
+        message = str(failure.value)
+        # The cause first: the shell's line explains CRIU's "exited, status=127".
+        assert message.startswith("client: criu dump failed: sh: 1: iptables: not found")
+        assert message.index("exited, status=127") < message.index("Iptables config")
+        assert 'set checkpoint.network_lock = "auto"' in message
+        assert ping(peer) == 2, "the program and its connection are as they were"
 
 
 async def test_a_connection_without_tcp_established_fails_naming_the_key(
     sv_dirs: SupervisorDirs,
 ):
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.setblocking(False)
-        port = listener.getsockname()[1]
-        config = sv_dirs.write_config(
-            f"[programs.client]\ncommand = {pong_client(port)}\nstartsecs = 0.2\n"
-        )
-        async with running_supervisor(config) as sv:
-            await wait_state(sv, "client", State.RUNNING)
-            peer = await accepted(listener)
-            with peer:
-                with pytest.raises(ControlError) as failure:
-                    await sv.operations.checkpoint_programs(["client"], stop=False)
-                assert "set checkpoint.tcp_established = true" in str(failure.value)
-                assert ping(peer) == 1
+    async with connected_client(sv_dirs) as (sv, peer, _listener):
+        with pytest.raises(ControlError) as failure:
+            await sv.operations.checkpoint_programs(["client"], stop=False)
+        assert "set checkpoint.tcp_established = true" in str(failure.value)
+        assert ping(peer) == 1
 
 
 async def test_a_unix_socket_renamed_after_bind_is_named_at_checkpoint(sv_dirs: SupervisorDirs):

@@ -75,6 +75,8 @@ class Daemon:
     check_state: Callable[[object], None]
     """Gets what put_state returned; fails unless the program has that state."""
     prompt_stop: bool = True
+    running: Callable[[int], None] = lambda pid: None
+    """Told the pid of each instance once it is RUNNING, before put_state or check_state."""
 
     def config(self, sv_dirs: SupervisorDirs, *, restore_latest: bool = False) -> Path:
         restore = 'restore = "latest"\nrestore_fallback = "fail"\n' if restore_latest else ""
@@ -84,9 +86,11 @@ class Daemon:
 
 
 @asynccontextmanager
-async def supervising(config: Path, name: str) -> AsyncIterator[Supervisor]:
+async def supervising(
+    config: Path, name: str, running: Callable[[int], None] = lambda pid: None
+) -> AsyncIterator[Supervisor]:
     async with running_supervisor(config) as sv:
-        await wait_state(sv, name, State.RUNNING, timeout=START_TIMEOUT)
+        running(await wait_state(sv, name, State.RUNNING, timeout=START_TIMEOUT))
         yield sv
 
 
@@ -104,7 +108,7 @@ async def checkpoint_stop_restore_fresh(
 ) -> None:
     """Checkpoint (leave running), stop, `restore` and check; then a fresh supervisor with
     restore = "latest" brings the same image back, checked again."""
-    async with supervising(daemon.config(sv_dirs), daemon.name) as sv:
+    async with supervising(daemon.config(sv_dirs), daemon.name, daemon.running) as sv:
         state = daemon.put_state()
         [entry] = await sv.operations.checkpoint_programs([daemon.name], stop=False)
         assert entry["ok"], entry
@@ -112,12 +116,13 @@ async def checkpoint_stop_restore_fresh(
         await stop_promptly(sv, daemon)
         restored = await sv.operations.restore_program(daemon.name, "latest")
         assert restored["fallback"] is None, restored["fallback"]
-        await wait_state(sv, daemon.name, State.RUNNING, timeout=START_TIMEOUT)
+        daemon.running(await wait_state(sv, daemon.name, State.RUNNING, timeout=START_TIMEOUT))
         daemon.check_state(state)
         row.passed_step("restore")
         await stop_promptly(sv, daemon)
+    config = daemon.config(sv_dirs, restore_latest=True)
     with capture_logs() as logs:
-        async with supervising(daemon.config(sv_dirs, restore_latest=True), daemon.name):
+        async with supervising(config, daemon.name, daemon.running):
             assert [entry for entry in logs if entry["event"] == "restore_done"]
             daemon.check_state(state)
             row.passed_step("fresh supervisor")
@@ -195,22 +200,22 @@ async def test_nginx_master_and_workers(sv_dirs: SupervisorDirs, row: CompatRow)
     conf_dir.mkdir()
     conf = conf_dir / "nginx.conf"
     conf.write_text(NGINX_CONF.format(port=port))
-    holder: dict[str, int] = {}
+    instance: dict[str, int] = {}
+
+    def master_and_two_workers() -> None:
+        [master] = children_of(instance["pid"])
+        assert len(children_of(master)) == 2, "a master and two workers"
 
     def put() -> object:
         for _ in range(20):
             number = int(http_get(port))
-        pid = sv_runner_pid()
-        [master] = children_of(pid)
-        assert len(children_of(master)) == 2, "a master and two workers"
+        master_and_two_workers()
         return number
 
     def check(last: object) -> None:
         assert isinstance(last, int)
         assert int(http_get(port)) > last, "the connection counter went on, not from 1"
-
-    def sv_runner_pid() -> int:
-        return holder["pid"]
+        master_and_two_workers()
 
     command = json.dumps([nginx, "-c", str(conf), "-g", "daemon off;"])
     daemon = Daemon(
@@ -218,26 +223,9 @@ async def test_nginx_master_and_workers(sv_dirs: SupervisorDirs, row: CompatRow)
         f'command = {command}\nbinds = ["{conf_dir}"]\nready = {{ tcp = "127.0.0.1:{port}" }}\n',
         put,
         check,
+        running=lambda pid: instance.update(pid=pid),
     )
-    async with supervising(daemon.config(sv_dirs), "nginx") as sv:
-        holder["pid"] = sv.programs.runners["nginx"].machine.pid or 0
-        state = put()
-        [entry] = await sv.operations.checkpoint_programs(["nginx"], stop=False)
-        assert entry["ok"], entry
-        row.passed_step("checkpoint")
-        await stop_promptly(sv, daemon)
-        assert (await sv.operations.restore_program("nginx", "latest"))["fallback"] is None
-        holder["pid"] = await wait_state(sv, "nginx", State.RUNNING)
-        check(state)
-        [master] = children_of(holder["pid"])
-        assert len(children_of(master)) == 2, "the workers came back too"
-        row.passed_step("restore")
-        await stop_promptly(sv, daemon)
-    with capture_logs() as logs:
-        async with supervising(daemon.config(sv_dirs, restore_latest=True), "nginx"):
-            assert [entry for entry in logs if entry["event"] == "restore_done"]
-            check(state)
-            row.passed_step("fresh supervisor")
+    await checkpoint_stop_restore_fresh(sv_dirs, daemon, row)
 
 
 # node --------------------------------------------------------------------------------------
@@ -265,6 +253,17 @@ def next_count(port: int) -> Callable[[object], None]:
     return check
 
 
+def http_counter(name: str, argv: list[str], port: int, hits: int, ready: str = "") -> Daemon:
+    """A service that answers each HTTP request on `port` with its count of requests so far:
+    `hits` requests before the checkpoint, then the count goes on from there."""
+    return Daemon(
+        name,
+        f'command = {json.dumps(argv)}\nready = {{ tcp = "127.0.0.1:{port}"{ready} }}\n',
+        counting(port, hits),
+        next_count(port),
+    )
+
+
 @pytest.mark.compat(
     "node", notes="the `nodejs` package; no SIGTERM handler: stops at once under the init"
 )
@@ -272,13 +271,7 @@ async def test_node(sv_dirs: SupervisorDirs, row: CompatRow):
     node = require("node")
     row.version = version_of([node, "--version"], lambda out: out.strip().removeprefix("v"))
     port = free_port()
-    command = json.dumps([node, "-e", NODE_COUNTER, str(port)])
-    daemon = Daemon(
-        "node",
-        f'command = {command}\nready = {{ tcp = "127.0.0.1:{port}" }}\n',
-        counting(port, 3),
-        next_count(port),
-    )
+    daemon = http_counter("node", [node, "-e", NODE_COUNTER, str(port)], port, 3)
     await checkpoint_stop_restore_fresh(sv_dirs, daemon, row)
 
 
@@ -295,13 +288,8 @@ async def test_openjdk_single_source_http_service(sv_dirs: SupervisorDirs, row: 
         [java, "-version"], lambda out: out.splitlines()[0].split('"')[1] if '"' in out else out
     )
     port = free_port()
-    command = json.dumps([java, str(DAEMONS / "Counter.java"), str(port)])
-    daemon = Daemon(
-        "java",
-        f'command = {command}\nready = {{ tcp = "127.0.0.1:{port}", timeout = "60s" }}\n',
-        counting(port, 3),
-        next_count(port),
-    )
+    command = [java, str(DAEMONS / "Counter.java"), str(port)]
+    daemon = http_counter("java", command, port, 3, ready=', timeout = "60s"')
     await checkpoint_stop_restore_fresh(sv_dirs, daemon, row)
 
 
@@ -344,13 +332,7 @@ while True:
 async def test_forking_service(sv_dirs: SupervisorDirs, row: CompatRow):
     row.version = f"Python {sys.version.split()[0]}"
     port = free_port()
-    command = json.dumps([PYTHON, "-c", PREFORK, str(port)])
-    daemon = Daemon(
-        "prefork",
-        f'command = {command}\nready = {{ tcp = "127.0.0.1:{port}" }}\n',
-        counting(port, 4),
-        next_count(port),
-    )
+    daemon = http_counter("prefork", [PYTHON, "-c", PREFORK, str(port)], port, 4)
     await checkpoint_stop_restore_fresh(sv_dirs, daemon, row)
 
 

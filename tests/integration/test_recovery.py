@@ -2,84 +2,54 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import SupervisorDirs, free_port
-from tests.integration.supervising import counter_command, hit, pid_alive, wait_until
+from tests.integration.supervising import IDLE, counter_command, hit, pid_alive, wait_until
+from tests.integration.supervisor_processes import (
+    GRENADINE_SV,
+    Processes,
+    kill,
+    running_pid,
+    status,
+)
+from tests.leftovers import cgroup_subtree, end_pids, find_leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
-GRENADINE_SV = [sys.executable, "-m", "grenadine_sv"]
 
-
-def status(config: Path) -> list[dict]:
-    result = subprocess.run(
-        [*GRENADINE_SV, "-c", str(config), "status", "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return json.loads(result.stdout) if result.returncode == 0 else []
-
-
-def running_pid(config: Path, name: str) -> int | None:
-    for entry in status(config):
-        if entry["name"] == name and entry["state"] == "RUNNING":
-            return int(entry["pid"])
-    return None
-
-
-def test_killed_supervisor_is_replaced_and_the_program_taken_back(sv_dirs: SupervisorDirs):
+def test_killed_supervisor_is_replaced_and_the_program_taken_back(
+    sv_dirs: SupervisorDirs, processes: Processes
+):
     port = free_port()
     config = sv_dirs.write_config(
         f"[programs.counter]\ncommand = {counter_command(port)}\n"
         f'ready = {{ tcp = "127.0.0.1:{port}" }}\n'
     )
-    started: list[subprocess.Popen[bytes]] = []
-    orphan_pid = 0
-    try:
-        first = subprocess.Popen([*GRENADINE_SV, "-c", str(config)], stderr=subprocess.DEVNULL)
-        started.append(first)
-        wait_until(lambda: running_pid(config, "counter") is not None, what="counter running")
-        orphan_pid = running_pid(config, "counter") or 0
-        assert [hit(port) for _ in range(3)] == [1, 2, 3]
-        first.kill()
-        first.wait()
-        assert os.path.exists(f"/proc/{orphan_pid}")
+    first = processes.supervisor(config)
+    wait_until(lambda: running_pid(config, "counter") is not None, what="counter running")
+    orphan_pid = running_pid(config, "counter") or 0
+    processes.pids.add(orphan_pid)
+    assert [hit(port) for _ in range(3)] == [1, 2, 3]
+    kill(first)
+    assert os.path.exists(f"/proc/{orphan_pid}")
 
-        second = subprocess.Popen([*GRENADINE_SV, "-c", str(config)], stderr=subprocess.DEVNULL)
-        started.append(second)
-        wait_until(lambda: running_pid(config, "counter") not in (None, orphan_pid), 30)
-        new_pid = running_pid(config, "counter")
-        # The state kept in memory survived: the program was taken back, not started anew.
-        assert hit(port) == 4
-        # Exactly one copy runs: the orphan is gone.
-        wait_until(lambda: not pid_alive(orphan_pid), what="orphan gone")
-        assert new_pid is not None
-        assert os.path.exists(f"/proc/{new_pid}")
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=30) == 0
-        assert not pid_alive(new_pid)
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        if orphan_pid and pid_alive(orphan_pid):
-            os.kill(orphan_pid, signal.SIGKILL)
-        if orphan_pid:
-            # When this test process is a child subreaper (other tests make it one), the
-            # orphan was re-parented to it: reap it.
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(orphan_pid, 0)
+    second = processes.supervisor(config)
+    wait_until(lambda: running_pid(config, "counter") not in (None, orphan_pid), 30)
+    new_pid = running_pid(config, "counter")
+    # The state kept in memory survived: the program was taken back, not started anew.
+    assert hit(port) == 4
+    # Exactly one copy runs: the orphan is gone.
+    wait_until(lambda: not pid_alive(orphan_pid), what="orphan gone")
+    assert new_pid is not None
+    assert os.path.exists(f"/proc/{new_pid}")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=30) == 0
+    assert not pid_alive(new_pid)
 
 
 def test_second_supervisor_on_the_same_state_dir_is_refused(sv_dirs: SupervisorDirs):
@@ -103,3 +73,25 @@ def test_second_supervisor_on_the_same_state_dir_is_refused(sv_dirs: SupervisorD
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)
+
+
+def test_next_supervisor_removes_the_cgroup_of_a_program_that_died_meanwhile(
+    sv_dirs: SupervisorDirs, processes: Processes
+):
+    config = sv_dirs.write_config(f"[programs.idle]\ncommand = {IDLE}\nstartsecs = 0\n")
+    subtree = cgroup_subtree(sv_dirs.state_dir)
+    assert subtree is not None
+    program_cgroup = subtree / "program-idle"
+    first = processes.supervisor(config, sv_dirs.state_dir)
+    wait_until(lambda: running_pid(config, "idle") is not None, what="idle running")
+    kill(first)
+    # The program dies while no supervisor runs: its cgroup is left empty.
+    end_pids(find_leftovers(sv_dirs.state_dir).programs)
+    assert program_cgroup.is_dir()
+
+    config.write_text(config.read_text().replace("startsecs = 0", "autostart = false"))
+    second = processes.supervisor(config)
+    wait_until(lambda: bool(status(config)), what="the next supervisor lists its programs")
+    assert not program_cgroup.exists()
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=30) == 0

@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyrage
 import pytest
@@ -100,6 +101,27 @@ def remote_tables(
     )
 
 
+def configure(
+    host: SupervisorProcess,
+    port: int,
+    store: ObjectStore,
+    identity: pyrage.x25519.Identity,
+    *,
+    credentials_file: bool = False,
+    metrics_listen: str = "",
+    **program: Any,
+) -> None:
+    """Write `host`'s configuration: redis on `port` (redis_program's keys) and the shared
+    store, its archives encrypted to `identity`."""
+    host.dirs.write_config(
+        redis_program(port, **program),
+        extra_supervisor=remote_tables(
+            host.dirs, store, identity, credentials_file=credentials_file
+        ),
+        metrics_listen=metrics_listen,
+    )
+
+
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Host A takes its credentials from the AWS environment variables (SeaweedFS without an
@@ -170,15 +192,10 @@ def test_host_b_restores_what_host_a_uploaded(
     a, b = hosts
     port, metrics_port = free_port(), free_port()
     identity = pyrage.x25519.Identity.generate()
-    a.dirs.write_config(
-        redis_program(port, upload=True),
-        extra_supervisor=remote_tables(a.dirs, object_store, identity),
-        metrics_listen=f"127.0.0.1:{metrics_port}",
+    configure(
+        a, port, object_store, identity, upload=True, metrics_listen=f"127.0.0.1:{metrics_port}"
     )
-    b.dirs.write_config(
-        redis_program(port, upload=False, autostart=False),
-        extra_supervisor=remote_tables(b.dirs, object_store, identity, credentials_file=True),
-    )
+    configure(b, port, object_store, identity, upload=False, autostart=False, credentials_file=True)
     a.start()
     a.wait_running("redis")
     key, value = f"key-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
@@ -228,10 +245,7 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     a, _ = hosts
     port = free_port()
     identity = pyrage.x25519.Identity.generate()
-    a.dirs.write_config(
-        redis_program(port, upload=True, keep=1),
-        extra_supervisor=remote_tables(a.dirs, object_store, identity),
-    )
+    configure(a, port, object_store, identity, upload=True, keep=1)
     object_store.stop()
     a.start()
     a.wait_running("redis")
@@ -277,10 +291,7 @@ def test_wrong_key_and_tampered_object_are_refused(
     a, b = hosts
     port = free_port()
     identity, other = pyrage.x25519.Identity.generate(), pyrage.x25519.Identity.generate()
-    a.dirs.write_config(
-        redis_program(port, upload=True),
-        extra_supervisor=remote_tables(a.dirs, object_store, identity),
-    )
+    configure(a, port, object_store, identity, upload=True)
     a.start()
     a.wait_running("redis")
     a.cli("checkpoint", "redis")
@@ -291,10 +302,7 @@ def test_wrong_key_and_tampered_object_are_refused(
     )
     a.stop()
 
-    b.dirs.write_config(
-        redis_program(port, upload=False, autostart=False),
-        extra_supervisor=remote_tables(b.dirs, object_store, other),
-    )
+    configure(b, port, object_store, other, upload=False, autostart=False)
     start_with_programs(b)
     wrong = b.cli("restore", "redis", "remote:latest", code=1)
     assert "could not be decrypted" in wrong.stderr
@@ -309,10 +317,7 @@ def test_wrong_key_and_tampered_object_are_refused(
     client.put_object(
         Bucket=object_store.bucket, Key=key, Body=bytes(data), Metadata=stored["Metadata"]
     )
-    b.dirs.write_config(
-        redis_program(port, upload=False, autostart=False),
-        extra_supervisor=remote_tables(b.dirs, object_store, identity),
-    )
+    configure(b, port, object_store, identity, upload=False, autostart=False)
     start_with_programs(b)
     tampered = b.cli("restore", "redis", "remote:latest", code=1)
     assert "failed age authentication" in tampered.stderr
@@ -329,20 +334,14 @@ def test_restore_source_newest_prefers_a_newer_remote_image_to_a_stale_local_one
     port = free_port()
     identity = pyrage.x25519.Identity.generate()
     # Host B once ran the program and kept a local image of it: now stale.
-    b.dirs.write_config(
-        redis_program(port, upload=False),
-        extra_supervisor=remote_tables(b.dirs, object_store, identity),
-    )
+    configure(b, port, object_store, identity, upload=False)
     start_with_programs(b)
     b.wait_running("redis")
     assert redis(port, "SET", "state", "stale") == b"+OK\r\n"
     b.cli("checkpoint", "redis", "--stop")
     b.stop()
     # Host A took over, changed the data and uploaded a newer image.
-    a.dirs.write_config(
-        redis_program(port, upload=True),
-        extra_supervisor=remote_tables(a.dirs, object_store, identity),
-    )
+    configure(a, port, object_store, identity, upload=True)
     a.start()
     a.wait_running("redis")
     assert redis(port, "SET", "state", "fresh") == b"+OK\r\n"
@@ -351,9 +350,13 @@ def test_restore_source_newest_prefers_a_newer_remote_image_to_a_stale_local_one
     newer = ImageStore(a.dirs.state_dir).list("redis")[0]
     a.stop()
     # Failover to B, which starts the program from the newest image wherever it is.
-    b.dirs.write_config(
-        redis_program(port, upload=False, restore='restore = "latest"\nrestore_source = "newest"'),
-        extra_supervisor=remote_tables(b.dirs, object_store, identity),
+    configure(
+        b,
+        port,
+        object_store,
+        identity,
+        upload=False,
+        restore='restore = "latest"\nrestore_source = "newest"',
     )
     start_with_programs(b)
     b.wait_running("redis")

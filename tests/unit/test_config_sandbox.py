@@ -72,7 +72,8 @@ def test_the_strategy_reaches_both_sides_of_the_boundary() -> None:
     def program(fields: dict[str, Any]) -> ProgramConfig | None:
         return validated(ProgramConfig, {"name": "p", "source": BASE_DIR / "x.toml", **fields})
 
-    budget = settings(max_examples=2000, database=None)
+    # Derandomized: the same search every run, so that its reach cannot fail by chance.
+    budget = settings(max_examples=2000, database=None, derandomize=True)
     valid = find(_program_fields, lambda f: bool((p := program(f)) and p.binds), settings=budget)
     refused = find(
         _program_fields, lambda f: bool(f.get("binds")) and program(f) is None, settings=budget

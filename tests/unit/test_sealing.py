@@ -12,7 +12,8 @@ from pathlib import Path
 import blake3
 import pytest
 
-from grenadine_sv.store.sealing import CHUNK_BYTES, FILE_MODE, DumpWatcher, seal_tree
+from grenadine_sv.store.durable import FILE_MODE
+from grenadine_sv.store.sealing import CHUNK_BYTES, DumpWatcher, seal_tree
 from tests.integration.supervising import wait_until
 
 
