@@ -7,8 +7,8 @@ Stopping: `weed server` answers SIGTERM with a graceful shutdown in which its fi
 the gRPC metadata subscriptions of its own S3 gateway and master to end, which they do only
 when the filer's wait times out: 20 to 40 s per stop. The store's data is thrown away (or, for
 a test that takes the store down, read back by the same server), so the fixture stops it with
-SIGKILL: `weed` is one process (no children), and what a kill leaves is what SeaweedFS
-recovers from after a crash.
+SIGKILL: `weed` is one process (no children). Only a test that takes the store down and
+starts it again on the same data stops it gracefully.
 
 Every bucket is a SeaweedFS collection with volumes of its own: `-volume.max=0` sizes the
 number of volumes by the free disk space (the default of 8 is used up by the second bucket).
@@ -36,6 +36,7 @@ from tests.integration.supervising import wait_until
 
 WEED = Path(sys.executable).with_name("weed")
 START_TIMEOUT = 90.0
+GRACEFUL_STOP_TIMEOUT = 60.0
 BUCKET_PREFIX = "images"
 PROBE_BUCKET = "probe"
 # SeaweedFS serves gRPC on each HTTP port + 10000.
@@ -133,10 +134,15 @@ class WeedServer:
             return False
         return True
 
-    def stop(self) -> None:
-        """Kill weed (see the module docstring) and remove the sockets it left in /tmp."""
+    def stop(self, *, graceful: bool = False) -> None:
+        """Kill weed (see the module docstring), or with `graceful` end it with SIGTERM
+        (bounded), and remove the sockets it left in /tmp."""
         if self.process is None:
             return
+        if self.process.poll() is None and graceful:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(GRACEFUL_STOP_TIMEOUT)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
@@ -158,10 +164,14 @@ class ObjectStore:
         return self.server.endpoint
 
     def start(self) -> None:
+        """Start the server again after `stop`, with this bucket made again."""
         self.server.start()
+        self.ensure_bucket()
 
     def stop(self) -> None:
-        self.server.stop()
+        """Take the store down for a while: gracefully, since it is started again on the same
+        data (uploads to a weed restarted after a kill were seen to hang for minutes)."""
+        self.server.stop(graceful=True)
 
     def client(self) -> Any:
         import boto3

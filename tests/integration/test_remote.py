@@ -263,9 +263,15 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     assert queue_length(a) == 2
     object_store.start()
     wanted = {f"{PREFIX}/redis/{image.id}.tar.zst.age" for image in local}
-    wait_until(
-        lambda: wanted <= set(object_store.object_keys()), UPLOAD_TIMEOUT, "both images uploaded"
-    )
+    try:
+        wait_until(
+            lambda: wanted <= set(object_store.object_keys()),
+            UPLOAD_TIMEOUT,
+            "both images uploaded",
+        )
+    except AssertionError as exc:
+        failures = [line for line in a.log().splitlines() if "upload_failed" in line]
+        raise AssertionError(f"{exc}; last upload failures: {failures[-2:]}") from None
     wait_until(lambda: queue_length(a) == 0, UPLOAD_TIMEOUT, "the upload queue is empty")
     a.wait_running("redis")
     a.cli("checkpoint", "redis")  # the uploaded images are not pinned now: keep = 1 applies
