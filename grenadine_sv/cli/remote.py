@@ -160,6 +160,7 @@ def ask_with_progress(args: argparse.Namespace, request_args: dict[str, Any]) ->
 
     programs = request_args.get("names") or [request_args.get("name", "")]
     action = f"{args.command} {', '.join(programs) or 'programs'}"
+    # `checkpoint --all` names none: every program's dump is watched.
     state_dir = state_dir_of(config_path_of(args)) if args.command == "checkpoint" else None
     with progress_line(action, state_dir, programs):
         return ask(args, args.command, request_args)

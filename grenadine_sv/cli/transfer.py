@@ -54,7 +54,9 @@ def export(args: argparse.Namespace, out: TextIO) -> int:
     try:
         image = store.resolve(args.name, args.image)
     except (LookupError, ValueError) as exc:
-        return _fail(f"export failed: {exc}")
+        if args.name not in config.programs and not store.list(args.name):
+            return _fail(f"export failed: no such program: {args.name}", EXIT_USAGE)
+        return _fail(f"export failed: {exc}", EXIT_USAGE)
     destination = args.output or f"{image.program}-{image.id}" + archive_suffix(
         args.compress, recipients is not None
     )
@@ -100,6 +102,8 @@ def import_archive(args: argparse.Namespace, out: TextIO) -> int:
             identities = load_identities(remote.encryption.identity_file)
         except EncryptionKeyError as exc:
             return _fail(str(exc), EXIT_USAGE)
+    if args.file != "-" and not os.path.lexists(args.file):
+        return _fail(f"import: no such file: {args.file}", EXIT_USAGE)
     store = ImageStore(config.supervisor.state_dir)
     progress = _progress(f"import {args.file}")
     began = time.monotonic()

@@ -19,6 +19,7 @@ import pycriu
 from grenadine_sv.criu.diagnosis import advice_for, cause_lines
 from grenadine_sv.criu.notify import PostDumpFailed, dump_with_notifications
 from grenadine_sv.criu.options import CriuOptions, apply_options
+from grenadine_sv.criu.undumpable import children, undumpable_fds
 
 LOG_LEVEL = 4
 SWRK_EXIT_SECONDS = 30.0
@@ -150,7 +151,12 @@ class Criu:
             except PostDumpFailed as exc:
                 raise CriuError("dump", f"{exc} (CRIU resumed the program)", None) from exc
         if failure is not None:
-            raise self._failure("dump", failure, log_path, session.process) from failure
+            error = self._failure("dump", failure, log_path, session.process)
+            undumpable = undumpable_fds(request.pid)
+            if undumpable:
+                # CRIU's log does not say which file stopped it: the cause comes first.
+                error = CriuError("dump", "; ".join([*undumpable, error.detail]), log_path)
+            raise error from failure
 
     def restore(self, request: RestoreRequest) -> int:
         """Restore the tree as a child of this process; returns the root's host pid."""
@@ -401,20 +407,8 @@ def tree_condition(root_pid: int) -> dict[int, TaskCondition]:
         if condition is None or pid in conditions:
             continue
         conditions[pid] = condition
-        pending.extend(_children(pid))
+        pending.extend(children(pid))
     return conditions
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except FileNotFoundError:
-        return found
-    for task in tasks:
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            found.extend(int(child) for child in (task / "children").read_text().split())
-    return found
 
 
 def pipe_key(inode: int) -> str:

@@ -66,6 +66,11 @@ ADVICE: tuple[Advice, ...] = (
         " raise checkpoint.ghost_limit above its size",
     ),
     Advice(
+        re.compile(r"holds fd \d+, an io_uring instance"),
+        "the program uses io_uring, which CRIU cannot checkpoint: configure it not to"
+        " (many programs have an option for their I/O method), or do not checkpoint it",
+    ),
+    Advice(
         re.compile(r"Can't get rlimit"),
         "the program runs as a user other than root and this host lacks CAP_SYS_RESOURCE,"
         ' which CRIU then needs: run it as root (user = "root", or the program\'s own option'

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,63 @@ def test_check_warns_about_what_this_host_lacks_and_strict_fails(sv_dirs: Superv
     strict = run_cli("check", "--strict", "-c", config)
     assert strict.returncode == 2
     assert f"{len(expected)} warnings, and --strict" in strict.stderr
+
+
+# CRIU cannot dump an io_uring instance (syscall 425, io_uring_setup, on x86-64 and arm64).
+WITH_IO_URING = json.dumps(
+    [
+        sys.executable,
+        "-c",
+        "import ctypes, signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.syscall(425, 4, ctypes.create_string_buffer(120)) >= 0\n"
+        "signal.pause()\n",
+    ]
+)
+
+
+@pytest.mark.criu
+@pytest.mark.usefixtures("needs_criu")
+def test_status_shows_a_failed_checkpoint_with_its_cause(
+    supervisor: SupervisorProcess, sv_dirs: SupervisorDirs
+) -> None:
+    sv_dirs.write_config(
+        f"[programs.uring]\ncommand = {WITH_IO_URING}\nstartsecs = 0\n"
+        "[programs.uring.checkpoint]\non_signal = true\n\n"
+        f"[programs.idle]\ncommand = {IDLE}\nstartsecs = 0\n"
+    )
+    supervisor.start()
+    pid = supervisor.wait_running("uring", "idle")["uring"]
+    assert supervisor.status()["uring"]["last_checkpoint_failure"] is None
+
+    failed = supervisor.cli("checkpoint", "uring", code=1)
+    assert "criu dump failed" in failed.stderr, failed.stderr
+    entry = supervisor.status()["uring"]
+    failure = entry["last_checkpoint_failure"]
+    assert isinstance(failure, dict)
+    assert failure["trigger"] == "manual"
+    cause = r"criu dump failed: pid \d+ \(python\S*\) holds fd 3, an io_uring instance; "
+    assert re.match(cause, failure["error"]), failure
+    assert "to fix: the program uses io_uring" in failure["error"], failure
+    # The program runs on, the same instance, and status still exits 0 (nothing is FATAL).
+    assert (entry["state"], entry["pid"]) == ("RUNNING", pid)
+    line = supervisor.cli("status", "uring").stdout
+    assert line.startswith("uring ")
+    assert "RUNNING" in line
+    assert f"last checkpoint FAILED at {failure['at'][:10]} " in line, line
+    assert f"(manual): {failure['error']}" in line, line
+    assert "last checkpoint FAILED" not in supervisor.cli("status", "idle").stdout
+
+    # A failure of the SIGUSR1 round replaces it, with its own trigger.
+    os.kill(supervisor.pid, signal.SIGUSR1)
+    wait_until(
+        lambda: supervisor.status()["uring"]["last_checkpoint_failure"] != failure,
+        60.0,
+        "the SIGUSR1 round's failure",
+    )
+    again = supervisor.status()["uring"]["last_checkpoint_failure"]
+    assert isinstance(again, dict)
+    assert again["trigger"] == "signal"
+    assert again["at"] > failure["at"], (again, failure)
+    assert "(signal): criu dump failed: pid " in supervisor.cli("status").stdout
