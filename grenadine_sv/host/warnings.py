@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from grenadine_sv.config.models import ProgramConfig
 from grenadine_sv.criu.version import UnreadableOutputError
 from grenadine_sv.host.facts import decode_capabilities, parse_cap_eff
 from grenadine_sv.sandbox.init import TINI
+from grenadine_sv.sandbox.launcher import DEFAULT_PATH
+from grenadine_sv.sandbox.visibility import MOUNTINFO, hidden_from_sandbox, mount_points
 
 ROOT_NAMES = frozenset({"root", "0"})
 
@@ -23,10 +25,17 @@ def host_capabilities() -> set[str]:
 
 
 def program_warnings(
-    programs: Mapping[str, ProgramConfig], capabilities: Iterable[str], init_present: bool
+    programs: Mapping[str, ProgramConfig],
+    capabilities: Iterable[str],
+    init_present: bool,
+    host_mounts: Sequence[str] | None = None,
 ) -> list[str]:
-    """One sentence per program setting that will not work on this host, naming file and key."""
+    """One sentence per program setting that will not work on this host, naming file and key.
+
+    `host_mounts`: the host's mount points (default: this host's)."""
     has_sys_resource = "CAP_SYS_RESOURCE" in set(capabilities)
+    if host_mounts is None:
+        host_mounts = _host_mount_points()
     warnings = []
     for name, program in sorted(programs.items()):
         where = f"{program.source}: programs.{name}"
@@ -41,7 +50,25 @@ def program_warnings(
                 f"{where}.init: {TINI} is missing, so the program cannot start:"
                 " apt-get install tini, or set init = false"
             )
+        search_path = program.environment.get("PATH", os.environ.get("PATH", DEFAULT_PATH))
+        hidden = hidden_from_sandbox(
+            name,
+            command=program.command[0],
+            directory=str(program.directory),
+            search_path=search_path,
+            binds=[str(bind) for bind in program.binds],
+            host_mounts=host_mounts,
+        )
+        if hidden is not None:
+            warnings.append(f"{program.source}: {hidden}")
     return warnings
+
+
+def _host_mount_points() -> list[str]:
+    try:
+        return mount_points(Path(MOUNTINFO).read_text())
+    except OSError:
+        return []
 
 
 def init_present() -> bool:

@@ -19,6 +19,7 @@ import trio
 from grenadine_sv.sandbox.init import program_returncode
 from grenadine_sv.sandbox.linux import is_subreaper, read_pid_ns_inode, read_start_time
 from grenadine_sv.sandbox.spec import SandboxSpec
+from grenadine_sv.sandbox.visibility import spec_hidden_from_sandbox
 
 LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
 # launcher.py's own constant (it imports nothing of the package).
@@ -216,6 +217,9 @@ async def spawn_sandbox(
             "cannot start a sandbox: this process is not a child subreaper, so the program would"
             " be re-parented away from it; call become_subreaper() once at start-up"
         )
+    hidden = spec_hidden_from_sandbox(spec)
+    if hidden is not None:
+        raise SandboxError(hidden)
     if server is not None:
         return await _spawn_through(server, spec, stdout, stderr)
     read_fd, write_fd = _status_pipe()

@@ -120,17 +120,26 @@ class Checkpointing:
                 await self.usable_service().checkpoint(runner, trigger)
 
     async def checkpoint_at_shutdown(self, timeout: float) -> list[str]:
-        """Checkpoint, all at once, the RUNNING programs with checkpoint.on_stop, each frozen
+        """Checkpoint, all at once, the programs with checkpoint.on_stop that are RUNNING (or
+        become so within `timeout`, when STARTING), each frozen
         until its image is durable and then ended by the dump, so that the next supervisor
         restores them as they were. A program whose checkpoint fails, or is not done within
         `timeout` (its CRIU is then killed), runs on and is stopped normally afterwards.
         Returns the programs checkpointed."""
         runners = self.programs.runners
-        chosen = [
-            n
-            for n in self.programs.select(["all"])
-            if runners[n].config.checkpoint.on_stop and runners[n].state == State.RUNNING
-        ]
+        on_stop = [n for n in self.programs.select(["all"]) if runners[n].config.checkpoint.on_stop]
+        # A program still STARTING already holds what an image must keep (a restored one, all
+        # its memory): wait for it to be ready, within the same bound, rather than stop it
+        # unsaved and leave an older image to be restored next time.
+        starting = [n for n in on_stop if runners[n].state == State.STARTING]
+        began = trio.current_time()
+        if starting:
+            log.info("shutdown_checkpoints_waiting", programs=starting, timeout_seconds=timeout)
+            with trio.move_on_after(timeout):
+                for name in starting:
+                    await runners[name].wait_until(lambda s: s != State.STARTING, timeout)
+        timeout = max(0.0, timeout - (trio.current_time() - began))
+        chosen = [n for n in on_stop if runners[n].state == State.RUNNING]
         if not chosen:
             return []
         if self.service is None:

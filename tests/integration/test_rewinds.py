@@ -21,6 +21,7 @@ from tests.integration.test_cli import (
     IDLE,
     SupervisorProcess,
     is_alive,
+    memcached,
     memcached_get,
     memcached_program,
     memcached_set,
@@ -201,3 +202,37 @@ def test_shutdown_checkpoints_on_stop_programs_and_a_late_one_is_stopped_normall
     assert "shutdown_checkpoint_done" not in names
     assert ImageStore(sv_dirs.state_dir).list("big") == []
     assert not is_alive(pid)
+
+
+def test_shutdown_waits_for_a_starting_on_stop_program_and_checkpoints_it(
+    supervisor: SupervisorProcess, sv_dirs: SupervisorDirs
+) -> None:
+    """A program still STARTING at shutdown already has state (memcached serves before its
+    probe passes): it is checkpointed once ready, not stopped unsaved."""
+    port = free_port()
+    ready_flag = sv_dirs.root / "ready"
+    program = pinned(port, '["supervisor-start"]', "on_stop = true").replace(
+        f'ready = {{ tcp = "127.0.0.1:{port}", timeout = "10s" }}',
+        f'ready = {{ command = ["test", "-e", "{ready_flag}"], timeout = "120s" }}',
+    )
+    sv_dirs.write_config(program)
+    supervisor.start()
+    wait_until(lambda: supervisor.status().get("cache", {}).get("state") == "STARTING", 30)
+    wait_until(lambda: memcached(port, "version").startswith("VERSION"), 30, "memcached serves")
+    memcached_set(port, "k", "set while starting")
+    assert supervisor.process is not None
+    supervisor.process.send_signal(signal.SIGTERM)
+    wait_until(
+        lambda: any(
+            e.get("event") == "shutdown_checkpoints_waiting" for e in log_events(supervisor)
+        ),
+        30,
+        "the shutdown waits for the starting program",
+    )
+    ready_flag.touch()
+    assert supervisor.process.wait(SHUTDOWN_BOUND) == 0
+    [image] = ImageStore(sv_dirs.state_dir).list("cache")
+    assert image.trigger == "shutdown"
+    supervisor.start()
+    supervisor.wait_running("cache")
+    assert memcached_get(port, "k") == "set while starting"

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -78,11 +79,6 @@ def anchor() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="grenadine-anchor-")
     yield path
     os.rmdir(path)
-
-
-@pytest.fixture
-def host_mountinfo() -> list[str]:
-    return host_mounts()
 
 
 class Pipe:
@@ -220,13 +216,18 @@ async def test_proc_inside_shows_only_the_sandboxs_processes(anchor: str, pipe: 
     assert [entry for entry in listing if entry.isdigit()] == ["1"]
 
 
-async def test_mounts_stay_inside_the_sandbox(
-    anchor: str, pipe: Pipe, host_mountinfo: list[str]
-) -> None:
+def mounts_below(anchor: str) -> list[str]:
+    """Host mounts at or below the sandbox root's anchor, where the launcher builds the root.
+
+    (Not the whole host table: other tests on this host may mount things meanwhile.)"""
+    return [point for point in host_mounts() if point == anchor or point.startswith(anchor + "/")]
+
+
+async def test_mounts_stay_inside_the_sandbox(anchor: str, pipe: Pipe) -> None:
     async with sandboxed(make_spec(anchor, "sleep", "1000"), pipe) as process:
-        assert host_mounts() == host_mountinfo
+        assert mounts_below(anchor) == []
         inside = mount_points(f"/proc/{process.pid}/mountinfo")
-    assert host_mounts() == host_mountinfo
+    assert mounts_below(anchor) == []
     assert inside[:2] == ["/", "/proc"]
     assert {"/dev", "/dev/pts", "/dev/shm", "/tmp", "/sys"} <= set(inside)
     assert not any(point.startswith(anchor) for point in inside), "the old root must be detached"
@@ -294,6 +295,35 @@ async def test_a_failing_step_raises_a_sandbox_error_naming_it(
         await spawn_sandbox(spec, pipe.write_fd, pipe.write_fd, _launch["server"])
     pipe.close_write_end()
     assert await pipe.read_to_eof() == "", f"nothing should reach the program's output: {raised}"
+
+
+@pytest.fixture
+def separate_mount(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted on the host, like a separate /srv partition (unmounted afterwards)."""
+    point = tmp_path / "srv"
+    point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)], check=True)
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+async def test_a_directory_on_a_mount_the_sandbox_lacks_is_named_with_its_fix(
+    anchor: str, pipe: Pipe, separate_mount: Path
+) -> None:
+    spec = make_spec(anchor, "pwd", directory=str(separate_mount))
+    with pytest.raises(SandboxError) as raised:
+        await spawn_sandbox(spec, pipe.write_fd, pipe.write_fd, _launch["server"])
+    assert str(raised.value) == (
+        f"the directory {separate_mount} is on the host mount {separate_mount}, which the"
+        " sandbox does not include (its root is the host's / without the mounts below it):"
+        f' add "{separate_mount}" to programs.test.binds'
+    )
+    bound = make_spec(anchor, "pwd", directory=str(separate_mount), binds=(str(separate_mount),))
+    async with sandboxed(bound, pipe) as process:
+        assert await pipe.read_to_eof() == f"{separate_mount}\n"
+        assert await process.wait() == 0
 
 
 async def test_spawning_requires_a_child_subreaper(anchor: str, pipe: Pipe) -> None:
@@ -514,7 +544,11 @@ async def test_the_launcher_server_launches_at_once_and_comes_back_after_it_died
             assert await pipe.read_until(lambda got: b"up" in got) == b"up\n"
 
         os.kill(first_server, signal.SIGKILL)
-        await wait_for(lambda: not Path(f"/proc/{first_server}/cmdline").read_bytes())
+        # Until it is a zombie, its socket may still be open (its memory goes first).
+        with trio.fail_after(BOUND):
+            await trio.to_thread.run_sync(
+                os.waitid, os.P_PID, first_server, os.WEXITED | os.WNOWAIT
+            )
         again = Pipe()
         pipes.append(again)
         spec = make_spec(anchor, "sh", "-c", "echo again; exec sleep 1000")

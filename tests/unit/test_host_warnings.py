@@ -31,3 +31,18 @@ def test_a_missing_init_is_named_unless_the_program_opts_out():
     programs = {"a": program("a"), "b": program("b", init=False)}
     [warning] = program_warnings(programs, {"CAP_SYS_RESOURCE"}, init_present=False)
     assert warning.startswith("/etc/grenadine.toml: programs.a.init: /usr/bin/tini is missing")
+
+
+def test_a_directory_on_a_mount_the_sandbox_lacks_is_named_with_its_fix():
+    programs = {
+        "web": program("web", directory="/srv/web"),
+        "bound": program("bound", directory="/srv/web", binds=["/srv"]),
+    }
+    [warning] = program_warnings(
+        programs, {"CAP_SYS_RESOURCE"}, init_present=True, host_mounts=["/", "/srv"]
+    )
+    assert warning == (
+        "/etc/grenadine.toml: the directory /srv/web is on the host mount /srv, which the sandbox"
+        " does not include (its root is the host's / without the mounts below it):"
+        ' add "/srv" to programs.web.binds'
+    )
