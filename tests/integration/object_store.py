@@ -224,3 +224,13 @@ def object_store(weed_server: WeedServer) -> Iterator[ObjectStore]:
     yield store
     if not weed_server.running():
         weed_server.start()
+
+
+@pytest.fixture
+def own_object_store() -> Iterator[ObjectStore]:
+    """A SeaweedFS server of the test's own, for a test that takes the store down and starts
+    it again (a restart of the module's shared server was seen to hang uploads)."""
+    with running_weed() as server:
+        store = ObjectStore(server, BUCKET_PREFIX)
+        store.ensure_bucket()
+        yield store

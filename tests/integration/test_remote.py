@@ -22,6 +22,7 @@ from tests.conftest import SupervisorDirs, free_port
 from tests.integration.object_store import (  # noqa: F401 (fixtures)
     ObjectStore,
     object_store,
+    own_object_store,
     weed_server,
 )
 from tests.integration.supervising import wait_until
@@ -238,15 +239,16 @@ def test_host_b_restores_what_host_a_uploaded(
 
 
 def test_store_down_uploads_wait_survive_a_restart_and_complete(
-    object_store: ObjectStore,  # noqa: F811
+    own_object_store: ObjectStore,  # noqa: F811
     hosts: tuple[SupervisorProcess, SupervisorProcess],
     aws_env: None,
 ) -> None:
     a, _ = hosts
+    store = own_object_store
     port = free_port()
     identity = pyrage.x25519.Identity.generate()
-    configure(a, port, object_store, identity, upload=True, keep=1)
-    object_store.stop()
+    configure(a, port, store, identity, upload=True, keep=1)
+    store.stop()
     a.start()
     a.wait_running("redis")
     a.cli("checkpoint", "redis")
@@ -261,11 +263,11 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     a.process.wait()
     a.start()
     assert queue_length(a) == 2
-    object_store.start()
+    store.start()
     wanted = {f"{PREFIX}/redis/{image.id}.tar.zst.age" for image in local}
     try:
         wait_until(
-            lambda: wanted <= set(object_store.object_keys()),
+            lambda: wanted <= set(store.object_keys()),
             UPLOAD_TIMEOUT,
             "both images uploaded",
         )
@@ -283,7 +285,7 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     oldest_key = f"{PREFIX}/redis/{local[-1].id}.tar.zst.age"
 
     def pruned_remotely() -> bool:
-        keys = set(object_store.object_keys(f"{PREFIX}/"))
+        keys = set(store.object_keys(f"{PREFIX}/"))
         return newest_key in keys and oldest_key not in keys and len(keys) == 2
 
     wait_until(pruned_remotely, UPLOAD_TIMEOUT, "remote_keep applied")
