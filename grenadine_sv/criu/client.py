@@ -12,15 +12,18 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import pycriu
+from typing import TYPE_CHECKING, Any
 
 from grenadine_sv.criu.diagnosis import advice_for, cause_lines
 from grenadine_sv.criu.notify import PostDumpFailed, dump_with_notifications
 from grenadine_sv.criu.options import CriuOptions, apply_options
 from grenadine_sv.criu.undumpable import children, undumpable_fds
 
+if TYPE_CHECKING:
+    import pycriu
+
+# pycriu (with protobuf and every CRIU image message, ~5 MiB) is imported by the first dump
+# or restore: a supervisor whose programs are never checkpointed does without it.
 LOG_LEVEL = 4
 SWRK_EXIT_SECONDS = 30.0
 
@@ -124,6 +127,8 @@ class Criu:
         return len(running)
 
     def dump(self, request: DumpRequest) -> None:
+        import pycriu
+
         log_path = request.images_dir / request.log_name
         failure: Exception | None = None
         with (
@@ -160,6 +165,8 @@ class Criu:
 
     def restore(self, request: RestoreRequest) -> int:
         """Restore the tree as a child of this process; returns the root's host pid."""
+        import pycriu
+
         log_path = request.work_dir / request.log_name
         fds = tuple(request.inherit_fds.values())
         failure: pycriu.CRIUException | None = None
@@ -244,6 +251,8 @@ class Criu:
             raise CriuError(action, f"cannot run {self.binary}: {exc.strerror}", None) from exc
         finally:
             theirs.close()
+        import pycriu
+
         client = pycriu.criu()
         with self._running_lock:
             self._running.add(swrk)

@@ -13,8 +13,6 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-import pycriu
-
 POST_DUMP = "post-dump"
 
 
@@ -30,6 +28,8 @@ def dump_with_notifications(
 
     Raises pycriu.CRIUExceptionExternal when CRIU reports failure, PostDumpFailed (from the
     callback's exception) when the callback failed."""
+    import pycriu  # only once something is dumped: the supervisor starts without it
+
     rpc = pycriu.rpc_pb2
     request = rpc.criu_req()
     request.type = rpc.DUMP

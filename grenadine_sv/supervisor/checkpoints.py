@@ -208,6 +208,8 @@ class CheckpointService:
         self.hold_fds: tuple[int, ...] = ()
         # Images a lazy restore found corrupt while serving them: never restored again.
         self._corrupt: set[str] = set()
+        # Lazy restores run CRIU one at a time (see restore_from).
+        self._lazy_restore_lock = trio.Lock()
         # The object store, when [supervisor.remote] has a url: uploads and remote restores.
         self.remote: RemoteImages | None = None
         # Image id -> restores of it under way: retention and prune leave those images alone.
@@ -570,12 +572,20 @@ class CheckpointService:
                 if lazy:
                     await trio.to_thread.run_sync(self._verify, image, True)
                     work_dir = await trio.to_thread.run_sync(self._work_dir_of, program)
-                    daemon = await start_lazy_pages(
-                        self.criu, self.store.criu_dir(image), work_dir, lazy_log_name(image)
+                    # Concurrent lazy restores (a take-back restores every program at once)
+                    # stalled in CRIU for up to 30 s with their restored tasks spinning in page
+                    # faults; one at a time each takes a fraction of a second.
+                    async with self._lazy_restore_lock:
+                        daemon = await start_lazy_pages(
+                            self.criu, self.store.criu_dir(image), work_dir, lazy_log_name(image)
+                        )
+                        pid, output_fds, held = await trio.to_thread.run_sync(
+                            self._restore, runner, image, lazy, abandon_on_cancel=False
+                        )
+                else:
+                    pid, output_fds, held = await trio.to_thread.run_sync(
+                        self._restore, runner, image, lazy, abandon_on_cancel=False
                     )
-                pid, output_fds, held = await trio.to_thread.run_sync(
-                    self._restore, runner, image, lazy, abandon_on_cancel=False
-                )
             except (CriuError, ImageCorrupt, OSError, LazyPagesError) as exc:
                 if daemon is not None:
                     await end_daemon(daemon)

@@ -65,6 +65,8 @@ class SupervisionRun:
     pss_bytes: int
     """PSS of the supervisor and its helper processes outside the sandboxes."""
     helpers: int
+    pss_parts: dict[str, int]
+    """That PSS by part: the supervisor process, its helpers, the sandboxes' inits."""
 
 
 def measure(supervisor: Supervised, programs: int, idle_seconds: float) -> SupervisionRun:
@@ -88,7 +90,12 @@ def measure(supervisor: Supervised, programs: int, idle_seconds: float) -> Super
     own = descendants_in_own_pid_namespace(supervisor.pid, {ref.pid for ref in refs})
     # The sandboxes' init is grenadine-sv's cost, not the program's: it counts too.
     inits = [ref.pid for ref in refs if Path(f"/proc/{ref.pid}/comm").read_text().strip() == "tini"]
-    pss = sum(pss_bytes(pid) for pid in [*own, *inits])
+    parts = {
+        "supervisor": pss_bytes(supervisor.pid),
+        "helpers": sum(pss_bytes(pid) for pid in own if pid != supervisor.pid),
+        "inits": sum(pss_bytes(pid) for pid in inits),
+    }
+    pss = sum(parts.values())
     stop_began = time.monotonic()
     supervisor.stop_all()
     stopped_at = wait_until(
@@ -106,6 +113,7 @@ def measure(supervisor: Supervised, programs: int, idle_seconds: float) -> Super
         rss,
         pss,
         len(own) - 1,
+        parts,
     )
 
 
@@ -192,7 +200,14 @@ def run(settings: Settings) -> list[Comparison]:
             tuple(float(r.pss_bytes) for r in ours),
             tuple(float(r.pss_bytes) for r in theirs),
             Target("<=", 1.3),
-            details={f"helper_processes_{k}": runs[k][0].helpers for k in kinds},
+            details={f"helper_processes_{k}": runs[k][0].helpers for k in kinds}
+            | {
+                f"median_pss_mib_{part}_{k}": round(
+                    statistics.median(r.pss_parts[part] for r in runs[k]) / 2**20, 2
+                )
+                for part in ("supervisor", "helpers", "inits")
+                for k in kinds
+            },
             note="PSS of the supervisor and every process under it that is not a program "
             "(grenadine-sv: its sandbox launcher), plus each sandbox's init (tini), all "
             "programs running",

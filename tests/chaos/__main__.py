@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--take-back-targets", default="dump,sealing,restore")
     parser.add_argument("--kill-share", type=float, default=0.7)
     parser.add_argument(
+        "--lazy-share", type=float, default=0.5, help='share of programs with restore_mode "lazy"'
+    )
+    parser.add_argument(
         "--recovery-bound", type=float, default=30.0, help="seconds a new supervisor may take"
     )
     parser.add_argument("--keep-going", action="store_true", help="go on after a violation")
@@ -61,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         kill_targets=tuple(args.kill_targets.split(",")),
         take_back_targets=tuple(args.take_back_targets.split(",")),
         kill_share=args.kill_share,
+        lazy_share=args.lazy_share,
         print_interval=args.print_interval,
         keep_dir=args.keep_dir,
         recovery_bound=args.recovery_bound,

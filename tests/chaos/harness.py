@@ -1,6 +1,9 @@
 """The chaos harness: random operations through the real `grenadine-sv` command line against a
 real supervisor, SIGKILLs of that supervisor at random moments (aimed inside CRIU's dumps, the
-sealing of images and CRIU's restores), then a new supervisor and the invariants of issue 11:
+sealing of images, CRIU's restores and, for programs with restore_mode = "lazy", while CRIU's
+lazy-pages daemon still serves a restored program's memory), then a new supervisor and the
+invariants of issue 11 (a lazily restored program answers with its token and its ballast whole:
+never a program silently missing memory):
 
 - exactly one instance of every program that should run, none of one that should not (counted
   from /proc: command line, PID namespace, parent; and its cgroup when it has one);
@@ -68,14 +71,37 @@ OPERATIONS = (
     "usr1",
     "none",
     "shutdown",
+    "restart",
+    "signal",
+    "update",
+    "clear",
 )
+# supervisorctl's verbs that change state (`python -m tests.chaos` runs them with the rest).
+SUPERVISORCTL_VERBS = ("restart", "signal", "update", "clear")
 # Operations that exist only once main has them (the command they need).
-NEEDS_COMMAND = {"shutdown": "shutdown", "rmi": "rmi"}
+NEEDS_COMMAND = {
+    "shutdown": "shutdown",
+    "rmi": "rmi",
+    "restart": "restart",
+    "signal": "signal",
+    "update": "update",
+    "clear": "clear",
+}
+# What `signal` sends: the token service prints a line for HUP and ignores USR2; KILL is a
+# crash, which the supervisor answers with a cold start (restore_on leaves out "crash").
+SIGNALS = ("HUP", "USR2", "KILL")
 # Where a kill is aimed. "anywhere" is a random delay into the operation; "recovery" kills the
 # next supervisor again while it takes its programs back (inside its dump or restore).
-KILL_TARGETS = ("dump", "sealing", "restore", "anywhere", "recovery")
-DUMPING_OPERATIONS = ("checkpoint", "checkpoint-stop", "usr1", "reload-changed", "shutdown")
-LANDINGS = ("dump", "sealing", "restore", *REMOTE_TARGETS, "elsewhere")
+KILL_TARGETS = ("dump", "sealing", "restore", "lazy", "anywhere", "recovery")
+DUMPING_OPERATIONS = (
+    "checkpoint",
+    "checkpoint-stop",
+    "usr1",
+    "reload-changed",
+    "update",
+    "shutdown",
+)
+LANDINGS = ("dump", "sealing", "restore", "lazy", *REMOTE_TARGETS, "elsewhere")
 
 KEEP = 3
 REMOTE_KEEP = 1
@@ -88,6 +114,9 @@ SETTLE_POLL = 0.1
 WATCH_POLL = 0.003
 CLI_TIMEOUT = 180.0
 TOKEN_LINE = re.compile(r"token=([0-9a-f]{32}) ballast=(\w+)")
+TICK_LINE = re.compile(r"^tick (\d+) token=([0-9a-f]{32})$", re.MULTILINE)
+# How long a program's output may take to show in its log (it prints every print_interval).
+OUTPUT_BOUND = 10.0
 IMAGE_TOKEN = re.compile(rb"CHAOSTOKEN:([0-9a-f]{32})")
 # A program's own cgroup is one the harness is not in (the supervisor may make one per program).
 OWN_CGROUP = kernel.cgroup_v2_path(os.getpid())
@@ -106,6 +135,8 @@ class Options:
     kill_operations: tuple[str, ...] = OPERATIONS
     print_interval: float = 0.2
     ballast_mib: tuple[int, int] = (16, 48)
+    # The share of programs restored lazily (restore_mode = "lazy"), drawn per episode.
+    lazy_share: float = 0.5
     # A new supervisor must have every program back, supervised, within this many seconds.
     recovery_bound: float = 30.0
     keep_dir: bool = False
@@ -208,7 +239,7 @@ class Episode:
             self.operations = [o for o in self.operations if o != "rmi"] + [REMOTE_OPERATION] * 2
         for p in self.programs.values():
             p.on_stop = "shutdown" in features and self.rng.random() < 0.5
-            p.lazy = "restore_mode" in features and self.rng.random() < 0.5
+            p.lazy = "restore_mode" in features and self.rng.random() < options.lazy_share
         self.supervisor: subprocess.Popen[bytes] | None = None
         self.exited_before_kill = False
         self.generation = 0
@@ -217,7 +248,7 @@ class Episode:
         self.keepers_seen: dict[int, int] = {}
         self.image_tokens: dict[str, str] = {}
         # How long each phase lasted when last seen: a kill waits a random part of it.
-        self.phase_seconds = dict.fromkeys(("dump", "sealing", "restore"), 0.02)
+        self.phase_seconds = dict.fromkeys(("dump", "sealing", "restore", "lazy"), 0.02)
         self.iteration = 0
         self.history: list[str] = []
 
@@ -286,7 +317,9 @@ class Episode:
         if not stopped:
             allowed = [o for o in allowed if o != "start"]
         if not running:
-            allowed = [o for o in allowed if o not in ("stop", "checkpoint", "checkpoint-stop")]
+            allowed = [
+                o for o in allowed if o not in ("stop", "checkpoint", "checkpoint-stop", "signal")
+            ]
         if not self.store.list():
             allowed = [o for o in allowed if o not in ("restore", "rmi")]
         if REMOTE_OPERATION in allowed and (self.remote is None or not self.remote.objects()):
@@ -300,6 +333,9 @@ class Episode:
             weights |= {"dump": 2, "sealing": 3}
         if operation == "restore":
             weights["restore"] = 3
+            if any(p.lazy for p in self.programs.values()):
+                # While CRIU's lazy-pages daemon still serves the restored program's memory.
+                weights["lazy"] = 2
         if self.remote is not None and operation in DUMPING_OPERATIONS:
             weights["upload"] = 3
         if operation == REMOTE_OPERATION:
@@ -443,13 +479,16 @@ class Episode:
             if program.token is not None:
                 # A RUNNING program is checkpointed first (pre-restore): retention may follow.
                 outcome.may_vanish |= self.retention_victims(program.name) - {image.id}
-        elif operation in ("reload-changed", "reload-unchanged"):
-            if operation == "reload-changed":
+        elif operation in ("reload-changed", "reload-unchanged", "update"):
+            if operation != "reload-unchanged":
                 program = self.rng.choice(list(self.programs.values()))
                 program.generation += 1
                 outcome.may_vanish |= self.retention_victims(program.name)
             self.write_config()
-            args = ["reload", "--json"]
+            # `update` is supervisorctl's name for reload.
+            args = ["update" if operation == "update" else "reload", "--json"]
+        elif operation in ("restart", "signal", "clear"):
+            args, program = self.plan_supervisorctl_verb(operation, outcome)
         elif operation in ("prune", "usr1", "shutdown", "rmi"):
             args, program = self.plan_supervisor_wide(operation, outcome)
         elif operation == REMOTE_OPERATION:
@@ -458,6 +497,22 @@ class Episode:
             program = outcome.program
         outcome.program = program
         return args, outcome
+
+    def plan_supervisorctl_verb(
+        self, operation: str, outcome: Outcome
+    ) -> tuple[list[str], Program]:
+        """restart, signal, clear: one program, chosen at random."""
+        if operation == "signal":
+            program = self.rng.choice([p for p in self.programs.values() if p.token is not None])
+            outcome.signal = self.rng.choice(SIGNALS)
+            # Both orders supervisorctl users type: signal SIG NAME, signal NAME SIG.
+            words = [outcome.signal, program.name]
+            args = ["signal", *(words if self.rng.random() < 0.5 else words[::-1])]
+        else:
+            program = self.rng.choice(list(self.programs.values()))
+            args = [operation, program.name]
+        outcome.output_before = self.output_of(program.name)
+        return args, program
 
     def plan_supervisor_wide(
         self, operation: str, outcome: Outcome
@@ -689,11 +744,22 @@ class Episode:
                     fresh=True,
                     why=f"restore of {image.id[:12]} failed",
                 )
-        elif operation == "reload-changed" and program.token is None:
+        elif operation in ("reload-changed", "update") and program.token is None:
             # The README's contract: a reload leaves a program the operator stopped stopped.
             outcome.expected[name] = Expected(running=False, why="definition changed while stopped")
-        elif operation == "reload-changed":
+        elif operation in ("reload-changed", "update"):
             outcome.expected[name] = Expected(fresh=True, why="definition changed")
+        elif operation == "restart":
+            # Cold: restore_on leaves out "start", so never the token it had.
+            outcome.expected[name] = (
+                Expected(fresh=True, why="restarted")
+                if ok
+                else Expected(old, fresh=True, why="restart failed")
+            )
+        elif operation == "signal":
+            self.expect_after_signal(program, outcome, ok)
+        elif operation == "clear" and ok:
+            self.check_cleared(program, outcome.output_before)
         if operation in ("checkpoint", "checkpoint-stop") and ok:
             self.check_new_image_token(name, images_before, old)
 
@@ -739,11 +805,61 @@ class Episode:
                 fresh=True,
                 why=f"killed during restore of {image.id[:12]}",
             )
-        elif operation == "reload-changed":
-            outcome.expected[name] = Expected(old, fresh=True, why="killed during reload")
+        elif operation in ("reload-changed", "update", "restart") or (
+            operation == "signal" and outcome.signal == "KILL"
+        ):
+            outcome.expected[name] = Expected(old, fresh=True, why=f"killed during {operation}")
         elif operation == REMOTE_OPERATION:
             assert self.remote is not None
             self.remote.expect(self, outcome, None)
+
+    def expect_after_signal(self, program: Program, outcome: Outcome, ok: bool) -> None:
+        """HUP reaches the same instance (it prints a line), USR2 changes nothing, KILL is a
+        crash: a cold start, never the token it had."""
+        name = program.name
+        if outcome.signal == "KILL":
+            outcome.expected[name] = Expected(fresh=True, why="killed by signal KILL")
+            if ok:
+                self.tally.checks["crash restarted cold"] += 1
+            return
+        if ok and outcome.signal == "HUP":
+            wanted = f"hup token={program.token}"
+            hups = outcome.output_before.count(wanted)
+            self.wait_for_output(
+                name, lambda text: text.count(wanted) > hups, "the program printed hup"
+            )
+            self.tally.checks["signal handled"] += 1
+
+    def check_cleared(self, program: Program, before: str) -> None:
+        """After `clear`: the ticks printed before are gone, and the ticks go on being
+        captured (the keeper's pipe survives the truncation)."""
+        token = program.token
+        if token is None:
+            return
+        # The instance's newest line before the clear (an older instance, or this token's
+        # earlier life before a restore, may have printed higher numbers).
+        printed = [int(n) for n, t in TICK_LINE.findall(before) if t == token]
+        last = printed[-1] if printed else -1
+
+        def cleared(text: str) -> bool:
+            ticks = [int(n) for n, t in TICK_LINE.findall(text) if t == token]
+            return bool(ticks) and min(ticks) > last
+
+        self.wait_for_output(program.name, cleared, "output cleared, then captured again")
+        self.tally.checks["output captured after clear"] += 1
+
+    def output_of(self, name: str) -> str:
+        with contextlib.suppress(FileNotFoundError):
+            return (self.root / "logs" / f"{name}.out.log").read_text(errors="replace")
+        return ""
+
+    def wait_for_output(self, name: str, holds: Callable[[str], bool], what: str) -> None:
+        deadline = time.monotonic() + OUTPUT_BOUND
+        while not holds(self.output_of(name)):
+            if time.monotonic() > deadline:
+                tail = self.output_of(name)[-300:]
+                raise Violation(f"{name}: not within {OUTPUT_BOUND:g} s: {what}; log ends {tail!r}")
+            time.sleep(SETTLE_POLL)
 
     def retention_victims(self, program: str) -> set[str]:
         """Images a new checkpoint of `program` may delete: retention keeps `keep`, the new one
@@ -970,6 +1086,10 @@ class Outcome:
     fresh_if_new_image: set[str] = field(default_factory=set)
     remote: RemoteObject | None = None
     """The object a remote restore restores from."""
+    signal: str = ""
+    """What `signal` sent."""
+    output_before: str = ""
+    """The program's captured stdout before `signal` or `clear`."""
 
 
 @dataclass(frozen=True)
@@ -983,13 +1103,17 @@ _FEATURES: set[str] = set()
 
 
 def cli_features() -> set[str]:
-    """The commands `grenadine-sv --help` lists, and "restore_mode" when the configuration has
-    it: operations that need them run only once main has them."""
+    """The commands `grenadine-sv --help` lists (aliases too), and "restore_mode" when the
+    configuration has it: operations that need them run only once main has them."""
     if not _FEATURES:
         listing = subprocess.run(
             [os.fspath(CLI), "--help"], capture_output=True, text=True, check=False
         ).stdout
-        _FEATURES.update(re.findall(r"^    ([a-z][a-z-]*) ", listing, re.MULTILINE))
+        # `    reload (update)   re-read ...`: a command and its alias.
+        for command, alias in re.findall(
+            r"^    ([a-z][a-z-]*)(?: \(([a-z-]+)\))? ", listing, re.MULTILINE
+        ):
+            _FEATURES.update(name for name in (command, alias) if name)
         schema = subprocess.run(
             [os.fspath(CLI), "schema"], capture_output=True, text=True, check=False
         ).stdout

@@ -167,6 +167,19 @@ def criu_children(supervisor_pid: int, criu_binary: Path) -> list[int]:
     return found
 
 
+def is_lazy_pages_daemon(pid: int) -> bool:
+    """Whether a CRIU process is a `criu lazy-pages` daemon serving a lazy restore's memory."""
+    return b"lazy-pages" in (_read_bytes(f"/proc/{pid}/cmdline") or b"").split(b"\0")
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
 def partial_images(state_dir: Path) -> list[Path]:
     """Dumps in progress or being sealed: `.partial-ID` directories of the image store."""
     images = state_dir / "images"
@@ -183,6 +196,9 @@ class Phase:
     """Where a supervisor is, as far as CRIU goes, at one instant."""
 
     criu: tuple[int, ...]
+    """Every CRIU process the supervisor runs, lazy-pages daemons included."""
+    lazy: tuple[int, ...]
+    """The lazy-pages daemons among them (a lazy restore's memory still being served)."""
     partials: tuple[Path, ...]
     dumped: bool
     """A partial image holds CRIU's `stats-dump`, which CRIU writes when its dump is done."""
@@ -193,20 +209,26 @@ class Phase:
     def label(self) -> str:
         """ "dump" while CRIU runs with a partial image open; "sealing" once CRIU is done and
         the partial image is being hashed, fsynced and published; "restore" while CRIU runs
-        with no partial image; "elsewhere" otherwise."""
-        if self.criu and self.partials:
+        with no partial image; "lazy" while only lazy-pages daemons run (a lazily restored
+        program already runs, its memory still being served); "elsewhere" otherwise."""
+        working = set(self.criu) - set(self.lazy)
+        if working and self.partials:
             return "dump"
         if self.partials and self.dumped:
             return "sealing"
-        if self.criu:
+        if working:
             return "restore"
+        if self.lazy:
+            return "lazy"
         return "elsewhere"
 
 
 def observe(supervisor_pid: int, state_dir: Path, criu_binary: Path) -> Phase:
     partials = partial_images(state_dir)
+    criu = tuple(criu_children(supervisor_pid, criu_binary))
     return Phase(
-        criu=tuple(criu_children(supervisor_pid, criu_binary)),
+        criu=criu,
+        lazy=tuple(pid for pid in criu if is_lazy_pages_daemon(pid)),
         partials=tuple(partials),
         dumped=any((p / "criu" / "stats-dump").exists() for p in partials),
         sealed_meta=any((p / "meta.json").exists() for p in partials),

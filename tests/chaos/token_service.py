@@ -5,11 +5,13 @@ TCP and prints continuously.
         [--print-interval S]
 
 At start it draws a token (never seen before), fills M MiB of ballast derived from that token
-and prints `tick N token=T` every S seconds. Each TCP connection to 127.0.0.1:P receives one
-line, `token=T ballast=ok|BAD ticks=N`, then the connection is closed: `ballast=ok` says the
-ballast still hashes as it did at start (memory kept whole). A restore from an image answers
-with the token the image was taken with; a cold start with a new one. The token is also kept
-as `CHAOSTOKEN:T` so that the harness can read which token an image holds from its pages.
+and prints `tick N token=T` every S seconds. It prints `hup token=T` after each SIGHUP and
+ignores SIGUSR2 (signals the harness sends through `grenadine-sv signal`). Each TCP
+connection to 127.0.0.1:P receives one line, `token=T ballast=ok|BAD ticks=N`, then the
+connection is closed: `ballast=ok` says the ballast still hashes as it did at start (memory
+kept whole). A restore from an image answers with the token the image was taken with; a cold
+start with a new one. The token is also kept as `CHAOSTOKEN:T` so that the harness can read
+which token an image holds from its pages.
 
 `--name` and `--run` are not used by the program: they let the harness count its instances
 from /proc/PID/cmdline. While the port is taken (by another copy) it keeps retrying, so a
@@ -55,6 +57,14 @@ def stop(signum: int, frame: FrameType | None) -> None:
     sys.exit(0)
 
 
+HUPS: list[int] = []
+
+
+def hang_up(signum: int, frame: FrameType | None) -> None:
+    # Printed by the loop: a print inside the handler could land inside another print.
+    HUPS.append(signum)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
@@ -64,6 +74,8 @@ def main() -> None:
     parser.add_argument("--print-interval", type=float, default=0.2)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, hang_up)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     token = uuid.uuid4().hex
     marker = b"CHAOSTOKEN:" + token.encode()
     block = hashlib.sha512(marker).digest() * 16  # 1 KiB
@@ -85,6 +97,9 @@ def main() -> None:
                 reply = f"token={token} ballast={'ok' if whole else 'BAD'} ticks={ticks}\n"
                 with contextlib.suppress(OSError):
                     conn.sendall(reply.encode())
+        while HUPS:
+            HUPS.pop()
+            print(f"hup token={token}", flush=True)
         now = time.monotonic()
         if now >= next_tick:
             ticks += 1

@@ -38,12 +38,18 @@ def counter_command(port: int) -> str:
 
 def hit(port: int) -> int:
     """GET the counter service once; returns its count of hits."""
+    return int(counter_reply(port)["hits"])
+
+
+def counter_reply(port: int) -> dict[str, float]:
+    """GET the counter service once; returns its reply: hits, and when the process started."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
         data = b""
         while chunk := conn.recv(4096):
             data += chunk
-    return int(json.loads(data.split(b"\r\n\r\n", 1)[1])["hits"])
+    reply: dict[str, float] = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    return reply
 
 
 # A service that exits cleanly on SIGTERM and prints a line every 0.1 s.

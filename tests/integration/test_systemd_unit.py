@@ -8,9 +8,7 @@ the same unit, and that one takes the programs back with their memory; `systemct
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.integration.supervising import COUNTER_SERVICE, hit, wait_until
+from tests.integration.supervising import COUNTER_SERVICE, counter_reply, hit, wait_until
 from tests.integration.systemd_container import (
     REPO_ROOT,
     UNIT_NAME,
@@ -34,12 +32,7 @@ SUPERVISOR = Path(sys.prefix) / "bin" / "grenadine-sv"
 
 def counter_started(port: int) -> float:
     """The start time the counter reports: it changes only when the process is a new one."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
-        conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        data = b""
-        while chunk := conn.recv(4096):
-            data += chunk
-    return float(json.loads(data.split(b"\r\n\r\n", 1)[1])["started"])
+    return counter_reply(port)["started"]
 
 
 def answers(port: int) -> bool:
