@@ -3,7 +3,8 @@ downloads for restores. Built only when [supervisor.remote] url is set.
 
 The upload queue lives in state_dir/upload-queue.json (0600, replaced atomically): an image
 sealed locally is queued before the checkpoint returns, uploaded by one background task with
-exponential backoff, and never pruned locally while it waits.
+exponential backoff (each upload its own; one that succeeds ends the wait of the others), and
+never pruned locally while it waits.
 """
 
 from __future__ import annotations
@@ -143,6 +144,13 @@ class UploadQueue:
         with self._lock:
             self.entries = [e for e in self.entries if e is not entry]
 
+    def make_due(self, now: float) -> None:
+        """Retry every waiting upload at once: the store just took one, so the outage their
+        backoff waits out is over (a failure of their own backs off again from where it was)."""
+        with self._lock:
+            for entry in self.entries:
+                entry.not_before = min(entry.not_before, now)
+
     def ids_of(self, program: str) -> set[str]:
         with self._lock:
             return {e.image_id for e in self.entries if e.program == program}
@@ -271,6 +279,7 @@ class RemoteImages:
             )
         else:
             self.queue.remove(entry)
+            self.queue.make_due(self.clock())
             duration = time.monotonic() - began
             self.metrics.upload_succeeded(entry.program, duration)
             if remote_count is not None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,12 +18,11 @@ from typing import Any
 import pyrage
 import pytest
 
-from grenadine_sv.store.images import ImageStore
+from grenadine_sv.store.images import ImageMeta, ImageStore
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.object_store import (  # noqa: F401 (fixtures)
     ObjectStore,
     object_store,
-    own_object_store,
     weed_server,
 )
 from tests.integration.supervising import wait_until
@@ -154,8 +154,35 @@ def start_with_programs(host: SupervisorProcess) -> None:
 
 
 def queue_length(host: SupervisorProcess) -> int:
+    return len(queued(host))
+
+
+def queued(host: SupervisorProcess) -> set[str]:
+    """Ids of the images in the host's upload queue."""
     path = host.dirs.state_dir / "upload-queue.json"
-    return len(json.loads(path.read_text())["uploads"]) if path.exists() else 0
+    entries = json.loads(path.read_text())["uploads"] if path.exists() else []
+    return {entry["image_id"] for entry in entries}
+
+
+def uploaded(host: SupervisorProcess) -> set[str]:
+    """Ids of the images the host's supervisor logged as uploaded."""
+    ids = set()
+    for line in host.log().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "upload_done":
+                ids.add(event["image_id"])
+    return ids
+
+
+def uploaded_images(host: SupervisorProcess) -> list[ImageMeta]:
+    """What the host uploaded, from its images (an upload pins an image until it is done)."""
+    done = uploaded(host)
+    return [image for image in ImageStore(host.dirs.state_dir).list("redis") if image.id in done]
+
+
+def object_key(image_id: str) -> str:
+    return f"{PREFIX}/redis/{image_id}.tar.zst.age"
 
 
 def metric(port: int, line_start: str) -> float:
@@ -239,12 +266,12 @@ def test_host_b_restores_what_host_a_uploaded(
 
 
 def test_store_down_uploads_wait_survive_a_restart_and_complete(
-    own_object_store: ObjectStore,  # noqa: F811
+    object_store: ObjectStore,  # noqa: F811
     hosts: tuple[SupervisorProcess, SupervisorProcess],
     aws_env: None,
 ) -> None:
     a, _ = hosts
-    store = own_object_store
+    store = object_store
     port = free_port()
     identity = pyrage.x25519.Identity.generate()
     configure(a, port, store, identity, upload=True, keep=1)
@@ -255,40 +282,38 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     a.cli("checkpoint", "redis")
     local = ImageStore(a.dirs.state_dir).list("redis")
     assert len(local) == 2, "images waiting for upload were pruned (keep = 1)"
-    assert queue_length(a) == 2
+    waiting = {image.id for image in local}
+    assert queued(a) == waiting
     wait_until(lambda: "upload_failed" in a.log(), UPLOAD_TIMEOUT, "an upload attempt fails")
 
     assert a.process is not None
     a.process.kill()  # a crash: the queue is on disk, and a new supervisor takes it up
     a.process.wait()
     a.start()
-    assert queue_length(a) == 2
+    # The new supervisor takes redis back with a checkpoint, which queues a third image.
+    assert waiting <= queued(a)
     store.start()
-    wanted = {f"{PREFIX}/redis/{image.id}.tar.zst.age" for image in local}
     try:
-        wait_until(
-            lambda: wanted <= set(store.object_keys()),
-            UPLOAD_TIMEOUT,
-            "both images uploaded",
-        )
+        wait_until(lambda: waiting <= uploaded(a), UPLOAD_TIMEOUT, "both images uploaded")
     except AssertionError as exc:
         failures = [line for line in a.log().splitlines() if "upload_failed" in line]
         raise AssertionError(f"{exc}; last upload failures: {failures[-2:]}") from None
     wait_until(lambda: queue_length(a) == 0, UPLOAD_TIMEOUT, "the upload queue is empty")
+    # remote_keep = 2: the store holds the two newest of the images uploaded.
+    newest_two = sorted(uploaded_images(a), key=lambda i: i.created, reverse=True)[:2]
+    assert set(store.object_keys(f"{PREFIX}/")) == {object_key(i.id) for i in newest_two}
+
     a.wait_running("redis")
     a.cli("checkpoint", "redis")  # the uploaded images are not pinned now: keep = 1 applies
     remaining = {image.id for image in ImageStore(a.dirs.state_dir).list("redis")}
-    assert remaining.isdisjoint(image.id for image in local)
-    # remote_keep = 2: the third upload deletes the oldest object in the store.
+    assert remaining.isdisjoint(waiting)
     newest = ImageStore(a.dirs.state_dir).list("redis")[0]
-    newest_key = f"{PREFIX}/redis/{newest.id}.tar.zst.age"
-    oldest_key = f"{PREFIX}/redis/{local[-1].id}.tar.zst.age"
-
-    def pruned_remotely() -> bool:
-        keys = set(store.object_keys(f"{PREFIX}/"))
-        return newest_key in keys and oldest_key not in keys and len(keys) == 2
-
-    wait_until(pruned_remotely, UPLOAD_TIMEOUT, "remote_keep applied")
+    wanted = {object_key(newest.id), object_key(newest_two[0].id)}
+    wait_until(
+        lambda: set(store.object_keys(f"{PREFIX}/")) == wanted,
+        UPLOAD_TIMEOUT,
+        "remote_keep applied to the newest upload",
+    )
 
 
 def test_wrong_key_and_tampered_object_are_refused(

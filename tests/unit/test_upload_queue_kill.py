@@ -150,3 +150,34 @@ async def test_an_image_queued_by_any_dump_wakes_the_uploader(tmp_path: Path) ->
             while recording.uploaded != [image.id]:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+def committed(store: ImageStore, name: str) -> ImageMeta:
+    with store.begin(name, INTENT) as pending:
+        for file, data in CRIU_FILES.items():
+            (pending.criu_dir / file).write_bytes(data)
+        return pending.commit(FACTS)
+
+
+async def test_an_upload_that_succeeds_ends_the_backoff_of_the_others(tmp_path: Path) -> None:
+    """After an outage every queued upload waits out its own backoff (up to 30 s): once the
+    store takes one, the others go at once instead (seen in the store-down test: an image
+    waited 13 s more after the store was back)."""
+    store = ImageStore(tmp_path / "state")
+    config = program("uploads", upload=True)
+    waiting, due = committed(store, "uploads"), committed(store, "uploads")
+    recording = RecordingStore()
+    remote = remote_images(store, config)
+    remote._store_factory = lambda settings: recording  # type: ignore[assignment,return-value]
+    remote.queue.add("uploads", waiting.id)
+    remote.queue.add("uploads", due.id)
+    backed_off = remote.queue.entries[0]
+    backed_off.attempts, backed_off.not_before = 6, remote.clock() + 30.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(remote.run_uploads)
+        with trio.fail_after(10):
+            while len(recording.uploaded) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert recording.uploaded == [due.id, waiting.id]
+    assert remote.queue.entries == []
