@@ -212,6 +212,15 @@ def paths_used_by(pid: int) -> list[str]:
     return used
 
 
+def mount_root(pid: int, mount_point: str) -> str:
+    """The directory (within its filesystem) mounted at `mount_point` for the process."""
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == mount_point:
+            return fields[3]
+    raise AssertionError(f"nothing is mounted at {mount_point} for {pid}")
+
+
 def test_host_b_restores_what_host_a_uploaded(
     object_store: ObjectStore,  # noqa: F811
     hosts: tuple[SupervisorProcess, SupervisorProcess],
@@ -260,9 +269,12 @@ def test_host_b_restores_what_host_a_uploaded(
     pid = b.wait_running("redis")["redis"]
     assert redis_get(port, key) == value
     assert ImageStore(b.dirs.state_dir).list("redis")[0].id == image.id
-    a_root = str(a.dirs.root)
-    leaked = [path for path in paths_used_by(pid) if a_root in path]
+    # Mount roots are paths within their filesystem: with /tmp a tmpfs (Debian 13) they
+    # lack the /tmp prefix, so A's files are looked for by A's directory's unique name.
+    leaked = [path for path in paths_used_by(pid) if a.dirs.root.name in path]
     assert leaked == [], f"host B's redis uses host A's files: {leaked}"
+    tmp_source = mount_root(pid, "/tmp")
+    assert tmp_source.endswith(f"{b.dirs.root.name}/state/tmp/redis"), tmp_source
 
 
 def test_store_down_uploads_wait_survive_a_restart_and_complete(
@@ -395,3 +407,29 @@ def test_restore_source_newest_prefers_a_newer_remote_image_to_a_stale_local_one
     b.wait_running("redis")
     assert redis_get(port, "state") == "fresh"
     assert ImageStore(b.dirs.state_dir).list("redis")[0].id == newer.id
+
+
+def test_a_supervisor_without_a_store_never_loads_the_s3_client(
+    sv_dirs: SupervisorDirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without [supervisor.remote] a supervisor that checkpoints, prunes and restores never
+    imports boto3 (its imports, as `python -X importtime` lists them, go to its stderr)."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    sv_dirs.write_config(
+        '[programs.sleeper]\ncommand = ["/bin/sleep", "1000"]\nstartsecs = 0.2\n'
+        "[programs.sleeper.checkpoint]\nkeep = 1\n"
+    )
+    sv = SupervisorProcess(sv_dirs)
+    try:
+        sv.start()
+        sv.wait_running("sleeper")
+        sv.cli("checkpoint", "sleeper")
+        sv.cli("checkpoint", "sleeper", "--stop")
+        sv.cli("restore", "sleeper", "latest")
+        sv.wait_running("sleeper")
+    finally:
+        sv.stop()
+    imports = [line for line in sv.log().splitlines() if line.startswith("import time:")]
+    assert any(line.endswith(" grenadine_sv.supervisor.checkpoints") for line in imports)
+    loaded = [line for line in imports if "boto" in line or "s3transfer" in line]
+    assert loaded == []
