@@ -90,7 +90,7 @@ def import_archive(args: argparse.Namespace, out: TextIO) -> int:
     from grenadine_sv.store.encryption import EncryptionKeyError, load_identities
     from grenadine_sv.store.images import ImageStore
     from grenadine_sv.store.trust import check_trusted_to_create
-    from grenadine_sv.supervisor.checkpoints import current_definition
+    from grenadine_sv.supervisor.definitions import current_definition
 
     config = load_or_explain(args)
     if config is None:

@@ -14,8 +14,9 @@ from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.store.encryption import EncryptionKeyError
 from grenadine_sv.store.images import ImageStore
 from grenadine_sv.supervisor.checkpointing import Checkpointing
-from grenadine_sv.supervisor.checkpoints import CheckpointService, current_definition
+from grenadine_sv.supervisor.checkpoints import CheckpointService
 from grenadine_sv.supervisor.core import StartupError, Supervisor
+from grenadine_sv.supervisor.definitions import current_definition
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery

@@ -18,13 +18,13 @@ from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.policies import CoalescingTrigger, run_interval
 from grenadine_sv.store.images import ImageMeta, Trigger
 from grenadine_sv.store.trust import UntrustedPath
-from grenadine_sv.supervisor.checkpoints import (
+from grenadine_sv.supervisor.checkpoints import CheckpointService
+from grenadine_sv.supervisor.definitions import (
     OLD_FORMAT_WARNING,
-    CheckpointError,
-    CheckpointService,
     changed_definition_message,
     check_definition,
 )
+from grenadine_sv.supervisor.image_service import CheckpointError
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
 from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteUnavailable
 from grenadine_sv.supervisor.runner import ProgramRunner

@@ -21,7 +21,8 @@ from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.lifecycle.reload import ProgramDiff, changed_settings, diff_programs
 from grenadine_sv.store.images import ImageMeta
-from grenadine_sv.supervisor.checkpoints import CheckpointError, CheckpointService
+from grenadine_sv.supervisor.checkpoints import CheckpointService
+from grenadine_sv.supervisor.image_service import CheckpointError
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
 
 log = structlog.get_logger()

@@ -154,3 +154,24 @@ def instance_listens_on(port: int, cgroup: ProgramCgroup | None, pid_ns_inode: i
     """True when a process of this instance holds a socket listening on `port`."""
     inodes = listening_socket_inodes(port)
     return bool(inodes) and holds_any_socket(instance_pids(cgroup, pid_ns_inode), inodes)
+
+
+async def claim(cgroup: ProgramCgroup, definition_digest: str, program: str) -> None:
+    """Before an instance starts: `cgroup` exists, holds no process (a stray copy is ended)
+    and records the definition about to run."""
+    await trio.to_thread.run_sync(cgroup.ensure)
+    strays = cgroup.pids()
+    if strays:
+        log.warning("stray_processes_ended", program=program, pids=strays, cgroup=str(cgroup.path))
+        await emptied(cgroup)
+    cgroup.set_definition(definition_digest)
+
+
+def move_into(cgroup: ProgramCgroup, root_pid: int, pid_ns_inode: int) -> None:
+    """Move an instance into `cgroup` unless it is there (a restored instance whose image
+    predates cgroups lands outside)."""
+    if root_pid in cgroup.pids():
+        return
+    for pid in instance_pids(None, pid_ns_inode):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            cgroup.join(pid)

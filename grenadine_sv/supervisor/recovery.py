@@ -33,11 +33,8 @@ from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
 from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time, resume_sandbox
 from grenadine_sv.store.images import ImageMeta, ImageStore
-from grenadine_sv.supervisor.checkpoints import (
-    CheckpointError,
-    CheckpointService,
-    kill_frozen_orphan,
-)
+from grenadine_sv.supervisor.checkpoints import CheckpointService, kill_frozen_orphan
+from grenadine_sv.supervisor.image_service import CheckpointError
 from grenadine_sv.supervisor.membership import census, end_processes
 from grenadine_sv.supervisor.runner import Launcher, ProgramRunner
 
@@ -285,6 +282,9 @@ class Recovery:
         self.state_dir = state_dir
         self.checkpoints = checkpoints
         self._recorded: dict[str, RecordedInstance] = {}
+        # Orphans ended to be restored from their image, until their restore is over: a
+        # supervisor killed before that leaves them in the state file for the next one.
+        self._taking_back: dict[str, RecordedInstance] = {}
         self._changed = trio.Event()
         self._writes = trio.Lock()
         # Set by the supervisor once it runs, when the host has a usable cgroup v2 hierarchy.
@@ -303,7 +303,7 @@ class Recovery:
         """Write the recorded instances as they are now (also at shutdown)."""
         async with self._writes:
             self._changed = trio.Event()
-            snapshot = dict(self._recorded)
+            snapshot = {**self._taking_back, **self._recorded}
             try:
                 await trio.to_thread.run_sync(write_state, self.state_dir, snapshot)
             except OSError as exc:
@@ -315,6 +315,9 @@ class Recovery:
         process = runner.process
         name = runner.name
         alive = process is not None and process.returncode is None and runner.machine.pid
+        if name in self._taking_back and (alive or after is not State.STARTING):
+            del self._taking_back[name]
+            self._changed.set()
         if alive and process is not None:
             entry = RecordedInstance(
                 pid=process.pid,
@@ -356,6 +359,7 @@ class Recovery:
                     await kill_frozen_orphan(instance.pid, instance.start_time)
                 if frozen_into.trigger == "recovery" and program is not None:
                     launchers[name] = self._restorer(frozen_into)
+                    self._taking_back[name] = instance
                 continue
             if not alive:
                 continue
@@ -377,6 +381,7 @@ class Recovery:
                 else:
                     bound.info("orphan_checkpointed", image_id=image.id)
                     launchers[name] = self._restorer(image)
+                    self._taking_back[name] = instance
                     continue
             stop_signal = program.stop_signal if program is not None else signal.SIGTERM
             stop_wait = program.stopwaitsecs if program is not None else 10.0

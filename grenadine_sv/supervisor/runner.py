@@ -1,8 +1,4 @@
-"""Drives one program: feeds its state machine with events and carries out its actions.
-
-A little over 400 lines: each instance's process, output pipes (kept by the stdio keeper)
-and cgroup meet here; the cold start (sandbox_spec, launch_cold) is the part to move out
-next."""
+"""Drives one program: feeds its state machine with events and carries out its actions."""
 
 from __future__ import annotations
 
@@ -11,17 +7,15 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from pathlib import Path
 from typing import Any, Literal
 
 import structlog
 import trio
 
 from grenadine_sv.config.loading import ProgramConfig
-from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_stream
+from grenadine_sv.keeper.client import key_stream
 from grenadine_sv.lifecycle.machine import (
     Action,
     BackoffElapsed,
@@ -49,71 +43,37 @@ from grenadine_sv.lifecycle.machine import (
     signal_name,
 )
 from grenadine_sv.sandbox import (
-    LauncherServer,
     SandboxError,
     SandboxProcess,
-    SandboxSpec,
-    spawn_sandbox,
 )
-from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
-from grenadine_sv.sandbox.init import TINI
-from grenadine_sv.sandbox.private_tmp import empty_private_tmp, private_tmp_dir
-from grenadine_sv.supervisor.membership import emptied, instance_listens_on, instance_pids
+from grenadine_sv.sandbox.cgroup import ProgramCgroup
+from grenadine_sv.supervisor.cold_start import launch_cold
+from grenadine_sv.supervisor.instance import LaunchedInstance, RestoredFrom, RunnerContext
+from grenadine_sv.supervisor.membership import claim, instance_listens_on, move_into
 from grenadine_sv.supervisor.output import (
     RotatingLogFile,
     drain_available,
-    open_output_pipe,
     pump_output,
 )
 from grenadine_sv.supervisor.probes import ProbeFailed, wait_until_ready
 
+# Kept importable from here, where the rest of the project takes them from.
+__all__ = [
+    "LaunchedInstance",
+    "Launcher",
+    "ProgramRunner",
+    "RestoredFrom",
+    "RunnerContext",
+    "StartCause",
+    "StateObserver",
+    "launch_cold",
+    "lifecycle_policy",
+]
+
 StateObserver = Callable[["ProgramRunner", State, State], None]
 
+
 WAITING_STATES = frozenset({State.STARTING, State.BACKOFF, State.STOPPING})
-
-
-@dataclass(frozen=True)
-class RunnerContext:
-    log_dir: Path
-    root_anchor: Path
-    # Where programs' private /tmp directories live (state_dir/tmp).
-    state_dir: Path
-    observers: tuple[StateObserver, ...] = ()
-    sandbox_server: LauncherServer | None = None
-    # Holds each output pipe's read end too, so programs outlive a killed supervisor.
-    keeper: StdioKeeper | None = None
-    # A cgroup per program, so that its processes are known whatever was recorded.
-    cgroups: ProgramCgroups | None = None
-
-    def keep_pipe(self, program: str, stream: str, read_fd: int) -> str | None:
-        """Hand a copy of an output pipe's read end to the stdio keeper; its key, or None."""
-        if self.keeper is None:
-            return None
-        try:
-            return self.keeper.keep(program, stream, read_fd)
-        except KeeperError as exc:
-            structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
-            return None
-
-    def release_pipes(self, keys: tuple[str, ...]) -> None:
-        if self.keeper is None:
-            return
-        for key in keys:
-            try:
-                self.keeper.drop(key)
-            except KeeperError as exc:
-                structlog.get_logger().error("stdio_keeper_failed", key=key, error=str(exc))
-
-
-@dataclass
-class LaunchedInstance:
-    process: SandboxProcess
-    stdout: trio.abc.ReceiveStream
-    stderr: trio.abc.ReceiveStream
-    # Keys of the pipes the stdio keeper holds for this instance (released at end of file).
-    held: tuple[str, ...] = ()
-    companions: list[Callable[[SandboxProcess], Awaitable[None]]] = field(default_factory=list)
-    """Tasks that run next to the instance (a lazy restore's memory supervision)."""
 
 
 # A launcher starts an instance of the program: from scratch, or from an image.
@@ -125,17 +85,6 @@ Launcher = Callable[["ProgramRunner"], Awaitable[LaunchedInstance]]
 StartCause = Literal["supervisor-start", "start", "crash", "dependency"]
 
 
-@dataclass(frozen=True)
-class RestoredFrom:
-    """The image the current instance was restored from, and on what occasion."""
-
-    image_id: str
-    created: datetime
-    occasion: str
-    # Set when this image was restored instead of the one asked for (restore_fallback).
-    instead_of: str | None = None
-
-
 def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
     return LifecyclePolicy(
         autorestart=config.autorestart,
@@ -144,31 +93,6 @@ def lifecycle_policy(config: ProgramConfig) -> LifecyclePolicy:
         startretries=config.startretries,
         stopwaitsecs=config.stopwaitsecs,
         has_ready_probe=config.ready is not None,
-    )
-
-
-def sandbox_spec(
-    config: ProgramConfig,
-    root_anchor: Path,
-    cgroup: ProgramCgroup | None = None,
-    tmp: Path | None = None,
-) -> SandboxSpec:
-    environment = dict(os.environ)
-    environment.update(config.environment)
-    environment["GRENADINE_SV_PROGRAM"] = config.name
-    return SandboxSpec(
-        name=config.name,
-        command=tuple(config.command),
-        directory=str(config.directory),
-        environment=environment,
-        umask=config.umask,
-        user=config.user,
-        group=config.group,
-        binds=tuple(str(path) for path in config.binds),
-        root_anchor=str(root_anchor),
-        init=TINI if config.init else None,
-        tmp=str(tmp) if tmp is not None else None,
-        cgroup=str(cgroup.path) if cgroup is not None else None,
     )
 
 
@@ -224,26 +148,10 @@ class ProgramRunner:
         return cgroups.of(self.name) if cgroups is not None else None
 
     async def claim_cgroup(self) -> None:
-        """Before an instance starts: the program's cgroup exists, holds no process (a stray
-        copy is ended) and records the definition about to run."""
-        cgroup = self.cgroup
-        if cgroup is None:
-            return
-        await trio.to_thread.run_sync(cgroup.ensure)
-        strays = cgroup.pids()
-        if strays:
-            self.log.warning("stray_processes_ended", pids=strays, cgroup=str(cgroup.path))
-            await emptied(cgroup)
-        cgroup.set_definition(self.config.definition_digest())
-
-    def _place_in_cgroup(self, process: SandboxProcess) -> None:
-        """A restored instance whose image predates cgroups lands outside: move it in."""
-        cgroup = self.cgroup
-        if cgroup is None or process.pid in cgroup.pids():
-            return
-        for pid in instance_pids(None, process.pid_ns_inode):
-            with contextlib.suppress(OSError):  # gone meanwhile
-                cgroup.join(pid)
+        """Before an instance starts: the program's cgroup is empty and records the
+        definition about to run (membership.claim)."""
+        if self.cgroup is not None:
+            await claim(self.cgroup, self.config.definition_digest(), self.name)
 
     def owns_listener(self, port: int) -> bool:
         """True when the listener on `port` belongs to this runner's current instance."""
@@ -436,7 +344,8 @@ class ProgramRunner:
         try:
             await self.claim_cgroup()
             launched = await launcher(self)
-            self._place_in_cgroup(launched.process)
+            if self.cgroup is not None:
+                move_into(self.cgroup, launched.process.pid, launched.process.pid_ns_inode)
         except Exception as exc:  # whatever goes wrong, only this program's start fails
             if isinstance(exc, SandboxError | OSError):
                 self.log.warning("spawn_failed", error=str(exc))
@@ -506,34 +415,3 @@ class ProgramRunner:
             self._post(ReadyFailed(action.instance, str(exc), trio.current_time()))
             return
         self._post(BecameReady(action.instance, trio.current_time()))
-
-
-async def launch_cold(runner: ProgramRunner) -> LaunchedInstance:
-    """Start the program from scratch in a fresh sandbox."""
-    tmp = None
-    if runner.config.private_tmp:
-        tmp = private_tmp_dir(runner.context.state_dir, runner.name)
-        await trio.to_thread.run_sync(empty_private_tmp, tmp)
-    spec = sandbox_spec(runner.config, runner.context.root_anchor, runner.cgroup, tmp)
-    stdout_fd, stdout_stream = open_output_pipe()
-    stderr_fd, stderr_stream = open_output_pipe()
-    context, name = runner.context, runner.name
-    held = tuple(
-        key
-        for key in (
-            context.keep_pipe(name, "stdout", stdout_stream.fileno()),
-            context.keep_pipe(name, "stderr", stderr_stream.fileno()),
-        )
-        if key is not None
-    )
-    try:
-        process = await spawn_sandbox(spec, stdout_fd, stderr_fd, runner.context.sandbox_server)
-    except BaseException:
-        context.release_pipes(held)
-        await stdout_stream.aclose()
-        await stderr_stream.aclose()
-        raise
-    finally:
-        os.close(stdout_fd)
-        os.close(stderr_fd)
-    return LaunchedInstance(process, stdout_stream, stderr_stream, held)

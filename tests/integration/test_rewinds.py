@@ -54,6 +54,14 @@ def pinned(port: int, restore_on: str, checkpoint: str = "") -> str:
     )
 
 
+def memcached_serves(port: int) -> bool:
+    """STARTING comes before memcached listens: refused until then."""
+    try:
+        return memcached(port, "version").startswith("VERSION")
+    except ConnectionRefusedError:
+        return False
+
+
 def origin(supervisor: SupervisorProcess, name: str) -> tuple[str, str] | None:
     found = RESTORED.search(supervisor.cli("status", name).stdout)
     return (found.group(1), found.group(2)) if found else None
@@ -217,20 +225,24 @@ def test_shutdown_waits_for_a_starting_on_stop_program_and_checkpoints_it(
     )
     sv_dirs.write_config(program)
     supervisor.start()
-    wait_until(lambda: supervisor.status().get("cache", {}).get("state") == "STARTING", 30)
-    wait_until(lambda: memcached(port, "version").startswith("VERSION"), 30, "memcached serves")
-    memcached_set(port, "k", "set while starting")
-    assert supervisor.process is not None
-    supervisor.process.send_signal(signal.SIGTERM)
-    wait_until(
-        lambda: any(
-            e.get("event") == "shutdown_checkpoints_waiting" for e in log_events(supervisor)
-        ),
-        30,
-        "the shutdown waits for the starting program",
-    )
-    ready_flag.touch()
-    assert supervisor.process.wait(SHUTDOWN_BOUND) == 0
+    try:
+        wait_until(lambda: supervisor.status().get("cache", {}).get("state") == "STARTING", 30)
+        wait_until(lambda: memcached_serves(port), 30, "memcached serves")
+        memcached_set(port, "k", "set while starting")
+        assert supervisor.process is not None
+        supervisor.process.send_signal(signal.SIGTERM)
+        wait_until(
+            lambda: any(
+                e.get("event") == "shutdown_checkpoints_waiting" for e in log_events(supervisor)
+            ),
+            30,
+            "the shutdown waits for the starting program",
+        )
+        ready_flag.touch()
+        assert supervisor.process.wait(SHUTDOWN_BOUND) == 0
+    finally:
+        # Without the flag the shutdown waits for the probe and the teardown kills it.
+        ready_flag.touch()
     [image] = ImageStore(sv_dirs.state_dir).list("cache")
     assert image.trigger == "shutdown"
     supervisor.start()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from grenadine_sv.config.models import ProgramConfig, SupervisorSettings
-from grenadine_sv.supervisor.runner import sandbox_spec
+from grenadine_sv.supervisor.cold_start import sandbox_spec
 
 BASE_DIR = Path("/etc/grenadine-sv")
 

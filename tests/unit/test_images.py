@@ -226,7 +226,7 @@ def finished_dump(store: ImageStore, intent: DumpIntent = INTENT) -> PendingImag
 @pytest.fixture
 def fake_facts(monkeypatch: pytest.MonkeyPatch) -> None:
     """pycriu cannot decode the made-up files above: recovery reads FACTS instead."""
-    monkeypatch.setattr("grenadine_sv.store.images.read_dump_facts", lambda _dir, **_: FACTS)
+    monkeypatch.setattr("grenadine_sv.store.pending.read_dump_facts", lambda _dir, **_: FACTS)
 
 
 def test_recover_partials_completes_a_finished_dump(store: ImageStore, fake_facts: None) -> None:

@@ -8,13 +8,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 import trio
 
+from grenadine_sv.config.loading import Config
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.supervisor import recovery
+from grenadine_sv.supervisor.checkpoints import CheckpointService
 from grenadine_sv.supervisor.recovery import (
     RecordedInstance,
     Recovery,
@@ -125,3 +128,57 @@ async def test_writes_are_one_at_a_time_and_end_on_the_last_state(
     assert len(written) < 51
     pids = [entry["pid"] for state in written for name, entry in state.items() if name == "p4"]
     assert pids == sorted(pids)
+
+
+FROZEN = RecordedInstance(pid=20, start_time=222, pid_ns_inode=4026531836, definition_digest="ab")
+
+
+@pytest.fixture
+def frozen_orphan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A predecessor left p0 frozen, and its image (a take-back's, trigger recovery) listed."""
+    image = SimpleNamespace(id="904aa1", trigger="recovery")
+
+    async def orphans(state_dir: Path, cgroups: object) -> dict[str, RecordedInstance]:
+        return {"p0": FROZEN}
+
+    monkeypatch.setattr(recovery, "find_orphans", orphans)
+    monkeypatch.setattr(Recovery, "_image_that_froze", lambda self, name, instance: image)
+    monkeypatch.setattr(recovery, "is_same_process", lambda instance: False)
+
+
+async def taken_back(tmp_path: Path) -> Recovery:
+    keeper = Recovery(
+        tmp_path, cast(CheckpointService, SimpleNamespace(launch_with_fallback=print))
+    )
+    config = cast(Config, SimpleNamespace(programs={"p0": SimpleNamespace()}))
+    assert set(await keeper.take_back_orphans(config)) == {"p0"}
+    return keeper
+
+
+@pytest.mark.usefixtures("frozen_orphan")
+async def test_an_orphan_ended_for_its_restore_stays_in_the_state_file_until_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """A supervisor killed after ending a frozen orphan and before restoring it left a state
+    file without it, and the next one cold-started the program: its memory lost (chaos
+    harness, seed 4)."""
+    keeper = await taken_back(tmp_path)
+    other = FakeRunner("p1", FakeProcess(30))
+    keeper.record_instances(cast(ProgramRunner, other), State.STARTING, State.RUNNING)
+    starting = FakeRunner("p0", None)
+    keeper.record_instances(cast(ProgramRunner, starting), State.STOPPED, State.STARTING)
+    await keeper.write_now()
+    assert read_state(tmp_path)["p0"] == FROZEN
+    restored = FakeRunner("p0", FakeProcess(40))
+    keeper.record_instances(cast(ProgramRunner, restored), State.STARTING, State.RUNNING)
+    await keeper.write_now()
+    assert read_state(tmp_path)["p0"].pid == 40
+
+
+@pytest.mark.usefixtures("frozen_orphan")
+async def test_an_orphan_whose_restore_failed_leaves_the_state_file(tmp_path: Path) -> None:
+    keeper = await taken_back(tmp_path)
+    failed = FakeRunner("p0", None)
+    keeper.record_instances(cast(ProgramRunner, failed), State.STARTING, State.FATAL)
+    await keeper.write_now()
+    assert "p0" not in read_state(tmp_path)

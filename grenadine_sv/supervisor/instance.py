@@ -1,0 +1,76 @@
+"""What a program's runner is given (`RunnerContext`: where logs and sandboxes go, the stdio
+keeper, the cgroups) and what a launcher hands it: an instance (`LaunchedInstance`: its
+process, its output, what runs beside it), and for one restored from an image, which image
+(`RestoredFrom`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+import trio
+
+from grenadine_sv.keeper.client import KeeperError, StdioKeeper
+from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.sandbox import LauncherServer, SandboxProcess
+from grenadine_sv.sandbox.cgroup import ProgramCgroups
+
+
+@dataclass(frozen=True)
+class RunnerContext:
+    log_dir: Path
+    root_anchor: Path
+    # Where programs' private /tmp directories live (state_dir/tmp).
+    state_dir: Path
+    # Told (runner, state before, state after) at each change of state (runner.StateObserver).
+    observers: tuple[Callable[[Any, State, State], None], ...] = ()
+    sandbox_server: LauncherServer | None = None
+    # Holds each output pipe's read end too, so programs outlive a killed supervisor.
+    keeper: StdioKeeper | None = None
+    # A cgroup per program, so that its processes are known whatever was recorded.
+    cgroups: ProgramCgroups | None = None
+
+    def keep_pipe(self, program: str, stream: str, read_fd: int) -> str | None:
+        """Hand a copy of an output pipe's read end to the stdio keeper; its key, or None."""
+        if self.keeper is None:
+            return None
+        try:
+            return self.keeper.keep(program, stream, read_fd)
+        except KeeperError as exc:
+            structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
+            return None
+
+    def release_pipes(self, keys: tuple[str, ...]) -> None:
+        if self.keeper is None:
+            return
+        for key in keys:
+            try:
+                self.keeper.drop(key)
+            except KeeperError as exc:
+                structlog.get_logger().error("stdio_keeper_failed", key=key, error=str(exc))
+
+
+@dataclass
+class LaunchedInstance:
+    process: SandboxProcess
+    stdout: trio.abc.ReceiveStream
+    stderr: trio.abc.ReceiveStream
+    # Keys of the pipes the stdio keeper holds for this instance (released at end of file).
+    held: tuple[str, ...] = ()
+    companions: list[Callable[[SandboxProcess], Awaitable[None]]] = field(default_factory=list)
+    """Tasks that run next to the instance (a lazy restore's memory supervision)."""
+
+
+@dataclass(frozen=True)
+class RestoredFrom:
+    """The image the current instance was restored from, and on what occasion."""
+
+    image_id: str
+    created: datetime
+    occasion: str
+    # Set when this image was restored instead of the one asked for (restore_fallback).
+    instead_of: str | None = None
