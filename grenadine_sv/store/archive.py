@@ -1,13 +1,15 @@
 """Image archives: one image as a single stream, to move it to another host.
 
-An archive is a tar stream of `meta.json` (with every file's size and sha256) followed by the
-image's `criu/` files, zstd-compressed by default, and age-encrypted when recipients are given
-(`.tar`, `.tar.zst`, `.tar.zst.age`). Writing and reading both stream in fixed-size chunks, so
-memory use does not depend on the image's size.
+An archive is a tar stream of `meta.json` (with every file's size and digest) followed by the
+image's `criu/` files and then its snapshot files (`files/`, with their owners and modes),
+zstd-compressed by default, and age-encrypted when recipients are given (`.tar`, `.tar.zst`,
+`.tar.zst.age`). Writing and reading both stream in fixed-size chunks, so memory use does not
+depend on the image's size.
 
 Reading writes into a hidden partial directory of the image store, checks every file against
-meta.json as it arrives, reads the stream to its end (age authenticates its last chunk there),
-and only then publishes the image with one rename, as a local checkpoint does.
+meta.json as it arrives (and the snapshot files again, as a whole, before publishing), reads
+the stream to its end (age authenticates its last chunk there), and only then publishes the
+image with one rename, as a local checkpoint does.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import tarfile
 import threading
 from collections.abc import Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, Self
 
@@ -26,7 +28,7 @@ import blake3
 from pydantic import ValidationError
 
 from grenadine_sv.store.definition import CurrentDefinition, definition_changes
-from grenadine_sv.store.durable import DIR_MODE, create_private_file
+from grenadine_sv.store.durable import DIR_MODE, create_private_file, make_private_dir
 from grenadine_sv.store.encryption import (
     AGE_MAGIC,
     DecryptionFailed,
@@ -42,6 +44,7 @@ from grenadine_sv.store.images import (
     PendingImage,
 )
 from grenadine_sv.store.sealing import ChecksumAlgorithm
+from grenadine_sv.store.snapshot import FILES_SUBDIR, SnapshotEntry
 
 Compression = Literal["none", "zstd"]
 COMPRESSIONS: tuple[Compression, ...] = ("zstd", "none")
@@ -50,6 +53,7 @@ ZSTD_LEVEL = 3
 CHUNK_BYTES = 1 << 20
 MAX_META_BYTES = 16 << 20
 _MEMBER_PREFIX = f"{CRIU_SUBDIR}/"
+_SNAPSHOT_PREFIX = f"{FILES_SUBDIR}/"
 
 Progress = Callable[[int, int], None]
 """Called with (bytes of image files done, bytes of image files in all)."""
@@ -105,7 +109,9 @@ def write_archive(
     progress: Progress | None = None,
 ) -> None:
     """Write `image` as an archive into `sink`; encrypted when `recipients` (pyrage
-    recipients) are given."""
+    recipients) are given. Raises ArchiveRefused, before writing anything, for an image
+    that cannot be verified on arrival."""
+    check_exportable(store, image)
 
     def write_plain(out: BinaryIO) -> None:
         if compress == "zstd":
@@ -137,6 +143,7 @@ class ArchiveStream:
         recipients: list[Any] | None,
         compress: Compression = "zstd",
     ) -> None:
+        check_exportable(store, image)
         self._producer = _ProducerThread(
             lambda out: write_archive(store, image, out, compress=compress, recipients=recipients)
         )
@@ -157,13 +164,29 @@ class ArchiveStream:
         self._producer.__exit__(exc_type, exc, tb)
 
 
+def check_exportable(store: ImageStore, image: ImageMeta) -> None:
+    """Raise ArchiveRefused for an image whose snapshot files meta.json does not record
+    (taken before they were): the receiving host could not verify them."""
+    if not image.records_snapshot and (store.image_dir(image) / FILES_SUBDIR).exists():
+        raise ArchiveRefused(
+            f"image {image.id} of {image.program} holds snapshot files that its "
+            f"{META_FILE} does not record (format_version {image.format_version}, taken by an "
+            "older grenadine-sv), so another host could not verify them: checkpoint the "
+            "program again and move the new image"
+        )
+
+
+def _total_bytes(meta: ImageMeta) -> int:
+    return sum(meta.file_sizes.values()) + sum(e.size for e in meta.snapshot_files.values())
+
+
 def _write_tar(
     store: ImageStore, image: ImageMeta, out: BinaryIO, progress: Progress | None
 ) -> None:
     image_dir = store.image_dir(image)
     criu_dir = store.criu_dir(image)
     meta_bytes = (image_dir / META_FILE).read_bytes()
-    total = sum(image.file_sizes.values())
+    total = _total_bytes(image)
     counter = _Counter(total, progress)
     mtime = int(image.created.timestamp())
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -174,6 +197,29 @@ def _write_tar(
                 size = os.fstat(file.fileno()).st_size
                 member = _member(f"{_MEMBER_PREFIX}{rel}", size, mtime)
                 tar.addfile(member, _CountingReader(file, counter))
+        files_dir = image_dir / FILES_SUBDIR
+        for rel, entry in sorted(image.snapshot_files.items()):
+            _add_snapshot_entry(tar, files_dir / rel, rel, entry, counter)
+
+
+def _add_snapshot_entry(
+    tar: tarfile.TarFile, path: Path, rel: str, entry: SnapshotEntry, counter: _Counter
+) -> None:
+    """One entry of files/, as meta.json records it (the receiver checks the contents)."""
+    info = tarfile.TarInfo(f"{_SNAPSHOT_PREFIX}{rel}")
+    info.mode, info.uid, info.gid = entry.mode, entry.uid, entry.gid
+    info.mtime = int(path.lstat().st_mtime)
+    if entry.kind == "file":
+        with path.open("rb") as file:
+            info.size = os.fstat(file.fileno()).st_size
+            tar.addfile(info, _CountingReader(file, counter))
+        return
+    info.type = _TAR_TYPES[entry.kind]
+    info.linkname = entry.target
+    tar.addfile(info)
+
+
+_TAR_TYPES = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "fifo": tarfile.FIFOTYPE}
 
 
 def _member(name: str, size: int, mtime: int) -> tarfile.TarInfo:
@@ -250,7 +296,7 @@ def _import(
         except FileExistsError as exc:
             raise ArchiveRefused(str(exc)) from exc
         with pending:
-            _extract_files(tar, meta, pending, _Counter(sum(meta.file_sizes.values()), progress))
+            _extract_files(tar, meta, pending, _Counter(_total_bytes(meta), progress))
             for remaining in (stream, source):
                 while remaining.read(CHUNK_BYTES):
                     pass
@@ -293,8 +339,12 @@ def _extract_files(
     tar: tarfile.TarFile, meta: ImageMeta, pending: PendingImage, counter: _Counter
 ) -> None:
     seen: set[str] = set()
+    snapshot = _SnapshotReceiver(meta, pending.criu_dir.parent / FILES_SUBDIR, counter)
     while (member := tar.next()) is not None:
         name = member.name
+        if name.startswith(_SNAPSHOT_PREFIX):
+            snapshot.receive(tar, member)
+            continue
         rel = name.removeprefix(_MEMBER_PREFIX)
         if not name.startswith(_MEMBER_PREFIX) or rel not in meta.checksums:
             raise ArchiveRefused(f"the archive holds {name!r}, which its {META_FILE} does not list")
@@ -302,28 +352,127 @@ def _extract_files(
             raise ArchiveRefused(f"the archive holds {name!r} twice")
         if not member.isreg():
             raise ArchiveRefused(f"the archive's {name!r} is not a regular file")
+        _check_inside(name, rel)
         parts = PurePosixPath(rel).parts
-        if PurePosixPath(rel).is_absolute() or ".." in parts or not parts:
-            raise ArchiveRefused(f"the archive's {name!r} points outside the image")
         expected_size = meta.file_sizes.get(rel)
         if expected_size is not None and member.size != expected_size:
             raise ImageCorrupt(meta, name, f"has {member.size} bytes, expected {expected_size}")
         seen.add(rel)
         target = pending.criu_dir.joinpath(*parts)
         target.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        extracted = tar.extractfile(member)
-        assert extracted is not None
-        digest = _hasher(meta.checksum_algorithm)
-        with os.fdopen(create_private_file(target), "wb") as out:
-            while chunk := extracted.read(CHUNK_BYTES):
-                digest.update(chunk)
-                out.write(chunk)
-                counter.add(len(chunk))
-        if digest.hexdigest() != meta.checksums[rel]:
+        digest = _receive_file(tar, member, target, meta.checksum_algorithm, counter)
+        if digest != meta.checksums[rel]:
             raise ImageCorrupt(meta, name, f"does not match its {meta.checksum_algorithm} checksum")
     missing = sorted(set(meta.checksums) - seen)
     if missing:
         raise ImageCorrupt(meta, f"{_MEMBER_PREFIX}{missing[0]}", "is missing from the archive")
+    snapshot.finish()
+
+
+def _check_inside(name: str, rel: str) -> None:
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or ".." in parts or not parts:
+        raise ArchiveRefused(f"the archive's {name!r} points outside the image")
+
+
+def _receive_file(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    target: Path,
+    algorithm: ChecksumAlgorithm,
+    counter: _Counter,
+) -> str:
+    """Write the member's contents to a new private file `target`; returns their digest."""
+    extracted = tar.extractfile(member)
+    assert extracted is not None
+    digest = _hasher(algorithm)
+    with os.fdopen(create_private_file(target), "wb") as out:
+        while chunk := extracted.read(CHUNK_BYTES):
+            digest.update(chunk)
+            out.write(chunk)
+            counter.add(len(chunk))
+    return str(digest.hexdigest())
+
+
+class _SnapshotReceiver:
+    """Recreates the image's files/ from the archive's `files/` members: only entries that
+    meta.json records, each of its recorded kind, inside a directory received before it (so
+    never through a symlink), with the recorded owner and mode; a file's contents checked
+    against its recorded digest as it arrives. `finish` checks that nothing is missing."""
+
+    def __init__(self, meta: ImageMeta, files_dir: Path, counter: _Counter) -> None:
+        self._meta = meta
+        self._files_dir = files_dir
+        self._counter = counter
+        self._received: dict[str, Path] = {}
+        self._mtimes: list[tuple[Path, int]] = []
+
+    def receive(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        name = member.name
+        rel = name.removeprefix(_SNAPSHOT_PREFIX)
+        entry = self._meta.snapshot_files.get(rel)
+        if entry is None:
+            raise ArchiveRefused(f"the archive holds {name!r}, which its {META_FILE} does not list")
+        if rel in self._received:
+            raise ArchiveRefused(f"the archive holds {name!r} twice")
+        _check_inside(name, rel)
+        kind = _kind_of(member)
+        if kind != entry.kind:
+            raise ImageCorrupt(self._meta, name, f"is a {kind}, expected a {entry.kind}")
+        parent_rel, _, _ = rel.rpartition("/")
+        if parent_rel and self._meta.snapshot_files.get(parent_rel, entry).kind != "dir":
+            raise ArchiveRefused(f"the archive's {name!r} is not inside a directory")
+        if parent_rel and parent_rel not in self._received:
+            raise ArchiveRefused(f"the archive's {name!r} comes before its directory")
+        if not self._received:
+            make_private_dir(self._files_dir)
+        parent = self._received[parent_rel] if parent_rel else self._files_dir
+        target = parent / PurePosixPath(rel).name
+        if entry.kind == "file":
+            if member.size != entry.size:
+                raise ImageCorrupt(
+                    self._meta, name, f"has {member.size} bytes, expected {entry.size}"
+                )
+            digest = _receive_file(tar, member, target, "blake3", self._counter)
+            if digest != entry.digest:
+                raise ImageCorrupt(self._meta, name, "does not match its blake3 checksum")
+        elif entry.kind == "dir":
+            os.mkdir(target, DIR_MODE)
+        elif entry.kind == "symlink":
+            if member.linkname != entry.target:
+                raise ImageCorrupt(
+                    self._meta, name, f"points to {member.linkname!r}, expected {entry.target!r}"
+                )
+            os.symlink(entry.target, target)
+        else:
+            os.mkfifo(target, 0o600)
+        os.lchown(target, entry.uid, entry.gid)
+        if entry.kind != "symlink":
+            os.chmod(target, entry.mode)
+        self._mtimes.append((target, int(member.mtime)))
+        self._received[rel] = target
+
+    def finish(self) -> None:
+        missing = sorted(set(self._meta.snapshot_files) - set(self._received))
+        if missing:
+            raise ImageCorrupt(
+                self._meta, f"{_SNAPSHOT_PREFIX}{missing[0]}", "is missing from the archive"
+            )
+        # Last, deepest first: creating an entry changes its directory's times.
+        for target, mtime in reversed(self._mtimes):
+            os.utime(target, (mtime, mtime), follow_symlinks=False)
+
+
+def _kind_of(member: tarfile.TarInfo) -> str:
+    if member.isreg():
+        return "file"
+    if member.isdir():
+        return "dir"
+    if member.issym():
+        return "symlink"
+    if member.isfifo():
+        return "fifo"
+    return "special file"
 
 
 def _hasher(algorithm: ChecksumAlgorithm) -> Any:

@@ -23,8 +23,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 
-# 1: images that record only `definition_digest`; 2: they record the fields themselves.
-META_FORMAT_VERSION = 2
+# 1: images that record only `definition_digest`; 2: they record the fields themselves;
+# 3: they also record their snapshot files (files/).
+META_FORMAT_VERSION = 3
+SNAPSHOT_FORMAT_VERSION = 3
 # Longest value shown in a message before it is cut.
 SHOWN_VALUE_CHARS = 80
 

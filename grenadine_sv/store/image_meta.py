@@ -14,10 +14,11 @@ import structlog
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from grenadine_sv.config.units import check_program_name
-from grenadine_sv.store.definition import RecordedDefinition
+from grenadine_sv.store.definition import SNAPSHOT_FORMAT_VERSION, RecordedDefinition
 from grenadine_sv.store.sealing import (
     ChecksumAlgorithm,
 )
+from grenadine_sv.store.snapshot import SnapshotEntry
 
 Trigger = Literal[
     "signal", "interval", "pre-deploy", "manual", "recovery", "pre-restore", "shutdown"
@@ -115,6 +116,8 @@ class ImageMeta(BaseModel):
     """The program's /tmp is recorded as an external mount named for it (not by host path)."""
     snapshot: list[str] = []
     """Program paths whose files the image holds a copy of (files/, see store/snapshot.py)."""
+    snapshot_files: dict[str, SnapshotEntry] = {}
+    """Relative path under files/ -> what it is (format_version 3 on; see store/snapshot.py)."""
     checksums: dict[str, str]
     """Relative path under criu/ -> hex digest (`checksum_algorithm`)."""
     file_sizes: dict[str, int]
@@ -126,9 +129,15 @@ class ImageMeta(BaseModel):
     """Host pid of the instance dumped (None in images made before it was recorded)."""
     source_start_time: int | None = None
     format_version: int = 1
-    """1: images that record only definition_digest; 2: also `definition`."""
+    """1: images that record only definition_digest; 2: also `definition`; 3: also
+    `snapshot_files`."""
     definition: RecordedDefinition | None = None
     """The program's definition when the image was taken (see store/definition.py)."""
+
+    @property
+    def records_snapshot(self) -> bool:
+        """meta.json records the files/ of the image (older images have them unrecorded)."""
+        return self.format_version >= SNAPSHOT_FORMAT_VERSION
 
     def froze(self, pid: int, start_time: int) -> bool:
         """True when this image was taken of that very instance, which the dump left frozen

@@ -47,6 +47,7 @@ from grenadine_sv.store.image_meta import (
     IMAGES_SUBDIR,
     META_FILE,
     MIN_PREFIX_LEN,
+    PARTIAL_PREFIX,
     AmbiguousImage,
     DumpIntent,
     ImageCorrupt,
@@ -62,6 +63,7 @@ from grenadine_sv.store.pending import PartialsRecovered, PendingImage, recover_
 from grenadine_sv.store.sealing import (
     walk_tree,
 )
+from grenadine_sv.store.snapshot import SnapshotMismatch, check_snapshot
 from grenadine_sv.store.trust import check_trusted_dir
 from grenadine_sv.store.verification import check_files, verify_file, verify_files
 
@@ -218,6 +220,11 @@ class ImageStore:
         naming the first file that is missing, extra, resized or altered. Files for which
         `skip` is true get the cheap checks only (a lazy restore hashes them as it serves)."""
         verify_files(image, self.criu_dir(image), skip)
+        if image.records_snapshot:
+            try:
+                check_snapshot(self._image_dir(image), image.snapshot_files)
+            except SnapshotMismatch as exc:
+                raise ImageCorrupt(image, exc.path, exc.reason) from exc
 
     def verify_file(self, image: ImageMeta, rel: str, criu_dir: Path | None = None) -> None:
         """Hash one file of `image` and raise ImageCorrupt if it does not match."""
@@ -267,6 +274,10 @@ class ImageStore:
         """Deal with what interrupted dumps and deletes left behind (pending.recover_partials).
         Call it only when no dump is in progress."""
         return recover_partials(self.root, self.programs())
+
+    def being_made(self, program: str, image_id: str) -> bool:
+        """A dump or an import of this image is in progress (its partial directory exists)."""
+        return (self._program_dir(program) / f"{PARTIAL_PREFIX}{image_id}").is_dir()
 
     def programs(self) -> builtins.list[str]:
         """Names of programs that have an image directory, sorted."""

@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +48,7 @@ from grenadine_sv.store.sealing import (
     DumpWatcher,
     seal_tree,
 )
+from grenadine_sv.store.snapshot import SnapshotMismatch, check_snapshot, seal_snapshot
 from grenadine_sv.store.verification import check_received, verify_files
 
 log = structlog.get_logger(__name__)
@@ -102,12 +103,22 @@ class PendingImage:
             self._watcher = watcher
             yield
 
-    def commit(self, facts: DumpFacts, *, created: datetime | None = None) -> ImageMeta:
-        """Seal the dump: make every file private and durable, write meta.json, and publish the
-        image by renaming its directory. On failure the partial directory is removed."""
+    def commit(
+        self,
+        facts: DumpFacts,
+        *,
+        created: datetime | None = None,
+        before_publish: Callable[[ImageMeta], None] | None = None,
+    ) -> ImageMeta:
+        """Seal the dump: make every file private and durable, write meta.json, call
+        `before_publish` with the sealed image (to record what must happen to it, such as an
+        upload, before anyone can see it), and publish the image by renaming its directory.
+        On failure the partial directory is removed."""
         self._require_open("commit")
         try:
             meta = self.seal(facts, created=created)
+            if before_publish is not None:
+                before_publish(meta)
         except BaseException:
             self.abort()
             raise
@@ -140,6 +151,7 @@ class PendingImage:
             init=intent.init,
             private_tmp=intent.private_tmp,
             snapshot=list(intent.snapshot),
+            snapshot_files=seal_snapshot(self._partial_dir),
             checksums={path: r.digest for path, r in records.items()},
             file_sizes={path: r.size for path, r in records.items()},
             grenadine_version=__version__,
@@ -177,6 +189,11 @@ class PendingImage:
         try:
             records = seal_tree(self.criu_dir)
             check_received(meta, self.id, self.program, records, self.criu_dir)
+            if meta.records_snapshot:
+                try:
+                    check_snapshot(self._partial_dir, meta.snapshot_files, sync=True)
+                except SnapshotMismatch as exc:
+                    raise ImageCorrupt(meta, exc.path, exc.reason) from exc
             write_private_file(self._partial_dir / META_FILE, meta.model_dump_json(indent=2))
             fsync_dir(self._partial_dir)
             os.rename(self._partial_dir, self._program_dir / self.id)

@@ -24,7 +24,7 @@ from grenadine_sv.store.images import ImageMeta, validate_image_id, validate_pro
 OBJECT_SUFFIX = ".tar.zst.age"
 PART_BYTES = 16 << 20
 CONNECT_TIMEOUT_SECONDS = 10
-READ_TIMEOUT_SECONDS = 120
+READ_TIMEOUT_SECONDS = 60
 _OBJECT_NAME = re.compile(r"([0-9a-f]{32})" + re.escape(OBJECT_SUFFIX))
 
 

@@ -165,9 +165,6 @@ class CheckpointService(Restores):
             frozen_seconds=frozen,
             image_bytes=image.image_bytes,
         )
-        if self.remote is not None:
-            await trio.to_thread.run_sync(self.remote.image_sealed, runner.config, image)
-            self.remote.wake()
         keep = runner.config.checkpoint.keep
         deleted = await trio.to_thread.run_sync(self.prune_images, program, keep)
         for old in deleted:
@@ -232,7 +229,10 @@ class CheckpointService(Restores):
             warn_about_moved_sockets(config, pending.criu_dir, self.store.state_dir)
             try:
                 facts = read_dump_facts(pending.criu_dir, under_init=source.under_init)
-                return pending.commit(facts)
+                # Queued for upload before it is listed: a supervisor killed in between
+                # leaves a sealed partial that the next one lists, and its queue entry.
+                queue = partial(self.remote.image_sealed, config) if self.remote else None
+                return pending.commit(facts, before_publish=queue)
             except (ImageFactsError, OSError, ValueError) as exc:
                 if leave_running:
                     raise

@@ -156,12 +156,12 @@ class Supervisor:
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
         await self._set_up_cgroups()
-        await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
+        partials = await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
         service = self.checkpointing.service
         remote = service.remote if service is not None else None
         if remote is not None:
             await trio.to_thread.run_sync(remote.remove_stale_downloads)
-            await trio.to_thread.run_sync(remote.load_queue)
+            await trio.to_thread.run_sync(remote.load_queue, partials.completed)
         sock = control.bind_socket(settings.control_socket)
         write_pid_file(self.pid_file)
         log.info(

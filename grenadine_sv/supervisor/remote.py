@@ -3,7 +3,8 @@ downloads for restores. Built only when [supervisor.remote] url is set.
 
 The upload queue lives in state_dir/upload-queue.json (0600, replaced atomically): an image
 sealed locally is queued before the checkpoint returns, uploaded by one background task with
-exponential backoff, and never pruned locally while it waits.
+exponential backoff (each upload its own; one that succeeds ends the wait of the others), and
+never pruned locally while it waits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -143,6 +144,13 @@ class UploadQueue:
         with self._lock:
             self.entries = [e for e in self.entries if e is not entry]
 
+    def make_due(self, now: float) -> None:
+        """Retry every waiting upload at once: the store just took one, so the outage their
+        backoff waits out is over (a failure of their own backs off again from where it was)."""
+        with self._lock:
+            for entry in self.entries:
+                entry.not_before = min(entry.not_before, now)
+
     def ids_of(self, program: str) -> set[str]:
         with self._lock:
             return {e.image_id for e in self.entries if e.program == program}
@@ -176,13 +184,22 @@ class RemoteImages:
         self._store_factory = store_factory
         self._remote: RemoteStore | None = None
         self._wake = trio.Event()
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self.clock: Callable[[], float] = time.time
 
     # the queue -------------------------------------------------------------------
 
-    def load_queue(self) -> None:
-        """Read the queue a previous supervisor left; drop images no longer on disk."""
+    def load_queue(self, completed: Sequence[ImageMeta] = ()) -> None:
+        """Read the queue a previous supervisor left; drop images no longer on disk, and
+        queue those of `completed` (dumps a killed supervisor left sealing, listed at this
+        start) whose program uploads: it may have been killed before it queued them."""
         self.queue.load()
+        programs = self.programs()
+        for image in completed:
+            config = programs.get(image.program)
+            uploads = config is not None and config.checkpoint.upload
+            if uploads and self.queue.add(image.program, image.id):
+                log.info("upload_queued", program=image.program, image_id=image.id)
         present = {(m.program, m.id) for m in self.store.list()}
         for entry in list(self.queue.entries):
             if (entry.program, entry.image_id) not in present:
@@ -211,12 +228,22 @@ class RemoteImages:
             self.queue.save()
             log.info("upload_queued", program=image.program, image_id=image.id)
         self.metrics.upload_queue_changed(len(self.queue.entries))
+        self._wake_from_thread()
 
     def wake(self) -> None:
         self._wake.set()
 
+    def _wake_from_thread(self) -> None:
+        """Wake the uploader from a worker thread (a dump queues its image there, whichever
+        task asked for it: a checkpoint, a take-back, a restore's first checkpoint)."""
+        token = self._trio_token
+        if token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self.wake)
+
     async def run_uploads(self) -> None:
         """Upload queued images one at a time, oldest first, until cancelled."""
+        self._trio_token = trio.lowlevel.current_trio_token()
         while True:
             self._wake = trio.Event()
             now = self.clock()
@@ -235,6 +262,10 @@ class RemoteImages:
         try:
             remote_count = await trio.to_thread.run_sync(self._upload_blocking, entry)
         except ImageNotFound:
+            if await trio.to_thread.run_sync(self._listed_soon, entry):
+                # Queued while sealed, before it is listed: it is, or will be in a moment.
+                entry.not_before = self.clock() + BACKOFF_FIRST_SECONDS / 10
+                return
             bound.warning("upload_dropped", reason="the image is no longer on this host")
             self.queue.remove(entry)
         except (RemoteStoreError, OSError, ArchiveRefused, EncryptionKeyError) as exc:
@@ -248,6 +279,7 @@ class RemoteImages:
             )
         else:
             self.queue.remove(entry)
+            self.queue.make_due(self.clock())
             duration = time.monotonic() - began
             self.metrics.upload_succeeded(entry.program, duration)
             if remote_count is not None:
@@ -288,6 +320,17 @@ class RemoteImages:
             remote.delete(old)
             log.info("remote_image_pruned", program=entry.program, image_id=old.id)
         return min(len(images), keep)
+
+    def _listed_soon(self, entry: QueuedUpload) -> bool:
+        """The entry's image is being sealed, or was listed since it was looked for (its
+        partial directory is looked at first: publishing renames it into the listing)."""
+        if self.store.being_made(entry.program, entry.image_id):
+            return True
+        try:
+            self.store.resolve(entry.program, entry.image_id)
+        except ImageNotFound:
+            return False
+        return True
 
     def remote(self) -> RemoteStore:
         """The store client, built on first use (in a worker thread: it imports boto3)."""

@@ -226,6 +226,9 @@ class Restores(ImageService):
         if not lazy:  # a lazy restore verified what it could before starting its daemon
             self._verify(image, False)
         if image.snapshot:
+            if image.private_tmp:
+                # On a host where the program never ran, its private /tmp's parent is new.
+                ensure_private_tmp(private_tmp_dir(self.store.state_dir, runner.name))
             # Only what the current definition lists goes back (the image may list more).
             targets = snapshot_sources(runner.config, self.store.state_dir)
             written = write_back(self.store.criu_dir(image).parent, targets)

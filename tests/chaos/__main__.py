@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="keep each episode's directory (a failing one is always kept)",
     )
+    parser.add_argument(
+        "--remote",
+        action="store_true",
+        help="upload to a real object store (SeaweedFS), restore from it, kill inside both",
+    )
     parser.add_argument("--failures", type=Path, default=Path("chaos-failures.txt"))
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_dir=args.keep_dir,
         keep_failing_dir=True,
         recovery_bound=args.recovery_bound,
+        remote=args.remote,
     )
 
     def log(line: str) -> None:

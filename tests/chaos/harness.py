@@ -42,7 +42,16 @@ from grenadine_sv.control import protocol
 from grenadine_sv.criu.binary import find_criu
 from grenadine_sv.store.images import ImageCorrupt, ImageMeta, ImageStore
 from tests.chaos import kernel
+from tests.chaos.remote_mode import (
+    REMOTE_OPERATION,
+    REMOTE_TARGETS,
+    RemoteMode,
+    RemoteObject,
+    new_remote_mode,
+    object_store_server,
+)
 from tests.conftest import free_port
+from tests.integration.object_store import WeedServer
 
 TOKEN_SERVICE = Path(__file__).resolve().with_name("token_service.py")
 CLI = Path(sys.executable).with_name("grenadine-sv")
@@ -92,9 +101,10 @@ DUMPING_OPERATIONS = (
     "update",
     "shutdown",
 )
-LANDINGS = ("dump", "sealing", "restore", "lazy", "elsewhere")
+LANDINGS = ("dump", "sealing", "restore", "lazy", *REMOTE_TARGETS, "elsewhere")
 
 KEEP = 3
+REMOTE_KEEP = 1
 # Triggers of images made by checkpoints that end the program once the image is listed.
 STOPPING_TRIGGERS = ("manual", "shutdown")
 KEEPER_COMM = "grenadine-keep"
@@ -132,6 +142,10 @@ class Options:
     keep_dir: bool = False
     # By hand a failing episode's directory is kept for a look; the CI test removes it.
     keep_failing_dir: bool = False
+    # Remote mode (remote_mode.py): uploads to a real object store, `remote-restore`, kills
+    # aimed at "upload" and "remote-restore"; rmi is left out (it may delete an image waiting
+    # for upload, which the remote invariants forbid).
+    remote: bool = False
 
 
 @dataclass
@@ -188,7 +202,13 @@ class Program:
 
 
 class Episode:
-    def __init__(self, seed: int, options: Options, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        seed: int,
+        options: Options,
+        log: Callable[[str], None],
+        object_store: WeedServer | None = None,
+    ) -> None:
         self.seed = seed
         self.options = options
         self.rng = random.Random(seed)
@@ -211,6 +231,14 @@ class Episode:
             for o in options.operations
             if NEEDS_COMMAND.get(o, o) in features or o not in NEEDS_COMMAND
         ]
+        self.remote: RemoteMode | None = None
+        self.keep = KEEP
+        if object_store is not None:
+            # Uploaded images leave the host soon: remote restores then download them.
+            self.keep = REMOTE_KEEP
+            self.remote = new_remote_mode(object_store, self.root, seed)
+            # A remote restore is twice as likely as any other operation: remote mode is for it.
+            self.operations = [o for o in self.operations if o != "rmi"] + [REMOTE_OPERATION] * 2
         for p in self.programs.values():
             p.on_stop = "shutdown" in features and self.rng.random() < 0.5
             p.lazy = "restore_mode" in features and self.rng.random() < options.lazy_share
@@ -237,6 +265,8 @@ class Episode:
                 self.iteration = iteration
                 self.one_iteration()
                 self.tally.iterations += 1
+            if self.remote is not None:
+                self.remote.check_at_end(self)
         except Violation as exc:
             message = f"seed {self.seed}, iteration {self.iteration}: {exc}"
             self.tally.violations.append(message)
@@ -250,10 +280,8 @@ class Episode:
 
     def one_iteration(self) -> None:
         operation = self.choose_operation()
-        kill = (
-            operation in self.options.kill_operations
-            and self.rng.random() < self.options.kill_share
-        )
+        killable = operation in self.options.kill_operations or operation == REMOTE_OPERATION
+        kill = killable and self.rng.random() < self.options.kill_share
         target = self.choose_target(operation) if kill else None
         self.tally.operations[operation] += 1
         before = {p.name: p.token for p in self.programs.values()}
@@ -296,6 +324,8 @@ class Episode:
             ]
         if not self.store.list():
             allowed = [o for o in allowed if o not in ("restore", "rmi")]
+        if REMOTE_OPERATION in allowed and (self.remote is None or not self.remote.objects()):
+            allowed = [o for o in allowed if o != REMOTE_OPERATION]
         return self.rng.choice(allowed or ["none"])
 
     def choose_target(self, operation: str) -> str:
@@ -308,7 +338,15 @@ class Episode:
             if any(p.lazy for p in self.programs.values()):
                 # While CRIU's lazy-pages daemon still serves the restored program's memory.
                 weights["lazy"] = 2
-        allowed = [t for t in weights if t in self.options.kill_targets] or ["anywhere"]
+        if self.remote is not None and operation in DUMPING_OPERATIONS:
+            weights["upload"] = 3
+        if operation == REMOTE_OPERATION:
+            weights |= {"remote-restore": 3, "restore": 2}
+        allowed = [
+            t
+            for t in weights
+            if t in self.options.kill_targets or (self.remote is not None and t in REMOTE_TARGETS)
+        ] or ["anywhere"]
         return self.rng.choices(allowed, [weights.get(t, 1) for t in allowed])[0]
 
     # the supervisor ------------------------------------------------------------
@@ -343,9 +381,13 @@ class Episode:
                 f'ready = {{ tcp = "127.0.0.1:{p.port}", timeout = "20s" }}\n'
                 "stopwaitsecs = 2\n"
                 + ('restore_mode = "lazy"\n' if p.lazy else "")
-                + f"[programs.{p.name}.checkpoint]\non_signal = true\nkeep = {KEEP}\n"
-                "pre_deploy = true\n" + ("on_stop = true\n" if p.on_stop else "")
+                + f"[programs.{p.name}.checkpoint]\non_signal = true\nkeep = {self.keep}\n"
+                "pre_deploy = true\n"
+                + ("on_stop = true\n" if p.on_stop else "")
+                + (self.remote.checkpoint_keys() if self.remote is not None else "")
             )
+        if self.remote is not None:
+            tables.append(self.remote.supervisor_tables())
         temporary = self.config.with_suffix(".tmp")
         temporary.write_text("\n".join(tables))
         os.replace(temporary, self.config)
@@ -451,6 +493,10 @@ class Episode:
             args, program = self.plan_supervisorctl_verb(operation, outcome)
         elif operation in ("prune", "usr1", "shutdown", "rmi"):
             args, program = self.plan_supervisor_wide(operation, outcome)
+        elif operation == REMOTE_OPERATION:
+            assert self.remote is not None
+            args = self.remote.plan_restore(self, outcome)
+            program = outcome.program
         outcome.program = program
         return args, outcome
 
@@ -478,7 +524,7 @@ class Episode:
         args: list[str] | None = None
         program: Program | None = None
         if operation == "prune":
-            keep = self.rng.randint(0, KEEP)
+            keep = self.rng.randint(0, self.keep)
             name = self.rng.choice([None, *self.programs])
             args = ["prune", "--keep", str(keep)] + ([name] if name else [])
             for victim in (name,) if name else tuple(self.programs):
@@ -508,7 +554,10 @@ class Episode:
         if operation == "usr1":
             os.kill(self.supervisor_pid, signal.SIGUSR1)
         landing = None
-        if target not in (None, "recovery"):
+        if target in REMOTE_TARGETS:
+            assert self.remote is not None
+            landing = self.remote.watch_and_kill(self, target, process) or self.kill_now()
+        elif target not in (None, "recovery"):
             landing = self.watch_and_kill(
                 (target,) if target != "anywhere" else (), process, 30.0, self.rng.uniform(0, 1.5)
             )
@@ -658,6 +707,10 @@ class Episode:
     ) -> None:
         """An operation that ran to its end: exactly what it said it did."""
         ok = result is None or result.returncode == 0
+        if operation == REMOTE_OPERATION:
+            assert self.remote is not None
+            self.remote.expect(self, outcome, ok)
+            return
         if operation == "shutdown":
             for p in self.programs.values():
                 if p.on_stop and p.token is not None:
@@ -758,6 +811,9 @@ class Episode:
             operation == "signal" and outcome.signal == "KILL"
         ):
             outcome.expected[name] = Expected(old, fresh=True, why=f"killed during {operation}")
+        elif operation == REMOTE_OPERATION:
+            assert self.remote is not None
+            self.remote.expect(self, outcome, None)
 
     def expect_after_signal(self, program: Program, outcome: Outcome, ok: bool) -> None:
         """HUP reaches the same instance (it prints a line), USR2 changes nothing, KILL is a
@@ -808,9 +864,9 @@ class Episode:
             time.sleep(SETTLE_POLL)
 
     def retention_victims(self, program: str) -> set[str]:
-        """Images a new checkpoint of `program` may delete: retention keeps KEEP, the new one
+        """Images a new checkpoint of `program` may delete: retention keeps `keep`, the new one
         among them (a new pre-deploy image unprotects the one before it)."""
-        return {m.id for m in self.store.list(program)[KEEP - 1 :]}
+        return {m.id for m in self.store.list(program)[self.keep - 1 :]}
 
     def prune_victims(self, program: str, keep: int) -> set[str]:
         images = self.store.list(program)
@@ -863,6 +919,8 @@ class Episode:
                 expected[name].why += f"; image {new[0].id[:12]} listed"
         self.settle(started or time.monotonic(), expected)
         self.check_images(images_before, may_vanish, killed=started is not None)
+        if self.remote is not None:
+            self.remote.check(self, killed=started is not None)
 
     def settle(self, started: float, expected: dict[str, Expected]) -> None:
         """Wait until every program is as expected; past the bound, say what is wrong."""
@@ -1011,6 +1069,8 @@ class Episode:
                 self.log("  leftover instances would not die")
                 break
             time.sleep(0.05)
+        if self.remote is not None:
+            self.remote.clean_up()
         if self.options.keep_dir or (self.tally.violations and self.options.keep_failing_dir):
             self.log(f"  kept {self.root} (the supervisors' logs, state_dir and images)")
         else:
@@ -1026,6 +1086,8 @@ class Outcome:
     image: ImageMeta | None = None
     summary: str = ""
     fresh_if_new_image: set[str] = field(default_factory=set)
+    remote: RemoteObject | None = None
+    """The object a remote restore restores from."""
     signal: str = ""
     """What `signal` sent."""
     output_before: str = ""
@@ -1085,6 +1147,29 @@ def run_episodes(
     log: Callable[[str], None],
 ) -> tuple[Tally, list[int]]:
     """Episodes with seeds first_seed, first_seed + 1, ... for `minutes` (or `episodes`)."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(object_store_server()) if options.remote else None
+        return _run_episodes(
+            first_seed,
+            options=options,
+            minutes=minutes,
+            episodes=episodes,
+            keep_going=keep_going,
+            log=log,
+            server=server,
+        )
+
+
+def _run_episodes(
+    first_seed: int,
+    *,
+    options: Options,
+    minutes: float | None,
+    episodes: int | None,
+    keep_going: bool,
+    log: Callable[[str], None],
+    server: WeedServer | None,
+) -> tuple[Tally, list[int]]:
     total = Tally()
     failed: list[int] = []
     began = time.monotonic()
@@ -1095,7 +1180,7 @@ def run_episodes(
         if minutes is not None and time.monotonic() - began >= minutes * 60:
             break
         log(f"episode seed {seed}")
-        tally = Episode(seed, options, log).run()
+        tally = Episode(seed, options, log, server).run()
         total.merge(tally)
         log(
             f"episode seed {seed}: {tally.iterations} iterations, "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,9 +18,13 @@ from typing import Any
 import pyrage
 import pytest
 
-from grenadine_sv.store.images import ImageStore
+from grenadine_sv.store.images import ImageMeta, ImageStore
 from tests.conftest import SupervisorDirs, free_port
-from tests.integration.object_store import BUCKET, ObjectStore, object_store  # noqa: F401
+from tests.integration.object_store import (  # noqa: F401 (fixtures)
+    ObjectStore,
+    object_store,
+    weed_server,
+)
 from tests.integration.supervising import wait_until
 from tests.integration.test_cli import SupervisorProcess
 
@@ -87,7 +92,7 @@ def remote_tables(
         credentials = f'credentials_file = "{path}"\n'
     return (
         "[supervisor.remote]\n"
-        f'url = "s3://{BUCKET}/{PREFIX}"\n'
+        f'url = "s3://{store.bucket}/{PREFIX}"\n'
         f'endpoint = "{store.endpoint}"\n'
         'region = "us-east-1"\n'
         f"{credentials}"
@@ -149,8 +154,35 @@ def start_with_programs(host: SupervisorProcess) -> None:
 
 
 def queue_length(host: SupervisorProcess) -> int:
+    return len(queued(host))
+
+
+def queued(host: SupervisorProcess) -> set[str]:
+    """Ids of the images in the host's upload queue."""
     path = host.dirs.state_dir / "upload-queue.json"
-    return len(json.loads(path.read_text())["uploads"]) if path.exists() else 0
+    entries = json.loads(path.read_text())["uploads"] if path.exists() else []
+    return {entry["image_id"] for entry in entries}
+
+
+def uploaded(host: SupervisorProcess) -> set[str]:
+    """Ids of the images the host's supervisor logged as uploaded."""
+    ids = set()
+    for line in host.log().splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "upload_done":
+                ids.add(event["image_id"])
+    return ids
+
+
+def uploaded_images(host: SupervisorProcess) -> list[ImageMeta]:
+    """What the host uploaded, from its images (an upload pins an image until it is done)."""
+    done = uploaded(host)
+    return [image for image in ImageStore(host.dirs.state_dir).list("redis") if image.id in done]
+
+
+def object_key(image_id: str) -> str:
+    return f"{PREFIX}/redis/{image_id}.tar.zst.age"
 
 
 def metric(port: int, line_start: str) -> float:
@@ -180,6 +212,15 @@ def paths_used_by(pid: int) -> list[str]:
     return used
 
 
+def mount_root(pid: int, mount_point: str) -> str:
+    """The directory (within its filesystem) mounted at `mount_point` for the process."""
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == mount_point:
+            return fields[3]
+    raise AssertionError(f"nothing is mounted at {mount_point} for {pid}")
+
+
 def test_host_b_restores_what_host_a_uploaded(
     object_store: ObjectStore,  # noqa: F811
     hosts: tuple[SupervisorProcess, SupervisorProcess],
@@ -205,7 +246,7 @@ def test_host_b_restores_what_host_a_uploaded(
     wait_until(lambda: queue_length(a) == 0, UPLOAD_TIMEOUT, "the upload queue is empty")
     assert metric(metrics_port, 'grenadine_uploads_total{program="redis"}') == 1.0
     assert metric(metrics_port, "grenadine_upload_queue_length") == 0.0
-    stored = object_store.client().get_object(Bucket=BUCKET, Key=wanted)["Body"].read()
+    stored = object_store.client().get_object(Bucket=object_store.bucket, Key=wanted)["Body"].read()
     assert stored.startswith(b"age-encryption.org/v1")
     assert value.encode() not in stored
     a.stop()
@@ -228,9 +269,12 @@ def test_host_b_restores_what_host_a_uploaded(
     pid = b.wait_running("redis")["redis"]
     assert redis_get(port, key) == value
     assert ImageStore(b.dirs.state_dir).list("redis")[0].id == image.id
-    a_root = str(a.dirs.root)
-    leaked = [path for path in paths_used_by(pid) if a_root in path]
+    # Mount roots are paths within their filesystem: with /tmp a tmpfs (Debian 13) they
+    # lack the /tmp prefix, so A's files are looked for by A's directory's unique name.
+    leaked = [path for path in paths_used_by(pid) if a.dirs.root.name in path]
     assert leaked == [], f"host B's redis uses host A's files: {leaked}"
+    tmp_source = mount_root(pid, "/tmp")
+    assert tmp_source.endswith(f"{b.dirs.root.name}/state/tmp/redis"), tmp_source
 
 
 def test_store_down_uploads_wait_survive_a_restart_and_complete(
@@ -239,44 +283,49 @@ def test_store_down_uploads_wait_survive_a_restart_and_complete(
     aws_env: None,
 ) -> None:
     a, _ = hosts
+    store = object_store
     port = free_port()
     identity = pyrage.x25519.Identity.generate()
-    configure(a, port, object_store, identity, upload=True, keep=1)
-    object_store.stop()
+    configure(a, port, store, identity, upload=True, keep=1)
+    store.stop()
     a.start()
     a.wait_running("redis")
     a.cli("checkpoint", "redis")
     a.cli("checkpoint", "redis")
     local = ImageStore(a.dirs.state_dir).list("redis")
     assert len(local) == 2, "images waiting for upload were pruned (keep = 1)"
-    assert queue_length(a) == 2
+    waiting = {image.id for image in local}
+    assert queued(a) == waiting
     wait_until(lambda: "upload_failed" in a.log(), UPLOAD_TIMEOUT, "an upload attempt fails")
 
     assert a.process is not None
     a.process.kill()  # a crash: the queue is on disk, and a new supervisor takes it up
     a.process.wait()
     a.start()
-    assert queue_length(a) == 2
-    object_store.start()
-    wanted = {f"{PREFIX}/redis/{image.id}.tar.zst.age" for image in local}
-    wait_until(
-        lambda: wanted <= set(object_store.object_keys()), UPLOAD_TIMEOUT, "both images uploaded"
-    )
+    # The new supervisor takes redis back with a checkpoint, which queues a third image.
+    assert waiting <= queued(a)
+    store.start()
+    try:
+        wait_until(lambda: waiting <= uploaded(a), UPLOAD_TIMEOUT, "both images uploaded")
+    except AssertionError as exc:
+        failures = [line for line in a.log().splitlines() if "upload_failed" in line]
+        raise AssertionError(f"{exc}; last upload failures: {failures[-2:]}") from None
     wait_until(lambda: queue_length(a) == 0, UPLOAD_TIMEOUT, "the upload queue is empty")
+    # remote_keep = 2: the store holds the two newest of the images uploaded.
+    newest_two = sorted(uploaded_images(a), key=lambda i: i.created, reverse=True)[:2]
+    assert set(store.object_keys(f"{PREFIX}/")) == {object_key(i.id) for i in newest_two}
+
     a.wait_running("redis")
     a.cli("checkpoint", "redis")  # the uploaded images are not pinned now: keep = 1 applies
     remaining = {image.id for image in ImageStore(a.dirs.state_dir).list("redis")}
-    assert remaining.isdisjoint(image.id for image in local)
-    # remote_keep = 2: the third upload deletes the oldest object in the store.
+    assert remaining.isdisjoint(waiting)
     newest = ImageStore(a.dirs.state_dir).list("redis")[0]
-    newest_key = f"{PREFIX}/redis/{newest.id}.tar.zst.age"
-    oldest_key = f"{PREFIX}/redis/{local[-1].id}.tar.zst.age"
-
-    def pruned_remotely() -> bool:
-        keys = set(object_store.object_keys(f"{PREFIX}/"))
-        return newest_key in keys and oldest_key not in keys and len(keys) == 2
-
-    wait_until(pruned_remotely, UPLOAD_TIMEOUT, "remote_keep applied")
+    wanted = {object_key(newest.id), object_key(newest_two[0].id)}
+    wait_until(
+        lambda: set(store.object_keys(f"{PREFIX}/")) == wanted,
+        UPLOAD_TIMEOUT,
+        "remote_keep applied to the newest upload",
+    )
 
 
 def test_wrong_key_and_tampered_object_are_refused(
@@ -307,10 +356,12 @@ def test_wrong_key_and_tampered_object_are_refused(
 
     (key,) = object_store.object_keys(f"{PREFIX}/")
     client = object_store.client()
-    stored = client.get_object(Bucket=BUCKET, Key=key)
+    stored = client.get_object(Bucket=object_store.bucket, Key=key)
     data = bytearray(stored["Body"].read())
     data[len(data) // 2] ^= 0x01
-    client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data), Metadata=stored["Metadata"])
+    client.put_object(
+        Bucket=object_store.bucket, Key=key, Body=bytes(data), Metadata=stored["Metadata"]
+    )
     configure(b, port, object_store, identity, upload=False, autostart=False)
     start_with_programs(b)
     tampered = b.cli("restore", "redis", "remote:latest", code=1)
@@ -356,3 +407,29 @@ def test_restore_source_newest_prefers_a_newer_remote_image_to_a_stale_local_one
     b.wait_running("redis")
     assert redis_get(port, "state") == "fresh"
     assert ImageStore(b.dirs.state_dir).list("redis")[0].id == newer.id
+
+
+def test_a_supervisor_without_a_store_never_loads_the_s3_client(
+    sv_dirs: SupervisorDirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without [supervisor.remote] a supervisor that checkpoints, prunes and restores never
+    imports boto3 (its imports, as `python -X importtime` lists them, go to its stderr)."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    sv_dirs.write_config(
+        '[programs.sleeper]\ncommand = ["/bin/sleep", "1000"]\nstartsecs = 0.2\n'
+        "[programs.sleeper.checkpoint]\nkeep = 1\n"
+    )
+    sv = SupervisorProcess(sv_dirs)
+    try:
+        sv.start()
+        sv.wait_running("sleeper")
+        sv.cli("checkpoint", "sleeper")
+        sv.cli("checkpoint", "sleeper", "--stop")
+        sv.cli("restore", "sleeper", "latest")
+        sv.wait_running("sleeper")
+    finally:
+        sv.stop()
+    imports = [line for line in sv.log().splitlines() if line.startswith("import time:")]
+    assert any(line.endswith(" grenadine_sv.supervisor.checkpoints") for line in imports)
+    loaded = [line for line in imports if "boto" in line or "s3transfer" in line]
+    assert loaded == []
