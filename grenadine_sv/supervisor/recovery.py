@@ -297,12 +297,15 @@ class Recovery:
         forward, and the last write is the last state."""
         while True:
             await self._changed.wait()
+            # Only this loop replaces the event: a write_now elsewhere (take-back, shutdown)
+            # that replaced it left this loop waiting on an event nothing would set again,
+            # and the state file stopped following the programs.
+            self._changed = trio.Event()
             await self.write_now()
 
     async def write_now(self) -> None:
         """Write the recorded instances as they are now (also at shutdown)."""
         async with self._writes:
-            self._changed = trio.Event()
             snapshot = {**self._taking_back, **self._recorded}
             try:
                 await trio.to_thread.run_sync(write_state, self.state_dir, snapshot)

@@ -146,10 +146,12 @@ def frozen_orphan(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recovery, "is_same_process", lambda instance: False)
 
 
-async def taken_back(tmp_path: Path) -> Recovery:
-    keeper = Recovery(
-        tmp_path, cast(CheckpointService, SimpleNamespace(launch_with_fallback=print))
-    )
+def recovery_in(tmp_path: Path) -> Recovery:
+    return Recovery(tmp_path, cast(CheckpointService, SimpleNamespace(launch_with_fallback=print)))
+
+
+async def taken_back(tmp_path: Path, keeper: Recovery | None = None) -> Recovery:
+    keeper = keeper or recovery_in(tmp_path)
     config = cast(Config, SimpleNamespace(programs={"p0": SimpleNamespace()}))
     assert set(await keeper.take_back_orphans(config)) == {"p0"}
     return keeper
@@ -175,6 +177,30 @@ async def test_an_orphan_ended_for_its_restore_stays_in_the_state_file_until_it_
     keeper.record_instances(cast(ProgramRunner, restored), State.STARTING, State.RUNNING)
     await keeper.write_now()
     assert read_state(tmp_path)["p0"].pid == 40
+
+
+@pytest.mark.usefixtures("frozen_orphan")
+async def test_the_state_file_follows_the_programs_after_a_take_back(tmp_path: Path) -> None:
+    """The take-back's own writes left the writer waiting on an event nothing set again: the
+    file stayed at the take-back's snapshot, and after the next kill that supervisor restored
+    p0 from the take-back's image though it had been checkpointed and stopped since (chaos
+    harness seed 4, CI)."""
+    keeper = recovery_in(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.keep_state_file)
+        await trio.sleep(0)
+        await taken_back(tmp_path, keeper)
+        restored = FakeRunner("p0", FakeProcess(40))
+        keeper.record_instances(cast(ProgramRunner, restored), State.STARTING, State.RUNNING)
+        with trio.fail_after(10):
+            while read_state(tmp_path).get("p0", FROZEN).pid != 40:
+                await trio.sleep(0.01)
+        stopped = FakeRunner("p0", None)
+        keeper.record_instances(cast(ProgramRunner, stopped), State.STOPPING, State.STOPPED)
+        with trio.fail_after(10):
+            while "p0" in read_state(tmp_path):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.usefixtures("frozen_orphan")
