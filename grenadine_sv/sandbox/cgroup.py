@@ -83,10 +83,19 @@ class ProgramCgroup:
         return "/" + self.path.relative_to(mount).as_posix()
 
     def pids(self) -> list[int]:
+        # os.read rather than Path.read_text: a third of the system calls, and the supervisor
+        # reads every running program's list every 2 s (membership.CopyCensus).
         try:
-            return [int(pid) for pid in (self.path / "cgroup.procs").read_text().split()]
+            fd = os.open(self.path / "cgroup.procs", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return []
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return [int(pid) for pid in b"".join(chunks).split()]
 
     def join(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(f"{pid}\n")

@@ -17,7 +17,7 @@ from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.sandbox import LauncherServer
 from grenadine_sv.sandbox.cgroup import ProgramCgroups
-from grenadine_sv.supervisor.membership import emptied, end_all_but
+from grenadine_sv.supervisor.membership import CopyCensus, emptied
 from grenadine_sv.supervisor.runner import (
     Launcher,
     ProgramRunner,
@@ -102,17 +102,20 @@ class Programs:
     async def end_extra_copies(self) -> None:
         """A copy that turns up in a running program's cgroup beside its instance (a restore
         that a killed supervisor left running, say) is ended: one instance per program."""
+        census = CopyCensus()
         while True:
             await trio.sleep(CENSUS_SECONDS)
-            for runner in list(self.runners.values()):
-                process, cgroup = runner.process, runner.cgroup
-                if cgroup is None or process is None or process.returncode is not None:
-                    continue
-                if runner.state != State.RUNNING:
-                    continue
-                ended = await trio.to_thread.run_sync(end_all_but, cgroup, process.pid_ns_inode)
-                if ended:
-                    log.warning("extra_copies_ended", program=runner.name, pids=ended)
+            instances = [
+                (runner.cgroup, runner.process.pid_ns_inode)
+                for runner in self.runners.values()
+                if runner.cgroup is not None
+                and runner.process is not None
+                and runner.process.returncode is None
+                and runner.state == State.RUNNING
+            ]
+            ended = await trio.to_thread.run_sync(census.end_copies, instances)
+            for program, pids in ended.items():
+                log.warning("extra_copies_ended", program=program, pids=pids)
 
     async def remove_cgroups(self, *, end_strays: bool) -> None:
         """Remove the programs' empty cgroups; with `end_strays` (every program has ended),

@@ -1,0 +1,81 @@
+"""The periodic census of running programs' cgroups looks at every process again only when a
+cgroup's processes changed since a look that found nothing to end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from grenadine_sv.sandbox.cgroup import ProgramCgroup
+from grenadine_sv.supervisor import membership
+from grenadine_sv.supervisor.membership import CopyCensus
+
+NAMESPACE = 4026532000
+
+
+@dataclass
+class FakeCgroup:
+    path: Path
+    processes: list[int]
+
+    @property
+    def program(self) -> str:
+        return self.path.name
+
+    def pids(self) -> list[int]:
+        return list(self.processes)
+
+
+@dataclass
+class FullCensus:
+    """Stands in for end_all_but: records each full look, ends what `extras` names."""
+
+    extras: dict[str, list[int]] = field(default_factory=dict)
+    looked_at: list[str] = field(default_factory=list)
+
+    def __call__(self, cgroup: ProgramCgroup, pid_ns_inode: int) -> list[int]:
+        self.looked_at.append(cgroup.program)
+        return self.extras.pop(cgroup.program, [])
+
+
+@pytest.fixture
+def full_census(monkeypatch: pytest.MonkeyPatch) -> FullCensus:
+    recorder = FullCensus()
+    monkeypatch.setattr(membership, "end_all_but", recorder)
+    return recorder
+
+
+def test_unchanged_cgroups_are_not_looked_into_again(full_census: FullCensus) -> None:
+    quiet = FakeCgroup(Path("quiet"), [10, 11])
+    forking = FakeCgroup(Path("forking"), [20])
+    census = CopyCensus()
+    instances = [(cast(ProgramCgroup, quiet), NAMESPACE), (cast(ProgramCgroup, forking), NAMESPACE)]
+    assert census.end_copies(instances) == {}
+    assert full_census.looked_at == ["quiet", "forking"]
+    forking.processes.append(21)
+    assert census.end_copies(instances) == {}
+    assert full_census.looked_at == ["quiet", "forking", "forking"]
+    assert census.end_copies(instances) == {}
+    assert full_census.looked_at == ["quiet", "forking", "forking"]
+
+
+def test_a_cgroup_where_copies_were_ended_is_looked_into_again(full_census: FullCensus) -> None:
+    program = FakeCgroup(Path("p0"), [10, 30])
+    full_census.extras["p0"] = [30]
+    census = CopyCensus()
+    instances = [(cast(ProgramCgroup, program), NAMESPACE)]
+    assert census.end_copies(instances) == {"p0": [30]}
+    program.processes.remove(30)
+    assert census.end_copies(instances) == {}
+    assert full_census.looked_at == ["p0", "p0"]
+
+
+def test_a_new_instance_is_looked_into_even_with_the_same_pids(full_census: FullCensus) -> None:
+    program = FakeCgroup(Path("p0"), [10])
+    census = CopyCensus()
+    census.end_copies([(cast(ProgramCgroup, program), NAMESPACE)])
+    census.end_copies([(cast(ProgramCgroup, program), NAMESPACE + 1)])
+    assert full_census.looked_at == ["p0", "p0"]
