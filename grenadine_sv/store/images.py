@@ -230,22 +230,31 @@ class ImageStore:
         """Hash one file of `image` and raise ImageCorrupt if it does not match."""
         verify_file(image, rel, criu_dir if criu_dir is not None else self.criu_dir(image))
 
-    def delete(self, image: ImageMeta) -> None:
-        """Remove `image`: first unlisted by one rename, then its files."""
+    def delete(self, image: ImageMeta, *, files_later: bool = False) -> None:
+        """Remove `image`: first unlisted by one durable rename, then its files; with
+        `files_later` the files are left for remove_deleted_files (a supervisor start
+        removes any that a kill left)."""
         program_dir = self._program_dir(image.program)
-        doomed = program_dir / f"{DELETING_PREFIX}{validate_image_id(image.id)}"
         try:
-            os.rename(program_dir / image.id, doomed)
+            os.rename(program_dir / image.id, self._deleting_dir(image))
         except FileNotFoundError:
             raise ImageNotFound(
                 f"program {image.program!r} has no image {image.id} (already deleted?)"
             ) from None
         fsync_dir(program_dir)
-        shutil.rmtree(doomed)
+        if not files_later:
+            self.remove_deleted_files(image)
+
+    def remove_deleted_files(self, image: ImageMeta) -> None:
+        """The files of an image that delete(files_later=True) unlisted."""
+        shutil.rmtree(self._deleting_dir(image))
         log.info("image_deleted", program=image.program, image_id=image.id)
 
+    def _deleting_dir(self, image: ImageMeta) -> Path:
+        return self._program_dir(image.program) / f"{DELETING_PREFIX}{validate_image_id(image.id)}"
+
     def prune(
-        self, program: str, keep: int, in_use: Collection[str] = ()
+        self, program: str, keep: int, in_use: Collection[str] = (), *, files_later: bool = False
     ) -> builtins.list[ImageMeta]:
         """Delete all but the `keep` newest images of `program`, and return the deleted ones.
 
@@ -256,7 +265,7 @@ class ImageStore:
         """
         doomed = self.prune_plan(self.list(program), keep, in_use)
         for image in doomed:
-            self.delete(image)
+            self.delete(image, files_later=files_later)
         return doomed
 
     @staticmethod

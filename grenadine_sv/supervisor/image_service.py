@@ -169,15 +169,18 @@ class ImageService:
         if self.images_of(image.program).last_checkpoint == image:
             self.learn_last_checkpoint(image.program)
 
-    def prune_images(self, program: str, keep: int) -> list[ImageMeta]:
-        """Apply retention to `program`'s images, with the restore logs of those deleted."""
+    def prune_images(
+        self, program: str, keep: int, *, files_later: bool = False
+    ) -> list[ImageMeta]:
+        """Apply retention to `program`'s images, with the restore logs of those deleted
+        (`files_later`: the images' files are left for the store's remove_deleted_files)."""
         in_use = set(self._in_use)
         if self.remote is not None:
             in_use |= self.remote.pinned(program)
         serving = self.images_of(program).serving_image_id()
         if serving is not None:
             in_use.add(serving)
-        deleted = self.store.prune(program, keep, in_use=in_use)
+        deleted = self.store.prune(program, keep, in_use=in_use, files_later=files_later)
         if self.images_of(program).last_checkpoint in deleted:
             self.learn_last_checkpoint(program)
         for image in deleted:
