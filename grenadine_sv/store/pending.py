@@ -10,8 +10,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,12 +41,7 @@ from grenadine_sv.store.image_meta import (
     ImageMeta,
     current_boot_id,
 )
-from grenadine_sv.store.sealing import (
-    NEW_IMAGE_ALGORITHM,
-    SEAL_WORKERS,
-    DumpWatcher,
-    seal_tree,
-)
+from grenadine_sv.store.sealing import NEW_IMAGE_ALGORITHM, seal_tree
 from grenadine_sv.store.snapshot import SnapshotMismatch, check_snapshot, seal_snapshot
 from grenadine_sv.store.verification import check_received, verify_files
 
@@ -75,8 +69,6 @@ class PendingImage:
         self._partial_dir = program_dir / f"{PARTIAL_PREFIX}{image_id}"
         self.criu_dir = self._partial_dir / CRIU_SUBDIR
         self._state: Literal["open", "committed", "aborted"] = "open"
-        self._watcher: DumpWatcher | None = None
-        self._sync_pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def create(cls, program_dir: Path, program: str, intent: DumpIntent) -> PendingImage:
@@ -92,16 +84,6 @@ class PendingImage:
             pending.abort()
             raise
         return pending
-
-    @contextlib.contextmanager
-    def watch(self) -> Iterator[None]:
-        """Around the dump: hash and sync CRIU's files while it writes them, so that `commit`
-        has little left to do. Leave it only once CRIU has exited (every file closed)."""
-        self._require_open("watch")
-        self._sync_pool = ThreadPoolExecutor(max_workers=SEAL_WORKERS)
-        with DumpWatcher(self.criu_dir, self._sync_pool) as watcher:
-            self._watcher = watcher
-            yield
 
     def commit(
         self,
@@ -130,10 +112,7 @@ class PendingImage:
         interrupted seal left). The image is not listed yet: `publish` does that."""
         self._require_open("seal")
         intent = self.intent
-        try:
-            records = seal_tree(self.criu_dir, self._watcher)
-        finally:
-            self._release_watcher()
+        records = seal_tree(self.criu_dir)
         meta = ImageMeta(
             id=self.id,
             program=self.program,
@@ -222,16 +201,7 @@ class PendingImage:
         if self._state == "committed":
             raise RuntimeError(f"image {self.id} of {self.program!r} is committed: delete it")
         self._state = "aborted"
-        self._release_watcher()
         shutil.rmtree(self._partial_dir, ignore_errors=True)
-
-    def _release_watcher(self) -> None:
-        if self._watcher is not None:
-            self._watcher.close_files()
-            self._watcher = None
-        if self._sync_pool is not None:
-            self._sync_pool.shutdown(wait=True)
-            self._sync_pool = None
 
     def _require_open(self, action: str) -> None:
         if self._state != "open":

@@ -211,25 +211,24 @@ class CheckpointService(Restores):
             pending = self.store.begin(config.name, intent)
         with pending:
             try:
-                with pending.watch():
-                    self.criu.dump(
-                        DumpRequest(
-                            pid=source.pid,
-                            images_dir=pending.criu_dir,
-                            leave_running=leave_running,
-                            leave_stopped=not leave_running,
-                            on_post_dump=(
-                                partial(self._snapshot, config.name, sources, pending.criu_dir)
-                                if sources
-                                else None
-                            ),
-                            options=self.criu_options(config),
-                            external_mounts=(
-                                {"/tmp": EXTERNAL_MOUNT_NAME} if config.private_tmp else {}
-                            ),
-                            hold_fds=self.hold_fds,
-                        )
+                self.criu.dump(
+                    DumpRequest(
+                        pid=source.pid,
+                        images_dir=pending.criu_dir,
+                        leave_running=leave_running,
+                        leave_stopped=not leave_running,
+                        on_post_dump=(
+                            partial(self._snapshot, config.name, sources, pending.criu_dir)
+                            if sources
+                            else None
+                        ),
+                        options=self.criu_options(config),
+                        external_mounts=(
+                            {"/tmp": EXTERNAL_MOUNT_NAME} if config.private_tmp else {}
+                        ),
+                        hold_fds=self.hold_fds,
                     )
+                )
             except CriuError as exc:
                 detail = exc.detail
                 free = self.store.free_bytes()
