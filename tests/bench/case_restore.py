@@ -144,30 +144,27 @@ def run(settings: Settings) -> list[Comparison]:
         "from `grenadine-sv start` or `grenadine-sv restore NAME IMAGE` issued until it "
         "answers with the last indexed document"
     )
+
+    def against_cold_start(case: str, label: str, runs: list[float], **more: Any) -> Comparison:
+        return Comparison(
+            case=case,
+            metric="to first correct answer",
+            unit="s",
+            ours_label=label,
+            baseline_label="cold start",
+            ours=tuple(runs),
+            baseline=tuple(cold),
+            target=Target(">=", 50.0),
+            inverse=True,
+            **({"note": note} | more),
+        )
+
     return [
-        Comparison(
-            case="2. restore vs cold start",
-            metric="to first correct answer",
-            unit="s",
-            ours_label="restore",
-            baseline_label="cold start",
-            ours=tuple(restored),
-            baseline=tuple(cold),
-            target=Target(">=", 50.0),
-            inverse=True,
-            note=note,
-            details=details,
-        ),
-        Comparison(
-            case="2. lazy restore vs cold start",
-            metric="to first correct answer",
-            unit="s",
-            ours_label="lazy restore",
-            baseline_label="cold start",
-            ours=tuple(restored_lazy),
-            baseline=tuple(cold),
-            target=Target(">=", 50.0),
-            inverse=True,
+        against_cold_start("2. restore vs cold start", "restore", restored, details=details),
+        against_cold_start(
+            "2. lazy restore vs cold start",
+            "lazy restore",
+            restored_lazy,
             note=note + '; restore_mode = "lazy": memory comes back while it answers',
         ),
     ]

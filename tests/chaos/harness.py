@@ -1160,6 +1160,19 @@ def run_episodes(
         )
 
 
+def checked_run(first_seed: int, options: Options, episodes: int) -> tuple[Tally, str]:
+    """A run as CI plays it: every episode to its end, then AssertionError (with the report and
+    the log's tail) if any broke an invariant or ended early. Returns the tally and report."""
+    lines: list[str] = []
+    tally, failed = run_episodes(
+        first_seed, options, minutes=None, episodes=episodes, keep_going=True, log=lines.append
+    )
+    report = format_report(tally, failed, 0.0)
+    assert not failed, report + "\n" + "\n".join(lines[-60:])
+    assert tally.iterations == episodes * options.iterations, report
+    return tally, report
+
+
 def _run_episodes(
     first_seed: int,
     *,

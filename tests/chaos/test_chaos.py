@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chaos.harness import (
-    OPERATIONS,
-    Options,
-    format_report,
-    run_episodes,
-)
+from tests.chaos.harness import OPERATIONS, Options, checked_run
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
@@ -32,13 +27,7 @@ def test_short_chaos_run_keeps_every_invariant() -> None:
     # restore for ~40 s: CRIU's network lock (nftables) under load, taken now only for
     # images with locked connections.
     options = Options(iterations=10, recovery_bound=30.0, operations=OPERATIONS)
-    lines: list[str] = []
-    tally, failed = run_episodes(
-        FIRST_SEED, options, minutes=None, episodes=EPISODES, keep_going=True, log=lines.append
-    )
-    report = format_report(tally, failed, 0.0)
-    assert not failed, report + "\n" + "\n".join(lines[-60:])
-    assert tally.iterations == EPISODES * options.iterations, report
+    tally, report = checked_run(FIRST_SEED, options, EPISODES)
     # The kills really landed where they were aimed.
     assert tally.kills["dump"] >= 1, report
     assert tally.kills["sealing"] >= 1, report

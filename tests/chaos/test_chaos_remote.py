@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.chaos.harness import Options, format_report, run_episodes
+from tests.chaos.harness import Options, checked_run
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
@@ -30,13 +30,7 @@ def test_short_remote_chaos_run_keeps_every_invariant() -> None:
         recovery_bound=45.0,
         remote=True,
     )
-    lines: list[str] = []
-    tally, failed = run_episodes(
-        FIRST_SEED, options, minutes=None, episodes=EPISODES, keep_going=True, log=lines.append
-    )
-    report = format_report(tally, failed, 0.0)
-    assert not failed, report + "\n" + "\n".join(lines[-60:])
-    assert tally.iterations == EPISODES * options.iterations, report
+    tally, report = checked_run(FIRST_SEED, options, EPISODES)
     assert tally.operations["remote-restore"] >= 1, report
     # The kills really landed where they were aimed.
     assert tally.kills["upload"] >= 1, report
