@@ -145,7 +145,13 @@ def run(settings: Settings) -> list[Comparison]:
         "answers with the last indexed document"
     )
 
-    def against_cold_start(case: str, label: str, runs: list[float], **more: Any) -> Comparison:
+    def against_cold_start(
+        case: str,
+        label: str,
+        runs: list[float],
+        note: str = note,
+        details: dict[str, Any] | None = None,
+    ) -> Comparison:
         return Comparison(
             case=case,
             metric="to first correct answer",
@@ -156,7 +162,8 @@ def run(settings: Settings) -> list[Comparison]:
             baseline=tuple(cold),
             target=Target(">=", 50.0),
             inverse=True,
-            **({"note": note} | more),
+            note=note,
+            details=details or {},
         )
 
     return [
