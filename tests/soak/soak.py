@@ -313,6 +313,9 @@ class Soak:
         )
         slope = rss_slope([x for x in samples if x.elapsed >= start.elapsed])
         print(f"RSS trend after warm-up: {slope * 60:+.0f} KiB per minute")
+        for first, last, window_slope in rss_slope_by_window(samples, start.elapsed):
+            minutes = f"{first / 60:5.0f} to {last / 60:5.0f} min"
+            print(f"  {minutes}: {window_slope * 60:+.0f} KiB per minute")
         limits = f"limits: fds +{FD_SLACK}, RSS +{RSS_SLACK_SHARE:.0%}, no zombie, exit 0"
         print("verdict:", "FAILED" if failed else "within", limits)
         return 1 if failed else 0
@@ -364,6 +367,23 @@ def rss_slope(samples: list[Sample]) -> float:
     spread = sum((x.elapsed - mean_t) ** 2 for x in samples)
     covariance = sum((x.elapsed - mean_t) * (x.rss_kib - mean_r) for x in samples)
     return covariance / spread if spread else 0.0
+
+
+def rss_slope_by_window(
+    samples: list[Sample], warmed_at: float, windows: int = 4
+) -> list[tuple[float, float, float]]:
+    """The RSS trend in each of `windows` equal spans after warm-up, as (start s, end s, KiB
+    per second): a leak keeps the same slope in every span, a warm-up that levels off does not."""
+    after = [x for x in samples if x.elapsed >= warmed_at]
+    if len(after) < 2 * windows:
+        return []
+    span = (after[-1].elapsed - warmed_at) / windows
+    trends = []
+    for i in range(windows):
+        first, last = warmed_at + i * span, warmed_at + (i + 1) * span
+        window = [x for x in after if first <= x.elapsed <= last]
+        trends.append((first, last, rss_slope(window)))
+    return trends
 
 
 def _alive(pid: int) -> bool:
