@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn, Protocol, TextIO
 
 from grenadine_sv import __version__
 from grenadine_sv.cli.exit_codes import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Exit
@@ -65,7 +65,37 @@ def count(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+class ArgumentSink(Protocol):
+    def add_argument(self, *args: Any, **kwargs: Any) -> object: ...
+
+
+class SkippedCommand:
+    """Takes the arguments of a subcommand that this run does not build."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+SKIPPED = SkippedCommand()
+
+
+def command_word(argv: Sequence[str]) -> str | None:
+    """The command an argument list names (skipping -c FILE before it), or None."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-c", "--config"):
+            next(words, None)
+        elif word == "--":
+            return None
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the subcommand of that name alone (or all of them
+    if no command has that name). Every command answers a little sooner when argparse builds
+    its own subparser alone: the full set takes longer than the request to the supervisor."""
     parser = Parser(
         prog="grenadine-sv",
         description="Supervise daemons in namespace sandboxes; "
@@ -83,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(
         name: str, help_text: str, *, json_output: bool = False, aliases: Sequence[str] = ()
-    ) -> argparse.ArgumentParser:
+    ) -> ArgumentSink:
+        if only is not None and only != name and only not in aliases:
+            return SKIPPED
         command = sub.add_parser(
             name,
             help=help_text,
@@ -151,10 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     pid.add_argument("name", nargs="?")
     add_checkpoint_commands(add)
     add_transfer_commands(add)
+    if only is not None and not sub.choices:
+        return build_parser()
     return parser
 
 
-def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+def add_checkpoint_commands(add: Callable[..., ArgumentSink]) -> None:
     checkpoint = add("checkpoint", "checkpoint programs now", json_output=True)
     checkpoint.add_argument("names", nargs="*")
     checkpoint.add_argument("--stop", action="store_true", help="stop the program after the dump")
@@ -208,7 +242,7 @@ def add_checkpoint_commands(add: Callable[..., argparse.ArgumentParser]) -> None
     )
 
 
-def add_transfer_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+def add_transfer_commands(add: Callable[..., ArgumentSink]) -> None:
     export = add("export", "write an image as one archive (to move it to another host)")
     export.add_argument("name")
     export.add_argument("image", help="image id, unique id prefix, IDX from `images`, or latest")
@@ -231,9 +265,10 @@ def add_transfer_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=command_word(words))
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as exc:
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
     command = ALIASES.get(args.command, args.command) or "run"

@@ -240,7 +240,7 @@ class CheckpointService(Restores):
                 raise CriuError(exc.action, detail, kept) from exc
             warn_about_moved_sockets(config, pending.criu_dir, self.store.state_dir)
             try:
-                facts = read_dump_facts(pending.criu_dir, under_init=source.under_init)
+                facts = partial(read_dump_facts, pending.criu_dir, under_init=source.under_init)
                 # Queued for upload before it is listed: a supervisor killed in between
                 # leaves a sealed partial that the next one lists, and its queue entry.
                 queue = partial(self.remote.image_sealed, config) if self.remote else None

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from grenadine_sv.cli.main import DEFAULT_LOG_LINES, EXIT_USAGE, build_parser, main
+from grenadine_sv.cli.main import (
+    DEFAULT_LOG_LINES,
+    EXIT_USAGE,
+    build_parser,
+    command_word,
+    main,
+)
 from grenadine_sv.cli.tailing import start_of_last_lines
 
 
@@ -24,6 +30,42 @@ def test_config_is_accepted_before_and_after_the_command() -> None:
     assert parse("status", "-c", "b.toml", "web").config == Path("b.toml")
     assert parse("status", "web", "--config", "c.toml").config == Path("c.toml")
     assert parse("status").config is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-c", "a.toml", "status", "web"],
+        ["--config", "checkpoint", "restore", "web", "latest", "--force"],
+        ["checkpoint", "--all", "--json"],
+        ["tail", "-n", "3", "web"],
+        ["update"],
+        ["prune", "web", "--keep", "2"],
+        [],
+    ],
+)
+def test_the_parser_of_one_command_reads_it_as_the_whole_parser_does(argv: list[str]) -> None:
+    assert build_parser(only=command_word(argv)).parse_args(argv) == parse(*argv)
+
+
+def test_the_command_word_skips_the_configuration_option() -> None:
+    assert command_word(["-c", "status", "stop", "x"]) == "stop"
+    assert command_word(["--config", "a.toml"]) is None
+    assert command_word(["--version"]) is None
+    assert command_word(["--", "stop"]) is None
+    assert command_word(["stauts"]) == "stauts"
+
+
+def test_an_unknown_command_builds_every_command_for_its_suggestion() -> None:
+    assert {"status", "checkpoint", "tail"} <= set(_commands(build_parser(only="stauts")))
+    assert set(_commands(build_parser(only="tail"))) == {"logs", "tail"}
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    assert parser._subparsers is not None
+    [sub] = parser._subparsers._group_actions
+    assert isinstance(sub, argparse._SubParsersAction)
+    return list(sub.choices)
 
 
 def test_tail_is_logs_and_lines_default_to_tails(capsys: pytest.CaptureFixture[str]) -> None:
