@@ -21,6 +21,7 @@ import json
 import os
 import pwd
 import re
+import select
 import signal
 import socket
 import sys
@@ -47,6 +48,8 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 EXIT_STEP_FAILED = 127
 SERVE_FLAG = "--serve"
 MAX_REQUEST_BYTES = 1 << 20
+# Launches forked and not yet ended, at most (each is a few ms of one core's work).
+MAX_LAUNCHES_AT_ONCE = 8
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = (
@@ -324,39 +327,87 @@ def main(argv: list[str]) -> int:
 def serve(control_fd: int) -> int:
     """Launch a sandbox per request, by forking this interpreter: no Python start-up per program.
 
-    A request on the (SOCK_SEQPACKET) control socket is the spec as JSON with three fds: the
-    program's stdout and stderr and the status fd. A forked child launches as `launch` does and
-    exits once it has forked the sandbox's PID 1; this server reaps it, so PID 1 is re-parented
-    to the supervisor (the nearest child subreaper), and answers `{"exit": CODE}`. It ends when
-    the supervisor closes its end of the socket."""
+    A request on the (SOCK_SEQPACKET) control socket is `ID SPEC` (a number, a space, the spec
+    as JSON) with three fds: the program's stdout and stderr and the status fd. A forked child
+    launches as `launch` does and exits once it has forked the sandbox's PID 1; this server
+    reaps it, so PID 1 is re-parented to the supervisor (the nearest child subreaper), and
+    answers `{"id": ID, "exit": CODE}`. Up to MAX_LAUNCHES_AT_ONCE children work at the same
+    time, each answered when it ends. The server ends when the supervisor closes its end of
+    the socket, once its children have ended."""
     control = socket.socket(fileno=control_fd)
     os.set_inheritable(control_fd, False)
-    while True:
-        try:
-            data, fds, _flags, _address = socket.recv_fds(control, MAX_REQUEST_BYTES, 3)
-        except OSError:
-            return 1
-        if not data:
-            return 0
-        code = EXIT_STEP_FAILED
-        if len(fds) == 3:
-            code = _launch_forked(control, data, *fds)
+    poller = select.poll()
+    children: dict[int, tuple[int, bytes]] = {}  # pidfd -> (pid, request id)
+    listening = True
+    poller.register(control_fd, select.POLLIN)
+    try:
+        while listening or children:
+            for fd, _events in poller.poll():
+                if fd in children:
+                    pid, request_id = children.pop(fd)
+                    poller.unregister(fd)
+                    os.close(fd)
+                    _, wait_status = os.waitpid(pid, 0)
+                    code = os.waitstatus_to_exitcode(wait_status)
+                    answer = b'{"id": %s, "exit": %d}' % (request_id, code)
+                    try:
+                        control.send(answer)
+                    except OSError:
+                        if listening:
+                            poller.unregister(control_fd)
+                        listening = False
+                elif listening:
+                    listening = _take_request(control, children, poller)
+                    if not listening:
+                        poller.unregister(control_fd)  # a hung-up socket polls ready forever
+            if listening:
+                full = len(children) >= MAX_LAUNCHES_AT_ONCE
+                poller.modify(control_fd, 0 if full else select.POLLIN)
+    finally:
+        for pidfd, (pid, _request_id) in children.items():
+            os.close(pidfd)
+            os.waitpid(pid, 0)
+    return 0
+
+
+def _take_request(
+    control: socket.socket, children: dict[int, tuple[int, bytes]], poller: select.poll
+) -> bool:
+    """Read one request and fork its launch; False once the supervisor has gone."""
+    try:
+        data, fds, _flags, _address = socket.recv_fds(control, MAX_REQUEST_BYTES, 3)
+    except OSError:
+        return False
+    if not data:
+        return False
+    request_id, _, spec = data.partition(b" ")
+    if not request_id.isdigit():
+        request_id = b"0"
+    try:
+        child = _fork_launch(control, spec, *fds) if len(fds) == 3 else None
+        if child is None:
+            control.send(b'{"id": %s, "exit": %d}' % (request_id, EXIT_STEP_FAILED))
+        else:
+            pidfd = os.pidfd_open(child)
+            children[pidfd] = (child, request_id)
+            poller.register(pidfd, select.POLLIN)
+    except OSError:
+        return False
+    finally:
         for fd in fds:
             os.close(fd)
-        try:
-            control.send(json.dumps({"exit": code}).encode())
-        except OSError:
-            return 1
+    return True
 
 
-def _launch_forked(
+def _fork_launch(
     control: socket.socket, data: bytes, stdout: int, stderr: int, status: int
-) -> int:
+) -> int | None:
+    """The pid of a child that launches `data`; None (reported on `status`) if none."""
     try:
         child = os.fork()
     except OSError as error:
         report(status, error=f"the sandbox launcher cannot fork: {error.strerror}")
-        return EXIT_STEP_FAILED
+        return None
     if child == 0:
         code = EXIT_STEP_FAILED
         try:
@@ -366,8 +417,7 @@ def _launch_forked(
             code = launch(data, status)
         finally:
             os._exit(code)
-    _, wait_status = os.waitpid(child, 0)
-    return os.waitstatus_to_exitcode(wait_status)
+    return child
 
 
 def launch(data: bytes, status_fd: int) -> int:

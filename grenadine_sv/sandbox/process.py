@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import select
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -134,17 +135,26 @@ def _launcher_command() -> list[str]:
 
 class LauncherServer:
     """The sandbox launcher started once (`launcher.py --serve`): each program is launched by a
-    fork of it, so no Python interpreter starts per program. Owned by one supervisor, which
-    `close`s it when it ends; started again if it dies."""
+    fork of it, so no Python interpreter starts per program, and several launches proceed at
+    once. Owned by one supervisor, which `close`s it when it ends; started again if it dies."""
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
         self._socket: socket.socket | None = None
-        self._lock = trio.Lock()
+        self._send_lock = trio.Lock()
+        self._receive_lock = trio.Lock()
+        self._request_ids = itertools.count(1)
+        self._answers: dict[int, bytes] = {}
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the server now, rather than at the first launch."""
+        if self._socket is None or not self._running():
+            self.close()
+            self._start()
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -168,24 +178,44 @@ class LauncherServer:
     async def launch(self, spec_json: bytes, fds: tuple[int, int, int]) -> None:
         """Have the server fork a launch of `spec_json` with (stdout, stderr, status fd); return
         once that launch has forked the program and exited (its reports go to the status fd)."""
-        async with self._lock:
+        request_id = next(self._request_ids)
+        async with self._send_lock:
+            self.start()
             control = self._socket
-            if control is None or not self._running():
-                self.close()
-                control = self._start()
+            assert control is not None
             try:
                 await trio.lowlevel.wait_writable(control)
-                socket.send_fds(control, [spec_json], list(fds))
-                await trio.lowlevel.wait_readable(control)
-                answer = control.recv(MAX_ANSWER_BYTES)
+                socket.send_fds(control, [b"%d " % request_id + spec_json], list(fds))
             except OSError as error:
-                answer = b""
-                detail = f": {error}"
-            else:
-                detail = ""
-            if not answer:
-                self.close()
-                raise SandboxError(f"the sandbox launcher {LAUNCHER} died{detail}; it restarts")
+                self._died(control, f": {error}")
+        await self._answer(control, request_id)
+
+    async def _answer(self, control: socket.socket, request_id: int) -> None:
+        """Wait for the answer to `request_id`: whoever waits reads the answers of all."""
+        while request_id not in self._answers:
+            async with self._receive_lock:
+                if request_id in self._answers:
+                    break
+                if control is not self._socket:
+                    raise SandboxError(f"the sandbox launcher {LAUNCHER} died; it restarts")
+                try:
+                    await trio.lowlevel.wait_readable(control)
+                    answer = control.recv(MAX_ANSWER_BYTES)
+                except trio.ClosedResourceError:
+                    self._died(control, "")
+                except OSError as error:
+                    self._died(control, f": {error}")
+                if not answer:
+                    self._died(control, "")
+                answered = json.loads(answer).get("id")
+                if isinstance(answered, int):
+                    self._answers[answered] = answer
+        del self._answers[request_id]
+
+    def _died(self, control: socket.socket, detail: str) -> NoReturn:
+        if control is self._socket:
+            self.close()
+        raise SandboxError(f"the sandbox launcher {LAUNCHER} died{detail}; it restarts")
 
     def _running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -193,6 +223,8 @@ class LauncherServer:
     def close(self) -> None:
         """End the server (it exits when its socket closes; killed if it does not) and reap it."""
         if self._socket is not None:
+            with contextlib.suppress(RuntimeError):  # nobody waits on it outside trio.run
+                trio.lowlevel.notify_closing(self._socket)
             self._socket.close()
             self._socket = None
         if self._process is not None:

@@ -48,6 +48,8 @@ class Checkpointing:
         self.signal_rounds = CoalescingTrigger(self._checkpoint_round)
         self._limiter = trio.CapacityLimiter(PARALLEL_CHECKPOINTS)
         self._interval_scopes: dict[str, trio.CancelScope] = {}
+        # Programs whose newest image learn_last_checkpoints has just read, for program_added.
+        self._learned: set[str] = set()
         programs.listeners.append(self)
 
     def usable_service(self) -> CheckpointService:
@@ -59,9 +61,24 @@ class Checkpointing:
 
     # what happens to programs ----------------------------------------------------
 
+    async def learn_last_checkpoints(self, names: list[str]) -> None:
+        """Before the programs are added at start: their newest images, read in one worker
+        thread rather than one each (50 programs started ~50 ms later that way)."""
+        service = self.service
+        if service is None:
+            return
+
+        def learn_all() -> None:
+            for name in names:
+                service.learn_last_checkpoint(name)
+
+        await trio.to_thread.run_sync(learn_all)
+        self._learned.update(names)
+
     async def program_added(self, runner: ProgramRunner) -> None:
-        if self.service is not None:
+        if self.service is not None and runner.name not in self._learned:
             await trio.to_thread.run_sync(self.service.learn_last_checkpoint, runner.name)
+        self._learned.discard(runner.name)  # added again later (a reload): read again
         self._start_interval_policy(runner)
 
     def program_updated(self, runner: ProgramRunner) -> None:

@@ -155,6 +155,11 @@ class Supervisor:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
+        # Its Python starts while the supervisor sets up and takes back orphans: the first
+        # program launches without waiting for it.
+        self.programs.sandbox_server.start()
+        # The same for the stdio keeper's, when it has to be started.
+        await trio.to_thread.run_sync(self._open_keeper)
         await self._set_up_cgroups()
         partials = await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
         service = self.checkpointing.service
@@ -199,8 +204,8 @@ class Supervisor:
             keeper = self.programs.keeper
             if keeper is not None:
                 # Once started, every program has ended here; before that, a previous
-                # supervisor's programs may still need the keeper.
-                keeper.close(stop_keeper=self._started)
+                # supervisor's programs may still need the keeper, unless this one started it.
+                keeper.close(stop_keeper=self._started or keeper.pid is not None)
             sock.close()
             if settings.control_socket.is_socket():
                 settings.control_socket.unlink()
@@ -219,20 +224,30 @@ class Supervisor:
     async def _start_programs(self, nursery: trio.Nursery) -> None:
         """Take back a crashed predecessor's programs, then start those that autostart."""
         self.programs.attach(nursery)
-        leftovers = await trio.to_thread.run_sync(self._open_keeper)
+        leftovers = await trio.to_thread.run_sync(self._take_leftover_pipes)
         recovered = await self.recovery.take_back_orphans(self.config)
         order = self.config.start_order()
+        await self.checkpointing.learn_last_checkpoints(order)
         for name in order:
             await self.programs.add(self.config.programs[name])
         self._hand_over_leftover_output(leftovers)
         self.programs.autostart(order, recovered)
 
-    def _open_keeper(self) -> dict[str, int]:
-        """Find or start the stdio keeper; returns copies of the pipes it held for a previous
-        supervisor's instances (their output while no supervisor ran), by key."""
+    def _open_keeper(self) -> None:
+        """Find or start the stdio keeper."""
         try:
             self.programs.keeper = StdioKeeper.connect_or_start(self.state_dir)
-            return self.programs.keeper.take_all()
+        except (KeeperError, OSError) as exc:
+            log.error("stdio_keeper_unavailable", error=str(exc))
+
+    def _take_leftover_pipes(self) -> dict[str, int]:
+        """Copies of the pipes the keeper held for a previous supervisor's instances (their
+        output while no supervisor ran), by key."""
+        keeper = self.programs.keeper
+        if keeper is None:
+            return {}
+        try:
+            return keeper.take_all()
         except (KeeperError, OSError) as exc:
             log.error("stdio_keeper_unavailable", error=str(exc))
             return {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -563,5 +565,64 @@ async def test_the_launcher_server_launches_at_once_and_comes_back_after_it_died
                 await process.wait()
                 process.close()
             for pipe in pipes:
+                pipe.close_write_end()
+                await pipe.stream.aclose()
+
+
+async def test_a_launch_held_in_its_fork_does_not_hold_up_the_next(
+    anchor: str, launcher_server: LauncherServer | None, tmp_path: Path
+) -> None:
+    """The server forks each launch and answers it when that fork ends, so launches overlap.
+    One launch is held in its fork (its cgroup.procs is a FIFO nobody reads yet: joining the
+    cgroup blocks); another is launched and runs meanwhile; then the first goes on."""
+    if launcher_server is None:
+        pytest.skip("about the launcher server only")
+    held_cgroup = tmp_path / "held-cgroup"
+    held_cgroup.mkdir()
+    os.mkfifo(held_cgroup / "cgroup.procs")
+    held_pipe, quick_pipe = Pipe(), Pipe()
+    processes: list[SandboxProcess] = []
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def held() -> None:
+                spec = make_spec(anchor, "sh", "-c", "echo held; exec sleep 1000")
+                spec = dataclasses.replace(spec, cgroup=str(held_cgroup))
+                processes.append(
+                    await spawn_sandbox(
+                        spec, held_pipe.write_fd, held_pipe.write_fd, launcher_server
+                    )
+                )
+
+            nursery.start_soon(held)
+            await wait_for(
+                lambda: launcher_server.pid is not None and bool(children_of(launcher_server.pid)),
+                BOUND,
+                "the held launch's fork",
+            )
+            spec = make_spec(anchor, "sh", "-c", "echo quick; exec sleep 1000")
+            with trio.fail_after(BOUND):
+                processes.append(
+                    await spawn_sandbox(
+                        spec, quick_pipe.write_fd, quick_pipe.write_fd, launcher_server
+                    )
+                )
+            assert len(processes) == 1, "the held launch is still held"
+            quick_pipe.close_write_end()
+            assert await quick_pipe.read_until(lambda got: b"quick" in got) == b"quick\n"
+            with open(held_cgroup / "cgroup.procs", "rb") as fifo:  # lets the held fork go on
+                assert fifo.read() == b"0\n"
+        held_pipe.close_write_end()
+        assert await held_pipe.read_until(lambda got: b"held" in got) == b"held\n"
+        assert len(processes) == 2
+    finally:
+        with contextlib.suppress(OSError):  # a fork still held: let it go (and fail)
+            os.close(os.open(held_cgroup / "cgroup.procs", os.O_RDONLY | os.O_NONBLOCK))
+        with trio.CancelScope(shield=True):
+            for process in processes:
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+                process.close()
+            for pipe in (held_pipe, quick_pipe):
                 pipe.close_write_end()
                 await pipe.stream.aclose()
