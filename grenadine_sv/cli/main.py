@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import re
 import signal
@@ -48,6 +47,8 @@ class Parser(argparse.ArgumentParser):
                 if isinstance(action, argparse._SubParsersAction)
                 for name in action.choices
             ]
+            import difflib  # for a mistyped command only
+
             close = difflib.get_close_matches(wrong.group(1), commands, n=1)
             if close:
                 message = f"unknown command {wrong.group(1)!r}; did you mean {close[0]!r}?"
