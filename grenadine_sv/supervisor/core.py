@@ -23,7 +23,7 @@ from grenadine_sv.store.trust import UntrustedPath, check_trusted_dir, check_tru
 from grenadine_sv.supervisor.checkpointing import Checkpointing
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.operations import Operations
-from grenadine_sv.supervisor.output import check_log_file
+from grenadine_sv.supervisor.output import check_log_files
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery, StateDirBusy, state_dir_lock
 
@@ -84,9 +84,11 @@ def prepare_log_files(config: Config) -> None:
         check_trusted_to_create(log_dir, what="log_dir")
         log_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         check_trusted_dir(log_dir, what="log_dir")
-        for program in config.programs.values():
-            for path in (program.stdout_path(log_dir), program.stderr_path(log_dir)):
-                check_log_file(path)
+        check_log_files(
+            path
+            for program in config.programs.values()
+            for path in (program.stdout_path(log_dir), program.stderr_path(log_dir))
+        )
     except UntrustedPath as exc:
         raise StartupError(f"{exc} (program output may hold secrets)") from exc
 

@@ -11,7 +11,7 @@ import fcntl
 import io
 import os
 import stat
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -251,9 +251,20 @@ def open_log_dir(log_file: Path) -> int:
     return dir_fd
 
 
-def check_log_file(log_file: Path) -> None:
-    """Raise UntrustedPath when output could not safely be written to `log_file`."""
-    os.close(open_log_dir(log_file))
+def check_log_files(log_files: Iterable[Path]) -> None:
+    """Raise UntrustedPath when output could not safely be written to one of `log_files`.
+    Each directory is checked once, with all its files (every program's two files, most
+    often in one log_dir, are a walk from / each otherwise: ~0.3 ms apiece)."""
+    by_directory: dict[Path, list[Path]] = {}
+    for log_file in log_files:
+        by_directory.setdefault(log_file.parent, []).append(log_file)
+    for first, *others in by_directory.values():
+        dir_fd = open_log_dir(first)
+        try:
+            for log_file in others:
+                check_owned_file(dir_fd, log_file.name, log_file, what="log file")
+        finally:
+            os.close(dir_fd)
 
 
 def _make_directories(directory: Path) -> None:

@@ -175,12 +175,15 @@ def test_log_dir_others_can_write_with_a_planted_symlink_is_refused(sv_dirs: Sup
     assert target.read_text() == "important\n"
 
 
-def test_a_log_file_another_user_pre_created_is_refused(sv_dirs: SupervisorDirs):
+@pytest.mark.parametrize("planted", ["printer.out.log", "printer.err.log"])
+def test_a_log_file_another_user_pre_created_is_refused(sv_dirs: SupervisorDirs, planted: str):
+    """Either of a program's files, the first of its directory or one after it (each
+    directory is walked once for all its files)."""
     log_dir = sv_dirs.root / "logs"
     log_dir.mkdir()
     os.chmod(sv_dirs.root, 0o755)
     os.chmod(log_dir, 0o777)
-    as_nobody("sh", "-c", f"umask 0; : > {log_dir / 'printer.out.log'}")
+    as_nobody("sh", "-c", f"umask 0; : > {log_dir / planted}")
     os.chmod(log_dir, 0o755)  # closed again, the file stays theirs, 0666
     config = config_with(
         sv_dirs, sv_dirs.state_dir, log_dir, f"[programs.printer]\ncommand = {TOKEN_PRINTER}\n"
@@ -189,8 +192,8 @@ def test_a_log_file_another_user_pre_created_is_refused(sv_dirs: SupervisorDirs)
     result = start_supervisor(config)
 
     assert result.returncode == 1
-    assert f"log file {log_dir / 'printer.out.log'} is owned by uid {NOBODY}" in result.stderr
-    assert TOKEN not in (log_dir / "printer.out.log").read_text()
+    assert f"log file {log_dir / planted} is owned by uid {NOBODY}" in result.stderr
+    assert TOKEN not in (log_dir / planted).read_text()
 
 
 async def test_a_log_file_left_world_readable_is_made_private(sv_dirs: SupervisorDirs):
