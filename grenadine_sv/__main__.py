@@ -1,3 +1,3 @@
-from grenadine_sv.cli.main import main
+from grenadine_sv.cli.main import entry
 
-raise SystemExit(main())
+entry()

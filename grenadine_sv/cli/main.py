@@ -294,6 +294,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def entry() -> NoReturn:
+    """The installed command. A request to the supervisor ends without the interpreter's
+    teardown (a few ms of every such command): it has printed everything, flushed here, and
+    holds nothing else to close."""
+    code = main()
+    command = command_word(sys.argv[1:])
+    if command is not None and ALIASES.get(command, command) not in LOCAL_COMMANDS | {"ctl"}:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except OSError:  # a reader gone (`| head`), a full disk
+            code = EXIT_FAILED
+        os._exit(code)
+    sys.exit(code)
+
+
 def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
     if command == "ctl":
         from grenadine_sv.cli.shell import ctl
