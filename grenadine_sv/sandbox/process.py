@@ -233,7 +233,32 @@ class LauncherServer:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+            _end_orphaned_launches(self._process.args)
             self._process = None
+
+
+def _end_orphaned_launches(server_argv: Any) -> None:
+    """A server that died (killed) mid-launch leaves its forks, with its command line, to this
+    process (a child subreaper; they are re-parented once the server is reaped): end and reap
+    them. A launch past its fork has exec'ed the program and has another command line."""
+    wanted = b"".join(os.fsencode(str(arg)) + b"\0" for arg in server_argv)
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as listing:
+                children = [int(pid) for pid in listing.read().split()]
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    if cmdline.read() != wanted:
+                        continue
+            except OSError:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 async def spawn_sandbox(

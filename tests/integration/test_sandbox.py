@@ -626,3 +626,68 @@ async def test_a_launch_held_in_its_fork_does_not_hold_up_the_next(
             for pipe in (held_pipe, quick_pipe):
                 pipe.close_write_end()
                 await pipe.stream.aclose()
+
+
+async def test_launches_in_flight_fail_when_the_launcher_server_dies(
+    anchor: str, launcher_server: LauncherServer | None, tmp_path: Path
+) -> None:
+    """Two launches held in their forks; the server is killed: both fail at once with the
+    reason (none waits for an answer that cannot come), and the next launch starts a new
+    server."""
+    if launcher_server is None:
+        pytest.skip("about the launcher server only")
+    fifos = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        os.mkfifo(tmp_path / name / "cgroup.procs")
+        fifos.append(tmp_path / name / "cgroup.procs")
+    pipes = [Pipe(), Pipe(), Pipe()]
+    failures: list[str] = []
+    processes: list[SandboxProcess] = []
+    try:
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+
+                async def held(fifo: Path, pipe: Pipe) -> None:
+                    spec = make_spec(anchor, "sh", "-c", "exec sleep 1000")
+                    spec = dataclasses.replace(spec, cgroup=str(fifo.parent))
+                    fd = pipe.write_fd
+                    try:
+                        processes.append(await spawn_sandbox(spec, fd, fd, launcher_server))
+                    except SandboxError as error:
+                        failures.append(str(error))
+
+                for fifo, pipe in zip(fifos, pipes, strict=False):
+                    nursery.start_soon(held, fifo, pipe)
+                await wait_for(
+                    lambda: (
+                        launcher_server.pid is not None
+                        and len(children_of(launcher_server.pid)) == 2
+                    ),
+                    BOUND,
+                    "two held forks",
+                )
+                server = launcher_server.pid
+                assert server is not None
+                os.kill(server, signal.SIGKILL)
+        assert len(failures) == 2, failures
+        assert all("the sandbox launcher" in failure and "died" in failure for failure in failures)
+        assert processes == []
+        spec = make_spec(anchor, "sh", "-c", "echo again; exec sleep 1000")
+        fd = pipes[2].write_fd
+        processes.append(await spawn_sandbox(spec, fd, fd, launcher_server))
+        assert launcher_server.pid not in (None, server)
+        pipes[2].close_write_end()
+        assert await pipes[2].read_until(lambda got: b"again" in got) == b"again\n"
+    finally:
+        for fifo in fifos:  # the orphaned forks go on, find no reader, and fail
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        with trio.CancelScope(shield=True):
+            for process in processes:
+                process.send_signal(signal.SIGKILL)
+                await process.wait()
+                process.close()
+            for pipe in pipes:
+                pipe.close_write_end()
+                await pipe.stream.aclose()
