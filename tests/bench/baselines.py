@@ -36,7 +36,8 @@ class RawDump:
 
 def raw_criu_dump(criu: Path, pid: int, images_dir: Path) -> RawDump:
     """`criu dump` by hand with the options grenadine-sv gives CRIU through its RPC: the tree
-    of `pid`, external mounts, left running, log level 4, log in the image directory."""
+    of `pid`, external mounts, left running, file locks (checkpoint.file_locks' default), log
+    level 4, log in the image directory."""
     images_dir.mkdir(mode=0o700)
     argv = [
         str(criu),
@@ -48,6 +49,7 @@ def raw_criu_dump(criu: Path, pid: int, images_dir: Path) -> RawDump:
         "--external",
         "mnt[]",
         "--leave-running",
+        "--file-locks",
         "-v4",
         "--log-file",
         "dump.log",
