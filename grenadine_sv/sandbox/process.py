@@ -145,6 +145,7 @@ class LauncherServer:
         self._receive_lock = trio.Lock()
         self._request_ids = itertools.count(1)
         self._answers: dict[int, bytes] = {}
+        self._abandoned: set[int] = set()  # requests whose caller left (cancelled)
 
     @property
     def pid(self) -> int | None:
@@ -188,7 +189,12 @@ class LauncherServer:
                 socket.send_fds(control, [b"%d " % request_id + spec_json], list(fds))
             except OSError as error:
                 self._died(control, f": {error}")
-        await self._answer(control, request_id)
+        try:
+            await self._answer(control, request_id)
+        except BaseException:
+            if self._answers.pop(request_id, None) is None:
+                self._abandoned.add(request_id)  # its answer, if one comes, is dropped
+            raise
 
     async def _answer(self, control: socket.socket, request_id: int) -> None:
         """Wait for the answer to `request_id`: whoever waits reads the answers of all."""
@@ -208,7 +214,9 @@ class LauncherServer:
                 if not answer:
                     self._died(control, "")
                 answered = json.loads(answer).get("id")
-                if isinstance(answered, int):
+                if answered in self._abandoned:
+                    self._abandoned.discard(answered)
+                elif isinstance(answered, int):
                     self._answers[answered] = answer
         del self._answers[request_id]
 
@@ -227,6 +235,7 @@ class LauncherServer:
                 trio.lowlevel.notify_closing(self._socket)
             self._socket.close()
             self._socket = None
+            self._abandoned.clear()  # their answers can no longer come
         if self._process is not None:
             try:
                 self._process.wait(timeout=SERVER_EXIT_SECONDS)
