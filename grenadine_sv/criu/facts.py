@@ -17,6 +17,9 @@ from typing import Any
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 TCP_LISTEN = 10  # a listening socket's state, unix ones included
 STDIO_FDS: Mapping[int, str] = {1: "stdout", 2: "stderr"}
+# CRIU's task states (criu/include/pid.h) of a task that had exited: TASK_DEAD, as it dumps a
+# zombie, and TASK_ZOMBIE.
+EXITED_TASK_STATES = frozenset({0x2, 0x6})
 
 
 class ImageFactsError(Exception):
@@ -47,9 +50,15 @@ def read_dump_facts(criu_dir: Path, *, under_init: bool = False) -> DumpFacts:
     program_pid = root_pid
     if under_init:
         program_pid = next((pid for pid, ppid in tree.items() if ppid == root_pid), root_pid)
+    task_core = _task_core(criu_dir, program_pid)
+    if task_core.get("task_state") in EXITED_TASK_STATES:
+        raise ImageFactsError(
+            "the program exited while CRIU dumped it (it is a zombie in the image, pid "
+            f"{program_pid}): there is nothing to restore"
+        )
     return DumpFacts(
         root_pid=root_pid,
-        comm=_comm(criu_dir, program_pid),
+        comm=_comm(task_core, criu_dir / f"core-{program_pid}.img"),
         memory_bytes=sum(_dumped_pages(criu_dir, pid) for pid in pids) * PAGE_SIZE,
         stdio_pipes=_stdio_pipes(criu_dir, root_pid),
         dump_stats=_dump_stats(criu_dir),
@@ -68,10 +77,14 @@ def _tree(criu_dir: Path) -> dict[int, int]:
     return tree
 
 
-def _comm(criu_dir: Path, pid: int) -> str:
+def _task_core(criu_dir: Path, pid: int) -> dict[str, Any]:
+    """The task's core entry (tc: command name, task state, exit code...)."""
     path = criu_dir / f"core-{pid}.img"
     entries = _load_entries(path, "CORE")
-    task_core = _dict(entries[0] if entries else None, "tc", path)
+    return _dict(entries[0] if entries else None, "tc", path)
+
+
+def _comm(task_core: Mapping[str, Any], path: Path) -> str:
     comm = task_core.get("comm")
     if not isinstance(comm, str):
         raise ImageFactsError(f"{path} has no command name (tc.comm)")
@@ -80,6 +93,8 @@ def _comm(criu_dir: Path, pid: int) -> str:
 
 def _dumped_pages(criu_dir: Path, pid: int) -> int:
     path = criu_dir / f"pagemap-{pid}.img"
+    if not path.exists() and _task_core(criu_dir, pid).get("task_state") in EXITED_TASK_STATES:
+        return 0  # a zombie: CRIU dumps its exit code, and no memory
     # The first entry is the pagemap head (which pages-N.img holds the pages); the rest are
     # runs of pages. Images from before CRIU 3.x carry the count in compat_nr_pages.
     return sum(

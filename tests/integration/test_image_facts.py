@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from grenadine_sv.criu.facts import PAGE_SIZE, read_dump_facts
+from grenadine_sv.criu.facts import PAGE_SIZE, ImageFactsError, read_dump_facts
 from grenadine_sv.sandbox.linux import read_start_time
 from grenadine_sv.store.images import DumpIntent, ImageStore, current_boot_id
 
@@ -182,3 +183,53 @@ def test_a_real_dump_committed_to_the_store_is_private_and_verifies(
     assert criu_files
     assert {stat.S_IMODE(p.stat().st_mode) for p in criu_files} == {0o600}
     store.verify(meta)
+
+
+# The root forks a child that exits at once and is never reaped: a zombie in the tree.
+ZOMBIE_SCRIPT = """
+import os, time
+child = os.fork()
+if child == 0:
+    os._exit(3)
+print("zombie", child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_zombie_has_no_memory_and_a_program_that_is_one_is_refused(
+    criu: Path, scratch_dir: Path
+) -> None:
+    """CRIU dumps a zombie as its exit code, without a pagemap: a tree holding one (a child
+    not reaped yet) is an image; a program that exited during its dump (under the init, the
+    root's child is the program) is refused, saying so, rather than a missing file."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ZOMBIE_SCRIPT],
+        stdin=subprocess.DEVNULL,
+        stdout=write_end,
+        start_new_session=True,
+    )
+    os.close(write_end)
+    zombie: int | None = None
+    try:
+        [line] = read_lines(read_end, count=1, timeout=10.0)
+        zombie = int(line.split()[1])
+        deadline = time.monotonic() + 10.0
+        while Path(f"/proc/{zombie}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, f"pid {zombie} did not become a zombie"
+            time.sleep(0.01)
+        dump(criu, proc.pid, scratch_dir)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        os.close(read_end)
+        if zombie is not None:  # re-parented to this process if it is a child subreaper
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(zombie, 0)
+
+    facts = read_dump_facts(scratch_dir)
+    assert facts.root_pid == proc.pid
+    assert facts.memory_bytes > 0
+    assert not (scratch_dir / f"pagemap-{zombie}.img").exists()
+    with pytest.raises(ImageFactsError, match=f"exited while CRIU dumped it .*pid {zombie}"):
+        read_dump_facts(scratch_dir, under_init=True)
