@@ -126,14 +126,19 @@ class CheckpointService(Restores):
             except CheckpointError as exc:
                 if instance is not None:
                     runner.resume_instance(instance)
-                self.metrics.checkpoint_failed(program, trigger)
-                bound.error("checkpoint_failed", error=str(exc))
-                self.images_of(program).last_failure = CheckpointFailure(
-                    datetime.now(UTC), trigger, str(exc)
-                )
                 after = await trio.to_thread.run_sync(tree_condition, pid)
+                failure = exc
+                if pid not in after:  # a stop, a restart or a crash during the dump
+                    failure = CheckpointError(f"{program} ended while CRIU dumped it ({exc})")
+                self.metrics.checkpoint_failed(program, trigger)
+                bound.error("checkpoint_failed", error=str(failure))
+                self.images_of(program).last_failure = CheckpointFailure(
+                    datetime.now(UTC), trigger, str(failure)
+                )
                 _examine_after_failed_dump(runner, pid, before, after, bound)
-                raise
+                if failure is exc:
+                    raise
+                raise failure from exc
             if stop:
                 # Listed and durable: the frozen tree may go now (its exit ends the instance).
                 # Return once it has ended: its ports and files are free for what comes next.

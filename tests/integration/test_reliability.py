@@ -209,6 +209,36 @@ async def test_program_left_stopped_by_a_failed_dump_is_resumed(sv_dirs: Supervi
     assert any(e["event"] == "program_resumed_after_failed_checkpoint" for e in logs)
 
 
+class CriuWhoseProgramEnds:
+    """Stands for a dump during which the program ends (a restart or a crash landing as CRIU
+    seizes it, seen in the soak): the tree is killed, and CRIU fails as it then does."""
+
+    binary = find_criu()
+
+    def dump(self, request: DumpRequest) -> None:
+        os.kill(request.pid, signal.SIGKILL)
+        raise CriuError("dump", f"Unable to detach from {request.pid}: No such process", None)
+
+    def restore(self, request: RestoreRequest) -> int:
+        raise AssertionError("not used")
+
+
+async def test_a_program_that_ends_during_its_dump_is_named_as_the_cause(
+    sv_dirs: SupervisorDirs,
+):
+    config = sv_dirs.write_config(f"[programs.ticker]\ncommand = {TICKER}\nstartsecs = 0.2\n")
+    with capture_logs() as logs:
+        async with running_supervisor(config) as sv:
+            assert sv.checkpointing.service is not None
+            sv.checkpointing.service.criu = CriuWhoseProgramEnds()  # type: ignore[assignment]
+            await wait_state(sv, "ticker", State.RUNNING)
+            with pytest.raises(ControlError, match=r"ticker ended while CRIU dumped it .*detach"):
+                await sv.operations.checkpoint_programs(["ticker"], stop=False)
+    [logged] = [e for e in logs if e["event"] == "checkpoint_failed"]
+    assert logged["error"].startswith("ticker ended while CRIU dumped it")
+    assert any(e["event"] == "program_gone_after_failed_checkpoint" for e in logs)
+
+
 # Small until SIGUSR2, then holds 64 MiB more.
 GROWER = python_program(
     "import signal, sys, time\n"
