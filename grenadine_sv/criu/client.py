@@ -18,6 +18,7 @@ from grenadine_sv.criu.diagnosis import advice_for, cause_lines
 from grenadine_sv.criu.notify import PostDumpFailed, dump_with_notifications
 from grenadine_sv.criu.options import CriuOptions, apply_options
 from grenadine_sv.criu.undumpable import children, undumpable_fds
+from grenadine_sv.sandbox.linux import kill_and_reap, own_children
 
 if TYPE_CHECKING:
     import pycriu
@@ -322,28 +323,18 @@ def _end_orphaned_helpers() -> None:
     to this process, a child subreaper: end and reap those in this process's PID namespace
     (a restored task is in its own), other than a session's `criu swrk`."""
     own_depth = _namespace_depth("self")
-    for task in os.listdir("/proc/self/task"):
+    for pid in own_children():
+        with _ACTIVE_LOCK:
+            if pid in _ACTIVE_SWRK:
+                continue
         try:
-            with open(f"/proc/self/task/{task}/children") as listing:
-                children = [int(pid) for pid in listing.read().split()]
+            with open(f"/proc/{pid}/comm") as comm:
+                if comm.read().strip() != "criu":
+                    continue
         except OSError:
             continue
-        for pid in children:
-            with _ACTIVE_LOCK:
-                if pid in _ACTIVE_SWRK:
-                    continue
-            try:
-                with open(f"/proc/{pid}/comm") as comm:
-                    if comm.read().strip() != "criu":
-                        continue
-            except OSError:
-                continue
-            if _namespace_depth(pid) != own_depth:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+        if _namespace_depth(pid) == own_depth:
+            kill_and_reap(pid)
 
 
 def _end_restore_leftovers(session: _Session) -> None:

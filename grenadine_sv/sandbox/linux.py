@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -82,3 +83,24 @@ def resume_sandbox(root_pid: int) -> int:
             continue
         resumed += 1
     return resumed
+
+
+def own_children() -> list[int]:
+    """This process's children: every thread's (a child is listed under the thread that
+    forked it, and orphans re-parented to this subreaper under its main thread)."""
+    children: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as listing:
+                children.extend(int(pid) for pid in listing.read().split())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return children
+
+
+def kill_and_reap(pid: int) -> None:
+    """SIGKILL a child of this process and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)

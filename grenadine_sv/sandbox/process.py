@@ -18,7 +18,13 @@ from typing import Any, NoReturn
 import trio
 
 from grenadine_sv.sandbox.init import program_returncode
-from grenadine_sv.sandbox.linux import is_subreaper, read_pid_ns_inode, read_start_time
+from grenadine_sv.sandbox.linux import (
+    is_subreaper,
+    kill_and_reap,
+    own_children,
+    read_pid_ns_inode,
+    read_start_time,
+)
 from grenadine_sv.sandbox.spec import SandboxSpec
 from grenadine_sv.sandbox.visibility import spec_hidden_from_sandbox
 
@@ -251,23 +257,13 @@ def _end_orphaned_launches(server_argv: Any) -> None:
     process (a child subreaper; they are re-parented once the server is reaped): end and reap
     them. A launch past its fork has exec'ed the program and has another command line."""
     wanted = b"".join(os.fsencode(str(arg)) + b"\0" for arg in server_argv)
-    for task in os.listdir("/proc/self/task"):
+    for pid in own_children():
         try:
-            with open(f"/proc/self/task/{task}/children") as listing:
-                children = [int(pid) for pid in listing.read().split()]
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if cmdline.read() == wanted:
+                    kill_and_reap(pid)
         except OSError:
             continue
-        for pid in children:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                    if cmdline.read() != wanted:
-                        continue
-            except OSError:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
 
 
 async def spawn_sandbox(

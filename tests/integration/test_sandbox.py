@@ -519,6 +519,17 @@ async def test_criu_dumps_and_restores_a_sandboxed_memcached(
         await restored_output.stream.aclose()
 
 
+async def end_all(processes: list[SandboxProcess], pipes: list[Pipe]) -> None:
+    """End the sandboxes a test started, by pid, and close its pipes."""
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        process.close()
+    for pipe in pipes:
+        pipe.close_write_end()
+        await pipe.stream.aclose()
+
+
 async def test_the_launcher_server_launches_at_once_and_comes_back_after_it_died(
     anchor: str, launcher_server: LauncherServer | None
 ) -> None:
@@ -560,13 +571,7 @@ async def test_the_launcher_server_launches_at_once_and_comes_back_after_it_died
         assert await again.read_until(lambda got: b"again" in got) == b"again\n"
     finally:
         with trio.CancelScope(shield=True):
-            for process in processes:
-                process.send_signal(signal.SIGKILL)
-                await process.wait()
-                process.close()
-            for pipe in pipes:
-                pipe.close_write_end()
-                await pipe.stream.aclose()
+            await end_all(processes, pipes)
 
 
 async def test_a_launch_held_in_its_fork_does_not_hold_up_the_next(
@@ -619,13 +624,7 @@ async def test_a_launch_held_in_its_fork_does_not_hold_up_the_next(
         with contextlib.suppress(OSError):  # a fork still held: let it go (and fail)
             os.close(os.open(held_cgroup / "cgroup.procs", os.O_RDONLY | os.O_NONBLOCK))
         with trio.CancelScope(shield=True):
-            for process in processes:
-                process.send_signal(signal.SIGKILL)
-                await process.wait()
-                process.close()
-            for pipe in (held_pipe, quick_pipe):
-                pipe.close_write_end()
-                await pipe.stream.aclose()
+            await end_all(processes, [held_pipe, quick_pipe])
 
 
 async def test_launches_in_flight_fail_when_the_launcher_server_dies(
@@ -684,10 +683,4 @@ async def test_launches_in_flight_fail_when_the_launcher_server_dies(
             with contextlib.suppress(OSError):
                 os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
         with trio.CancelScope(shield=True):
-            for process in processes:
-                process.send_signal(signal.SIGKILL)
-                await process.wait()
-                process.close()
-            for pipe in pipes:
-                pipe.close_write_end()
-                await pipe.stream.aclose()
+            await end_all(processes, pipes)
