@@ -10,7 +10,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,7 +42,7 @@ from grenadine_sv.store.image_meta import (
     ImageMeta,
     current_boot_id,
 )
-from grenadine_sv.store.sealing import NEW_IMAGE_ALGORITHM, seal_tree
+from grenadine_sv.store.sealing import NEW_IMAGE_ALGORITHM, FileRecord, seal_tree
 from grenadine_sv.store.snapshot import SnapshotMismatch, check_snapshot, seal_snapshot
 from grenadine_sv.store.verification import check_received, verify_files
 
@@ -113,16 +113,33 @@ class PendingImage:
     ) -> ImageMeta:
         """Make every file private and durable and write meta.json (replacing one an
         interrupted seal left). The image is not listed yet: `publish` does that. Facts given
-        as a function are read while the files are sealed (reading them takes ~10 ms, the
-        fsyncs wait on the disk)."""
+        as a function are read while the files are sealed (reading them takes ~10 ms), and
+        meta.json is written once every file is hashed, while the fsyncs of the pages may
+        still wait on the disk."""
         self._require_open("seal")
+        sealed: list[ImageMeta] = []
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            read = reader.submit(facts) if callable(facts) else None
+
+            def write_meta(records: Mapping[str, FileRecord]) -> None:
+                known = read.result() if read is not None else facts
+                assert isinstance(known, DumpFacts)
+                meta = self._meta(known, records, created)
+                meta_path = self._partial_dir / META_FILE
+                with contextlib.suppress(FileNotFoundError):
+                    meta_path.unlink()
+                write_private_file(meta_path, meta.model_dump_json(indent=2))
+                sealed.append(meta)
+
+            seal_tree(self.criu_dir, once_hashed=write_meta)
+        fsync_dir(self._partial_dir)
+        return sealed[0]
+
+    def _meta(
+        self, facts: DumpFacts, records: Mapping[str, FileRecord], created: datetime | None
+    ) -> ImageMeta:
         intent = self.intent
-        with ThreadPoolExecutor(max_workers=1) as sealer:
-            sealing = sealer.submit(seal_tree, self.criu_dir)
-            if callable(facts):
-                facts = facts()
-            records = sealing.result()
-        meta = ImageMeta(
+        return ImageMeta(
             id=self.id,
             program=self.program,
             created=created if created is not None else datetime.now(UTC),
@@ -149,12 +166,6 @@ class PendingImage:
             format_version=META_FORMAT_VERSION,
             definition=intent.definition,
         )
-        meta_path = self._partial_dir / META_FILE
-        with contextlib.suppress(FileNotFoundError):
-            meta_path.unlink()
-        write_private_file(meta_path, meta.model_dump_json(indent=2))
-        fsync_dir(self._partial_dir)
-        return meta
 
     def publish(self, meta: ImageMeta) -> None:
         """List the sealed image: one rename, made durable."""

@@ -96,37 +96,46 @@ def walk_tree(top: Path) -> tuple[list[tuple[str, Path]], list[Path]]:
     return files, directories
 
 
-def seal_tree(top: Path) -> Mapping[str, FileRecord]:
+def seal_tree(
+    top: Path, *, once_hashed: Callable[[Mapping[str, FileRecord]], None] | None = None
+) -> Mapping[str, FileRecord]:
     """Over what CRIU wrote (and has closed): make files 0600 and directories 0700, hash
     (BLAKE3) and fsync every file, fsync every directory. Returns each file's size and digest.
-    Every file is hashed and fsynced in worker threads at once."""
+    Every file is hashed and fsynced in worker threads at once. `once_hashed` is called with
+    the records as soon as every file is hashed, while fsyncs may still wait on the disk
+    (meta.json is written then); what it raises is raised once the fsyncs are done."""
     files, directories = walk_tree(top)
     with ThreadPoolExecutor(max_workers=SEAL_WORKERS) as pool:
-        pending = {rel: _seal_in(pool, path) for rel, path in files}
-        records = {rel: finish() for rel, finish in pending.items()}
+        synced, hashed = [], {}
+        for rel, path in files:
+            synced.append(pool.submit(_sync_file, path))
+            hashed[rel] = pool.submit(_hash_file, path)
+        records = {rel: future.result() for rel, future in hashed.items()}
+        try:
+            if once_hashed is not None:
+                once_hashed(records)
+        finally:
+            for future in synced:
+                future.result()
     for directory in directories:
         os.chmod(directory, DIR_MODE)
         fsync_dir(directory)
     return records
 
 
-def _seal_in(pool: ThreadPoolExecutor, path: Path) -> Callable[[], FileRecord]:
-    """Make the file private and durable, and hash it: both at once in `pool`."""
-    synced = pool.submit(_sync_file, path)
-    hashed = pool.submit(digest_of, path, "blake3")
-    return lambda: FileRecord(size=synced.result(), digest=hashed.result())
+def _hash_file(path: Path) -> FileRecord:
+    fd = open_regular(path)
+    try:
+        return FileRecord(size=os.fstat(fd).st_size, digest=blake3_of_fd(fd))
+    finally:
+        os.close(fd)
 
 
-def _seal_file(path: Path) -> FileRecord:
-    return FileRecord(size=_sync_file(path), digest=digest_of(path, "blake3"))
-
-
-def _sync_file(path: Path) -> int:
-    """Make the file private and durable; returns its size."""
+def _sync_file(path: Path) -> None:
+    """Make the file private and durable."""
     fd = open_regular(path)
     try:
         os.fchmod(fd, FILE_MODE)
         os.fsync(fd)
-        return os.fstat(fd).st_size
     finally:
         os.close(fd)

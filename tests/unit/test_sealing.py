@@ -41,3 +41,27 @@ def test_a_symlink_in_the_image_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="only regular files"):
         seal_tree(top)
+
+
+def test_once_hashed_sees_every_record_and_its_failure_waits_for_the_fsyncs(
+    tmp_path: Path,
+) -> None:
+    """meta.json is written from `once_hashed` while the fsyncs run; if writing it fails, the
+    failure comes once every file has been made private and durable, never mid-seal."""
+    top = tmp_path / "criu"
+    top.mkdir()
+    for name in ("core-1.img", "pages-1.img", "pstree.img"):
+        (top / name).write_bytes(name.encode() * 1000)
+        (top / name).chmod(0o644)
+    seen: list[set[str]] = []
+
+    def fail(records: object) -> None:
+        assert isinstance(records, dict)
+        seen.append(set(records))
+        raise RuntimeError("meta.json could not be written")
+
+    with pytest.raises(RuntimeError, match=r"meta\.json"):
+        seal_tree(top, once_hashed=fail)
+
+    assert seen == [{"core-1.img", "pages-1.img", "pstree.img"}]
+    assert all(path.stat().st_mode & 0o777 == FILE_MODE for path in top.iterdir())
