@@ -349,9 +349,8 @@ def serve(control_fd: int) -> int:
                     os.close(fd)
                     _, wait_status = os.waitpid(pid, 0)
                     code = os.waitstatus_to_exitcode(wait_status)
-                    answer = b'{"id": %s, "exit": %d}' % (request_id, code)
                     try:
-                        control.send(answer)
+                        control.send(_answer(request_id, code))
                     except OSError:
                         if listening:
                             poller.unregister(control_fd)
@@ -370,6 +369,10 @@ def serve(control_fd: int) -> int:
     return 0
 
 
+def _answer(request_id: bytes, code: int) -> bytes:
+    return b'{"id": %s, "exit": %d}' % (request_id, code)
+
+
 def _take_request(
     control: socket.socket, children: dict[int, tuple[int, bytes]], poller: select.poll
 ) -> bool:
@@ -386,7 +389,7 @@ def _take_request(
     try:
         child = _fork_launch(control, spec, *fds) if len(fds) == 3 else None
         if child is None:
-            control.send(b'{"id": %s, "exit": %d}' % (request_id, EXIT_STEP_FAILED))
+            control.send(_answer(request_id, EXIT_STEP_FAILED))
         else:
             pidfd = os.pidfd_open(child)
             children[pidfd] = (child, request_id)

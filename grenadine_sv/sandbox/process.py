@@ -209,7 +209,7 @@ class LauncherServer:
                 if request_id in self._answers:
                     break
                 if control is not self._socket:
-                    raise SandboxError(f"the sandbox launcher {LAUNCHER} died; it restarts")
+                    self._died(control, "")
                 try:
                     await trio.lowlevel.wait_readable(control)
                     answer = control.recv(MAX_ANSWER_BYTES)
