@@ -24,6 +24,7 @@ from grenadine_sv.config.errors import (
     key_path,
     problems_from_validation_error,
 )
+from grenadine_sv.config.field_docs import attribute_docstrings
 from grenadine_sv.config.models import (
     DIGEST_FIELDS,
     LOADER_FIELDS,
@@ -146,7 +147,16 @@ def config_json_schema() -> dict[str, Any]:
 
 
 class _TomlJsonSchema(GenerateJsonSchema):
-    """TOML has no null: an optional key is one that may be left out."""
+    """TOML has no null: an optional key is one that may be left out. Each key is described
+    by the docstring under its field."""
+
+    def model_schema(self, schema: core_schema.ModelSchema) -> JsonSchemaValue:
+        json_schema = super().model_schema(schema)
+        properties = json_schema.get("properties", {})
+        for field, doc in attribute_docstrings(schema["cls"]).items():
+            if field in properties:
+                properties[field]["description"] = doc
+        return json_schema
 
     def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
         return self.generate_inner(schema["schema"])

@@ -250,7 +250,7 @@ Environment = dict[
 ]
 ExitCode = Annotated[int, Strict(), Field(ge=0, le=255)]
 
-TABLE_CONFIG = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+TABLE_CONFIG = ConfigDict(extra="forbid", frozen=True)
 
 
 RestoreOccasion = Literal["supervisor-start", "crash", "start"]

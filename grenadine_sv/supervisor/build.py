@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -10,7 +11,6 @@ from grenadine_sv import __version__
 from grenadine_sv.config.loading import Config
 from grenadine_sv.criu.binary import CriuNotFound, CriuVersionUnknown, criu_version, find_criu
 from grenadine_sv.criu.client import Criu
-from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.store.encryption import EncryptionKeyError
 from grenadine_sv.store.images import ImageStore
 from grenadine_sv.supervisor.checkpointing import Checkpointing
@@ -21,6 +21,9 @@ from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery
 from grenadine_sv.supervisor.remote import RemoteImages
+
+if TYPE_CHECKING:
+    from grenadine_sv.metrics.collector import Metrics
 
 log = structlog.get_logger()
 
@@ -44,6 +47,9 @@ def build_supervisor(config: Config) -> Supervisor:
     metrics: Metrics | None = None
     programs: Programs
     if config.supervisor.metrics.address() is not None:
+        # prometheus_client and the HTTP server are loaded only for an enabled endpoint.
+        from grenadine_sv.metrics.collector import Metrics
+
         metrics = Metrics(
             store=store,
             programs=lambda: dict(programs.runners),

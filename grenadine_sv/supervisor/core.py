@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -15,8 +16,6 @@ from grenadine_sv.config.loading import Config
 from grenadine_sv.control import server as control
 from grenadine_sv.control.handler import RequestHandler
 from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_program
-from grenadine_sv.metrics.collector import Metrics
-from grenadine_sv.metrics.endpoint import MetricsListenError, serve_metrics
 from grenadine_sv.sandbox import become_subreaper
 from grenadine_sv.sandbox.cgroup import CgroupUnavailable, ProgramCgroups
 from grenadine_sv.store.trust import UntrustedPath, check_trusted_dir, check_trusted_to_create
@@ -26,6 +25,9 @@ from grenadine_sv.supervisor.operations import Operations
 from grenadine_sv.supervisor.output import check_log_files
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery, StateDirBusy, state_dir_lock
+
+if TYPE_CHECKING:  # prometheus_client is loaded only when the endpoint is enabled
+    from grenadine_sv.metrics.collector import Metrics
 
 log = structlog.get_logger()
 
@@ -271,6 +273,8 @@ class Supervisor:
         host, port = address
         for name in self.config.programs:
             metrics.add_program(name)
+        from grenadine_sv.metrics.endpoint import MetricsListenError, serve_metrics
+
         try:
             await nursery.start(serve_metrics, metrics, host, port)
         except MetricsListenError as exc:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import signal
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 import trio
@@ -14,7 +14,6 @@ from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.keeper.client import StdioKeeper
 from grenadine_sv.lifecycle.machine import State
-from grenadine_sv.metrics.collector import Metrics
 from grenadine_sv.sandbox import LauncherServer
 from grenadine_sv.sandbox.cgroup import ProgramCgroups
 from grenadine_sv.supervisor.membership import CopyCensus, emptied
@@ -25,6 +24,9 @@ from grenadine_sv.supervisor.runner import (
     StartCause,
     StateObserver,
 )
+
+if TYPE_CHECKING:  # prometheus_client is loaded only when the endpoint is enabled
+    from grenadine_sv.metrics.collector import Metrics
 
 log = structlog.get_logger()
 

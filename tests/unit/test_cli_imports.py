@@ -56,3 +56,34 @@ def test_run_does_not_load_rich_through_structlog(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.stdout.split() == ["2", "True", "False"], result.stderr
+
+
+BUILD_PROBE = """
+import sys
+from pathlib import Path
+from grenadine_sv.config.loading import load_config
+from grenadine_sv.supervisor.build import build_supervisor
+supervisor = build_supervisor(load_config(Path(sys.argv[1])))
+print(",".join(m for m in ("prometheus_client", "h11") if m in sys.modules) or "-")
+"""
+
+
+def _libraries_a_supervisor_loads(tmp_path: Path, listen: str) -> str:
+    config = tmp_path / "grenadine.toml"
+    config.write_text(
+        f'[supervisor]\nstate_dir = "{tmp_path / "state"}"\nlog_dir = "{tmp_path / "logs"}"\n'
+        f'[supervisor.metrics]\nlisten = "{listen}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", BUILD_PROBE, str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
+def test_a_supervisor_without_metrics_endpoint_loads_no_prometheus_client(tmp_path: Path) -> None:
+    assert _libraries_a_supervisor_loads(tmp_path, "") == "-"
+    assert _libraries_a_supervisor_loads(tmp_path, "127.0.0.1:9847") == "prometheus_client"

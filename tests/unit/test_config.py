@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from grenadine_sv.config.field_docs import attribute_docstrings
 from grenadine_sv.config.loading import (
     Config,
     ProgramConfig,
@@ -395,3 +396,27 @@ def test_json_schema_describes_the_toml_document():
     assert "name" not in program_schema["properties"]
     assert "source" not in program_schema["properties"]
     assert program_schema["required"] == ["command"]
+
+
+def test_json_schema_describes_each_key_by_the_docstring_under_its_field():
+    schema = config_json_schema()
+
+    startsecs = schema["$defs"]["ProgramConfig"]["properties"]["startsecs"]
+    assert startsecs["description"] == (
+        "how long the program must stay up to count as started (without a ready probe)"
+    )
+    # A nested table's key: the description sits beside the reference.
+    remote = schema["$defs"]["SupervisorSettings"]["properties"]["remote"]
+    assert remote["description"] == "an object store for images (optional)"
+
+
+def test_attribute_docstrings_pairs_each_annotated_field_with_the_string_under_it():
+    class Table:
+        documented: int = 1
+        """the first
+        of two lines"""
+        undocumented: str = ""
+        plain = 2
+        """not a field: it has no annotation"""
+
+    assert attribute_docstrings(Table) == {"documented": "the first\nof two lines"}
