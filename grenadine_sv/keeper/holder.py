@@ -24,7 +24,6 @@ programs are gone too, leaves nothing for it to keep.
 from __future__ import annotations
 
 import array
-import ctypes
 import json
 import os
 import select
@@ -34,7 +33,6 @@ import sys
 import time
 
 MAX_MESSAGE = 65536
-PR_SET_NAME = 15
 PROCESS_NAME = b"grenadine-keep"
 DEFAULT_IDLE_SECONDS = 600.0
 # Once idle that long, how often it looks again whether a program still holds a pipe.
@@ -133,8 +131,9 @@ def wait_for_supervisor(listener: socket.socket, held: dict[str, int], idle: flo
 
 
 def main(argv: list[str]) -> int:
-    libc = ctypes.CDLL(None)
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
+    # What prctl(PR_SET_NAME) does, without ctypes (~0.7 MiB in this long-lived process).
+    with open("/proc/self/comm", "wb") as comm:
+        comm.write(PROCESS_NAME)
     listener = socket.socket(fileno=int(argv[1]))
     os.set_inheritable(listener.fileno(), False)
     idle = float(argv[2]) if len(argv) > 2 else DEFAULT_IDLE_SECONDS
