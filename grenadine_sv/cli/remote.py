@@ -154,7 +154,7 @@ def ask(args: argparse.Namespace, command: str, request_args: dict[str, Any]) ->
 
 def ask_with_progress(args: argparse.Namespace, request_args: dict[str, Any]) -> Any:
     """`ask`, with a progress line on a terminal for a checkpoint or a restore."""
-    if args.command not in ("checkpoint", "restore"):
+    if args.command not in ("checkpoint", "restore") or not sys.stderr.isatty():
         return ask(args, args.command, request_args)
     from grenadine_sv.cli.progress import progress_line, state_dir_of
 
