@@ -20,7 +20,6 @@ from grenadine_sv.supervisor.definitions import current_definition
 from grenadine_sv.supervisor.deploys import Deploys
 from grenadine_sv.supervisor.programs import Programs
 from grenadine_sv.supervisor.recovery import Recovery
-from grenadine_sv.supervisor.remote import RemoteImages
 
 if TYPE_CHECKING:
     from grenadine_sv.metrics.collector import Metrics
@@ -72,6 +71,8 @@ def build_supervisor(config: Config) -> Supervisor:
     supervisor: Supervisor
     remote = config.supervisor.remote
     if service is not None and remote is not None and remote.url is not None:
+        from grenadine_sv.supervisor.remote import RemoteImages  # only with an object store
+
         try:
             service.remote = RemoteImages(
                 remote,

@@ -26,7 +26,7 @@ from grenadine_sv.supervisor.definitions import (
 )
 from grenadine_sv.supervisor.image_service import CheckpointError
 from grenadine_sv.supervisor.programs import Programs, start_timeout_bound
-from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteUnavailable
+from grenadine_sv.supervisor.remote_refs import REMOTE_PREFIX, RemoteUnavailable
 from grenadine_sv.supervisor.runner import ProgramRunner
 
 log = structlog.get_logger()

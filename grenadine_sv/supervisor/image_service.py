@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 import trio
@@ -33,7 +33,9 @@ from grenadine_sv.store.images import (
 from grenadine_sv.supervisor.lazy import (
     LazyMemory,
 )
-from grenadine_sv.supervisor.remote import RemoteImages
+
+if TYPE_CHECKING:  # the object store's code is loaded only when one is configured
+    from grenadine_sv.supervisor.remote import RemoteImages
 
 log = structlog.get_logger()
 

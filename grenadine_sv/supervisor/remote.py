@@ -35,6 +35,7 @@ from grenadine_sv.store.remote import (
     RemoteStore,
     RemoteStoreError,
 )
+from grenadine_sv.supervisor.remote_refs import REMOTE_PREFIX, RemoteUnavailable
 
 log = structlog.get_logger()
 
@@ -42,11 +43,6 @@ QUEUE_FILE = "upload-queue.json"
 DOWNLOADS_SUBDIR = "downloads"
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
-REMOTE_PREFIX = "remote:"
-
-
-class RemoteUnavailable(Exception):
-    """An image could not be had from the object store; the message says why."""
 
 
 class RemoteMetrics(Protocol):

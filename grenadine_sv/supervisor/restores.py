@@ -48,7 +48,7 @@ from grenadine_sv.supervisor.lazy import (
     start_lazy_pages,
 )
 from grenadine_sv.supervisor.output import enlarge_pipe
-from grenadine_sv.supervisor.remote import REMOTE_PREFIX, RemoteUnavailable
+from grenadine_sv.supervisor.remote_refs import REMOTE_PREFIX, RemoteUnavailable
 from grenadine_sv.supervisor.runner import (
     LaunchedInstance,
     ProgramRunner,

@@ -64,7 +64,8 @@ from pathlib import Path
 from grenadine_sv.config.loading import load_config
 from grenadine_sv.supervisor.build import build_supervisor
 supervisor = build_supervisor(load_config(Path(sys.argv[1])))
-print(",".join(m for m in ("prometheus_client", "h11") if m in sys.modules) or "-")
+optional = ("prometheus_client", "h11", "grenadine_sv.supervisor.remote")
+print(",".join(m for m in optional if m in sys.modules) or "-")
 """
 
 
@@ -84,6 +85,8 @@ def _libraries_a_supervisor_loads(tmp_path: Path, listen: str) -> str:
     return result.stdout.strip()
 
 
-def test_a_supervisor_without_metrics_endpoint_loads_no_prometheus_client(tmp_path: Path) -> None:
+def test_a_supervisor_loads_metrics_and_object_store_code_only_when_configured(
+    tmp_path: Path,
+) -> None:
     assert _libraries_a_supervisor_loads(tmp_path, "") == "-"
     assert _libraries_a_supervisor_loads(tmp_path, "127.0.0.1:9847") == "prometheus_client"
