@@ -20,17 +20,22 @@ print(code, ",".join(heavy))
 """
 
 
-def test_status_without_a_supervisor_loads_no_heavy_library(tmp_path: Path) -> None:
-    config = tmp_path / "grenadine.toml"
-    socket_path = tmp_path / "control.sock"
-    config.write_text(f'[supervisor]\ncontrol_socket = "{socket_path}"\n')
-    result = subprocess.run(
-        [sys.executable, "-c", PROBE.format(heavy=HEAVY), str(config)],
+def run_probe(probe: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """Run `probe` in a fresh interpreter with the configuration's path as its argument."""
+    return subprocess.run(
+        [sys.executable, "-c", probe, str(config)],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     )
+
+
+def test_status_without_a_supervisor_loads_no_heavy_library(tmp_path: Path) -> None:
+    config = tmp_path / "grenadine.toml"
+    socket_path = tmp_path / "control.sock"
+    config.write_text(f'[supervisor]\ncontrol_socket = "{socket_path}"\n')
+    result = run_probe(PROBE.format(heavy=HEAVY), config)
     code, loaded = result.stdout.split()[0], result.stdout.strip().partition(" ")[2]
     assert code == "3", result.stderr  # EXIT_NOT_RUNNING: the request really was tried
     assert loaded == ""
@@ -48,13 +53,7 @@ def test_run_does_not_load_rich_through_structlog(tmp_path: Path) -> None:
     # rich is installed here (import-linter needs it); structlog would import it at once.
     config = tmp_path / "grenadine.toml"
     config.write_text("[supervisor]\nno_such_key = 1\n")  # run stops at the configuration
-    result = subprocess.run(
-        [sys.executable, "-c", RUN_PROBE, str(config)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
+    result = run_probe(RUN_PROBE, config)
     assert result.stdout.split() == ["2", "True", "False"], result.stderr
 
 
@@ -75,14 +74,7 @@ def _libraries_a_supervisor_loads(tmp_path: Path, listen: str) -> str:
         f'[supervisor]\nstate_dir = "{tmp_path / "state"}"\nlog_dir = "{tmp_path / "logs"}"\n'
         f'[supervisor.metrics]\nlisten = "{listen}"\n'
     )
-    result = subprocess.run(
-        [sys.executable, "-c", BUILD_PROBE, str(config)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return result.stdout.strip()
+    return run_probe(BUILD_PROBE, config).stdout.strip()
 
 
 def test_a_supervisor_loads_metrics_and_object_store_code_only_when_configured(
