@@ -113,19 +113,29 @@ class Criu:
 
     def __init__(self, binary: Path) -> None:
         self.binary = binary
-        # The `criu swrk` children at work, for kill_running (sessions run in threads).
-        self._running: set[subprocess.Popen[bytes]] = set()
+        # The `criu swrk` children at work and our end of their RPC socket, for kill_running
+        # (sessions run in threads).
+        self._running: dict[subprocess.Popen[bytes], socket.socket] = {}
         self._running_lock = threading.Lock()
 
     def kill_running(self) -> int:
         """SIGKILL every CRIU at work (a deadline passed): each dump fails and its program
-        runs on, as after any CRIU killed mid-dump. Returns how many were killed."""
+        runs on, as after any CRIU killed mid-dump. Returns how many were killed.
+
+        Each session's socket is shut down too: a child CRIU forked (a feature probe, which
+        stops itself) holds a copy of CRIU's end, so CRIU's death alone would leave the
+        thread waiting for an answer that never comes."""
         with self._running_lock:
-            running = [p for p in self._running if p.poll() is None]
-        for process in running:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-        return len(running)
+            sessions = list(self._running.items())
+        killed = 0
+        for process, sock in sessions:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                killed += 1
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        return killed
 
     def dump(self, request: DumpRequest) -> None:
         import pycriu
@@ -157,6 +167,7 @@ class Criu:
             except PostDumpFailed as exc:
                 raise CriuError("dump", f"{exc} (CRIU resumed the program)", None) from exc
         if failure is not None:
+            _end_orphaned_helpers()
             error = self._failure("dump", failure, log_path, session.process)
             undumpable = undumpable_fds(request.pid)
             if undumpable:
@@ -256,7 +267,7 @@ class Criu:
 
         client = pycriu.criu()
         with self._running_lock:
-            self._running.add(swrk)
+            self._running[swrk] = ours
         with _ACTIVE_LOCK:
             _ACTIVE_SWRK.add(swrk.pid)
         try:
@@ -264,7 +275,7 @@ class Criu:
             yield _Session(client, swrk, ours, children_before)
         finally:
             with self._running_lock:
-                self._running.discard(swrk)
+                self._running.pop(swrk, None)
             # pycriu talks through its own dup of `ours`, and leaves it open when CRIU
             # fails to answer (killed mid-request, say).
             comm_socket = getattr(client._comm, "sk", None)
@@ -319,9 +330,10 @@ def _namespace_depth(pid: int | str) -> int:
 
 
 def _end_orphaned_helpers() -> None:
-    """CRIU's helper processes (its cgroupd) outlive a restore that failed and are re-parented
-    to this process, a child subreaper: end and reap those in this process's PID namespace
-    (a restored task is in its own), other than a session's `criu swrk`."""
+    """CRIU's helper processes (its cgroupd, the child of a feature probe) outlive a dump or
+    a restore that failed and are re-parented to this process, a child subreaper: end and
+    reap those in this process's PID namespace (a restored task is in its own), other than
+    a session's `criu swrk`."""
     own_depth = _namespace_depth("self")
     for pid in own_children():
         with _ACTIVE_LOCK:
