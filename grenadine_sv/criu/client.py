@@ -384,10 +384,22 @@ class TaskCondition:
 
 
 PARASITE_MAPPING = "/memfd:CRIUMFD"
+# /proc/PID/stat after the command name: state, ppid, pgrp, session, tty_nr, tpgid, flags.
+STAT_FLAGS_FIELD = 6
+PF_EXITING = 0x4
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _sigkill_pending(status_line: str) -> bool:
+    """True for a SigPnd or ShdPnd line of /proc/PID/status that holds SIGKILL."""
+    name, _, mask = status_line.partition(":")
+    return name in ("SigPnd", "ShdPnd") and bool(int(mask, 16) & SIGKILL_BIT)
 
 
 def task_condition(pid: int) -> TaskCondition | None:
-    """The condition of task `pid`, or None when it is gone (or a zombie)."""
+    """The condition of task `pid`, or None when it is gone, a zombie, or on its way out
+    (exiting, or SIGKILL pending: a sandbox's init killed a moment ago still runs while its
+    namespace empties)."""
     try:
         stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         status = Path(f"/proc/{pid}/status").read_text()
@@ -395,7 +407,9 @@ def task_condition(pid: int) -> TaskCondition | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     state = stat_fields[0]
-    if state in ("Z", "X"):
+    if state in ("Z", "X") or int(stat_fields[STAT_FLAGS_FIELD]) & PF_EXITING:
+        return None
+    if any(_sigkill_pending(line) for line in status.splitlines()):
         return None
     tracer = next(
         (int(line.split()[1]) for line in status.splitlines() if line.startswith("TracerPid:")),
