@@ -333,7 +333,7 @@ def _end_orphaned_helpers() -> None:
     """CRIU's helper processes (its cgroupd, the child of a feature probe) outlive a dump or
     a restore that failed and are re-parented to this process, a child subreaper: end and
     reap those in this process's PID namespace (a restored task is in its own), other than
-    a session's `criu swrk`."""
+    a session's `criu swrk` and a lazy-pages daemon (which leads a session of its own)."""
     own_depth = _namespace_depth("self")
     for pid in own_children():
         with _ACTIVE_LOCK:
@@ -343,7 +343,10 @@ def _end_orphaned_helpers() -> None:
             with open(f"/proc/{pid}/comm") as comm:
                 if comm.read().strip() != "criu":
                     continue
-        except OSError:
+            with open(f"/proc/{pid}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[STAT_SESSION_FIELD]) == pid:
+                    continue
+        except (OSError, ValueError, IndexError):
             continue
         if _namespace_depth(pid) == own_depth:
             kill_and_reap(pid)
@@ -385,6 +388,7 @@ class TaskCondition:
 
 PARASITE_MAPPING = "/memfd:CRIUMFD"
 # /proc/PID/stat after the command name: state, ppid, pgrp, session, tty_nr, tpgid, flags.
+STAT_SESSION_FIELD = 3
 STAT_FLAGS_FIELD = 6
 PF_EXITING = 0x4
 SIGKILL_BIT = 1 << (signal.SIGKILL - 1)

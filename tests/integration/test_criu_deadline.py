@@ -32,15 +32,23 @@ os.rename(marker + ".tmp", marker)
 time.sleep(600)  # never answers the dump request
 """
 
+# Stands for a lazy-pages daemon serving another program: a `criu` of the supervisor's own,
+# in a session of its own, which the cleanup after a failed dump must leave alone.
+FAKE_DAEMON = """#!{python}
+import time
+time.sleep(600)
+"""
+
 # Runs in its own interpreter: it becomes a child subreaper, as the supervisor is.
 PROBE = """
-import json, os, sys, threading, time
+import json, os, subprocess, sys, threading, time
 from pathlib import Path
 from grenadine_sv.criu.client import Criu, CriuError, DumpRequest
 from grenadine_sv.sandbox import become_subreaper
 
 become_subreaper()
 fake, images, marker = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+daemon = subprocess.Popen([sys.argv[4]], start_new_session=True)
 os.environ["FAKE_CRIU_CHILD"] = str(marker)
 criu = Criu(fake)
 outcome = {}
@@ -61,23 +69,32 @@ while not open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "T"
     time.sleep(0.01)
 killed = criu.kill_running()
 worker.join(30)
+daemon_alive = daemon.poll() is None
+daemon.kill()
+daemon.wait()
 print(json.dumps({
     "killed": killed,
     "returned": not worker.is_alive(),
     "error": outcome.get("error"),
     "child_left": os.path.exists(f"/proc/{child}"),
+    "daemon_alive": daemon_alive,
 }))
 """
 
 
 def test_a_killed_criu_whose_child_holds_the_socket_ends_the_dump(tmp_path: Path) -> None:
+    """...and the cleanup ends that child, not a lazy-pages daemon serving another program."""
     fake = tmp_path / "criu"
     fake.write_text(FAKE_CRIU.format(python=sys.executable))
     fake.chmod(0o755)
+    daemon = tmp_path / "daemon" / "criu"
+    daemon.parent.mkdir()
+    daemon.write_text(FAKE_DAEMON.format(python=sys.executable))
+    daemon.chmod(0o755)
     images = tmp_path / "images"
     images.mkdir()
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(fake), str(images), str(tmp_path / "child")],
+        [sys.executable, "-c", PROBE, str(fake), str(images), str(tmp_path / "child"), str(daemon)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -88,3 +105,4 @@ def test_a_killed_criu_whose_child_holds_the_socket_ends_the_dump(tmp_path: Path
     assert outcome["returned"], "the dump still waits for the killed CRIU's answer"
     assert "killed by SIGKILL" in outcome["error"]
     assert not outcome["child_left"], "CRIU's stopped child was left running"
+    assert outcome["daemon_alive"], "a lazy-pages daemon (its own session) was ended too"
