@@ -186,6 +186,9 @@ async def test_program_is_pid_1_of_its_own_namespaces(anchor: str, pipe: Pipe) -
 async def test_only_stdio_is_open_and_stdin_is_dev_null_inside(anchor: str, pipe: Pipe) -> None:
     async with sandboxed(make_spec(anchor, "sleep", "1000"), pipe) as process:
         pid = process.pid
+        # The close-on-exec status fd goes at the exec, which may come a moment after the
+        # launch has reported the pid: wait for the exec, then look.
+        await wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "sleep")
         assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2"]
         assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
         assert os.readlink(f"/proc/{pid}/fd/1") == f"pipe:[{os.fstat(pipe.stream.fileno()).st_ino}]"
