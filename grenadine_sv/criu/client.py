@@ -18,7 +18,14 @@ from grenadine_sv.criu.diagnosis import advice_for, cause_lines
 from grenadine_sv.criu.notify import PostDumpFailed, dump_with_notifications
 from grenadine_sv.criu.options import CriuOptions, apply_options
 from grenadine_sv.criu.undumpable import children, undumpable_fds
-from grenadine_sv.sandbox.linux import kill_and_reap, own_children
+from grenadine_sv.sandbox.linux import (
+    STAT_FLAGS,
+    STAT_SESSION,
+    STAT_STATE,
+    kill_and_reap,
+    own_children,
+    stat_fields,
+)
 
 if TYPE_CHECKING:
     import pycriu
@@ -343,9 +350,8 @@ def _end_orphaned_helpers() -> None:
             with open(f"/proc/{pid}/comm") as comm:
                 if comm.read().strip() != "criu":
                     continue
-            with open(f"/proc/{pid}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[STAT_SESSION_FIELD]) == pid:
-                    continue
+            if int(stat_fields(pid)[STAT_SESSION]) == pid:
+                continue
         except (OSError, ValueError, IndexError):
             continue
         if _namespace_depth(pid) == own_depth:
@@ -387,9 +393,6 @@ class TaskCondition:
 
 
 PARASITE_MAPPING = "/memfd:CRIUMFD"
-# /proc/PID/stat after the command name: state, ppid, pgrp, session, tty_nr, tpgid, flags.
-STAT_SESSION_FIELD = 3
-STAT_FLAGS_FIELD = 6
 PF_EXITING = 0x4
 SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 
@@ -405,18 +408,18 @@ def task_condition(pid: int) -> TaskCondition | None:
     (exiting, or SIGKILL pending: a sandbox's init killed a moment ago still runs while its
     namespace empties)."""
     try:
-        stat_fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        status = Path(f"/proc/{pid}/status").read_text()
+        fields = stat_fields(pid)
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
         maps = Path(f"/proc/{pid}/maps").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    state = stat_fields[0]
-    if state in ("Z", "X") or int(stat_fields[STAT_FLAGS_FIELD]) & PF_EXITING:
+    state = fields[STAT_STATE]
+    if state in ("Z", "X") or int(fields[STAT_FLAGS]) & PF_EXITING:
         return None
-    if any(_sigkill_pending(line) for line in status.splitlines()):
+    if any(_sigkill_pending(line) for line in status):
         return None
     tracer = next(
-        (int(line.split()[1]) for line in status.splitlines() if line.startswith("TracerPid:")),
+        (int(line.split()[1]) for line in status if line.startswith("TracerPid:")),
         0,
     )
     return TaskCondition(

@@ -39,13 +39,24 @@ def set_process_name(name: str) -> None:
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
+# Indexes into stat_fields (field N of proc(5) is index N - 3).
+STAT_STATE = 0
+STAT_SESSION = 3
+STAT_FLAGS = 6
+STAT_START_TIME = 19
+
+
+def stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may itself hold spaces and
+    parentheses): the state first. OSError when there is no such process."""
+    with open(f"/proc/{pid}/stat", errors="replace") as stat:  # a name of any bytes
+        text = stat.read()
+    return text[text.rindex(")") + 2 :].split()
+
+
 def read_start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat: start time in clock ticks since boot (pid reuse detector)."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        text = stat.read()
-    # Fields after the command name, which may itself hold spaces and parentheses.
-    after_comm = text[text.rindex(b")") + 2 :].split()
-    return int(after_comm[22 - 3])
+    return int(stat_fields(pid)[STAT_START_TIME])
 
 
 def read_pid_ns_inode(pid: int) -> int:

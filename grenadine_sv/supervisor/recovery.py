@@ -31,7 +31,13 @@ from grenadine_sv.config.loading import Config, ProgramConfig
 from grenadine_sv.criu.client import task_condition
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox.cgroup import ProgramCgroup, ProgramCgroups
-from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time, resume_sandbox
+from grenadine_sv.sandbox.linux import (
+    STAT_STATE,
+    read_pid_ns_inode,
+    read_start_time,
+    resume_sandbox,
+    stat_fields,
+)
 from grenadine_sv.store.images import ImageMeta, ImageStore
 from grenadine_sv.supervisor.checkpoints import CheckpointService, kill_frozen_orphan
 from grenadine_sv.supervisor.image_service import CheckpointError
@@ -127,7 +133,7 @@ def _recorded_holder(handle: IO[str]) -> int | None:
 
 def _process_alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = stat_fields(pid)[STAT_STATE]
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state not in ("Z", "X")
