@@ -32,6 +32,7 @@ from tests.bench.stats import Comparison, Target
 from tests.bench.supervisord import Supervisord
 
 STATE_TIMEOUT = 300.0
+INIT_NAMES = frozenset({"tini", "tini-static"})
 # The issue's floor: the libraries the supervisor runs on, as loaded by a bare interpreter (a
 # model validated, as the configuration is), with the same structlog setting as `run`. Those a
 # supervisor without a metrics endpoint has loaded before its first checkpoint: not
@@ -106,7 +107,9 @@ def measure(supervisor: Supervised, programs: int, idle_seconds: float) -> Super
     rss = rss_bytes(supervisor.pid)
     own = descendants_in_own_pid_namespace(supervisor.pid, {ref.pid for ref in refs})
     # The sandboxes' init is grenadine-sv's cost, not the program's: it counts too.
-    inits = [ref.pid for ref in refs if Path(f"/proc/{ref.pid}/comm").read_text().strip() == "tini"]
+    inits = [
+        ref.pid for ref in refs if Path(f"/proc/{ref.pid}/comm").read_text().strip() in INIT_NAMES
+    ]
     parts = {
         "supervisor": pss_bytes(supervisor.pid),
         "helpers": sum(pss_bytes(pid) for pid in own if pid != supervisor.pid),

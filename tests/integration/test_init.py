@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from grenadine_sv.lifecycle.machine import State
-from grenadine_sv.sandbox.init import TINI
+from grenadine_sv.sandbox.init import INIT_COMM, TINI
 from grenadine_sv.store.images import ImageStore
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
@@ -50,7 +50,7 @@ async def stop_and_read_exit(sv_dirs: SupervisorDirs, name: str, command: str) -
     config = sv_dirs.write_config(f"[programs.{name}]\ncommand = {command}\n{PATIENT}")
     async with running_supervisor(config) as sv:
         pid = await wait_state(sv, name, State.RUNNING)
-        assert comm(pid) == "tini"
+        assert comm(pid) == INIT_COMM
         assert nspid(pid)[-1] == 1
         [child] = children_of(pid)
         assert nspid(child)[-1] == 2, "the program is the init's child, PID 2 of the sandbox"
@@ -153,7 +153,7 @@ async def test_the_init_is_checkpointed_and_restored_with_the_program(sv_dirs: S
 
         await sv.operations.restore_program("counter", "latest")
         pid = await wait_state(sv, "counter", State.RUNNING)
-        assert comm(pid) == "tini"
+        assert comm(pid) == INIT_COMM
         assert hit(port) == 4, "the counter kept its hits"
         with capture_logs() as logs:
             assert await sv.programs.runners["counter"].stop(15) == State.STOPPED
@@ -161,5 +161,8 @@ async def test_the_init_is_checkpointed_and_restored_with_the_program(sv_dirs: S
         assert sv.programs.runners["counter"].machine.last_exit == 0
 
 
-def test_tini_is_debians_at_its_packaged_path():
-    assert shutil.which("tini") == TINI
+def test_tini_is_debians_static_build_at_its_packaged_path():
+    assert shutil.which("tini-static") == TINI
+    with open(TINI, "rb") as binary:
+        elf = binary.read(4096)
+    assert b"/ld-linux" not in elf, "a statically linked tini has no program interpreter"

@@ -13,6 +13,8 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from grenadine_sv.store.trust import UntrustedPath
+from grenadine_sv.supervisor import output as output_module
 from grenadine_sv.supervisor.output import (
     RotatingLogFile,
     follow,
@@ -395,3 +397,52 @@ async def test_follow_rejects_a_negative_count(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="0 or more"):
         async with aclosing(follow(tmp_path / "app.out", from_end_bytes=-1)) as chunks:
             await anext(chunks)
+
+
+def count_directory_walks(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    walked: list[Path] = []
+    real = output_module.open_trusted_dir
+
+    def counting(path: Path, **options: object) -> int:
+        walked.append(path)
+        return real(path, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(output_module, "open_trusted_dir", counting)
+    return walked
+
+
+def test_log_files_of_one_directory_walk_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walked = count_directory_walks(monkeypatch)
+    directory = tmp_path / "logs"
+    sinks = [RotatingLogFile(directory / f"p{n}.log", max_bytes=0, backups=0) for n in range(4)]
+    for sink in sinks:
+        sink.write(b"x\n")
+        sink.close()
+
+    assert walked == [directory]
+    assert all(read(directory / f"p{n}.log") == b"x\n" for n in range(4))
+
+
+def test_a_log_directory_replaced_since_is_walked_and_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walked = count_directory_walks(monkeypatch)
+    directory = tmp_path / "logs"
+    RotatingLogFile(directory / "a.log", max_bytes=0, backups=0).close()
+    directory.rename(tmp_path / "old-logs")
+    directory.mkdir()
+    os.chmod(directory, 0o777)  # the new one is open to every user
+
+    with pytest.raises(UntrustedPath, match="writable by other users"):
+        RotatingLogFile(directory / "b.log", max_bytes=0, backups=0)
+
+    os.chmod(directory, 0o750)
+    with RotatingLogFile(directory / "b.log", max_bytes=0, backups=0) as sink:
+        sink.write(b"new\n")
+    assert read(directory / "b.log") == b"new\n"
+    assert not (tmp_path / "old-logs" / "b.log").exists()
+    assert walked == [directory] * 2, (
+        "the first and the last open walk; the refused one stops sooner"
+    )
