@@ -23,6 +23,10 @@ from grenadine_sv.sandbox.linux import read_pid_ns_inode, read_start_time
 log = structlog.get_logger()
 
 EMPTY_WAIT_SECONDS = 10.0
+# How often the running programs' cgroups are checked for a copy that is not their instance:
+# this often after a change, then less and less often while nothing changes (CensusCadence).
+CENSUS_SECONDS = 2.0
+CENSUS_MAX_SECONDS = 16.0
 POLL_SECONDS = 0.02
 TCP_TABLES = (Path("/proc/net/tcp"), Path("/proc/net/tcp6"))
 TCP_LISTEN = "0A"
@@ -122,6 +126,27 @@ class CopyCensus:
             settled[key] = pids
         self._settled = settled
         return ended
+
+
+class CensusCadence:
+    """How long to wait before the next census: CENSUS_SECONDS after a change (an instance
+    started, restarted, restored, taken back, or a copy ended), when a late CRIU restore
+    can leave a copy, and twice as long after each census that found the same instances
+    and nothing to end, up to CENSUS_MAX_SECONDS: 50 idle programs are then looked at every
+    16 s rather than every 2 s, most of what an idle supervisor did."""
+
+    def __init__(self) -> None:
+        self._instances: list[tuple[Path, int]] | None = None
+        self.seconds = CENSUS_SECONDS
+
+    def after(self, instances: list[tuple[Path, int]], ended: bool) -> float:
+        """The wait before the next census, given the instances this one looked at."""
+        if ended or instances != self._instances:
+            self.seconds = CENSUS_SECONDS
+        else:
+            self.seconds = min(self.seconds * 2, CENSUS_MAX_SECONDS)
+        self._instances = instances
+        return self.seconds
 
 
 async def emptied(cgroup: ProgramCgroup, timeout: float = EMPTY_WAIT_SECONDS) -> None:

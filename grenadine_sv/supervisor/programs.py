@@ -16,7 +16,7 @@ from grenadine_sv.keeper.client import StdioKeeper
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import LauncherServer
 from grenadine_sv.sandbox.cgroup import ProgramCgroups
-from grenadine_sv.supervisor.membership import CopyCensus, emptied
+from grenadine_sv.supervisor.membership import CensusCadence, CopyCensus, emptied
 from grenadine_sv.supervisor.runner import (
     Launcher,
     ProgramRunner,
@@ -33,8 +33,6 @@ log = structlog.get_logger()
 DEPENDENCY_WAIT_SECONDS = math.inf
 # A dependent in these states is stopped when its dependency stops.
 ACTIVE_OR_RETRYING = frozenset({State.STARTING, State.RUNNING, State.BACKOFF})
-# How often the running programs' cgroups are checked for a copy that is not their instance.
-CENSUS_SECONDS = 2.0
 
 
 class ProgramListener(Protocol):
@@ -104,9 +102,9 @@ class Programs:
     async def end_extra_copies(self) -> None:
         """A copy that turns up in a running program's cgroup beside its instance (a restore
         that a killed supervisor left running, say) is ended: one instance per program."""
-        census = CopyCensus()
+        census, cadence = CopyCensus(), CensusCadence()
         while True:
-            await trio.sleep(CENSUS_SECONDS)
+            await trio.sleep(cadence.seconds)
             instances = [
                 (runner.cgroup, runner.process.pid_ns_inode)
                 for runner in self.runners.values()
@@ -118,6 +116,7 @@ class Programs:
             ended = await trio.to_thread.run_sync(census.end_copies, instances)
             for program, pids in ended.items():
                 log.warning("extra_copies_ended", program=program, pids=pids)
+            cadence.after([(cgroup.path, inode) for cgroup, inode in instances], bool(ended))
 
     async def remove_cgroups(self, *, end_strays: bool) -> None:
         """Remove the programs' empty cgroups; with `end_strays` (every program has ended),

@@ -79,3 +79,16 @@ def test_a_new_instance_is_looked_into_even_with_the_same_pids(full_census: Full
     census.end_copies([(cast(ProgramCgroup, program), NAMESPACE)])
     census.end_copies([(cast(ProgramCgroup, program), NAMESPACE + 1)])
     assert full_census.looked_at == ["p0", "p0"]
+
+
+def test_the_census_slows_down_while_nothing_changes_and_speeds_up_on_a_change() -> None:
+    cadence = membership.CensusCadence()
+    one = [(Path("/cg/a"), 11)]
+    restarted = [(Path("/cg/a"), 12)]
+
+    waits = [cadence.after(one, ended=False) for _ in range(6)]
+    assert waits == [2.0, 4.0, 8.0, 16.0, 16.0, 16.0]
+    assert cadence.after(restarted, ended=False) == 2.0, "a new instance: a late copy may come"
+    assert cadence.after(restarted, ended=False) == 4.0
+    assert cadence.after(restarted, ended=True) == 2.0, "a copy was just ended"
+    assert cadence.after([], ended=False) == 2.0, "the program stopped"
