@@ -1,5 +1,6 @@
-"""The supervisor's side of the stdio keeper (see holder.py): find it or start it, hand it the
-read end of each new output pipe, take them back after a crash."""
+"""The supervisor's side of the stdio keeper (the helper grenadine-keep, see
+grenadine_sv/helpers/grenadine-keep.c): find it or start it, hand it the read end of each new
+output pipe, take them back after a crash."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-HOLDER = str(Path(__file__).resolve().with_name("holder.py"))
+from grenadine_sv.helpers import HelperMissing, helper_path
+
+KEEPER = "grenadine-keep"
 SOCKET_NAME = "stdio-keeper.sock"
 MAX_MESSAGE = 65536
 STOP_WAIT_SECONDS = 5.0
@@ -75,6 +77,10 @@ class StdioKeeper:
 
     @classmethod
     def _start(cls, path: Path) -> StdioKeeper:
+        try:
+            executable = helper_path(KEEPER)
+        except HelperMissing as exc:
+            raise KeeperError(str(exc)) from exc
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -86,7 +92,7 @@ class StdioKeeper:
                 os.umask(old_umask)
             listener.listen(8)
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", HOLDER, str(listener.fileno()), str(IDLE_SECONDS)],
+                [executable, str(listener.fileno()), str(IDLE_SECONDS)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -71,7 +71,7 @@ def pss_bytes(pid: int) -> int:
 
 def descendants_in_own_pid_namespace(pid: int, programs: Collection[int] = ()) -> list[int]:
     """`pid` and its descendants that share its PID namespace, without `programs` and theirs:
-    a supervisor's own helper processes (launcher, CRIU, stdio holders), not its programs."""
+    a supervisor's own helper processes (launcher, CRIU, stdio keeper), not its programs."""
     own = os.stat(f"/proc/{pid}/ns/pid").st_ino
     found, queue = [], [pid]
     while queue:
