@@ -20,7 +20,10 @@ from grenadine_sv.helpers import HelperMissing, helper_path
 
 KEEPER = "grenadine-keep"
 SOCKET_NAME = "stdio-keeper.sock"
+# The longest request the keeper reads.
 MAX_MESSAGE = 65536
+# A reply can be longer than a request: `list` names every pipe held (2 per program).
+MAX_REPLY = 1 << 20
 STOP_WAIT_SECONDS = 5.0
 # How long the keeper waits for a supervisor once every program whose output it holds is gone.
 IDLE_SECONDS = 600.0
@@ -149,18 +152,22 @@ class StdioKeeper:
                     rights = array.array("i", [fd])
                     self._conn.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
                 fds = array.array("i")
-                data, ancillary, _flags, _address = self._conn.recvmsg(
-                    MAX_MESSAGE, socket.CMSG_SPACE(fds.itemsize)
+                data, ancillary, flags, _address = self._conn.recvmsg(
+                    MAX_REPLY, socket.CMSG_SPACE(fds.itemsize)
                 )
             except OSError as exc:
                 raise KeeperError(f"stdio keeper unreachable: {exc}") from exc
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-        if not data:
+        if not data or flags & socket.MSG_TRUNC:
             for received in fds:
                 os.close(received)
-            raise KeeperError("stdio keeper went away")
+            raise KeeperError(
+                "stdio keeper went away"
+                if not data
+                else f"stdio keeper's reply exceeds {MAX_REPLY} bytes"
+            )
         answer = json.loads(data)
         if not answer.get("ok"):
             for received in fds:

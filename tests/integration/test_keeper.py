@@ -335,3 +335,24 @@ def test_keeper_holds_more_pipes_than_the_soft_fd_limit(keeper: Keeper) -> None:
     assert keeper.open_fds() > MANY_PIPES
     limits = Path(f"/proc/{keeper.process.pid}/limits").read_text()
     assert f"Max open files {hard} {hard}" in " ".join(limits.split()), "its soft limit raised"
+
+
+def test_the_client_reads_a_list_longer_than_a_request_may_be(keeper: Keeper) -> None:
+    """Long program names: the keys of 700 pipes take more than MAX_MESSAGE bytes to list."""
+    supervisor = keeper.connect()
+    kept: list[str] = []
+    try:
+        for index in range(700):
+            read_end, write_end = os.pipe()
+            try:
+                kept.append(supervisor.keep(f"{'p' * 90}{index}", "stdout", read_end))
+            finally:
+                os.close(read_end)
+                os.close(write_end)
+        taken = supervisor.take_all()
+    finally:
+        supervisor.close(stop_keeper=True)
+    for fd in taken.values():
+        os.close(fd)
+    assert len(json.dumps(kept)) > MAX_MESSAGE
+    assert sorted(taken) == sorted(kept)

@@ -30,7 +30,9 @@ def test_no_warning_with_cap_sys_resource_or_without_a_user():
 def test_a_missing_init_is_named_unless_the_program_opts_out():
     programs = {"a": program("a"), "b": program("b", init=False)}
     [warning] = program_warnings(programs, {"CAP_SYS_RESOURCE"}, init_present=False)
-    assert warning.startswith("/etc/grenadine.toml: programs.a.init: /usr/bin/tini-static is missing")
+    assert warning.startswith(
+        "/etc/grenadine.toml: programs.a.init: /usr/bin/tini-static is missing"
+    )
 
 
 def test_a_directory_on_a_mount_the_sandbox_lacks_is_named_with_its_fix():
