@@ -10,7 +10,7 @@ from grenadine_sv.config.models import ProgramConfig
 from grenadine_sv.criu.version import UnreadableOutputError
 from grenadine_sv.host.facts import decode_capabilities, parse_cap_eff
 from grenadine_sv.sandbox.init import TINI
-from grenadine_sv.sandbox.launcher import DEFAULT_PATH
+from grenadine_sv.sandbox.mounts import DEFAULT_PATH
 from grenadine_sv.sandbox.visibility import MOUNTINFO, hidden_from_sandbox, mount_points
 
 ROOT_NAMES = frozenset({"root", "0"})

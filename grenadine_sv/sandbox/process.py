@@ -11,12 +11,11 @@ import select
 import signal
 import socket
 import subprocess
-import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
 
+from grenadine_sv.helpers import HelperMissing, helper_path
 from grenadine_sv.sandbox.init import program_returncode
 from grenadine_sv.sandbox.linux import (
     is_subreaper,
@@ -28,8 +27,8 @@ from grenadine_sv.sandbox.linux import (
 from grenadine_sv.sandbox.spec import SandboxSpec
 from grenadine_sv.sandbox.visibility import spec_hidden_from_sandbox
 
-LAUNCHER = str(Path(__file__).resolve().with_name("launcher.py"))
-# launcher.py's own constant (it imports nothing of the package).
+LAUNCHER_HELPER = "grenadine-launch"
+# The launcher's own constant (grenadine-launch.c).
 SERVE_FLAG = "--serve"
 LAUNCH_TIMEOUT = 10.0
 MAX_ANSWER_BYTES = 4096
@@ -136,16 +135,21 @@ def _has_exited(pidfd: int) -> bool:
 
 
 def _launcher_command() -> list[str]:
-    return [sys.executable, "-I", "-S", "-X", "utf8", LAUNCHER]
+    """The sandbox launcher, grenadine-launch (a small C program); its arguments follow."""
+    try:
+        return [helper_path(LAUNCHER_HELPER)]
+    except HelperMissing as error:
+        raise SandboxError(str(error), fatal=True) from None
 
 
 class LauncherServer:
-    """The sandbox launcher started once (`launcher.py --serve`): each program is launched by a
-    fork of it, so no Python interpreter starts per program, and several launches proceed at
-    once. Owned by one supervisor, which `close`s it when it ends; started again if it dies."""
+    """The sandbox launcher started once (`grenadine-launch --serve`): each program is launched
+    by a fork of it, and several launches proceed at once. Owned by one supervisor, which
+    `close`s it when it ends; started again if it dies."""
 
     def __init__(self) -> None:
         self._process: subprocess.Popen[bytes] | None = None
+        self._launcher = LAUNCHER_HELPER  # its path once started, for messages
         self._socket: socket.socket | None = None
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
@@ -164,10 +168,12 @@ class LauncherServer:
             self._start()
 
     def _start(self) -> socket.socket:
+        command = _launcher_command()
+        self._launcher = command[0]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
-                [*_launcher_command(), SERVE_FLAG, str(theirs.fileno())],
+                [*command, SERVE_FLAG, str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -175,16 +181,19 @@ class LauncherServer:
             )
         except OSError as error:
             ours.close()
-            raise SandboxError(f"cannot start the sandbox launcher {LAUNCHER}: {error}") from error
+            raise SandboxError(
+                f"cannot start the sandbox launcher {self._launcher}: {error}"
+            ) from error
         finally:
             theirs.close()
         ours.setblocking(False)
         self._socket = ours
         return ours
 
-    async def launch(self, spec_json: bytes, fds: tuple[int, int, int]) -> None:
-        """Have the server fork a launch of `spec_json` with (stdout, stderr, status fd); return
-        once that launch has forked the program and exited (its reports go to the status fd)."""
+    async def launch(self, spec_wire: bytes, fds: tuple[int, int, int]) -> None:
+        """Have the server fork a launch of `spec_wire` (`SandboxSpec.to_wire`) with (stdout,
+        stderr, status fd); return once that launch has forked the program and exited (its
+        reports go to the status fd)."""
         request_id = next(self._request_ids)
         async with self._send_lock:
             self.start()
@@ -192,7 +201,7 @@ class LauncherServer:
             assert control is not None
             try:
                 await trio.lowlevel.wait_writable(control)
-                socket.send_fds(control, [b"%d " % request_id + spec_json], list(fds))
+                socket.send_fds(control, [b"%d " % request_id + spec_wire], list(fds))
             except OSError as error:
                 self._died(control, f": {error}")
         try:
@@ -229,7 +238,7 @@ class LauncherServer:
     def _died(self, control: socket.socket, detail: str) -> NoReturn:
         if control is self._socket:
             self.close()
-        raise SandboxError(f"the sandbox launcher {LAUNCHER} died{detail}; it restarts")
+        raise SandboxError(f"the sandbox launcher {self._launcher} died{detail}; it restarts")
 
     def _running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -284,18 +293,21 @@ async def spawn_sandbox(
         raise SandboxError(hidden)
     if server is not None:
         return await _spawn_through(server, spec, stdout, stderr)
+    command = _launcher_command()
     read_fd, write_fd = _status_pipe()
     async with trio.lowlevel.FdStream(read_fd) as status:
         try:
             launcher = await trio.lowlevel.open_process(
-                [*_launcher_command(), str(write_fd)],
+                [*command, str(write_fd)],
                 stdin=subprocess.PIPE,
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=(write_fd,),
             )
         except OSError as error:
-            raise SandboxError(f"cannot start the sandbox launcher {LAUNCHER}: {error}") from error
+            raise SandboxError(
+                f"cannot start the sandbox launcher {command[0]}: {error}"
+            ) from error
         finally:
             os.close(write_fd)
         received = bytearray()
@@ -343,7 +355,7 @@ async def _spawn_through(
         try:
             with trio.fail_after(LAUNCH_TIMEOUT):
                 try:
-                    await server.launch(spec.to_json().encode(), (stdout, stderr, write_fd))
+                    await server.launch(spec.to_wire(), (stdout, stderr, write_fd))
                 finally:
                     os.close(write_fd)
                 await _read_to_end(status, received)
@@ -378,7 +390,7 @@ async def _send_spec(launcher: trio.Process, spec: SandboxSpec) -> None:
     if launcher.stdin is None:
         raise RuntimeError("the sandbox launcher was started without a stdin pipe")
     try:
-        await launcher.stdin.send_all(spec.to_json().encode())
+        await launcher.stdin.send_all(spec.to_wire())
         await launcher.stdin.aclose()
     except trio.BrokenResourceError:
         pass  # it died before reading: its status report or exit code says why

@@ -1,12 +1,20 @@
-"""What the launcher needs to start one program: a frozen, validated description sent as JSON."""
+"""What the launcher needs to start one program: a frozen, validated description, sent to it in
+the wire format of `SandboxSpec.to_wire`."""
 
 from __future__ import annotations
 
-import json
+import os
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+from grenadine_sv.sandbox.mounts import (
+    CGROUP_ROOT,
+    DEFAULT_PATH,
+    HOST_MOUNTS,
+    OPTIONAL_HOST_MOUNTS,
+)
 
 
 class InvalidSandboxSpec(ValueError):
@@ -50,22 +58,30 @@ class SandboxSpec:
         object.__setattr__(self, "environment", MappingProxyType(dict(self.environment)))
         _check_spec(self)
 
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "name": self.name,
-                "command": list(self.command),
-                "directory": self.directory,
-                "environment": dict(self.environment),
-                "umask": self.umask,
-                "user": self.user,
-                "group": self.group,
-                "binds": list(self.binds),
-                "root_anchor": self.root_anchor,
-                "init": self.init,
-                "tmp": self.tmp,
-                "cgroup": self.cgroup,
-            }
+    def to_wire(self) -> bytes:
+        """The spec as the launcher (grenadine-launch) reads it: `field=value` strings, each
+        ending in a NUL byte (no string of a valid spec holds one); a list is its field
+        repeated, in order; a field that is None is absent. Also carries the mounts every
+        sandbox has and the default PATH (`mounts`), which the launcher holds no copy of."""
+        fields: list[tuple[str, str | None]] = [
+            *(("arg", arg) for arg in self.command),
+            ("directory", self.directory),
+            *(("env", f"{key}={value}") for key, value in self.environment.items()),
+            ("umask", None if self.umask is None else f"{self.umask:03o}"),
+            ("user", self.user),
+            ("group", self.group),
+            *(("bind", path) for path in self.binds),
+            ("root_anchor", self.root_anchor),
+            ("init", self.init),
+            ("tmp", self.tmp),
+            ("cgroup", self.cgroup),
+            *(("host_mount", path) for path in HOST_MOUNTS),
+            *(("optional_mount", path) for path in OPTIONAL_HOST_MOUNTS),
+            ("default_path", DEFAULT_PATH),
+            ("cgroup_root", CGROUP_ROOT),
+        ]
+        return b"".join(
+            os.fsencode(f"{key}={value}") + b"\0" for key, value in fields if value is not None
         )
 
 

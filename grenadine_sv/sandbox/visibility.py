@@ -14,7 +14,7 @@ import posixpath
 import re
 from collections.abc import Iterable
 
-from grenadine_sv.sandbox.launcher import CGROUP_ROOT, DEFAULT_PATH, HOST_MOUNTS
+from grenadine_sv.sandbox.mounts import CGROUP_ROOT, DEFAULT_PATH, HOST_MOUNTS
 from grenadine_sv.sandbox.spec import SandboxSpec
 
 MOUNTINFO = "/proc/self/mountinfo"

@@ -16,7 +16,7 @@ from grenadine_sv.config.loading import Config
 from grenadine_sv.control import server as control
 from grenadine_sv.control.handler import RequestHandler
 from grenadine_sv.keeper.client import KeeperError, StdioKeeper, key_program
-from grenadine_sv.sandbox import become_subreaper
+from grenadine_sv.sandbox import SandboxError, become_subreaper
 from grenadine_sv.sandbox.cgroup import CgroupUnavailable, ProgramCgroups
 from grenadine_sv.store.trust import UntrustedPath, check_trusted_dir, check_trusted_to_create
 from grenadine_sv.supervisor.checkpointing import Checkpointing
@@ -155,13 +155,19 @@ class Supervisor:
         )
         await self.programs.stop_programs(list(self.programs.runners))
 
+    def _start_sandbox_server(self) -> None:
+        try:
+            self.programs.sandbox_server.start()
+        except SandboxError as exc:  # its launcher was not built
+            raise StartupError(str(exc)) from exc
+
     async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
-        # Its Python starts while the supervisor sets up and takes back orphans: the first
-        # program launches without waiting for it.
-        self.programs.sandbox_server.start()
+        # It starts while the supervisor sets up and takes back orphans: the first program
+        # launches without waiting for it.
+        self._start_sandbox_server()
         # The same for the stdio keeper's, when it has to be started.
         await trio.to_thread.run_sync(self._open_keeper)
         await self._set_up_cgroups()

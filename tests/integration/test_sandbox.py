@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -18,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 
+from grenadine_sv import helpers
 from grenadine_sv.sandbox import (
     LauncherServer,
     SandboxError,
@@ -187,8 +191,9 @@ async def test_only_stdio_is_open_and_stdin_is_dev_null_inside(anchor: str, pipe
     async with sandboxed(make_spec(anchor, "sleep", "1000"), pipe) as process:
         pid = process.pid
         # The close-on-exec status fd goes at the exec, which may come a moment after the
-        # launch has reported the pid: wait for the exec, then look.
-        await wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "sleep")
+        # launch has reported the pid, and the dynamic loader's own fds come and go after it:
+        # wait until sleep sleeps, then look.
+        await wait_for(lambda: "nanosleep" in Path(f"/proc/{pid}/wchan").read_text(), BOUND)
         assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2"]
         assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
         assert os.readlink(f"/proc/{pid}/fd/1") == f"pipe:[{os.fstat(pipe.stream.fileno()).st_ino}]"
@@ -302,6 +307,158 @@ async def test_a_failing_step_raises_a_sandbox_error_naming_it(
     assert await pipe.read_to_eof() == "", f"nothing should reach the program's output: {raised}"
 
 
+# Strings the wire spec must carry byte for byte: separators of other formats, non-ASCII.
+TRICKY = ("with space", "a=b", "=", "", "né\nline", "tab\there", "'quote\"", "emoji 😀")
+
+
+async def test_tricky_strings_reach_the_program_intact(
+    anchor: str, pipe: Pipe, tmp_path: Path
+) -> None:
+    directory = tmp_path / "dir with space=é\nx"
+    directory.mkdir()
+    bound = tmp_path / "bind =é"
+    bound.mkdir()
+    environment = {"PATH": PATH, **{f"VAR{i}": value for i, value in enumerate(TRICKY)}}
+    script = "pwd; sleep 1000; :"  # not exec'ed: sh's argv stays in its cmdline
+    spec = make_spec(
+        anchor,
+        "sh",
+        "-c",
+        script,
+        *TRICKY,
+        environment=environment,
+        directory=str(directory),
+        binds=(str(bound),),
+    )
+    async with sandboxed(spec, pipe) as process:
+        assert await pipe.read_until(lambda got: got.endswith(b"\n")) == os.fsencode(
+            f"{directory}\n"
+        )
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        environ = Path(f"/proc/{process.pid}/environ").read_bytes()
+        inside = mount_points(f"/proc/{process.pid}/mountinfo")
+    assert cmdline.split(b"\0")[:-1] == [os.fsencode(arg) for arg in spec.command]
+    assert sorted(environ.split(b"\0")[:-1]) == sorted(
+        os.fsencode(f"{key}={value}") for key, value in environment.items()
+    )
+    assert str(bound).replace(" ", "\\040") in inside
+
+
+async def launch_raw(server: LauncherServer | None, request: bytes, out: Pipe) -> list[str]:
+    """Hand `request` to the launcher as its spec, as is; the lines it reports."""
+    status = Pipe()
+    try:
+        if server is None:
+            launcher = subprocess.run(
+                [*sandbox_process._launcher_command(), str(status.write_fd)],
+                input=request,
+                stdout=out.write_fd,
+                stderr=out.write_fd,
+                pass_fds=(status.write_fd,),
+                timeout=BOUND,
+                check=False,
+            )
+            assert launcher.returncode == 1
+        else:
+            with trio.fail_after(BOUND):
+                await server.launch(request, (out.write_fd, out.write_fd, status.write_fd))
+        status.close_write_end()
+        return (await status.read_to_eof()).splitlines()
+    finally:
+        status.close_write_end()
+        await status.stream.aclose()
+
+
+INVALID = "the sandbox launcher received an invalid spec: "
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "message"),
+    [
+        (b"", "it has no arg"),
+        (b"arg=true", "it does not end with a NUL byte"),
+        (b"no equals sign\0", "an entry has no '=': no equals sign"),
+        (b"arg=true\0color=blue\0", "unknown field color"),
+        (b"arg=true\0directory=/\0directory=/tmp\0", "directory is given twice"),
+        (b"arg=true\0directory=/\0", "it has no root_anchor"),
+        (b"\xff\n=\0", "unknown field \udcff\n"),
+    ],
+)
+async def test_a_malformed_wire_spec_is_reported_not_launched(
+    launcher_server: LauncherServer | None, pipe: Pipe, request_bytes: bytes, message: str
+) -> None:
+    reports = await launch_raw(launcher_server, request_bytes, pipe)
+    assert [json.loads(line) for line in reports] == [{"error": INVALID + message}]
+    pipe.close_write_end()
+    assert await pipe.read_to_eof() == ""
+
+
+async def test_an_invalid_umask_is_reported_and_the_server_goes_on(
+    anchor: str, launcher_server: LauncherServer | None, pipe: Pipe
+) -> None:
+    wire = make_spec(anchor, "true").to_wire() + b"umask=8\0"
+    reports = await launch_raw(launcher_server, wire, pipe)
+    assert [json.loads(line) for line in reports] == [
+        {"error": INVALID + "umask 8 is not an octal number up to 777"}
+    ]
+    server_pid = launcher_server.pid if launcher_server is not None else None
+    async with sandboxed(make_spec(anchor, "sh", "-c", "echo fine"), pipe) as process:
+        assert await pipe.read_to_eof() == "fine\n"
+        assert await process.wait() == 0
+    if launcher_server is not None:
+        assert launcher_server.pid == server_pid, "the same server launched it"
+
+
+def answers(control: socket.socket) -> Iterator[dict[str, int]]:
+    while True:
+        ready, _, _ = select.select([control], [], [], BOUND)
+        assert ready, f"no answer within {BOUND} s"
+        yield json.loads(control.recv(4096))
+
+
+def is_closed_everywhere(read_fd: int) -> bool:
+    """True once every write end of the pipe is closed (its read end then polls EOF)."""
+    ready, _, _ = select.select([read_fd], [], [], BOUND)
+    return bool(ready) and os.read(read_fd, 1) == b""
+
+
+def test_a_request_without_exactly_three_fds_is_answered_127(
+    launcher_server: LauncherServer | None,
+) -> None:
+    """Talks to a server of its own on a socketpair: requests with 0, 2 and 4 fds (the fds are
+    the write end of a pipe) get exit 127, and the server keeps none of those fds."""
+    if launcher_server is None:
+        pytest.skip("about the launcher server only")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_fd, write_fd = os.pipe()
+    server = subprocess.Popen(
+        [*sandbox_process._launcher_command(), "--serve", str(theirs.fileno())],
+        pass_fds=(theirs.fileno(),),
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        theirs.close()
+        got = answers(ours)
+        for request_id, count in ((7, 0), (8, 2), (9, 4)):
+            socket.send_fds(ours, [b"%d arg=true\0" % request_id], [write_fd] * count)
+            assert next(got) == {"id": request_id, "exit": 127}
+        socket.send_fds(ours, [b"x1 arg=true\0"], [write_fd])
+        assert next(got) == {"id": 0, "exit": 127}, "an id that is not digits is answered as 0"
+        os.close(write_fd)
+        write_fd = -1
+        assert is_closed_everywhere(read_fd), "the server kept an fd of a refused request"
+        ours.close()
+        assert server.wait(timeout=BOUND) == 0, "the server ends when its socket hangs up"
+    finally:
+        ours.close()
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
 @pytest.fixture
 def separate_mount(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs mounted on the host, like a separate /srv partition (unmounted afterwards)."""
@@ -358,11 +515,24 @@ async def test_a_hung_launcher_is_killed_with_the_program_it_forked(
 ) -> None:
     launcher = tmp_path / "hanging_launcher.py"
     launcher.write_text(HANGING_LAUNCHER)
-    monkeypatch.setattr(sandbox_process, "LAUNCHER", str(launcher))
+    monkeypatch.setattr(
+        sandbox_process, "_launcher_command", lambda: [sys.executable, str(launcher)]
+    )
     monkeypatch.setattr(sandbox_process, "LAUNCH_TIMEOUT", 0.5)
     with pytest.raises(SandboxError, match=r"did not start 'test' within 0\.5 s"):
         await spawn_sandbox(make_spec(anchor, "true"), pipe.write_fd, pipe.write_fd)
     # The autouse fixture checks that neither the launcher nor its child is left.
+
+
+async def test_a_launcher_not_built_is_a_fatal_error_saying_how_to_build_it(
+    anchor: str, pipe: Pipe, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(helpers, "HELPERS_DIR", str(tmp_path))
+    with pytest.raises(SandboxError, match=r"grenadine-launch is missing.*C compiler") as raised:
+        await spawn_sandbox(
+            make_spec(anchor, "true"), pipe.write_fd, pipe.write_fd, _launch["server"]
+        )
+    assert raised.value.fatal
 
 
 def test_adopt_refuses_a_process_that_is_not_our_child() -> None:

@@ -9,7 +9,11 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
+from grenadine_sv import helpers
+from grenadine_sv.config.loading import load_config
 from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.supervisor.build import build_supervisor
+from grenadine_sv.supervisor.core import StartupError
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     IDLE,
@@ -212,3 +216,12 @@ async def test_control_socket_is_private(sv_dirs: SupervisorDirs):
         assert sv_dirs.state_dir.stat().st_mode & 0o777 == 0o700
     await trio.lowlevel.checkpoint()
     assert not sv_dirs.socket.exists()
+
+
+async def test_a_launcher_not_built_stops_the_start_saying_how_to_build_it(
+    sv_dirs: SupervisorDirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(helpers, "HELPERS_DIR", str(tmp_path))
+    config = load_config(sv_dirs.write_config(""))
+    with pytest.raises(StartupError, match=r"grenadine-launch is missing.*C compiler"):
+        await build_supervisor(config).run()

@@ -1,8 +1,8 @@
-"""SandboxSpec: validation when built, and the JSON form the launcher reads."""
+"""SandboxSpec: validation when built, and the wire form the launcher reads."""
 
 from __future__ import annotations
 
-import json
+import os
 from typing import Any
 
 import pytest
@@ -10,6 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from grenadine_sv.sandbox import SandboxSpec
+from grenadine_sv.sandbox.mounts import (
+    CGROUP_ROOT,
+    DEFAULT_PATH,
+    HOST_MOUNTS,
+    OPTIONAL_HOST_MOUNTS,
+)
 from grenadine_sv.sandbox.spec import InvalidSandboxSpec
 
 
@@ -36,7 +42,42 @@ def test_lists_become_tuples_and_the_environment_a_private_read_only_copy() -> N
         built.environment["B"] = "2"  # type: ignore[index]
 
 
-def test_json_carries_every_field_to_the_launcher() -> None:
+LISTS = {"arg": "command", "bind": "binds"}
+SINGLES = ("directory", "user", "group", "root_anchor", "init", "tmp", "cgroup")
+SHARED = ("host_mount", "optional_mount", "default_path", "cgroup_root")
+
+
+def entries(wire: bytes) -> list[tuple[str, str]]:
+    """The wire spec's (field, value) pairs, in order."""
+    assert wire.endswith(b"\0")
+    pairs = []
+    for entry in wire[:-1].split(b"\0"):
+        key, equals, value = os.fsdecode(entry).partition("=")
+        assert equals, entry
+        pairs.append((key, value))
+    return pairs
+
+
+def from_wire(wire: bytes, name: str) -> SandboxSpec:
+    """The spec the launcher reads from `wire` (its name is not sent)."""
+    fields: dict[str, Any] = {"name": name, "command": [], "binds": [], "environment": {}}
+    for key, value in entries(wire):
+        if key in LISTS:
+            fields[LISTS[key]].append(value)
+        elif key == "env":
+            variable, _, variable_value = value.partition("=")
+            fields["environment"][variable] = variable_value
+        elif key == "umask":
+            fields["umask"] = int(value, 8)
+        elif key in SINGLES:
+            assert key not in fields, f"{key} given twice"
+            fields[key] = value
+        else:
+            assert key in SHARED, key
+    return SandboxSpec(**fields)
+
+
+def test_the_wire_carries_every_field_to_the_launcher() -> None:
     built = spec(
         command=("memcached", "-p", "11211"),
         directory="/srv",
@@ -45,17 +86,29 @@ def test_json_carries_every_field_to_the_launcher() -> None:
         user="nobody",
         group="nogroup",
         binds=("/data", "/data/cache"),
+        init="/usr/bin/tini",
+        tmp="/run/tmp/web",
+        cgroup="/sys/fs/cgroup/grenadine/web",
     )
-    document = json.loads(built.to_json())
-    assert SandboxSpec(**document) == built
+    assert from_wire(built.to_wire(), "web") == built
+    assert ("umask", "022") in entries(built.to_wire())
 
 
-def test_json_is_an_object_with_plain_lists_for_the_launcher() -> None:
-    document = json.loads(spec(binds=("/data",)).to_json())
-    assert document["command"] == ["/bin/true"]
-    assert document["binds"] == ["/data"]
-    assert document["environment"] == {}
-    assert document["umask"] is None
+def test_none_fields_are_absent_and_lists_repeat_their_field_in_order() -> None:
+    pairs = entries(spec(command=("sh", "-c", "x"), binds=("/b", "/a")).to_wire())
+    keys = [key for key, _ in pairs]
+    for absent in ("umask", "user", "group", "init", "tmp", "cgroup"):
+        assert absent not in keys
+    assert [value for key, value in pairs if key == "arg"] == ["sh", "-c", "x"]
+    assert [value for key, value in pairs if key == "bind"] == ["/b", "/a"]
+
+
+def test_the_wire_carries_the_mounts_and_path_every_sandbox_has() -> None:
+    pairs = entries(spec().to_wire())
+    assert [value for key, value in pairs if key == "host_mount"] == list(HOST_MOUNTS)
+    assert [value for key, value in pairs if key == "optional_mount"] == list(OPTIONAL_HOST_MOUNTS)
+    assert ("default_path", DEFAULT_PATH) in pairs
+    assert ("cgroup_root", CGROUP_ROOT) in pairs
 
 
 @pytest.mark.parametrize(
@@ -114,6 +167,6 @@ _valid_fields = st.fixed_dictionaries(
 
 
 @given(_valid_fields)
-def test_any_valid_spec_survives_the_json_round_trip(fields: dict[str, Any]) -> None:
+def test_any_valid_spec_survives_the_wire_round_trip(fields: dict[str, Any]) -> None:
     built = spec(**fields)
-    assert SandboxSpec(**json.loads(built.to_json())) == built
+    assert from_wire(built.to_wire(), built.name) == built
