@@ -249,8 +249,8 @@ def run(settings: Settings) -> list[Comparison]:
                 for k in kinds
             },
             note="PSS of the supervisor and every process under it that is not a program "
-            "(grenadine-sv: its sandbox launcher), plus each sandbox's init (tini), all "
-            "programs running",
+            "(grenadine-sv: its sandbox launcher and stdio keeper), plus each sandbox's init "
+            "(tini-static), all programs running",
         ),
         Comparison(
             case,
