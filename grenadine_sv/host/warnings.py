@@ -64,11 +64,11 @@ def program_warnings(
     return warnings
 
 
-def _host_mount_points() -> list[str]:
+def _host_mount_points() -> tuple[str, ...]:
     try:
         return mount_points(Path(MOUNTINFO).read_text())
     except OSError:
-        return []
+        return ()
 
 
 def init_present() -> bool:

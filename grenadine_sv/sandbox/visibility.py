@@ -9,6 +9,7 @@ executable is there must not start as if nothing were wrong.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import re
@@ -23,14 +24,17 @@ LAUNCHER_MOUNTS = ("/proc", CGROUP_ROOT)
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-def mount_points(mountinfo: str) -> list[str]:
+# The host's mounts change rarely: each launch reads them again, and parses them only if they
+# did (50 programs at once: one parse, not 50).
+@functools.lru_cache(maxsize=1)
+def mount_points(mountinfo: str) -> tuple[str, ...]:
     """The mount points listed in a /proc/PID/mountinfo text."""
     points = []
     for line in mountinfo.splitlines():
         fields = line.split()
         if len(fields) > 4:
             points.append(_OCTAL_ESCAPE.sub(lambda match: chr(int(match[1], 8)), fields[4]))
-    return points
+    return tuple(points)
 
 
 def _deepest_containing(path: str, points: Iterable[str]) -> str:

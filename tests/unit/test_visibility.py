@@ -22,7 +22,7 @@ def test_mount_points_reads_mountinfo_and_unescapes_spaces() -> None:
         "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
         "40 22 0:36 / /mnt/with\\040space rw shared:20 - tmpfs tmpfs rw\n"
     )
-    assert mount_points(text) == ["/", "/mnt/with space"]
+    assert mount_points(text) == ("/", "/mnt/with space")
 
 
 @pytest.mark.parametrize(
