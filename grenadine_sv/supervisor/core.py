@@ -165,10 +165,8 @@ class Supervisor:
         settings = self.config.supervisor
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
-        # It starts while the supervisor sets up and takes back orphans: the first program
-        # launches without waiting for it.
+        # Started before the programs need it, as the stdio keeper is (when none is running).
         self._start_sandbox_server()
-        # The same for the stdio keeper's, when it has to be started.
         await trio.to_thread.run_sync(self._open_keeper)
         await self._set_up_cgroups()
         partials = await trio.to_thread.run_sync(self.recovery.image_store.recover_partials)
