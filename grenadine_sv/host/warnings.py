@@ -11,7 +11,7 @@ from grenadine_sv.criu.version import UnreadableOutputError
 from grenadine_sv.host.facts import decode_capabilities, parse_cap_eff
 from grenadine_sv.sandbox.init import TINI
 from grenadine_sv.sandbox.mounts import DEFAULT_PATH
-from grenadine_sv.sandbox.visibility import MOUNTINFO, hidden_from_sandbox, mount_points
+from grenadine_sv.sandbox.visibility import hidden_from_sandbox, host_mount_points
 
 ROOT_NAMES = frozenset({"root", "0"})
 
@@ -35,7 +35,7 @@ def program_warnings(
     `host_mounts`: the host's mount points (default: this host's)."""
     has_sys_resource = "CAP_SYS_RESOURCE" in set(capabilities)
     if host_mounts is None:
-        host_mounts = _host_mount_points()
+        host_mounts = host_mount_points()
     warnings = []
     for name, program in sorted(programs.items()):
         where = f"{program.source}: programs.{name}"
@@ -62,13 +62,6 @@ def program_warnings(
         if hidden is not None:
             warnings.append(f"{program.source}: {hidden}")
     return warnings
-
-
-def _host_mount_points() -> tuple[str, ...]:
-    try:
-        return mount_points(Path(MOUNTINFO).read_text())
-    except OSError:
-        return ()
 
 
 def init_present() -> bool:

@@ -100,18 +100,22 @@ def hidden_from_sandbox(
     return None
 
 
-def spec_hidden_from_sandbox(spec: SandboxSpec) -> str | None:
-    """`hidden_from_sandbox` for a spec, against this host's mounts."""
+def host_mount_points() -> tuple[str, ...]:
+    """This host's mount points (none when they cannot be read: nothing is then hidden)."""
     try:
         with open(MOUNTINFO) as mountinfo:
-            host_mounts = mount_points(mountinfo.read())
+            return mount_points(mountinfo.read())
     except OSError:
-        return None
+        return ()
+
+
+def spec_hidden_from_sandbox(spec: SandboxSpec) -> str | None:
+    """`hidden_from_sandbox` for a spec, against this host's mounts."""
     return hidden_from_sandbox(
         spec.name,
         command=spec.command[0],
         directory=spec.directory,
         search_path=spec.environment.get("PATH", DEFAULT_PATH),
         binds=spec.binds,
-        host_mounts=host_mounts,
+        host_mounts=host_mount_points(),
     )

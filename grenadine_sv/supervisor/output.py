@@ -250,7 +250,7 @@ def _trusted_log_dir(directory: Path) -> int:
     known = _trusted_log_dirs.get(directory)
     if known is not None:
         try:
-            if _same_directory(os.stat(directory), os.fstat(known)):
+            if os.path.samestat(os.stat(directory), os.fstat(known)):
                 return os.dup(known)
         except OSError:
             pass  # gone: walked again below
@@ -262,10 +262,6 @@ def _trusted_log_dir(directory: Path) -> int:
         os.close(_trusted_log_dirs.pop(next(iter(_trusted_log_dirs))))
     _trusted_log_dirs[directory] = os.dup(dir_fd)
     return dir_fd
-
-
-def _same_directory(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def open_log_dir(log_file: Path) -> int:
