@@ -99,10 +99,20 @@ def end_all_but(cgroup: ProgramCgroup, pid_ns_inode: int) -> list[int]:
     return ended
 
 
+def all_in_namespace(pids: Iterable[int], pid_ns_inode: int) -> bool:
+    """Whether every one of `pids` is in the PID namespace `pid_ns_inode` (one stat each,
+    where the full census reads three files per process); False when one is gone."""
+    try:
+        return all(read_pid_ns_inode(pid) == pid_ns_inode for pid in pids)
+    except OSError:
+        return False
+
+
 @dataclass
 class CopyCensus:
     """Ends what runs beside each running instance in its program's cgroup, looking into a
-    cgroup again only when its processes changed since a look that found nothing to end:
+    cgroup again only when its processes changed since a look that found nothing to end,
+    and taking the full census only when one of them is outside the instance's namespace:
     the full census reads every process's /proc entries, which for 50 idle programs every
     2 s was most of an idle supervisor's CPU."""
 
@@ -118,7 +128,7 @@ class CopyCensus:
                 pids = frozenset(cgroup.pids())
             except OSError:
                 continue
-            if self._settled.get(key) != pids:
+            if self._settled.get(key) != pids and not all_in_namespace(pids, pid_ns_inode):
                 extra = end_all_but(cgroup, pid_ns_inode)
                 if extra:
                     ended[cgroup.program] = extra

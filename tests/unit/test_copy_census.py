@@ -1,5 +1,6 @@
 """The periodic census of running programs' cgroups looks at every process again only when a
-cgroup's processes changed since a look that found nothing to end."""
+cgroup's processes changed since a look that found nothing to end, and one of them is outside
+the instance's PID namespace. The /proc lookups are stood in for: these are fake pids."""
 
 from __future__ import annotations
 
@@ -42,10 +43,57 @@ class FullCensus:
 
 
 @pytest.fixture
-def full_census(monkeypatch: pytest.MonkeyPatch) -> FullCensus:
+def namespaces(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """PID namespace by fake pid; a pid not in it is gone."""
+    known: dict[int, int] = {}
+
+    def pid_ns_inode(pid: int) -> int:
+        if pid not in known:
+            raise ProcessLookupError(pid)
+        return known[pid]
+
+    monkeypatch.setattr(membership, "read_pid_ns_inode", pid_ns_inode)
+    return known
+
+
+@pytest.fixture
+def full_census(monkeypatch: pytest.MonkeyPatch, namespaces: dict[int, int]) -> FullCensus:
     recorder = FullCensus()
     monkeypatch.setattr(membership, "end_all_but", recorder)
     return recorder
+
+
+def test_processes_all_in_the_instances_namespace_need_no_full_look(
+    full_census: FullCensus, namespaces: dict[int, int]
+) -> None:
+    program = FakeCgroup(Path("p0"), [10, 11])
+    namespaces.update({10: NAMESPACE, 11: NAMESPACE})
+    census = CopyCensus()
+    instances = [(cast(ProgramCgroup, program), NAMESPACE)]
+    assert census.end_copies(instances) == {}
+    program.processes.append(12)
+    namespaces[12] = NAMESPACE
+    assert census.end_copies(instances) == {}
+    assert full_census.looked_at == []
+
+
+@pytest.mark.parametrize(
+    ("namespace_of_the_newcomer", "why"),
+    [(NAMESPACE + 7, "another sandbox or a nested one"), (None, "gone before it was looked at")],
+)
+def test_a_process_outside_the_instances_namespace_gets_a_full_look(
+    full_census: FullCensus,
+    namespaces: dict[int, int],
+    namespace_of_the_newcomer: int | None,
+    why: str,
+) -> None:
+    program = FakeCgroup(Path("p0"), [10, 30])
+    namespaces[10] = NAMESPACE
+    if namespace_of_the_newcomer is not None:
+        namespaces[30] = namespace_of_the_newcomer
+    full_census.extras["p0"] = [30]
+    assert CopyCensus().end_copies([(cast(ProgramCgroup, program), NAMESPACE)]) == {"p0": [30]}
+    assert full_census.looked_at == ["p0"], why
 
 
 def test_unchanged_cgroups_are_not_looked_into_again(full_census: FullCensus) -> None:
