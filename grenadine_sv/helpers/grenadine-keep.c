@@ -528,7 +528,7 @@ static void append_to_output(void *output, const char *bytes, size_t length)
 /* `text` (valid UTF-8) as a JSON string in ASCII, escaped as Python's json.dumps does. */
 static void put_string(struct output *output, struct slice text)
 {
-    json_append_string(append_to_output, output, text.data, text.length, JSON_B_F_SHORT);
+    json_append_string(append_to_output, output, text.data, text.length);
 }
 
 static void put_keys(struct output *output, const struct table *table)

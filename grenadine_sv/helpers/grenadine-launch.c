@@ -134,7 +134,7 @@ static void append_to_text(void *text, const char *bytes, size_t len)
 /* JSON string as Python's json.dumps writes it (ASCII only), \b and \f as \u0008 and \u000c. */
 static void add_json_string(struct text *out, const char *string)
 {
-    json_append_string(append_to_text, out, string, strlen(string), JSON_B_F_AS_UNITS);
+    json_append_string(append_to_text, out, string, strlen(string));
 }
 
 /* Python's str.isprintable, for the characters a name may plausibly hold (no Unicode tables). */

@@ -67,10 +67,6 @@ static inline size_t utf8_next_code_point(const unsigned char *s, size_t left,
 /* Appends `length` bytes at `bytes` to `sink`, the helper's own output buffer. */
 typedef void json_append_fn(void *sink, const char *bytes, size_t length);
 
-/* How a JSON string writes U+0008 and U+000C: "\b" and "\f" as json.dumps does, or "\u0008"
- * and "\u000c" as grenadine-launch always has (json.loads reads both the same). */
-enum json_b_f { JSON_B_F_SHORT, JSON_B_F_AS_UNITS };
-
 /* A UTF-16 code unit as \uXXXX. */
 static inline void json_append_unit(json_append_fn *append, void *sink, uint32_t unit)
 {
@@ -81,7 +77,7 @@ static inline void json_append_unit(json_append_fn *append, void *sink, uint32_t
 }
 
 /* The two-character escape of `code`, or NULL when it has none. */
-static inline const char *json_short_escape(uint32_t code, enum json_b_f b_f)
+static inline const char *json_short_escape(uint32_t code)
 {
     switch (code) {
     case '"': return "\\\"";
@@ -89,8 +85,8 @@ static inline const char *json_short_escape(uint32_t code, enum json_b_f b_f)
     case '\n': return "\\n";
     case '\r': return "\\r";
     case '\t': return "\\t";
-    case '\b': return b_f == JSON_B_F_SHORT ? "\\b" : NULL;
-    case '\f': return b_f == JSON_B_F_SHORT ? "\\f" : NULL;
+    case '\b': return "\\b";
+    case '\f': return "\\f";
     default: return NULL;
     }
 }
@@ -99,13 +95,13 @@ static inline const char *json_short_escape(uint32_t code, enum json_b_f b_f)
  * escapes the str they decode to (UTF-8 with errors="surrogateescape", so a byte that starts
  * no valid sequence is written as \udc80..\udcff). */
 static inline void json_append_string(json_append_fn *append, void *sink, const char *string,
-                                      size_t length, enum json_b_f b_f)
+                                      size_t length)
 {
     append(sink, "\"", 1);
     for (size_t i = 0, taken; i < length; i += taken) {
         uint32_t code;
         taken = utf8_next_code_point((const unsigned char *)string + i, length - i, &code);
-        const char *escape = json_short_escape(code, b_f);
+        const char *escape = json_short_escape(code);
         if (escape != NULL) {
             append(sink, escape, 2);
         } else if (code >= 0x20 && code < 0x7F) {
