@@ -22,7 +22,10 @@ CFLAGS = ("-O2", "-std=c11", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE")
 
 
 class BuildHelpers(Command):
-    """Compile each grenadine_sv/helpers/NAME.c into the executable grenadine_sv/helpers/NAME."""
+    """Compile each grenadine_sv/helpers/NAME.c into the executable grenadine_sv/helpers/NAME.
+
+    The .h files there are the code the helpers share (each NAME.c is a whole program that
+    includes them): they are sources too, and every build compiles every helper anew."""
 
     description = "compile grenadine-sv's helper executables with the system's C compiler"
     user_options: ClassVar[list[tuple[str, str | None, str]]] = []
@@ -61,7 +64,7 @@ class BuildHelpers(Command):
         return [str(self._target_dir() / source.stem) for source in self._sources()]
 
     def get_source_files(self) -> list[str]:
-        return [str(source) for source in self._sources()]
+        return [str(source) for source in sorted(HELPERS_PACKAGE.glob("*.[ch]"))]
 
     def get_output_mapping(self) -> dict[str, str]:
         return {}

@@ -39,6 +39,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "json_text.h"
+
 #define MAX_MESSAGE 65536
 #define PROCESS_NAME "grenadine-keep"
 #define DEFAULT_IDLE_SECONDS 600.0
@@ -322,41 +324,15 @@ static bool decode_escape(struct parser *parser, char **out)
     return true;
 }
 
-/* The length of the valid UTF-8 sequence at `s` (at most `left` bytes), or 0. */
-static size_t utf8_length(const unsigned char *s, size_t left)
-{
-    size_t length;
-    uint32_t code, least;
-    if (s[0] >= 0xC2 && s[0] <= 0xDF)
-        length = 2, code = s[0] & 0x1F, least = 0x80;
-    else if (s[0] >= 0xE0 && s[0] <= 0xEF)
-        length = 3, code = s[0] & 0x0F, least = 0x800;
-    else if (s[0] >= 0xF0 && s[0] <= 0xF4)
-        length = 4, code = s[0] & 0x07, least = 0x10000;
-    else
-        return 0;
-    if (left < length)
-        return 0;
-    for (size_t i = 1; i < length; i++) {
-        if ((s[i] & 0xC0) != 0x80)
-            return 0;
-        code = code << 6 | (s[i] & 0x3F);
-    }
-    bool surrogate = code >= 0xD800 && code <= 0xDFFF;
-    return code < least || code > 0x10FFFF || surrogate ? 0 : length;
-}
-
 static bool copy_raw(struct parser *parser, char **out)
 {
-    unsigned char c = (unsigned char)*parser->at;
-    size_t length = 1;
-    if (c < 0x20)
+    if ((unsigned char)*parser->at < 0x20)
         return fail(parser, "control character in string");
-    if (c >= 0x80) {
-        length = utf8_length((const unsigned char *)parser->at, (size_t)(parser->end - parser->at));
-        if (length == 0)
-            return fail(parser, "invalid UTF-8");
-    }
+    uint32_t code;
+    size_t length = utf8_sequence((const unsigned char *)parser->at,
+                                  (size_t)(parser->end - parser->at), &code);
+    if (length == 0)
+        return fail(parser, "invalid UTF-8");
     memmove(*out, parser->at, length);
     *out += length;
     parser->at += length;
@@ -544,58 +520,15 @@ static void put_text(struct output *output, const char *text)
     put_bytes(output, text, strlen(text));
 }
 
-/* A UTF-16 code unit as \uXXXX. */
-static void put_unit(struct output *output, uint32_t unit)
+static void append_to_output(void *output, const char *bytes, size_t length)
 {
-    static const char hex[] = "0123456789abcdef";
-    char escape[] = {'\\', 'u', hex[unit >> 12 & 0xF], hex[unit >> 8 & 0xF],
-                     hex[unit >> 4 & 0xF], hex[unit & 0xF]};
-    put_bytes(output, escape, sizeof escape);
-}
-
-/* The code point of the valid UTF-8 sequence at `s`, *length set to its bytes. */
-static uint32_t utf8_decode(const unsigned char *s, size_t *length)
-{
-    *length = s[0] < 0x80 ? 1 : s[0] < 0xE0 ? 2 : s[0] < 0xF0 ? 3 : 4;
-    static const unsigned char lead_bits[] = {0, 0x7F, 0x1F, 0x0F, 0x07};
-    uint32_t code = s[0] & lead_bits[*length];
-    for (size_t i = 1; i < *length; i++)
-        code = code << 6 | (s[i] & 0x3F);
-    return code;
-}
-
-static const char *short_escape(uint32_t code)
-{
-    switch (code) {
-    case '"': return "\\\"";
-    case '\\': return "\\\\";
-    case '\n': return "\\n";
-    case '\r': return "\\r";
-    case '\t': return "\\t";
-    case '\b': return "\\b";
-    case '\f': return "\\f";
-    default: return NULL;
-    }
+    put_bytes(output, bytes, length);
 }
 
 /* `text` (valid UTF-8) as a JSON string in ASCII, escaped as Python's json.dumps does. */
 static void put_string(struct output *output, struct slice text)
 {
-    put_text(output, "\"");
-    for (size_t i = 0, length; i < text.length; i += length) {
-        uint32_t code = utf8_decode((const unsigned char *)text.data + i, &length);
-        if (short_escape(code) != NULL) {
-            put_text(output, short_escape(code));
-        } else if (code >= 0x20 && code < 0x7F) {
-            put_bytes(output, text.data + i, 1);
-        } else if (code < 0x10000) {
-            put_unit(output, code);
-        } else {
-            put_unit(output, 0xD800 + ((code - 0x10000) >> 10));
-            put_unit(output, 0xDC00 + ((code - 0x10000) & 0x3FF));
-        }
-    }
-    put_text(output, "\"");
+    json_append_string(append_to_output, output, text.data, text.length);
 }
 
 static void put_keys(struct output *output, const struct table *table)

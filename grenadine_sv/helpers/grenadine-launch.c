@@ -37,6 +37,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "json_text.h"
+
 enum {
     EXIT_STEP_FAILED = 127,
     MAX_REQUEST_BYTES = 1 << 20,
@@ -122,76 +124,17 @@ static char *concat(const char *first, const char *second)
     return text.data;
 }
 
-/* ---- the code points of a string, as Python decodes it (UTF-8, surrogateescape) ---- */
+/* ---- strings as Python writes them ---- */
 
-static size_t sequence_length(unsigned char lead, uint32_t *code_point)
+static void append_to_text(void *text, const char *bytes, size_t len)
 {
-    if (lead >= 0xc2 && lead <= 0xdf) {
-        *code_point = lead & 0x1f;
-        return 2;
-    }
-    if (lead >= 0xe0 && lead <= 0xef) {
-        *code_point = lead & 0x0f;
-        return 3;
-    }
-    if (lead >= 0xf0 && lead <= 0xf4) {
-        *code_point = lead & 0x07;
-        return 4;
-    }
-    return 0;
+    text_add(text, bytes, len);
 }
 
-/* Decode one code point at `s`; a byte that starts no valid sequence is U+DC80..U+DCFF. */
-static size_t next_code_point(const unsigned char *s, uint32_t *code_point)
-{
-    static const uint32_t smallest[] = {0, 0, 0x80, 0x800, 0x10000};
-    uint32_t value;
-    size_t len = s[0] < 0x80 ? 1 : sequence_length(s[0], &value);
-    if (len == 1) {
-        *code_point = s[0];
-        return 1;
-    }
-    for (size_t i = 1; len && i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            len = 0;
-        else
-            value = value << 6 | (s[i] & 0x3f);
-    }
-    if (len == 0 || value < smallest[len] || value > 0x10ffff ||
-        (value >= 0xd800 && value <= 0xdfff)) {
-        *code_point = 0xdc00 | s[0];
-        return 1;
-    }
-    *code_point = value;
-    return len;
-}
-
-/* JSON string as Python's json.dumps writes it (ASCII only). */
+/* JSON string as Python's json.dumps writes it (ASCII only), \b and \f as \u0008 and \u000c. */
 static void add_json_string(struct text *out, const char *string)
 {
-    const unsigned char *s = (const unsigned char *)string;
-    text_add(out, "\"", 1);
-    while (*s) {
-        uint32_t c;
-        size_t len = next_code_point(s, &c);
-        if (c == '"' || c == '\\')
-            text_addf(out, "\\%c", (char)c);
-        else if (c == '\n')
-            text_add(out, "\\n", 2);
-        else if (c == '\r')
-            text_add(out, "\\r", 2);
-        else if (c == '\t')
-            text_add(out, "\\t", 2);
-        else if (c >= 0x20 && c < 0x7f)
-            text_add(out, (const char *)s, 1);
-        else if (c < 0x10000)
-            text_addf(out, "\\u%04x", (unsigned)c);
-        else
-            text_addf(out, "\\u%04x\\u%04x", (unsigned)(0xd800 + ((c - 0x10000) >> 10)),
-                      (unsigned)(0xdc00 + ((c - 0x10000) & 0x3ff)));
-        s += len;
-    }
-    text_add(out, "\"", 1);
+    json_append_string(append_to_text, out, string, strlen(string));
 }
 
 /* Python's str.isprintable, for the characters a name may plausibly hold (no Unicode tables). */
@@ -214,11 +157,11 @@ static char *python_repr(const char *string)
 {
     char quote = strchr(string, '\'') && !strchr(string, '"') ? '"' : '\'';
     struct text out = {0};
-    const unsigned char *s = (const unsigned char *)string;
+    const unsigned char *s = (const unsigned char *)string, *end = s + strlen(string);
     text_add(&out, &quote, 1);
-    while (*s) {
+    while (s < end) {
         uint32_t c;
-        size_t len = next_code_point(s, &c);
+        size_t len = utf8_next_code_point(s, (size_t)(end - s), &c);
         if (c == (uint32_t)quote || c == '\\')
             text_addf(&out, "\\%c", (char)c);
         else if (c == '\n')

@@ -300,16 +300,24 @@ except OSError:
 def test_keeper_refuses_a_connection_from_another_uid(keeper: Keeper) -> None:
     os.chmod(keeper.path.parent, 0o755)
     os.chmod(keeper.path, 0o777)
-    refused = subprocess.run(
-        [*AS_NOBODY, sys.executable, "-I", "-S", "-c", REFUSED_CLIENT, os.fspath(keeper.path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    assert refused.stdout == "refused\n"
+    # A kept pipe whose write end is open keeps the keeper up past its 0.3 s idle period,
+    # however long the other user's interpreter takes to start.
+    read_end, write_end = os.pipe()
     with keeper.raw_connection() as conn:
-        assert ask(conn, encode("list")) == ({"ok": True, "keys": []}, [])
+        assert ask(conn, encode("keep", "k"), [read_end]) == ({"ok": True}, [])
+    os.close(read_end)
+    try:
+        refused = subprocess.run(
+            [*AS_NOBODY, sys.executable, "-I", "-S", "-c", REFUSED_CLIENT, os.fspath(keeper.path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (refused.returncode, refused.stdout) == (0, "refused\n"), refused.stderr
+        with keeper.raw_connection() as conn:
+            assert ask(conn, encode("list")) == ({"ok": True, "keys": ["k"]}, [])
+    finally:
+        os.close(write_end)
 
 
 @pytest.mark.parametrize("keeper", [("prlimit", f"--nofile={SOFT_LIMIT}:")], indirect=True)
