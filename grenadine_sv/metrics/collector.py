@@ -8,7 +8,6 @@ restart of the supervisor and after a prune. Metric names are a contract (README
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ from typing import Protocol, get_args
 
 import prometheus_client
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from grenadine_sv.lifecycle.machine import State
+from grenadine_sv.metrics.program_series import Kind, ProgramSeries, SeriesSpec
 from grenadine_sv.store.images import Trigger
 
 log = structlog.get_logger()
@@ -31,6 +31,104 @@ CHECKPOINT_TRIGGERS: tuple[str, ...] = get_args(Trigger)
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
 # Uploads and downloads of images: from a small archive to gigabytes over a slow link.
 TRANSFER_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+RESTARTS = "grenadine_program_restarts"
+CHECKPOINTS = "grenadine_checkpoints"
+CHECKPOINT_FAILURES = "grenadine_checkpoint_failures"
+CHECKPOINT_DURATION = "grenadine_checkpoint_duration_seconds"
+CHECKPOINT_FROZEN = "grenadine_checkpoint_frozen_seconds"
+LAST_CHECKPOINT_SUCCESS = "grenadine_last_checkpoint_success_timestamp_seconds"
+RESTORES = "grenadine_restores"
+RESTORE_FAILURES = "grenadine_restore_failures"
+RESTORE_DURATION = "grenadine_restore_duration_seconds"
+RESTORE_MEMORY_COMPLETE = "grenadine_restore_memory_complete_seconds"
+UPLOADS = "grenadine_uploads"
+UPLOAD_FAILURES = "grenadine_upload_failures"
+UPLOAD_DURATION = "grenadine_upload_duration_seconds"
+REMOTE_IMAGES = "grenadine_remote_images"
+DOWNLOADS = "grenadine_downloads"
+DOWNLOAD_FAILURES = "grenadine_download_failures"
+DOWNLOAD_DURATION = "grenadine_download_duration_seconds"
+
+# The series every program has, updated as things happen.
+PROGRAM_SERIES = (
+    SeriesSpec(
+        RESTARTS,
+        "Times the program was started again after an exit or a failed start",
+        Kind.COUNTER,
+    ),
+    SeriesSpec(
+        CHECKPOINTS, "Checkpoints that produced an image", Kind.COUNTER, ("program", "trigger")
+    ),
+    SeriesSpec(
+        CHECKPOINT_FAILURES,
+        "Checkpoints that failed and kept no image",
+        Kind.COUNTER,
+        ("program", "trigger"),
+    ),
+    SeriesSpec(
+        CHECKPOINT_DURATION,
+        "Wall time of successful checkpoints, from freeze to durable image",
+        Kind.HISTOGRAM,
+        buckets=DURATION_BUCKETS,
+    ),
+    SeriesSpec(
+        CHECKPOINT_FROZEN,
+        "Time the program was frozen during successful checkpoints (CRIU frozen_time)",
+        Kind.HISTOGRAM,
+        buckets=DURATION_BUCKETS,
+    ),
+    SeriesSpec(
+        LAST_CHECKPOINT_SUCCESS,
+        "Unix time of the program's last successful checkpoint (absent until one since start)",
+        Kind.GAUGE,
+    ),
+    SeriesSpec(RESTORES, "Restores that brought the program back from an image", Kind.COUNTER),
+    SeriesSpec(RESTORE_FAILURES, "Restores that failed", Kind.COUNTER),
+    SeriesSpec(
+        RESTORE_DURATION,
+        "Wall time of successful restores, image verification included",
+        Kind.HISTOGRAM,
+        buckets=DURATION_BUCKETS,
+    ),
+    SeriesSpec(
+        RESTORE_MEMORY_COMPLETE,
+        "Lazy restores: time from the restore's start until all memory was back and verified",
+        Kind.HISTOGRAM,
+        buckets=DURATION_BUCKETS,
+    ),
+    SeriesSpec(UPLOADS, "Images uploaded to the object store", Kind.COUNTER),
+    SeriesSpec(
+        UPLOAD_FAILURES,
+        "Upload attempts that failed (the image stays queued and is retried)",
+        Kind.COUNTER,
+    ),
+    SeriesSpec(
+        UPLOAD_DURATION,
+        "Wall time of successful uploads: archive, compress, encrypt and send",
+        Kind.HISTOGRAM,
+        buckets=TRANSFER_BUCKETS,
+    ),
+    SeriesSpec(
+        REMOTE_IMAGES, "Images of the program in the object store (as last listed)", Kind.GAUGE
+    ),
+    SeriesSpec(
+        DOWNLOADS, "Images downloaded from the object store, decrypted and verified", Kind.COUNTER
+    ),
+    SeriesSpec(
+        DOWNLOAD_FAILURES,
+        "Downloads that failed or were refused (decryption, checksum, definition)",
+        Kind.COUNTER,
+    ),
+    SeriesSpec(
+        DOWNLOAD_DURATION,
+        "Wall time of successful downloads, verification included",
+        Kind.HISTOGRAM,
+        buckets=TRANSFER_BUCKETS,
+    ),
+)
+# Gauges with no meaningful zero: absent until their first value.
+ABSENT_UNTIL_SET = frozenset({LAST_CHECKPOINT_SUCCESS, REMOTE_IMAGES})
 
 
 class ImageMetaLike(Protocol):
@@ -198,7 +296,6 @@ class Metrics:
         # the switch is process-wide and the supervisor has no other metrics.
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=False)
-        self._triggers: dict[str, set[str]] = {}
 
         build_info = Gauge(
             "grenadine_build_info",
@@ -208,117 +305,11 @@ class Metrics:
         )
         build_info.labels(version=version, criu_version=criu_version).set(1)
 
-        self._restarts = Counter(
-            "grenadine_program_restarts",
-            "Times the program was started again after an exit or a failed start",
-            ["program"],
-            registry=self.registry,
-        )
-        self._checkpoints = Counter(
-            "grenadine_checkpoints",
-            "Checkpoints that produced an image",
-            ["program", "trigger"],
-            registry=self.registry,
-        )
-        self._checkpoint_failures = Counter(
-            "grenadine_checkpoint_failures",
-            "Checkpoints that failed and kept no image",
-            ["program", "trigger"],
-            registry=self.registry,
-        )
-        self._checkpoint_duration = Histogram(
-            "grenadine_checkpoint_duration_seconds",
-            "Wall time of successful checkpoints, from freeze to durable image",
-            ["program"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._checkpoint_frozen = Histogram(
-            "grenadine_checkpoint_frozen_seconds",
-            "Time the program was frozen during successful checkpoints (CRIU frozen_time)",
-            ["program"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._last_success = Gauge(
-            "grenadine_last_checkpoint_success_timestamp_seconds",
-            "Unix time of the program's last successful checkpoint (absent until one since start)",
-            ["program"],
-            registry=self.registry,
-        )
-        self._restores = Counter(
-            "grenadine_restores",
-            "Restores that brought the program back from an image",
-            ["program"],
-            registry=self.registry,
-        )
-        self._restore_failures = Counter(
-            "grenadine_restore_failures",
-            "Restores that failed",
-            ["program"],
-            registry=self.registry,
-        )
-        self._restore_duration = Histogram(
-            "grenadine_restore_duration_seconds",
-            "Wall time of successful restores, image verification included",
-            ["program"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._restore_memory = Histogram(
-            "grenadine_restore_memory_complete_seconds",
-            "Lazy restores: time from the restore's start until all memory was back and verified",
-            ["program"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._uploads = Counter(
-            "grenadine_uploads",
-            "Images uploaded to the object store",
-            ["program"],
-            registry=self.registry,
-        )
-        self._upload_failures = Counter(
-            "grenadine_upload_failures",
-            "Upload attempts that failed (the image stays queued and is retried)",
-            ["program"],
-            registry=self.registry,
-        )
-        self._upload_duration = Histogram(
-            "grenadine_upload_duration_seconds",
-            "Wall time of successful uploads: archive, compress, encrypt and send",
-            ["program"],
-            buckets=TRANSFER_BUCKETS,
-            registry=self.registry,
-        )
+        self._series = ProgramSeries(PROGRAM_SERIES)
+        self.registry.register(self._series)
         self._upload_queue = Gauge(
             "grenadine_upload_queue_length",
             "Images sealed locally and waiting for upload",
-            registry=self.registry,
-        )
-        self._remote_images = Gauge(
-            "grenadine_remote_images",
-            "Images of the program in the object store (as last listed)",
-            ["program"],
-            registry=self.registry,
-        )
-        self._downloads = Counter(
-            "grenadine_downloads",
-            "Images downloaded from the object store, decrypted and verified",
-            ["program"],
-            registry=self.registry,
-        )
-        self._download_failures = Counter(
-            "grenadine_download_failures",
-            "Downloads that failed or were refused (decryption, checksum, definition)",
-            ["program"],
-            registry=self.registry,
-        )
-        self._download_duration = Histogram(
-            "grenadine_download_duration_seconds",
-            "Wall time of successful downloads, verification included",
-            ["program"],
-            buckets=TRANSFER_BUCKETS,
             registry=self.registry,
         )
         self.registry.register(StoreCollector(store, programs))
@@ -326,101 +317,63 @@ class Metrics:
     def add_program(self, program: str) -> None:
         """Start the program's counters and histograms at 0, so rate() works from the first
         scrape rather than from the first event."""
-        self._restarts.labels(program=program)
-        for trigger in CHECKPOINT_TRIGGERS:
-            self._count_trigger(program, trigger)
-            self._checkpoints.labels(program=program, trigger=trigger)
-            self._checkpoint_failures.labels(program=program, trigger=trigger)
-        self._checkpoint_duration.labels(program=program)
-        self._checkpoint_frozen.labels(program=program)
-        self._restores.labels(program=program)
-        self._restore_failures.labels(program=program)
-        self._restore_duration.labels(program=program)
-        self._restore_memory.labels(program=program)
-        for metric in (
-            self._uploads,
-            self._upload_failures,
-            self._upload_duration,
-            self._downloads,
-            self._download_failures,
-            self._download_duration,
-        ):
-            metric.labels(program=program)
+        for spec in PROGRAM_SERIES:
+            if spec.name in ABSENT_UNTIL_SET:
+                continue
+            if "trigger" in spec.labels:
+                for trigger in CHECKPOINT_TRIGGERS:
+                    self._series.zero(spec.name, program, trigger)
+            else:
+                self._series.zero(spec.name, program)
 
     def forget_program(self, program: str) -> None:
         """Drop the program's series (it was removed from the configuration)."""
-        for trigger in self._triggers.pop(program, set()):
-            for counter in (self._checkpoints, self._checkpoint_failures):
-                counter.remove(program, trigger)
-        for metric in (
-            self._restarts,
-            self._checkpoint_duration,
-            self._checkpoint_frozen,
-            self._last_success,
-            self._restores,
-            self._restore_failures,
-            self._restore_duration,
-            self._restore_memory,
-            self._uploads,
-            self._upload_failures,
-            self._upload_duration,
-            self._downloads,
-            self._download_failures,
-            self._download_duration,
-        ):
-            metric.remove(program)
-        with contextlib.suppress(KeyError):
-            self._remote_images.remove(program)
+        self._series.forget(program)
 
     def program_restarted(self, program: str) -> None:
-        self._restarts.labels(program=program).inc()
+        self._series.inc(RESTARTS, program)
 
     def checkpoint_succeeded(
         self, program: str, trigger: str, duration_seconds: float, frozen_seconds: float
     ) -> None:
-        self._count_trigger(program, trigger)
-        self._checkpoints.labels(program=program, trigger=trigger).inc()
-        self._checkpoint_duration.labels(program=program).observe(duration_seconds)
-        self._checkpoint_frozen.labels(program=program).observe(frozen_seconds)
-        self._last_success.labels(program=program).set(time.time())
+        self._series.inc(CHECKPOINTS, program, trigger)
+        self._series.observe(CHECKPOINT_DURATION, duration_seconds, program)
+        self._series.observe(CHECKPOINT_FROZEN, frozen_seconds, program)
+        self._series.set(LAST_CHECKPOINT_SUCCESS, time.time(), program)
 
     def checkpoint_failed(self, program: str, trigger: str) -> None:
-        self._count_trigger(program, trigger)
-        self._checkpoint_failures.labels(program=program, trigger=trigger).inc()
+        self._series.inc(CHECKPOINT_FAILURES, program, trigger)
 
     def restore_succeeded(self, program: str, duration_seconds: float) -> None:
-        self._restores.labels(program=program).inc()
-        self._restore_duration.labels(program=program).observe(duration_seconds)
+        self._series.inc(RESTORES, program)
+        self._series.observe(RESTORE_DURATION, duration_seconds, program)
 
     def restore_failed(self, program: str) -> None:
-        self._restore_failures.labels(program=program).inc()
+        self._series.inc(RESTORE_FAILURES, program)
 
     def restore_memory_complete(self, program: str, seconds: float) -> None:
-        self._restore_memory.labels(program=program).observe(seconds)
+        self._series.observe(RESTORE_MEMORY_COMPLETE, seconds, program)
 
     def upload_succeeded(self, program: str, duration_seconds: float) -> None:
-        self._uploads.labels(program=program).inc()
-        self._upload_duration.labels(program=program).observe(duration_seconds)
+        self._series.inc(UPLOADS, program)
+        self._series.observe(UPLOAD_DURATION, duration_seconds, program)
 
     def upload_failed(self, program: str) -> None:
-        self._upload_failures.labels(program=program).inc()
+        self._series.inc(UPLOAD_FAILURES, program)
 
     def upload_queue_changed(self, length: int) -> None:
         self._upload_queue.set(length)
 
     def remote_images_seen(self, program: str, count: int) -> None:
-        self._remote_images.labels(program=program).set(count)
+        self._series.set(REMOTE_IMAGES, count, program)
 
     def download_succeeded(self, program: str, duration_seconds: float) -> None:
-        self._downloads.labels(program=program).inc()
-        self._download_duration.labels(program=program).observe(duration_seconds)
+        self._series.inc(DOWNLOADS, program)
+        self._series.observe(DOWNLOAD_DURATION, duration_seconds, program)
 
     def download_failed(self, program: str) -> None:
-        self._download_failures.labels(program=program).inc()
+        self._series.inc(DOWNLOAD_FAILURES, program)
 
     def render(self) -> bytes:
         """The text exposition format (0.0.4). Reads the image store: call it off the loop."""
         return generate_latest(self.registry)
-
-    def _count_trigger(self, program: str, trigger: str) -> None:
-        self._triggers.setdefault(program, set()).add(trigger)
