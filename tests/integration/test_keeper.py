@@ -312,6 +312,7 @@ def test_keeper_refuses_a_connection_from_another_uid(keeper: Keeper) -> None:
             capture_output=True,
             text=True,
             timeout=30,
+            check=False,
         )
         assert (refused.returncode, refused.stdout) == (0, "refused\n"), refused.stderr
         with keeper.raw_connection() as conn:
