@@ -54,6 +54,7 @@ OLDEST_KERNEL_FOR_CRIU = (3, 11)
 PRIVILEGE_ADVICE = "run grenadine-sv as root with full capabilities (e.g. a privileged container)"
 # Where CRIU run as root caches its kernel probes (criu.kdat), only when it is a tmpfs.
 CRIU_CACHE_DIR = Path("/run")
+CRIU_CACHE_NAME = "criu.kdat"
 
 # Runs in a child: new PID + mount namespaces, / made private, a fresh proc mounted by PID 1.
 # That is what the sandbox does before it starts a program.
@@ -272,24 +273,29 @@ def check_lazy_restore(criu: CriuFound | None) -> CheckResult:
     return CheckResult(name, Status.WARN, "not supported (no uffd-noncoop)", unavailable)
 
 
-def check_criu_cache(mounts_file: Path = Path("/proc/self/mounts")) -> CheckResult:
+def check_criu_cache(
+    mounts_file: Path = Path("/proc/self/mounts"), cache_dir: Path = CRIU_CACHE_DIR
+) -> CheckResult:
     """CRIU (run as root) keeps what it probed of the kernel in /run/criu.kdat, and only on
-    a tmpfs; elsewhere every CRIU run probes again."""
+    a tmpfs; elsewhere every CRIU run probes again. It writes criu.kdat.tmp first (O_EXCL)
+    and renames it: one left by a CRIU killed in between keeps every later run from saving
+    the cache."""
     name = "criu kernel cache"
     try:
-        fs_type = filesystem_type_of(str(CRIU_CACHE_DIR), mounts_file.read_text())
+        fs_type = filesystem_type_of(str(cache_dir), mounts_file.read_text())
     except OSError as exc:
         return CheckResult(name, Status.WARN, f"cannot read {mounts_file}: {exc.strerror}", "")
-    if fs_type == "tmpfs":
-        return CheckResult(name, Status.OK, f"{CRIU_CACHE_DIR} is a tmpfs", "")
-    advice = (
-        "every CRIU run (dump, restore, lazy-pages) probes the kernel again, tens of ms each"
-        f" (more on a loaded host): mount a tmpfs on {CRIU_CACHE_DIR}"
-    )
-    finding = (
-        f"{CRIU_CACHE_DIR} is not a tmpfs ({fs_type or 'no mount found'}): CRIU keeps no cache"
-    )
-    return CheckResult(name, Status.WARN, finding, advice)
+    slower = "every CRIU run (dump, restore, lazy-pages) probes the kernel again, tens of ms each"
+    if fs_type != "tmpfs":
+        finding = f"{cache_dir} is not a tmpfs ({fs_type or 'no mount found'}): CRIU keeps no cache"
+        advice = f"{slower} (more on a loaded host): mount a tmpfs on {cache_dir}"
+        return CheckResult(name, Status.WARN, finding, advice)
+    cache, left = cache_dir / CRIU_CACHE_NAME, cache_dir / f"{CRIU_CACHE_NAME}.tmp"
+    if not cache.exists() and left.exists():
+        finding = f"{left} was left by a CRIU run stopped while it saved the cache"
+        advice = f"no CRIU run can save it until that file is gone, so {slower}: remove {left}"
+        return CheckResult(name, Status.WARN, finding, advice)
+    return CheckResult(name, Status.OK, f"{cache_dir} is a tmpfs", "")
 
 
 def check_init() -> CheckResult:

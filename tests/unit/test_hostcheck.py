@@ -221,5 +221,19 @@ def test_doctor_warns_when_criu_cannot_cache_its_kernel_probes(tmp_path):
     assert result.status is Status.WARN
     assert "/run is not a tmpfs (ext4)" in result.finding
     assert "mount a tmpfs on /run" in result.advice
-    mounts.write_text(SYSTEMD_MOUNTS)
-    assert check_criu_cache(mounts).status is Status.OK
+    mounts.write_text(SYSTEMD_MOUNTS.replace(" /run ", f" {tmp_path} "))
+    assert check_criu_cache(mounts, tmp_path).status is Status.OK
+
+
+def test_doctor_names_a_cache_file_left_half_written_by_a_stopped_criu(tmp_path):
+    """CRIU creates criu.kdat.tmp with O_EXCL before renaming it to criu.kdat: one that a
+    killed CRIU left makes every later run give up saving the cache."""
+    mounts = tmp_path / "mounts"
+    mounts.write_text(SYSTEMD_MOUNTS.replace(" /run ", f" {tmp_path} "))
+    (tmp_path / "criu.kdat.tmp").write_bytes(b"half")
+    result = check_criu_cache(mounts, tmp_path)
+    assert result.status is Status.WARN
+    assert f"{tmp_path}/criu.kdat.tmp was left" in result.finding
+    assert f"remove {tmp_path}/criu.kdat.tmp" in result.advice
+    (tmp_path / "criu.kdat").write_bytes(b"saved by a later run")
+    assert check_criu_cache(mounts, tmp_path).status is Status.OK
