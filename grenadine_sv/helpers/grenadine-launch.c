@@ -131,7 +131,7 @@ static void append_to_text(void *text, const char *bytes, size_t len)
     text_add(text, bytes, len);
 }
 
-/* JSON string as Python's json.dumps writes it (ASCII only), \b and \f as \u0008 and \u000c. */
+/* JSON string as Python's json.dumps writes it (ASCII only). */
 static void add_json_string(struct text *out, const char *string)
 {
     json_append_string(append_to_text, out, string, strlen(string));
