@@ -23,7 +23,7 @@ from grenadine_sv.control.protocol import ControlError
 def load_or_explain(args: argparse.Namespace) -> Config | None:
     """The validated configuration, or None after printing why it is not valid."""
 
-    path = config_path_of(args)
+    path = Path(config_path_of(args))
     try:
         return load_config(path)
     except ConfigError as exc:
@@ -249,12 +249,13 @@ def import_supervisord(args: argparse.Namespace, out: TextIO) -> int:
     from grenadine_sv.config.supervisord import SupervisordConfigError, import_supervisord
 
     try:
-        imported = import_supervisord(args.file)
+        imported = import_supervisord(Path(args.file))
     except SupervisordConfigError as exc:
         print(f"grenadine-sv: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    main_file = args.output / "grenadine.toml"
-    conf_d = args.output / "conf.d"
+    output = Path(args.output)
+    main_file = output / "grenadine.toml"
+    conf_d = output / "conf.d"
     targets = [main_file, *(conf_d / f"{name}.toml" for name in imported.programs)]
     existing = [str(path) for path in targets if path.exists()]
     if existing and not args.force:

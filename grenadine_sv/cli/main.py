@@ -8,7 +8,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from functools import partial
 from typing import Any, NoReturn, Protocol, TextIO
 
 from grenadine_sv import __version__
@@ -55,6 +55,19 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def help_width() -> int:
+    """The width argparse gives its help (the terminal's, less 2), found as it does but without
+    importing shutil for it, which every command would pay for."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return columns - 2
+
+
 def count(text: str) -> int:
     """A whole number of 0 or more, for options such as --keep and -n."""
     try:
@@ -97,19 +110,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; with `only`, the subcommand of that name alone (or all of them
     if no command has that name). Every command answers a little sooner when argparse builds
     its own subparser alone: the full set takes longer than the request to the supervisor."""
+    width = help_width()
     parser = Parser(
         prog="grenadine-sv",
         description="Supervise daemons in namespace sandboxes; "
         "checkpoint and restore them with CRIU.",
         epilog="exit codes: 0 ok, 1 failed, 2 bad usage or invalid configuration, "
         "3 no supervisor running",
+        formatter_class=partial(argparse.HelpFormatter, width=width),
     )
     config_help = "configuration file (TOML); accepted before or after the command"
-    parser.add_argument("-c", "--config", type=Path, help=config_help)
+    parser.add_argument("-c", "--config", help=config_help)
     parser.add_argument("--version", action="version", version=f"grenadine-sv {__version__}")
-    # -c after the command too: SUPPRESS keeps a value given before the command.
-    anywhere = Parser(add_help=False)
-    anywhere.add_argument("-c", "--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     def add(
@@ -121,10 +133,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=help_text,
-            parents=[anywhere],
             aliases=list(aliases),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=partial(argparse.ArgumentDefaultsHelpFormatter, width=width),
         )
+        # -c after the command too: SUPPRESS keeps a value given before the command.
+        command.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
         if json_output:
             command.add_argument("--json", action="store_true", help="print JSON for scripts")
         return command
@@ -159,10 +172,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "import-supervisord",
         "translate a supervisord configuration into grenadine.toml and conf.d/*.toml",
     )
-    migrate.add_argument("file", type=Path, help="supervisord.conf (its [include] files too)")
-    migrate.add_argument(
-        "-o", "--output", type=Path, default=Path("grenadine-sv-import"), help="directory to write"
-    )
+    migrate.add_argument("file", help="supervisord.conf (its [include] files too)")
+    migrate.add_argument("-o", "--output", default="grenadine-sv-import", help="directory to write")
     migrate.add_argument("--force", action="store_true", help="overwrite files already there")
     ctl = add("ctl", "an interactive shell (readline), or run one command: ctl COMMAND ...")
     ctl.add_argument("words", nargs=argparse.REMAINDER, metavar="COMMAND")

@@ -58,17 +58,17 @@ QUIET_SECONDS = 1.0
 REFRESH_SECONDS = 0.25
 
 
-def state_dir_of(config_path: Path) -> Path:
+def state_dir_of(config_path: str) -> Path:
     """The state_dir a configuration names, read without validating the rest of it."""
     try:
-        document = tomllib.loads(config_path.read_text())
+        document = tomllib.loads(Path(config_path).read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return DEFAULT_STATE_DIR
     settings = document.get("supervisor", {})
     value = settings.get("state_dir") if isinstance(settings, dict) else None
     if not isinstance(value, str) or not value:
         return DEFAULT_STATE_DIR
-    return (config_path.parent / value).resolve(strict=False)
+    return (Path(config_path).parent / value).resolve(strict=False)
 
 
 def watched_programs(images: Path, programs: list[str]) -> list[str]:

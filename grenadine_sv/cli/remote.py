@@ -12,7 +12,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from grenadine_sv.cli.config_path import config_path_of
@@ -104,7 +103,8 @@ def shutdown(args: argparse.Namespace, out: TextIO) -> int:
 def process_exists(pid: int) -> bool:
     """True while `pid` names a process that has not been reaped (a zombie does not count)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with open(f"/proc/{pid}/stat") as stat_file:
+            stat = stat_file.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
@@ -121,7 +121,7 @@ def checkpoint(args: argparse.Namespace, out: TextIO) -> int:
     return request_and_print(args, out)
 
 
-def socket_path_of(args: argparse.Namespace) -> Path | None:
+def socket_path_of(args: argparse.Namespace) -> str | os.PathLike[str] | None:
     """Only the socket's path is read from the configuration: the running supervisor has its
     own, validated copy, and a file being edited does not lock the user out."""
     socket_path = control_socket_of(config_path_of(args))
@@ -131,7 +131,7 @@ def socket_path_of(args: argparse.Namespace) -> Path | None:
         config = load_or_explain(args)
         if config is None:
             return None
-        socket_path = config.supervisor.control_socket
+        return config.supervisor.control_socket
     return socket_path
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import tomllib
-from pathlib import Path
 from typing import Any
 
 from grenadine_sv.control.protocol import (
@@ -18,12 +17,13 @@ from grenadine_sv.control.protocol import (
 )
 
 
-def control_socket_of(config_path: Path) -> Path | None:
+def control_socket_of(config_path: str | os.PathLike[str]) -> str | None:
     """The control socket a configuration names, read without validating the rest of it
     (only the main file can set it); None when the file cannot tell (then the full
     validation explains why)."""
     try:
-        document = tomllib.loads(config_path.read_text())
+        with open(config_path, "rb") as config_file:
+            document = tomllib.load(config_file)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     settings = document.get("supervisor", {})
@@ -32,10 +32,12 @@ def control_socket_of(config_path: Path) -> Path | None:
         return DEFAULT_CONTROL_SOCKET
     if not isinstance(value, str) or not value:
         return None
-    return (config_path.parent / value).resolve(strict=False)
+    return os.path.realpath(os.path.join(os.path.dirname(os.fspath(config_path)), value))
 
 
-def request(path: Path, command: str, args: dict[str, Any], timeout: float = 120.0) -> Any:
+def request(
+    path: str | os.PathLike[str], command: str, args: dict[str, Any], timeout: float = 120.0
+) -> Any:
     """Send one request to the running supervisor (blocking client for the CLI)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)

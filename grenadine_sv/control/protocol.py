@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
-DEFAULT_CONTROL_SOCKET = Path("/run/grenadine-sv.sock")
+# A string, not a Path: the command line does without pathlib (its import is a few ms of
+# every command).
+DEFAULT_CONTROL_SOCKET = "/run/grenadine-sv.sock"
 MAX_LINE_BYTES = 1 << 20
 
 
@@ -57,7 +58,7 @@ def decode_request(line: bytes) -> tuple[str, dict[str, Any]]:
     return command, args
 
 
-def socket_is_live(path: Path) -> bool:
+def socket_is_live(path: str | os.PathLike[str]) -> bool:
     """True when something accepts connections on the Unix socket at `path`."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
