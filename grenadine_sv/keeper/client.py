@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ class StdioKeeper:
         self._conn = conn
         self._process = process
         self._lock = threading.Lock()
+        # False once the keeper refused a keep of several keys (a keeper from before those).
+        self._keeps_several = True
 
     @property
     def pid(self) -> int | None:
@@ -110,9 +113,36 @@ class StdioKeeper:
         return cls(conn, process)
 
     def keep(self, program: str, stream: str, read_fd: int) -> str:
-        key = pipe_key(program, stream, read_fd)
-        self._request({"op": "keep", "key": key}, read_fd)
-        return key
+        return self.keep_all(program, ((stream, read_fd),))[0]
+
+    def keep_all(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+        """`keep` each (stream, read_fd) of `pipes` in one request: all of them are held,
+        or (KeeperError) none."""
+        keys = tuple(pipe_key(program, stream, read_fd) for stream, read_fd in pipes)
+        fds = tuple(read_fd for _stream, read_fd in pipes)
+        if self._keeps_several:
+            try:
+                self._request({"op": "keep", "keys": list(keys)}, fds)
+            except KeeperError as exc:
+                if not str(exc).startswith("bad request"):
+                    raise
+                self._keeps_several = False
+            else:
+                return keys
+        self._keep_one_by_one(keys, fds)
+        return keys
+
+    def _keep_one_by_one(self, keys: tuple[str, ...], fds: tuple[int, ...]) -> None:
+        kept: list[str] = []
+        try:
+            for key, read_fd in zip(keys, fds, strict=True):
+                self._request({"op": "keep", "key": key}, (read_fd,))
+                kept.append(key)
+        except KeeperError:
+            for key in kept:
+                with contextlib.suppress(KeeperError):
+                    self.drop(key)
+            raise
 
     def drop(self, key: str) -> None:
         self._request({"op": "drop", "key": key})
@@ -141,15 +171,15 @@ class StdioKeeper:
                 self._process.wait()
 
     def _request(
-        self, request: dict[str, Any], fd: int | None = None
+        self, request: dict[str, Any], fds_sent: Sequence[int] = ()
     ) -> tuple[dict[str, Any], int | None]:
         message = json.dumps(request).encode()
         with self._lock:
             try:
-                if fd is None:
+                if not fds_sent:
                     self._conn.sendmsg([message])
                 else:
-                    rights = array.array("i", [fd])
+                    rights = array.array("i", fds_sent)
                     self._conn.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
                 fds = array.array("i")
                 data, ancillary, flags, _address = self._conn.recvmsg(

@@ -5,7 +5,7 @@ process, its output, what runs beside it), and for one restored from an image, w
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,13 +36,17 @@ class RunnerContext:
 
     def keep_pipe(self, program: str, stream: str, read_fd: int) -> str | None:
         """Hand a copy of an output pipe's read end to the stdio keeper; its key, or None."""
+        return next(iter(self.keep_pipes(program, ((stream, read_fd),))), None)
+
+    def keep_pipes(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+        """`keep_pipe` for each (stream, read_fd) at once: the keys of all, or none."""
         if self.keeper is None:
-            return None
+            return ()
         try:
-            return self.keeper.keep(program, stream, read_fd)
+            return self.keeper.keep_all(program, pipes)
         except KeeperError as exc:
             structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
-            return None
+            return ()
 
     def release_pipes(self, keys: tuple[str, ...]) -> None:
         if self.keeper is None:
