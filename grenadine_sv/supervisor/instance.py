@@ -36,14 +36,20 @@ class RunnerContext:
 
     def keep_pipe(self, program: str, stream: str, read_fd: int) -> str | None:
         """Hand a copy of an output pipe's read end to the stdio keeper; its key, or None."""
-        return next(iter(self.keep_pipes(program, ((stream, read_fd),))), None)
+        if self.keeper is None:
+            return None
+        try:
+            return self.keeper.keep(program, stream, read_fd)
+        except KeeperError as exc:
+            structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
+            return None
 
-    def keep_pipes(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+    async def keep_pipes(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
         """`keep_pipe` for each (stream, read_fd) at once: the keys of all, or none."""
         if self.keeper is None:
             return ()
         try:
-            return self.keeper.keep_all(program, pipes)
+            return await self.keeper.keep_all_async(program, pipes)
         except KeeperError as exc:
             structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
             return ()
