@@ -486,8 +486,8 @@ static bool parse_keys(struct parser *parser, struct request *request)
     return ok;
 }
 
-/* An object; with `request`, its "op" and "key" are kept (the last of duplicates wins, as
- * in Python's json) and other members are skipped. */
+/* An object; with `request`, its "op", "key" and "keys" are kept (the last of duplicates
+ * wins, as in Python's json) and other members are skipped. */
 static bool parse_object(struct parser *parser, struct request *request)
 {
     parser->at++;
@@ -708,7 +708,7 @@ static void keep_listed(struct request *request, struct fds *fds, struct table *
 }
 
 /* Answer `request` into `output`; the fd a `take` sends back goes to *reply_fd, and a `keep`
- * takes its fd out of `fds`. */
+ * takes its fds out of `fds`. */
 static enum outcome answer(struct request *request, struct fds *fds, struct table *table,
                            struct output *output, int *reply_fd)
 {
