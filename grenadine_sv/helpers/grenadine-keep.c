@@ -10,6 +10,8 @@
  *
  * One request per message (a JSON object), one reply per request; fds travel with SCM_RIGHTS:
  *   {"op": "keep", "key": K} + fd   hold a copy of fd under K
+ *   {"op": "keep", "keys": [K, ...]} + one fd per key, in order: hold each (all or, out of
+ *                                   memory, none); "keys" wins over "key"
  *   {"op": "take", "key": K}        reply carries a copy of the fd held under K
  *   {"op": "drop", "key": K}        close and forget K
  *   {"op": "list"}                  {"keys": [...]}, sorted
@@ -81,8 +83,11 @@ struct parser {
 };
 
 struct request {
-    bool op_is_string, key_is_string;
+    bool op_is_string, key_is_string, keys_is_list;
     struct slice op, key;
+    /* "keys", when a list of strings: its first MAX_FDS_PER_MESSAGE, and how many it has. */
+    struct slice keys[MAX_FDS_PER_MESSAGE];
+    size_t key_count;
 };
 
 struct output {
@@ -122,11 +127,14 @@ static size_t table_find(const struct table *table, struct slice key, bool *foun
     return low;
 }
 
-static bool table_grow(struct table *table)
+/* Room for `more` entries besides those held. */
+static bool table_reserve(struct table *table, size_t more)
 {
-    if (table->count < table->capacity)
+    if (table->capacity - table->count >= more)
         return true;
-    size_t capacity = table->capacity ? table->capacity * 2 : 64;
+    size_t capacity = table->capacity ? table->capacity : 64;
+    while (capacity - table->count < more)
+        capacity *= 2;
     struct entry **entries = realloc(table->entries, capacity * sizeof *entries);
     if (entries == NULL)
         return false;
@@ -135,28 +143,53 @@ static bool table_grow(struct table *table)
     return true;
 }
 
-/* Hold `fd` under `key`, closing what was held under it before. False when out of memory. */
-static bool table_keep(struct table *table, struct slice key, int fd)
+static struct entry *new_entry(struct slice key)
+{
+    struct entry *entry = malloc(sizeof *entry + key.length);
+    if (entry != NULL) {
+        entry->length = key.length;
+        memcpy(entry->key, key.data, key.length);
+    }
+    return entry;
+}
+
+/* Hold `fd` under the key of `entry` (the table has room for it), closing what was held under
+ * that key before. */
+static void table_insert(struct table *table, struct entry *entry, int fd)
 {
     bool found;
-    size_t at = table_find(table, key, &found);
+    size_t at = table_find(table, (struct slice){entry->key, entry->length}, &found);
     if (found) {
+        free(entry);
         close(table->entries[at]->fd);
         table->entries[at]->fd = fd;
-        return true;
-    }
-    struct entry *entry = malloc(sizeof *entry + key.length);
-    if (entry == NULL || !table_grow(table)) {
-        free(entry);
-        return false;
+        return;
     }
     entry->fd = fd;
-    entry->length = key.length;
-    memcpy(entry->key, key.data, key.length);
     memmove(&table->entries[at + 1], &table->entries[at],
             (table->count - at) * sizeof *table->entries);
     table->entries[at] = entry;
     table->count++;
+}
+
+/* Hold each of `fds` under the key at the same place in `keys`, and take them out of `fds`:
+ * all of them, or none when out of memory (false). */
+static bool table_keep_all(struct table *table, const struct slice *keys, struct fds *fds)
+{
+    struct entry *fresh[MAX_FDS_PER_MESSAGE];
+    if (!table_reserve(table, fds->count))
+        return false;
+    for (size_t i = 0; i < fds->count; i++) {
+        fresh[i] = new_entry(keys[i]);
+        if (fresh[i] == NULL) {
+            while (i > 0)
+                free(fresh[--i]);
+            return false;
+        }
+    }
+    for (size_t i = 0; i < fds->count; i++)
+        table_insert(table, fresh[i], fds->fd[i]);
+    fds->count = 0;
     return true;
 }
 
@@ -424,8 +457,37 @@ static bool is_name(struct slice name, const char *wanted)
     return name.length == strlen(wanted) && memcmp(name.data, wanted, name.length) == 0;
 }
 
-/* An object; with `request`, its "op" and "key" are kept (the last of duplicates wins, as
- * in Python's json) and other members are skipped. */
+/* The "keys" member: request->keys_is_list says whether it was a list of strings only. */
+static bool parse_keys(struct parser *parser, struct request *request)
+{
+    request->keys_is_list = next_is(parser, '[');
+    request->key_count = 0;
+    if (!request->keys_is_list)
+        return parse_value(parser);
+    if (++parser->depth > MAX_NESTING)
+        return fail(parser, "nested too deep");
+    parser->at++;
+    bool ok = true;
+    if (!consume(parser, ']')) {
+        do {
+            struct slice key;
+            if (!next_is(parser, '"')) {
+                request->keys_is_list = false;
+                ok = parse_value(parser);
+            } else if ((ok = parse_string(parser, &key))) {
+                if (request->key_count < MAX_FDS_PER_MESSAGE)
+                    request->keys[request->key_count] = key;
+                request->key_count++;
+            }
+        } while (ok && consume(parser, ','));
+        ok = ok && expect(parser, ']', "expected ',' or ']'");
+    }
+    parser->depth--;
+    return ok;
+}
+
+/* An object; with `request`, its "op", "key" and "keys" are kept (the last of duplicates
+ * wins, as in Python's json) and other members are skipped. */
 static bool parse_object(struct parser *parser, struct request *request)
 {
     parser->at++;
@@ -441,6 +503,8 @@ static bool parse_object(struct parser *parser, struct request *request)
             ok = parse_member(parser, &request->op, &request->op_is_string);
         else if (request != NULL && is_name(name, "key"))
             ok = parse_member(parser, &request->key, &request->key_is_string);
+        else if (request != NULL && is_name(name, "keys"))
+            ok = parse_keys(parser, request);
         else
             ok = parse_member(parser, &ignored, &ignored_is_string);
         if (!ok)
@@ -628,8 +692,23 @@ static ssize_t receive(int conn, char *buffer, struct fds *fds, int *flags)
 
 enum outcome { SERVE_ON, SUPERVISOR_GONE, QUIT };
 
+/* A keep of "keys" (else of "key"): one fd per key. */
+static void keep_listed(struct request *request, struct fds *fds, struct table *table,
+                        struct output *output)
+{
+    bool listed = request->keys_is_list;
+    const struct slice *keys = listed ? request->keys : &request->key;
+    size_t count = listed ? request->key_count : 1;
+    if (fds->count != count)
+        put_error(output, listed ? "keep needs one fd per key" : "keep needs exactly one fd");
+    else if (!table_keep_all(table, keys, fds))
+        put_failure(output, "out of memory");
+    else
+        put_text(output, "{\"ok\": true}");
+}
+
 /* Answer `request` into `output`; the fd a `take` sends back goes to *reply_fd, and a `keep`
- * takes its fd out of `fds`. */
+ * takes its fds out of `fds`. */
 static enum outcome answer(struct request *request, struct fds *fds, struct table *table,
                            struct output *output, int *reply_fd)
 {
@@ -637,11 +716,9 @@ static enum outcome answer(struct request *request, struct fds *fds, struct tabl
     bool keyed = request->key_is_string;
     bool found = false;
     size_t at = keyed ? table_find(table, request->key, &found) : 0;
-    if (is_name(op, "keep") && keyed && fds->count == 1) {
-        if (!table_keep(table, request->key, fds->fd[0]))
-            return put_failure(output, "out of memory"), SERVE_ON;
-        fds->count = 0;
-        put_text(output, "{\"ok\": true}");
+    bool listed = request->keys_is_list;
+    if (is_name(op, "keep") && (listed || keyed)) {
+        keep_listed(request, fds, table, output);
     } else if (is_name(op, "take") && found) {
         *reply_fd = table->entries[at]->fd;
         put_text(output, "{\"ok\": true}");
@@ -653,8 +730,6 @@ static enum outcome answer(struct request *request, struct fds *fds, struct tabl
     } else if (is_name(op, "quit")) {
         put_text(output, "{\"ok\": true}");
         return QUIT;
-    } else if (is_name(op, "keep") && keyed) {
-        put_error(output, "keep needs exactly one fd");
     } else if (is_name(op, "take") && keyed) {
         put_error(output, "no such key");
     } else if (is_name(op, "keep") || is_name(op, "take") || is_name(op, "drop")) {

@@ -11,10 +11,12 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import structlog
+import trio
 
 from grenadine_sv.helpers import HelperMissing, helper_path
 
@@ -48,14 +50,26 @@ def key_stream(key: str) -> str:
     return key.split("/")[1]
 
 
+def _keys_and_fds(
+    program: str, pipes: Sequence[tuple[str, int]]
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    keys = tuple(pipe_key(program, stream, read_fd) for stream, read_fd in pipes)
+    return keys, tuple(read_fd for _stream, read_fd in pipes)
+
+
 class StdioKeeper:
     """A connection to the keeper process of one state_dir. Thread-safe: a restore deposits
-    its pipes from a worker thread."""
+    its pipes from a worker thread, while the event loop's requests (`keep_all_async`) await
+    their answers."""
 
     def __init__(self, conn: socket.socket, process: subprocess.Popen[bytes] | None) -> None:
         self._conn = conn
         self._process = process
         self._lock = threading.Lock()
+        # Taken before _lock by the event loop's requests, which wait for it without blocking.
+        self._loop_lock = trio.Lock()
+        # False once the keeper refused a keep of several keys (a keeper from before those).
+        self._keeps_several = True
 
     @property
     def pid(self) -> int | None:
@@ -110,9 +124,54 @@ class StdioKeeper:
         return cls(conn, process)
 
     def keep(self, program: str, stream: str, read_fd: int) -> str:
-        key = pipe_key(program, stream, read_fd)
-        self._request({"op": "keep", "key": key}, read_fd)
-        return key
+        return self.keep_all(program, ((stream, read_fd),))[0]
+
+    def keep_all(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+        """`keep` each (stream, read_fd) of `pipes` in one request: all of them are held,
+        or (KeeperError) none."""
+        keys, fds = _keys_and_fds(program, pipes)
+        if self._keeps_several:
+            try:
+                self._request({"op": "keep", "keys": list(keys)}, fds)
+            except KeeperError as exc:
+                self._unless_refused_as_old(exc)
+            else:
+                return keys
+        self._keep_one_by_one(keys, fds)
+        return keys
+
+    async def keep_all_async(
+        self, program: str, pipes: Sequence[tuple[str, int]]
+    ) -> tuple[str, ...]:
+        """`keep_all` that lets the event loop run while the keeper answers."""
+        keys, fds = _keys_and_fds(program, pipes)
+        if self._keeps_several:
+            try:
+                await self._request_async({"op": "keep", "keys": list(keys)}, fds)
+            except KeeperError as exc:
+                self._unless_refused_as_old(exc)
+            else:
+                return keys
+        return await trio.to_thread.run_sync(self.keep_all, program, pipes)
+
+    def _unless_refused_as_old(self, exc: KeeperError) -> None:
+        """Re-raise `exc` unless it is how a keeper from before "keys" refuses them; remember
+        that it is one."""
+        if not str(exc).startswith("bad request"):
+            raise exc
+        self._keeps_several = False
+
+    def _keep_one_by_one(self, keys: tuple[str, ...], fds: tuple[int, ...]) -> None:
+        kept: list[str] = []
+        try:
+            for key, read_fd in zip(keys, fds, strict=True):
+                self._request({"op": "keep", "key": key}, (read_fd,))
+                kept.append(key)
+        except KeeperError:
+            for key in kept:
+                with contextlib.suppress(KeeperError):
+                    self.drop(key)
+            raise
 
     def drop(self, key: str) -> None:
         self._request({"op": "drop", "key": key})
@@ -141,22 +200,48 @@ class StdioKeeper:
                 self._process.wait()
 
     def _request(
-        self, request: dict[str, Any], fd: int | None = None
+        self, request: dict[str, Any], fds_sent: Sequence[int] = ()
     ) -> tuple[dict[str, Any], int | None]:
-        message = json.dumps(request).encode()
         with self._lock:
+            self._send(request, fds_sent)
+            return self._receive()
+
+    async def _request_async(
+        self, request: dict[str, Any], fds_sent: Sequence[int] = ()
+    ) -> tuple[dict[str, Any], int | None]:
+        """`_request` that lets the event loop run while the keeper answers (in a worker
+        thread while one of those has a request under way)."""
+        async with self._loop_lock:
+            if not self._lock.acquire(blocking=False):
+                return await trio.to_thread.run_sync(self._request, request, fds_sent)
             try:
-                if fd is None:
-                    self._conn.sendmsg([message])
-                else:
-                    rights = array.array("i", [fd])
-                    self._conn.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
-                fds = array.array("i")
-                data, ancillary, flags, _address = self._conn.recvmsg(
-                    MAX_REPLY, socket.CMSG_SPACE(fds.itemsize)
-                )
-            except OSError as exc:
-                raise KeeperError(f"stdio keeper unreachable: {exc}") from exc
+                self._send(request, fds_sent)
+                # Its reply must be read even if cancelled, or the next request would read it.
+                with trio.CancelScope(shield=True):
+                    await trio.lowlevel.wait_readable(self._conn)
+                return self._receive()
+            finally:
+                self._lock.release()
+
+    def _send(self, request: dict[str, Any], fds_sent: Sequence[int]) -> None:
+        message = json.dumps(request).encode()
+        try:
+            if not fds_sent:
+                self._conn.sendmsg([message])
+            else:
+                rights = array.array("i", fds_sent)
+                self._conn.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        except OSError as exc:
+            raise KeeperError(f"stdio keeper unreachable: {exc}") from exc
+
+    def _receive(self) -> tuple[dict[str, Any], int | None]:
+        fds = array.array("i")
+        try:
+            data, ancillary, flags, _address = self._conn.recvmsg(
+                MAX_REPLY, socket.CMSG_SPACE(fds.itemsize)
+            )
+        except OSError as exc:
+            raise KeeperError(f"stdio keeper unreachable: {exc}") from exc
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])

@@ -9,10 +9,11 @@ executable is there must not start as if nothing were wrong.
 
 from __future__ import annotations
 
-import functools
 import os
 import posixpath
 import re
+import select
+import threading
 from collections.abc import Iterable
 
 from grenadine_sv.sandbox.mounts import CGROUP_ROOT, DEFAULT_PATH, HOST_MOUNTS
@@ -24,9 +25,6 @@ LAUNCHER_MOUNTS = ("/proc", CGROUP_ROOT)
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
-# The host's mounts change rarely: each launch reads them again, and parses them only if they
-# did (50 programs at once: one parse, not 50).
-@functools.lru_cache(maxsize=1)
 def mount_points(mountinfo: str) -> tuple[str, ...]:
     """The mount points listed in a /proc/PID/mountinfo text."""
     points = []
@@ -100,13 +98,67 @@ def hidden_from_sandbox(
     return None
 
 
+# How an open mountinfo file reads as polled after a change to its namespace's mounts.
+CHANGED = select.POLLPRI | select.POLLERR
+
+
+class MountTable:
+    """The mount points of `path` (a /proc/PID/mountinfo), read again only once they changed.
+
+    The kernel marks an open mountinfo file POLLPRI | POLLERR after each change to its mount
+    namespace's mounts, until it is polled; it is polled before each read, so a change made
+    during a read is seen at the next call, never missed (50 programs at once: one read, not
+    50)."""
+
+    def __init__(self, path: str = MOUNTINFO) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._watched: int | None = None
+        self._watch = select.poll()
+        self._points: tuple[str, ...] = ()
+
+    def points(self) -> tuple[str, ...]:
+        """The mount points (none when they cannot be read: nothing is then hidden)."""
+        with self._lock:
+            try:
+                if self._watched is None:
+                    self._start_watching()
+                elif self._changed():
+                    self._points = self._read()
+            except OSError:
+                self._stop_watching()  # read afresh next time
+                return ()
+            return self._points
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop_watching()
+
+    def _start_watching(self) -> None:
+        self._watched = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        self._watch.register(self._watched, select.POLLPRI)
+        self._points = self._read()
+
+    def _stop_watching(self) -> None:
+        if self._watched is not None:
+            self._watch.unregister(self._watched)
+            os.close(self._watched)
+            self._watched = None
+
+    def _changed(self) -> bool:
+        return any(events & CHANGED for _fd, events in self._watch.poll(0))
+
+    def _read(self) -> tuple[str, ...]:
+        with open(self._path) as mountinfo:
+            return mount_points(mountinfo.read())
+
+
+_host_mounts = MountTable()
+
+
 def host_mount_points() -> tuple[str, ...]:
     """This host's mount points (none when they cannot be read: nothing is then hidden)."""
-    try:
-        with open(MOUNTINFO) as mountinfo:
-            return mount_points(mountinfo.read())
-    except OSError:
-        return ()
+    return _host_mounts.points()
 
 
 def spec_hidden_from_sandbox(spec: SandboxSpec) -> str | None:

@@ -73,17 +73,12 @@ async def launch_cold(runner: ColdStartable) -> LaunchedInstance:
     spec = sandbox_spec(runner.config, runner.context.root_anchor, runner.cgroup, tmp)
     stdout_fd, stdout_stream = open_output_pipe()
     stderr_fd, stderr_stream = open_output_pipe()
-    context, name = runner.context, runner.name
-    held = tuple(
-        key
-        for key in (
-            context.keep_pipe(name, "stdout", stdout_stream.fileno()),
-            context.keep_pipe(name, "stderr", stderr_stream.fileno()),
-        )
-        if key is not None
-    )
+    context = runner.context
+    pipes = (("stdout", stdout_stream.fileno()), ("stderr", stderr_stream.fileno()))
+    held: tuple[str, ...] = ()
     try:
-        process = await spawn_sandbox(spec, stdout_fd, stderr_fd, runner.context.sandbox_server)
+        held = await context.keep_pipes(runner.name, pipes)
+        process = await spawn_sandbox(spec, stdout_fd, stderr_fd, context.sandbox_server)
     except BaseException:
         context.release_pipes(held)
         await stdout_stream.aclose()

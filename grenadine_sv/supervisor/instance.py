@@ -5,7 +5,7 @@ process, its output, what runs beside it), and for one restored from an image, w
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,6 +43,16 @@ class RunnerContext:
         except KeeperError as exc:
             structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
             return None
+
+    async def keep_pipes(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+        """`keep_pipe` for each (stream, read_fd) at once: the keys of all, or none."""
+        if self.keeper is None:
+            return ()
+        try:
+            return await self.keeper.keep_all_async(program, pipes)
+        except KeeperError as exc:
+            structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
+            return ()
 
     def release_pipes(self, keys: tuple[str, ...]) -> None:
         if self.keeper is None:

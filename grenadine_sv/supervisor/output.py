@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import os
 import stat
@@ -302,14 +303,20 @@ def _make_directories(directory: Path) -> None:
         each.mkdir(mode=DIRECTORY_MODE, exist_ok=True)
 
 
-def enlarge_pipe(fd: int) -> None:
-    """Give the pipe room for OUTPUT_PIPE_BYTES (or the host's pipe-max-size, if lower)."""
+@functools.cache
+def output_pipe_size() -> int:
+    """OUTPUT_PIPE_BYTES, or the host's pipe-max-size if lower (read once)."""
     try:
         limit = int(PIPE_MAX_SIZE.read_text())
     except (OSError, ValueError):
         limit = OUTPUT_PIPE_BYTES
+    return min(OUTPUT_PIPE_BYTES, limit)
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Give the pipe room for `output_pipe_size()` bytes."""
     with contextlib.suppress(OSError):  # too many pipe pages for this user: keep the default
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(OUTPUT_PIPE_BYTES, limit))
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, output_pipe_size())
 
 
 def open_output_pipe() -> tuple[int, trio.lowlevel.FdStream]:

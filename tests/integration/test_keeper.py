@@ -189,6 +189,11 @@ def test_a_keeper_not_built_is_a_keeper_error(
         b'{"op": "take", "key": "missing"}',
         b'{"op": "take", "key": ["a"]}',
         b'{"op": "keep", "key": "a"}',
+        b'{"op": "keep", "keys": ["a"]}',
+        b'{"op": "keep", "keys": ["a", 1]}',
+        b'{"op": "keep", "keys": "a"}',
+        b'{"op": "keep", "keys": [' + b"[" * 5000 + b"]" * 5000 + b"]}",
+        b'{"op": "keep", "keys": ["a",]}',
     ],
     ids=lambda message: repr(message[:40]),
 )
@@ -250,6 +255,39 @@ def test_keys_round_trip_through_keep_list_and_take(keeper: Keeper, ascii_only: 
         os.close(write_end)
 
 
+def test_keeper_holds_several_pipes_kept_in_one_request(keeper: Keeper) -> None:
+    pipes = [os.pipe() for _ in range(3)]
+    keys = ["b/stderr/1", "a/stdout/2", "b/stderr/1"]  # the last of a key twice is held
+    with keeper.raw_connection() as conn:
+        keep = json.dumps({"op": "keep", "keys": keys, "key": "ignored"}).encode()
+        assert ask(conn, keep, [read_end for read_end, _write_end in pipes]) == ({"ok": True}, [])
+        assert ask(conn, encode("list")) == ({"ok": True, "keys": sorted(set(keys))}, [])
+        for key, (read_end, _write_end) in zip(keys[1:], pipes[1:], strict=True):
+            answer, fds = ask(conn, encode("take", key))
+            assert answer == {"ok": True}
+            assert [os.fstat(fd).st_ino for fd in fds] == [os.fstat(read_end).st_ino]
+            os.close(fds[0])
+    for fd in (fd for pipe in pipes for fd in pipe):
+        os.close(fd)
+
+
+def test_the_client_keeps_a_programs_pipes_in_one_request(keeper: Keeper) -> None:
+    supervisor = keeper.connect()
+    (out_read, out_write), (err_read, err_write) = os.pipe(), os.pipe()
+    try:
+        keys = supervisor.keep_all("web", (("stdout", out_read), ("stderr", err_read)))
+        assert keys == (
+            f"web/stdout/{os.fstat(out_read).st_ino}",
+            f"web/stderr/{os.fstat(err_read).st_ino}",
+        )
+        taken = supervisor.take_all()
+    finally:
+        supervisor.close(stop_keeper=True)
+    assert sorted(taken) == sorted(keys)
+    for fd in (*taken.values(), out_read, out_write, err_read, err_write):
+        os.close(fd)
+
+
 def test_keeper_closes_every_fd_it_does_not_hold(keeper: Keeper) -> None:
     with keeper.raw_connection() as conn:
         ask(conn, encode("list"))
@@ -257,6 +295,9 @@ def test_keeper_closes_every_fd_it_does_not_hold(keeper: Keeper) -> None:
         first, second, third = os.pipe(), os.pipe(), os.pipe()
         assert ask(conn, encode("list"), [first[0]])[0]["ok"], "an fd a request did not need"
         assert not ask(conn, encode("keep", "k"), [first[0], second[0]])[0]["ok"]
+        two_keys = json.dumps({"op": "keep", "keys": ["k", "l"]}).encode()
+        assert not ask(conn, two_keys, [first[0], second[0], third[0]])[0]["ok"]
+        assert not ask(conn, two_keys, [first[0]])[0]["ok"]
         assert not ask(conn, b"{not json", [first[0]])[0]["ok"]
         assert ask(conn, encode("drop", "k"), [first[0], second[0], third[0]])[0]["ok"]
         assert keeper.open_fds() == before

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import sys
@@ -446,3 +447,22 @@ def test_a_log_directory_replaced_since_is_walked_and_checked_again(
     assert walked == [directory] * 2, (
         "the first and the last open walk; the refused one stops sooner"
     )
+
+
+async def test_output_pipes_are_enlarged_to_the_size_read_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipe_max_size = tmp_path / "pipe-max-size"
+    pipe_max_size.write_text(f"{128 * 1024}\n")
+    monkeypatch.setattr(output_module, "PIPE_MAX_SIZE", pipe_max_size)
+    output_module.output_pipe_size.cache_clear()
+    try:
+        first = output_module.output_pipe_size()
+        pipe_max_size.write_text("1048576\n")
+        assert output_module.output_pipe_size() == first == 128 * 1024
+        write_fd, stream = open_output_pipe()
+        os.close(write_fd)
+        async with stream:
+            assert fcntl.fcntl(stream.fileno(), fcntl.F_GETPIPE_SZ) == first
+    finally:
+        output_module.output_pipe_size.cache_clear()

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from grenadine_sv.sandbox.visibility import (
+    MountTable,
     hidden_from_sandbox,
     hiding_mount,
     host_executable,
     mount_points,
 )
 
+MOUNTINFO_LINE = "22 1 254:0 / {point} rw,relatime shared:1 - ext4 /dev/vda rw\n"
 HOST = ["/", "/proc", "/sys", "/dev", "/home", "/srv", "/srv/data", "/mnt/with space"]
 
 
@@ -96,3 +98,29 @@ def test_a_symlink_into_a_hidden_mount_is_followed(tmp_path: Path) -> None:
     message = hidden(directory=str(link), host_mounts=mounts)
     assert message is not None
     assert f"the directory {target} is on the host mount {tmp_path / 'mounted'}" in message
+
+
+def test_a_mount_table_is_read_again_only_when_the_kernel_says_it_changed(
+    tmp_path: Path,
+) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO_LINE.format(point="/"))
+    table = MountTable(str(mountinfo))
+    try:
+        assert table.points() == ("/",)
+        # A plain file is never marked changed: what it says now is not read.
+        mountinfo.write_text(MOUNTINFO_LINE.format(point="/srv"))
+        assert table.points() == ("/",)
+    finally:
+        table.close()
+
+
+def test_a_mount_table_that_cannot_be_read_is_empty_and_read_again(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    table = MountTable(str(mountinfo))
+    try:
+        assert table.points() == ()
+        mountinfo.write_text(MOUNTINFO_LINE.format(point="/"))
+        assert table.points() == ("/",)
+    finally:
+        table.close()
