@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import trio
 
 from grenadine_sv.helpers import HelperMissing, helper_path
 
@@ -59,15 +58,14 @@ def _keys_and_fds(
 
 class StdioKeeper:
     """A connection to the keeper process of one state_dir. Thread-safe: a restore deposits
-    its pipes from a worker thread, while the event loop's requests (`keep_all_async`) await
-    their answers."""
+    its pipes from a worker thread. A request never holds the lock across an await: one made
+    on the event loop blocks it for a round trip, which is how the loop can never wait on a
+    lock that only itself could release."""
 
     def __init__(self, conn: socket.socket, process: subprocess.Popen[bytes] | None) -> None:
         self._conn = conn
         self._process = process
         self._lock = threading.Lock()
-        # Taken before _lock by the event loop's requests, which wait for it without blocking.
-        self._loop_lock = trio.Lock()
         # False once the keeper refused a keep of several keys (a keeper from before those).
         self._keeps_several = True
 
@@ -140,20 +138,6 @@ class StdioKeeper:
         self._keep_one_by_one(keys, fds)
         return keys
 
-    async def keep_all_async(
-        self, program: str, pipes: Sequence[tuple[str, int]]
-    ) -> tuple[str, ...]:
-        """`keep_all` that lets the event loop run while the keeper answers."""
-        keys, fds = _keys_and_fds(program, pipes)
-        if self._keeps_several:
-            try:
-                await self._request_async({"op": "keep", "keys": list(keys)}, fds)
-            except KeeperError as exc:
-                self._unless_refused_as_old(exc)
-            else:
-                return keys
-        return await trio.to_thread.run_sync(self.keep_all, program, pipes)
-
     def _unless_refused_as_old(self, exc: KeeperError) -> None:
         """Re-raise `exc` unless it is how a keeper from before "keys" refuses them; remember
         that it is one."""
@@ -205,23 +189,6 @@ class StdioKeeper:
         with self._lock:
             self._send(request, fds_sent)
             return self._receive()
-
-    async def _request_async(
-        self, request: dict[str, Any], fds_sent: Sequence[int] = ()
-    ) -> tuple[dict[str, Any], int | None]:
-        """`_request` that lets the event loop run while the keeper answers (in a worker
-        thread while one of those has a request under way)."""
-        async with self._loop_lock:
-            if not self._lock.acquire(blocking=False):
-                return await trio.to_thread.run_sync(self._request, request, fds_sent)
-            try:
-                self._send(request, fds_sent)
-                # Its reply must be read even if cancelled, or the next request would read it.
-                with trio.CancelScope(shield=True):
-                    await trio.lowlevel.wait_readable(self._conn)
-                return self._receive()
-            finally:
-                self._lock.release()
 
     def _send(self, request: dict[str, Any], fds_sent: Sequence[int]) -> None:
         message = json.dumps(request).encode()

@@ -77,7 +77,7 @@ async def launch_cold(runner: ColdStartable) -> LaunchedInstance:
     pipes = (("stdout", stdout_stream.fileno()), ("stderr", stderr_stream.fileno()))
     held: tuple[str, ...] = ()
     try:
-        held = await context.keep_pipes(runner.name, pipes)
+        held = context.keep_pipes(runner.name, pipes)
         process = await spawn_sandbox(spec, stdout_fd, stderr_fd, context.sandbox_server)
     except BaseException:
         context.release_pipes(held)

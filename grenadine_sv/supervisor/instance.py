@@ -44,12 +44,12 @@ class RunnerContext:
             structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
             return None
 
-    async def keep_pipes(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
-        """`keep_pipe` for each (stream, read_fd) at once: the keys of all, or none."""
+    def keep_pipes(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+        """`keep_pipe` for each (stream, read_fd) in one request: the keys of all, or none."""
         if self.keeper is None:
             return ()
         try:
-            return await self.keeper.keep_all_async(program, pipes)
+            return self.keeper.keep_all(program, pipes)
         except KeeperError as exc:
             structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
             return ()

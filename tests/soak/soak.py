@@ -10,6 +10,7 @@ the supervisor survived and neither its fds nor its memory grew; 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -30,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from grenadine_sv.control import client as control
 from grenadine_sv.control import protocol
+from grenadine_sv.sandbox.cgroup import ProgramCgroups
 from tests.conftest import free_port
 
 PYTHON = sys.executable
@@ -204,6 +206,7 @@ class Soak:
                 except subprocess.TimeoutExpired:
                     supervisor.kill()
                     supervisor.wait()
+                    end_what_a_killed_supervisor_left(self.root)
             stderr.close()
 
     def _drive(self, supervisor: subprocess.Popen[bytes]) -> int:
@@ -392,6 +395,26 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def end_what_a_killed_supervisor_left(root: Path) -> None:
+    """A supervisor killed (it did not stop on SIGTERM) leaves its programs and its stdio
+    keeper running, as it should for the next one to take back: the run ends them, by its
+    cgroups and by the keeper's pid in its log."""
+    cgroups = ProgramCgroups.for_state_dir(root / "state")
+    for cgroup in cgroups.existing():
+        cgroup.kill()
+    deadline = time.monotonic() + 30
+    while any(cgroup.pids() for cgroup in cgroups.existing()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    cgroups.remove_empty()
+    with contextlib.suppress(OSError, ValueError):
+        for line in (root / "logs" / "grenadine-sv.log").read_text().splitlines():
+            event = json.loads(line)
+            if event.get("event") == "stdio_keeper_started":
+                with contextlib.suppress(OSError):
+                    if b"grenadine-keep" in Path(f"/proc/{event['pid']}/cmdline").read_bytes():
+                        os.kill(event["pid"], signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,6 @@
 """The keeper client against a fake keeper: one from before `keep` took several keys (a
 supervisor upgraded while the keeper a previous one started still runs), which it asks one key
-at a time; and its requests from the event loop, which leave the loop free while the keeper
-answers, even when cancelled."""
+at a time."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import trio
 
 from grenadine_sv.keeper.client import MAX_MESSAGE, KeeperError, StdioKeeper
 
@@ -68,85 +66,6 @@ def test_an_old_keeper_is_asked_one_key_at_a_time(pipes: tuple[tuple[str, int], 
         keys[0],  # known to be old: no request with several keys again
         keys[1],
     ]
-
-
-async def test_an_old_keeper_is_asked_one_key_at_a_time_from_the_event_loop(
-    pipes: tuple[tuple[str, int], ...],
-) -> None:
-    client, seen, server = connect(old_keeper)
-    try:
-        keys = await client.keep_all_async("web", pipes)
-        assert await client.keep_all_async("web", pipes) == keys
-    finally:
-        client.close(stop_keeper=False)
-        server.join()
-    assert [request.get("keys", request.get("key")) for request in seen] == [
-        list(keys),
-        *keys,
-        *keys,
-    ]
-
-
-async def test_the_event_loop_runs_while_the_keeper_answers(
-    pipes: tuple[tuple[str, int], ...],
-) -> None:
-    answering = threading.Event()
-    ticks = 0
-
-    def slow_keeper(_request: dict[str, Any]) -> dict[str, Any]:
-        answering.wait()
-        return {"ok": True}
-
-    async def tick_until_answered() -> None:
-        nonlocal ticks
-        while True:
-            await trio.sleep(0)
-            ticks += 1
-            if ticks == 10:
-                answering.set()
-
-    client, seen, server = connect(slow_keeper)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(tick_until_answered)
-            keys = await client.keep_all_async("web", pipes)
-            nursery.cancel_scope.cancel()
-    finally:
-        answering.set()
-        client.close(stop_keeper=False)
-        server.join()
-    assert ticks >= 10
-    assert seen == [{"op": "keep", "keys": list(keys)}]
-
-
-async def test_a_request_cancelled_while_the_keeper_answers_still_reads_its_reply(
-    pipes: tuple[tuple[str, int], ...],
-) -> None:
-    received, answering = threading.Event(), threading.Event()
-
-    def keeper_answering_late(request: dict[str, Any]) -> dict[str, Any]:
-        if request["op"] == "keep":
-            received.set()
-            answering.wait()
-            return {"ok": True}
-        return {"ok": True, "keys": ["the list"]}
-
-    client, seen, server = connect(keeper_answering_late)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.keep_all_async, "web", pipes)
-            await trio.to_thread.run_sync(received.wait)
-            nursery.cancel_scope.cancel()
-            answering.set()
-        assert await client._request_async({"op": "list"}) == (
-            {"ok": True, "keys": ["the list"]},
-            None,
-        )
-    finally:
-        answering.set()
-        client.close(stop_keeper=False)
-        server.join()
-    assert [request["op"] for request in seen] == ["keep", "list"]
 
 
 def test_one_key_refused_one_at_a_time_drops_those_kept(
