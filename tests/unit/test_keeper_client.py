@@ -50,6 +50,20 @@ def connect(answer: Answer) -> tuple[StdioKeeper, list[dict[str, Any]], threadin
     return StdioKeeper(ours, None), seen, server
 
 
+def requests_of_a_refused_keep(
+    answer: Answer, pipes: tuple[tuple[str, int], ...], refusal: str
+) -> list[dict[str, Any]]:
+    """The requests a `keep_all` made of a keeper that answers with `answer` and refuses it."""
+    client, seen, server = connect(answer)
+    try:
+        with pytest.raises(KeeperError, match=refusal):
+            client.keep_all("web", pipes)
+    finally:
+        client.close(stop_keeper=False)
+        server.join()
+    return seen
+
+
 def test_an_old_keeper_is_asked_one_key_at_a_time(pipes: tuple[tuple[str, int], ...]) -> None:
     client, seen, server = connect(old_keeper)
     try:
@@ -76,13 +90,7 @@ def test_one_key_refused_one_at_a_time_drops_those_kept(
             return {"ok": False, "error": "bad request: out of luck"}
         return {"ok": True}
 
-    client, seen, server = connect(refuse_stderr)
-    try:
-        with pytest.raises(KeeperError, match="out of luck"):
-            client.keep_all("web", pipes)
-    finally:
-        client.close(stop_keeper=False)
-        server.join()
+    seen = requests_of_a_refused_keep(refuse_stderr, pipes, "out of luck")
     stdout_key = seen[1]["key"]
     assert [request["op"] for request in seen] == ["keep", "keep", "keep", "drop"]
     assert seen[-1] == {"op": "drop", "key": stdout_key}
@@ -91,11 +99,6 @@ def test_one_key_refused_one_at_a_time_drops_those_kept(
 def test_another_refusal_is_not_taken_for_an_old_keeper(
     pipes: tuple[tuple[str, int], ...],
 ) -> None:
-    client, seen, server = connect(lambda _request: {"ok": False, "error": "out of memory"})
-    try:
-        with pytest.raises(KeeperError, match="out of memory"):
-            client.keep_all("web", pipes)
-    finally:
-        client.close(stop_keeper=False)
-        server.join()
+    out_of_memory = {"ok": False, "error": "out of memory"}
+    seen = requests_of_a_refused_keep(lambda _request: out_of_memory, pipes, "out of memory")
     assert len(seen) == 1
