@@ -36,16 +36,12 @@ class RunnerContext:
 
     def keep_pipe(self, program: str, stream: str, read_fd: int) -> str | None:
         """Hand a copy of an output pipe's read end to the stdio keeper; its key, or None."""
-        if self.keeper is None:
-            return None
-        try:
-            return self.keeper.keep(program, stream, read_fd)
-        except KeeperError as exc:
-            structlog.get_logger().error("stdio_keeper_failed", program=program, error=str(exc))
-            return None
+        kept = self.keep_pipes(program, ((stream, read_fd),))
+        return kept[0] if kept else None
 
     def keep_pipes(self, program: str, pipes: Sequence[tuple[str, int]]) -> tuple[str, ...]:
-        """`keep_pipe` for each (stream, read_fd) in one request: the keys of all, or none."""
+        """`keep_pipe` for each (stream, read_fd) in one request: the keys of all, or none
+        (the keeper's failure is logged)."""
         if self.keeper is None:
             return ()
         try:
