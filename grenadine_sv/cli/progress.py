@@ -10,11 +10,12 @@ import re
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
+
+from grenadine_sv.control.client import beside_config, supervisor_settings
 
 MIB = 1024 * 1024
 # Redraw at most this often.
@@ -60,15 +61,10 @@ REFRESH_SECONDS = 0.25
 
 def state_dir_of(config_path: str) -> Path:
     """The state_dir a configuration names, read without validating the rest of it."""
-    try:
-        document = tomllib.loads(Path(config_path).read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return DEFAULT_STATE_DIR
-    settings = document.get("supervisor", {})
-    value = settings.get("state_dir") if isinstance(settings, dict) else None
+    value = (supervisor_settings(config_path) or {}).get("state_dir")
     if not isinstance(value, str) or not value:
         return DEFAULT_STATE_DIR
-    return (Path(config_path).parent / value).resolve(strict=False)
+    return Path(beside_config(config_path, value))
 
 
 def watched_programs(images: Path, programs: list[str]) -> list[str]:

@@ -17,22 +17,36 @@ from grenadine_sv.control.protocol import (
 )
 
 
-def control_socket_of(config_path: str | os.PathLike[str]) -> str | None:
-    """The control socket a configuration names, read without validating the rest of it
-    (only the main file can set it); None when the file cannot tell (then the full
-    validation explains why)."""
+def supervisor_settings(config_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The main file's [supervisor] table, read without validating anything ({} when it has
+    none); None when the file cannot be read as TOML."""
     try:
         with open(config_path, "rb") as config_file:
             document = tomllib.load(config_file)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     settings = document.get("supervisor", {})
-    value = settings.get("control_socket") if isinstance(settings, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def beside_config(config_path: str | os.PathLike[str], value: str) -> str:
+    """A path setting as the configuration means it: relative to the file's directory."""
+    return os.path.realpath(os.path.join(os.path.dirname(os.fspath(config_path)), value))
+
+
+def control_socket_of(config_path: str | os.PathLike[str]) -> str | None:
+    """The control socket a configuration names, read without validating the rest of it
+    (only the main file can set it); None when the file cannot tell (then the full
+    validation explains why)."""
+    settings = supervisor_settings(config_path)
+    if settings is None:
+        return None
+    value = settings.get("control_socket")
     if value is None:
         return DEFAULT_CONTROL_SOCKET
     if not isinstance(value, str) or not value:
         return None
-    return os.path.realpath(os.path.join(os.path.dirname(os.fspath(config_path)), value))
+    return beside_config(config_path, value)
 
 
 def request(
