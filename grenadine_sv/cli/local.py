@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import shutil
 import sys
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         config.supervisor.log_level,
         also_to=config.supervisor.log_dir / SUPERVISOR_LOG_FILE,
     )
+    settle_heap()
     try:
         set_process_name("grenadine-sv")
         trio.run(build_supervisor(config).run)
@@ -69,6 +71,14 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         configuration = isinstance(reason, StartupError) and reason.configuration
         return EXIT_USAGE if configuration else EXIT_FAILED
     return EXIT_OK
+
+
+def settle_heap() -> None:
+    """Move what start-up allocated (modules, classes, the configuration: long-lived) out of the
+    collector's reach, then let it run: each full collection would otherwise walk all of it
+    again (tens of ms, while programs start and checkpoints run)."""
+    gc.freeze()
+    gc.enable()
 
 
 def startup_failure(raised: BaseException) -> Exception | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 import signal
@@ -328,6 +329,15 @@ def dispatch(command: str, args: argparse.Namespace, out: TextIO) -> int:
         return ctl(args, out)
     if command not in LOCAL_COMMANDS:
         return remote(args, out)
+    if command == "run":
+        gc.disable()  # until local.run has loaded everything: see its settle_heap
+    try:
+        return _dispatch_local(command, args, out)
+    finally:
+        gc.enable()
+
+
+def _dispatch_local(command: str, args: argparse.Namespace, out: TextIO) -> int:
     # Loaded only for these commands: they need the configuration models and more, which a
     # command answered by the running supervisor does not.
     from grenadine_sv.cli import local, transfer

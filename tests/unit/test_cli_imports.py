@@ -1,4 +1,5 @@
-"""The command line's client path stays quick: it loads none of the heavy libraries.
+"""The command line stays quick: its client path loads none of the heavy libraries, and `run`
+loads only what the configuration needs, then keeps the collector off what it loaded.
 
 lint-imports guards the imports statically; this runs the real command in a fresh
 interpreter and looks at what it loaded."""
@@ -94,3 +95,33 @@ def test_a_supervisor_loads_metrics_and_object_store_code_only_when_configured(
 ) -> None:
     assert _libraries_a_supervisor_loads(tmp_path, "") == "-"
     assert _libraries_a_supervisor_loads(tmp_path, "127.0.0.1:9847") == "prometheus_client"
+
+
+HEAP_PROBE = """
+import gc, sys
+import trio
+seen = []
+trio.run = lambda *args, **kwargs: seen.append((gc.isenabled(), gc.get_freeze_count() > 0))
+from grenadine_sv.cli.main import main
+code = main(["-c", sys.argv[1], "run"])
+print(code, seen, gc.isenabled())
+"""
+
+
+def test_run_moves_the_start_up_heap_out_of_the_collectors_way(tmp_path: Path) -> None:
+    # What imports and the configuration allocated is frozen before the event loop starts
+    # (no full collection walks it again), and the collector runs from then on.
+    config = tmp_path / "grenadine.toml"
+    config.write_text(
+        f'[supervisor]\nstate_dir = "{tmp_path / "state"}"\nlog_dir = "{tmp_path / "logs"}"\n'
+        f'control_socket = "{tmp_path / "control.sock"}"\n'
+    )
+    result = run_probe(HEAP_PROBE, config)
+    assert result.stdout.split(" ", 1) == ["0", "[(True, True)] True\n"], result.stderr
+
+
+def test_run_stopped_by_its_configuration_leaves_the_collector_on(tmp_path: Path) -> None:
+    config = tmp_path / "grenadine.toml"
+    config.write_text("[supervisor]\nno_such_key = 1\n")
+    result = run_probe(HEAP_PROBE, config)
+    assert result.stdout.split(" ", 1) == ["2", "[] True\n"], result.stderr
