@@ -449,8 +449,10 @@ class Episode:
 
     # operations ------------------------------------------------------------------
 
-    def plan(self, operation: str) -> tuple[list[str] | None, Outcome]:
-        """The command line of `operation` on a random program, and what it may change."""
+    def plan(self, operation: str, target: str | None = None) -> tuple[list[str] | None, Outcome]:
+        """The command line of `operation` on a random program, and what it may change. A kill
+        aimed at a lazy restore's serving restores a lazily restored program, if one has
+        images."""
         running = [p for p in self.programs.values() if p.token is not None]
         stopped = [p for p in self.programs.values() if p.token is None]
         outcome = Outcome(self.expect_unchanged())
@@ -471,6 +473,8 @@ class Episode:
             outcome.may_vanish |= self.retention_victims(program.name)
         elif operation == "restore":
             with_images = sorted({m.program for m in self.store.list()})
+            if target == "lazy":
+                with_images = [n for n in with_images if self.programs[n].lazy] or with_images
             program = self.programs[self.rng.choice(with_images)]
             listed = self.store.list(program.name)
             image = listed[0] if self.rng.random() < 0.5 else self.rng.choice(listed)
@@ -547,7 +551,7 @@ class Episode:
 
     def perform(self, operation: str, target: str | None) -> Outcome:
         running = [p for p in self.programs.values() if p.token is not None]
-        args, outcome = self.plan(operation)
+        args, outcome = self.plan(operation, target)
         program = outcome.program
         images_before = {m.id for m in self.store.list()}
         process = self.run_cli(args) if args is not None else None
