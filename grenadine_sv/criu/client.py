@@ -53,6 +53,8 @@ class CriuError(Exception):
 
 @dataclass(frozen=True)
 class DumpRequest:
+    """What `criu dump` is asked to do, and where it writes the image."""
+
     pid: int
     images_dir: Path
     leave_running: bool
@@ -74,6 +76,8 @@ class DumpRequest:
 
 @dataclass(frozen=True)
 class RestoreRequest:
+    """What `criu restore` is asked to do, and from which image."""
+
     images_dir: Path
     # Where CRIU writes its restore log (never the image, which stays as dumped).
     work_dir: Path

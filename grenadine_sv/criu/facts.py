@@ -28,6 +28,8 @@ class ImageFactsError(Exception):
 
 @dataclass(frozen=True)
 class DumpFacts:
+    """What CRIU's images say about the process tree it dumped."""
+
     root_pid: int
     """PID of the dumped tree's root, as CRIU saw it (inside its PID namespace, if any)."""
     comm: str

@@ -34,6 +34,8 @@ RESTING_STATES = frozenset({State.STOPPED, State.EXITED, State.FATAL})
 
 @dataclass(frozen=True)
 class LifecyclePolicy:
+    """How a program is restarted and stopped: supervisord's keys of the same names."""
+
     autorestart: AutoRestart = "on-failure"
     exitcodes: frozenset[int] = frozenset({0})
     startsecs: float = 1.0
@@ -47,11 +49,15 @@ class LifecyclePolicy:
 
 @dataclass(frozen=True)
 class StartRequested:
+    """A start asked for (command, autostart, deploy)."""
+
     now: float
 
 
 @dataclass(frozen=True)
 class StopRequested:
+    """A stop asked for."""
+
     now: float
     # The process ends by other means (a checkpoint that stops it): no signal is sent.
     by_checkpoint: bool = False
@@ -68,6 +74,8 @@ class StartRefused:
 
 @dataclass(frozen=True)
 class Spawned:
+    """The instance's process was started, with its pid."""
+
     instance: int
     pid: int
     now: float
@@ -75,6 +83,8 @@ class Spawned:
 
 @dataclass(frozen=True)
 class SpawnFailed:
+    """The instance's process could not be started."""
+
     instance: int
     reason: str
     now: float
@@ -92,12 +102,16 @@ class StopAborted:
 
 @dataclass(frozen=True)
 class BecameReady:
+    """The instance stayed up for startsecs, or its readiness probe passed."""
+
     instance: int
     now: float
 
 
 @dataclass(frozen=True)
 class ReadyFailed:
+    """The instance's readiness probe failed or timed out."""
+
     instance: int
     reason: str
     now: float
@@ -105,6 +119,8 @@ class ReadyFailed:
 
 @dataclass(frozen=True)
 class Exited:
+    """The instance's process ended, with its returncode."""
+
     instance: int
     returncode: int
     now: float
@@ -112,12 +128,16 @@ class Exited:
 
 @dataclass(frozen=True)
 class BackoffElapsed:
+    """The wait before start attempt `attempt` is over."""
+
     attempt: int
     now: float
 
 
 @dataclass(frozen=True)
 class StopTimeout:
+    """The instance outlived stopwaitsecs after its stop signal."""
+
     instance: int
     now: float
 
@@ -141,6 +161,8 @@ Event = (
 
 @dataclass(frozen=True)
 class Spawn:
+    """Start the instance's process."""
+
     instance: int
 
 
@@ -155,23 +177,31 @@ class WatchReadiness:
 
 @dataclass(frozen=True)
 class ScheduleRetry:
+    """Report BackoffElapsed for `attempt` after `delay` seconds."""
+
     attempt: int
     delay: float
 
 
 @dataclass(frozen=True)
 class SendStopSignal:
+    """Send the instance its stop signal."""
+
     instance: int
 
 
 @dataclass(frozen=True)
 class ScheduleKill:
+    """Report StopTimeout for the instance after `delay` seconds."""
+
     instance: int
     delay: float
 
 
 @dataclass(frozen=True)
 class Kill:
+    """SIGKILL the instance."""
+
     instance: int
 
 

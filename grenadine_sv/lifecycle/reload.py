@@ -11,6 +11,8 @@ from grenadine_sv.config.loading import ProgramConfig, SupervisorSettings
 
 @dataclass(frozen=True)
 class ProgramDiff:
+    """The programs of two configurations, by what a reload does with each."""
+
     added: tuple[str, ...]
     removed: tuple[str, ...]
     # The process itself is defined differently: the running instance is replaced.

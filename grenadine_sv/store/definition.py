@@ -59,6 +59,8 @@ class CurrentDefinition:
 
 @dataclass(frozen=True)
 class DefinitionCheck:
+    """Whether an image's recorded program definition matches the configured one."""
+
     changes: tuple[str, ...]
     """What differs, one phrase each ("user: null -> \"nobody\"", "environment SECRET
     changed"); empty when the image may be restored."""

@@ -34,6 +34,8 @@ SEAL_WORKERS = 4
 
 @dataclass(frozen=True)
 class FileRecord:
+    """One file of a sealed image: its size and its digest."""
+
     size: int
     digest: str
 

@@ -67,6 +67,8 @@ class SnapshotMismatch(Exception):
 
 @dataclass(frozen=True)
 class SnapshotSummary:
+    """What a snapshot of `snapshot` paths copied into an image."""
+
     paths: int
     bytes_copied: int
 

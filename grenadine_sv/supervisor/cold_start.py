@@ -69,7 +69,9 @@ async def launch_cold(runner: ColdStartable) -> LaunchedInstance:
     tmp = None
     if runner.config.private_tmp:
         tmp = private_tmp_dir(runner.context.state_dir, runner.name)
-        await trio.to_thread.run_sync(empty_private_tmp, tmp)
+        await trio.to_thread.run_sync(
+            empty_private_tmp, tmp, limiter=runner.context.preparation_threads
+        )
     spec = sandbox_spec(runner.config, runner.context.root_anchor, runner.cgroup, tmp)
     stdout_fd, stdout_stream = open_output_pipe()
     stderr_fd, stderr_stream = open_output_pipe()

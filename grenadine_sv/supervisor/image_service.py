@@ -83,6 +83,8 @@ class NoMetrics:
 
 @dataclass(frozen=True)
 class CheckpointFailure:
+    """A program's last failed checkpoint: when, why it was taken, what went wrong."""
+
     at: datetime
     trigger: Trigger
     error: str

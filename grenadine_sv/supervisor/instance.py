@@ -19,9 +19,20 @@ from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import LauncherServer, SandboxProcess
 from grenadine_sv.sandbox.cgroup import ProgramCgroups
 
+# Worker threads that prepare sandboxes (a cgroup made, a private /tmp emptied): a few ms of
+# file system work per program. Fewer threads than trio's default of 40: when many programs
+# start at once, creating a thread for each costs more than the work it does.
+PREPARATION_THREADS = 4
+
+
+def preparation_limiter() -> trio.CapacityLimiter:
+    return trio.CapacityLimiter(PREPARATION_THREADS)
+
 
 @dataclass(frozen=True)
 class RunnerContext:
+    """What every runner shares: directories, observers and the supervisor's helpers."""
+
     log_dir: Path
     root_anchor: Path
     # Where programs' private /tmp directories live (state_dir/tmp).
@@ -33,6 +44,8 @@ class RunnerContext:
     keeper: StdioKeeper | None = None
     # A cgroup per program, so that its processes are known whatever was recorded.
     cgroups: ProgramCgroups | None = None
+    # Shared by every runner of a supervisor (see PREPARATION_THREADS).
+    preparation_threads: trio.CapacityLimiter = field(default_factory=preparation_limiter)
 
     def keep_pipe(self, program: str, stream: str, read_fd: int) -> str | None:
         """Hand a copy of an output pipe's read end to the stdio keeper; its key, or None."""
@@ -62,6 +75,8 @@ class RunnerContext:
 
 @dataclass
 class LaunchedInstance:
+    """A started instance: its process, its output streams and what runs beside it."""
+
     process: SandboxProcess
     stdout: trio.abc.ReceiveStream
     stderr: trio.abc.ReceiveStream

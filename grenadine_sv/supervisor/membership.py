@@ -220,10 +220,16 @@ def instance_listens_on(port: int, cgroup: ProgramCgroup | None, pid_ns_inode: i
     return bool(inodes) and holds_any_socket(instance_pids(cgroup, pid_ns_inode), inodes)
 
 
-async def claim(cgroup: ProgramCgroup, definition_digest: str, program: str) -> None:
+async def claim(
+    cgroup: ProgramCgroup,
+    definition_digest: str,
+    program: str,
+    threads: trio.CapacityLimiter | None = None,
+) -> None:
     """Before an instance starts: `cgroup` exists, holds no process (a stray copy is ended)
-    and records the definition about to run."""
-    await trio.to_thread.run_sync(cgroup.ensure)
+    and records the definition about to run. `threads` limits the worker threads that make
+    cgroups (trio's default limiter without it)."""
+    await trio.to_thread.run_sync(cgroup.ensure, limiter=threads)
     strays = cgroup.pids()
     if strays:
         log.warning("stray_processes_ended", program=program, pids=strays, cgroup=str(cgroup.path))

@@ -16,6 +16,7 @@ from grenadine_sv.keeper.client import StdioKeeper
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import LauncherServer
 from grenadine_sv.sandbox.cgroup import ProgramCgroups
+from grenadine_sv.supervisor.instance import preparation_limiter
 from grenadine_sv.supervisor.membership import CensusCadence, CopyCensus, emptied
 from grenadine_sv.supervisor.runner import (
     Launcher,
@@ -81,6 +82,7 @@ class Programs:
         self.keeper: StdioKeeper | None = None
         # Set by the supervisor once it runs: a cgroup per program, when the host has them.
         self.cgroups: ProgramCgroups | None = None
+        self.preparation_threads = preparation_limiter()
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -97,6 +99,7 @@ class Programs:
             sandbox_server=self.sandbox_server,
             keeper=self.keeper,
             cgroups=self.cgroups,
+            preparation_threads=self.preparation_threads,
         )
 
     async def end_extra_copies(self) -> None:

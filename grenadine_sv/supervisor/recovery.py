@@ -61,6 +61,8 @@ class StateDirBusy(Exception):
 
 @dataclass(frozen=True)
 class RecordedInstance:
+    """A running instance as the state file records it, to find it again after a crash."""
+
     pid: int
     start_time: int
     pid_ns_inode: int

@@ -151,7 +151,12 @@ class ProgramRunner:
         """Before an instance starts: the program's cgroup is empty and records the
         definition about to run (membership.claim)."""
         if self.cgroup is not None:
-            await claim(self.cgroup, self.config.definition_digest(), self.name)
+            await claim(
+                self.cgroup,
+                self.config.definition_digest(),
+                self.name,
+                self.context.preparation_threads,
+            )
 
     def owns_listener(self, port: int) -> bool:
         """True when the listener on `port` belongs to this runner's current instance."""
