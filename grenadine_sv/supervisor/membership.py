@@ -221,14 +221,10 @@ def instance_listens_on(port: int, cgroup: ProgramCgroup | None, pid_ns_inode: i
 
 
 async def claim(
-    cgroup: ProgramCgroup,
-    definition_digest: str,
-    program: str,
-    threads: trio.CapacityLimiter | None = None,
+    cgroup: ProgramCgroup, definition_digest: str, program: str, threads: trio.CapacityLimiter
 ) -> None:
-    """Before an instance starts: `cgroup` exists, holds no process (a stray copy is ended)
-    and records the definition about to run. `threads` limits the worker threads that make
-    cgroups (trio's default limiter without it)."""
+    """Before an instance starts: `cgroup` exists (made on one of `threads`), holds no
+    process (a stray copy is ended) and records the definition about to run."""
     await trio.to_thread.run_sync(cgroup.ensure, limiter=threads)
     strays = cgroup.pids()
     if strays:
