@@ -28,6 +28,7 @@ from grenadine_sv.supervisor.recovery import Recovery, StateDirBusy, state_dir_l
 
 if TYPE_CHECKING:  # prometheus_client is loaded only when the endpoint is enabled
     from grenadine_sv.metrics.collector import Metrics
+    from grenadine_sv.supervisor.remote import RemoteImages
 
 log = structlog.get_logger()
 
@@ -162,7 +163,27 @@ class Supervisor:
             raise StartupError(str(exc)) from exc
 
     async def _run_locked(self, task_status: trio.TaskStatus[None]) -> None:
-        settings = self.config.supervisor
+        # Claimed before anything is started: a supervisor refused here (another one answers
+        # on this socket) leaves no keeper, launcher or cgroup behind.
+        sock = control.bind_socket(self.config.supervisor.control_socket)
+        announced = False
+        try:
+            remote = await self._prepare()
+            write_pid_file(self.pid_file)
+            log.info(
+                "supervisor_started",
+                pid=os.getpid(),
+                config=str(self.config.path),
+                programs=len(self.config.programs),
+            )
+            announced = True
+            await self._serve(sock, remote, task_status)
+        finally:
+            await self._clean_up(sock, announced=announced)
+
+    async def _prepare(self) -> RemoteImages | None:
+        """What the programs need before the first starts: the sandbox launcher, the stdio
+        keeper, cgroups, the image store's interrupted writes; the object store, if any."""
         (self.state_dir / "sandbox-root").mkdir(mode=0o700, exist_ok=True)
         become_subreaper()
         # Started before the programs need it, as the stdio keeper is (when none is running).
@@ -175,49 +196,52 @@ class Supervisor:
         if remote is not None:
             await trio.to_thread.run_sync(remote.remove_stale_downloads)
             await trio.to_thread.run_sync(remote.load_queue, partials.completed)
-        sock = control.bind_socket(settings.control_socket)
-        write_pid_file(self.pid_file)
-        log.info(
-            "supervisor_started",
-            pid=os.getpid(),
-            config=str(self.config.path),
-            programs=len(self.config.programs),
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(control.serve, sock, RequestHandler(self.operations).handle)
-                nursery.start_soon(self._watch_signals)
-                nursery.start_soon(self.checkpointing.signal_rounds.run)
-                nursery.start_soon(self.recovery.keep_state_file)
-                nursery.start_soon(self.programs.end_extra_copies)
-                if self.metrics is not None:
-                    await self._serve_metrics(nursery, self.metrics)
-                if remote is not None:
-                    nursery.start_soon(remote.run_uploads)
-                async with trio.open_nursery() as programs:
-                    await self._start_programs(programs)
-                    self._started = True
-                    task_status.started()
-                    await self._shutdown.wait()
-                    await self._stop_programs()
-                    await self.recovery.write_now()
-                    programs.cancel_scope.cancel()
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self.programs.kill_leftovers()
-                # Not started: a predecessor's orphans may be there; remove only empty ones.
-                await self.programs.remove_cgroups(end_strays=self._started)
-            self.programs.sandbox_server.close()
-            keeper = self.programs.keeper
-            if keeper is not None:
-                # Once started, every program has ended here; before that, a previous
-                # supervisor's programs may still need the keeper, unless this one started it.
-                keeper.close(stop_keeper=self._started or keeper.pid is not None)
-            sock.close()
-            if settings.control_socket.is_socket():
-                settings.control_socket.unlink()
-            self.pid_file.unlink(missing_ok=True)
+        return remote
+
+    async def _serve(
+        self,
+        sock: trio.socket.SocketType,
+        remote: RemoteImages | None,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, sock, RequestHandler(self.operations).handle)
+            nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self.checkpointing.signal_rounds.run)
+            nursery.start_soon(self.recovery.keep_state_file)
+            nursery.start_soon(self.programs.end_extra_copies)
+            if self.metrics is not None:
+                await self._serve_metrics(nursery, self.metrics)
+            if remote is not None:
+                nursery.start_soon(remote.run_uploads)
+            async with trio.open_nursery() as programs:
+                await self._start_programs(programs)
+                self._started = True
+                task_status.started()
+                await self._shutdown.wait()
+                await self._stop_programs()
+                await self.recovery.write_now()
+                programs.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+    async def _clean_up(self, sock: trio.socket.SocketType, *, announced: bool) -> None:
+        """Whatever the start got to: no program, helper or empty cgroup outlives it."""
+        with trio.CancelScope(shield=True):
+            await self.programs.kill_leftovers()
+            # Not started: a predecessor's orphans may be there; remove only empty ones.
+            await self.programs.remove_cgroups(end_strays=self._started)
+        self.programs.sandbox_server.close()
+        keeper = self.programs.keeper
+        if keeper is not None:
+            # Once started, every program has ended here; before that, a previous
+            # supervisor's programs may still need the keeper, unless this one started it.
+            keeper.close(stop_keeper=self._started or keeper.pid is not None)
+        sock.close()
+        control_socket = self.config.supervisor.control_socket
+        if control_socket.is_socket():
+            control_socket.unlink()
+        self.pid_file.unlink(missing_ok=True)
+        if announced:
             log.info("supervisor_stopped")
 
     async def _set_up_cgroups(self) -> None:

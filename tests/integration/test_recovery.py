@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import SupervisorDirs, free_port
+from tests.conftest import STATE_DIRS, SupervisorDirs, free_port
 from tests.integration.supervising import IDLE, counter_command, hit, pid_alive, wait_until
 from tests.integration.supervisor_processes import (
     GRENADINE_SV,
@@ -70,6 +70,44 @@ def test_second_supervisor_on_the_same_state_dir_is_refused(sv_dirs: SupervisorD
         )
         assert second.returncode == 1
         assert "another supervisor is using" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+
+
+def test_second_supervisor_on_the_same_control_socket_starts_nothing(sv_dirs: SupervisorDirs):
+    """Another state_dir but the same control_socket (a copied configuration): refused before
+    it starts a stdio keeper, a launcher or cgroups, so nothing of it outlives it."""
+    config = sv_dirs.write_config("")
+    other_state_dir = sv_dirs.root / "other-state"
+    STATE_DIRS.add(other_state_dir)
+    other = sv_dirs.root / "other.toml"
+    other.write_text(
+        config.read_text().replace(str(sv_dirs.state_dir), str(other_state_dir))
+        + f"[programs.idle]\ncommand = {IDLE}\n"
+    )
+    first = subprocess.Popen([*GRENADINE_SV, "-c", str(config)], stderr=subprocess.DEVNULL)
+    try:
+        wait_until(sv_dirs.socket.exists, what="first supervisor up")
+        second = subprocess.run(
+            [*GRENADINE_SV, "-c", str(other)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 1
+        assert f"another supervisor is listening on {sv_dirs.socket}" in second.stderr
+        assert not find_leftovers(other_state_dir), find_leftovers(other_state_dir).describe()
+        assert not (other_state_dir / "stdio-keeper.sock").exists()
+        answer = subprocess.run(
+            [*GRENADINE_SV, "-c", str(config), "pid"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert answer.stdout.strip() == str(first.pid), "the first supervisor answers as before"
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=30)
