@@ -78,3 +78,15 @@ def request(
         error = str(reply.get("error", "unknown error"))
         raise ControlError(error, usage=bool(reply.get("usage")))
     return reply.get("result")
+
+
+def answering_pid(path: str | os.PathLike[str], timeout: float = 1.0) -> int | None:
+    """The pid of the supervisor that answers on `path`, or None when none answers within
+    `timeout`. A supervisor accepts connections from its start (listening claims the
+    socket) and answers once its image store is recovered: ready, unlike `socket_is_live`."""
+    try:
+        answered = request(path, "ping", {}, timeout=timeout)
+    except (OSError, ValueError, ControlError, SupervisorNotRunning):
+        return None
+    pid = answered.get("pid") if isinstance(answered, dict) else None
+    return pid if isinstance(pid, int) else None

@@ -140,7 +140,7 @@ class GrenadineSupervisor:
             raise BenchError(
                 f"grenadine-sv exited with {self._process.returncode}: {self.log_tail()}"
             )
-        return protocol.socket_is_live(self.socket)
+        return control.answering_pid(self.socket) == self._process.pid
 
     def __exit__(
         self,

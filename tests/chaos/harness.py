@@ -403,7 +403,8 @@ class Episode:
                 start_new_session=True,
             )
         deadline = time.monotonic() + self.options.recovery_bound
-        while not protocol.socket_is_live(self.socket):
+        # Answering, not only accepting: it answers once its image store is recovered.
+        while control.answering_pid(self.socket) != self.supervisor.pid:
             if self.supervisor.poll() is not None:
                 raise Violation(
                     f"supervisor {self.generation} exited with {self.supervisor.returncode} "

@@ -211,7 +211,7 @@ class Soak:
 
     def _drive(self, supervisor: subprocess.Popen[bytes]) -> int:
         deadline = time.monotonic() + 60
-        while not protocol.socket_is_live(self.socket):
+        while control.answering_pid(self.socket) != supervisor.pid:
             if supervisor.poll() is not None or time.monotonic() > deadline:
                 print("the supervisor did not start; see supervisor.log", file=sys.stderr)
                 return 1
