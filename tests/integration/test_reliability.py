@@ -1,16 +1,21 @@
 """Faults survived, with real processes and real CRIU: CRIU killed mid-dump, a full disk, a busy
-restore target, signal and client storms, malformed control messages."""
+restore target, signal and client storms, malformed control messages, clients holding long
+unfinished requests."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
+import termios
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from grenadine_sv.control import client as control
-from grenadine_sv.control.protocol import ControlError
+from grenadine_sv.control.protocol import MAX_LINE_BYTES, ControlError, socket_is_live
+from grenadine_sv.control.server import LONG_LINE_SLOTS
 from grenadine_sv.criu.binary import find_criu
 from grenadine_sv.criu.client import (
     CriuError,
@@ -42,6 +48,7 @@ from tests.integration.supervising import (
     wait_for,
     wait_state,
 )
+from tests.integration.supervisor_processes import Processes
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
@@ -563,3 +570,101 @@ def all_replies(path: Path, payload: bytes) -> list[bytes]:
         while chunk := sock.recv(65536):
             data += chunk
     return data.splitlines()
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of process `pid` (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+def unread_bytes(sock: trio.socket.SocketType) -> int:
+    """Bytes sent on this Unix socket that its peer has not read yet (SIOCOUTQ)."""
+    queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4))
+    return int(struct.unpack("i", queued)[0])
+
+
+async def connected(path: Path) -> trio.SocketStream:
+    """A stream connected to the Unix socket at `path`. (trio's own connect takes the EAGAIN
+    of a full backlog for a connection made.)"""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        with trio.fail_after(10):
+            while True:
+                try:
+                    # A Unix socket connects at once or not at all: no EINPROGRESS.
+                    sock.connect(os.fspath(path))
+                    break
+                except BlockingIOError:
+                    await trio.sleep(0.01)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+@dataclass
+class LongLineClient:
+    """A client sending one long request line and never its newline."""
+
+    stream: trio.SocketStream
+    sent: bool = False
+    reply: dict[str, Any] | None = None
+
+    @property
+    def settled(self) -> bool:
+        """Answered, or every byte sent and read by the supervisor."""
+        return self.reply is not None or (self.sent and unread_bytes(self.stream.socket) == 0)
+
+    async def send(self, payload: bytes) -> None:
+        # A refused client's line is left unread: the rest of it cannot go.
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self.stream.send_all(payload)
+        self.sent = True
+
+    async def read_reply(self) -> None:
+        data = b""
+        # Closed with a reset when the supervisor left part of the line unread.
+        with contextlib.suppress(trio.BrokenResourceError):
+            while b"\n" not in data and (chunk := await self.stream.receive_some()):
+                data += chunk
+        self.reply = json.loads(data.split(b"\n", 1)[0]) if data else {}
+
+
+LONG_LINE_CLIENTS = 300
+
+
+async def test_clients_holding_long_unfinished_requests_cannot_grow_the_supervisor(
+    sv_dirs: SupervisorDirs, processes: Processes
+):
+    config = sv_dirs.write_config("")
+    supervisor = processes.supervisor(config, sv_dirs.state_dir)
+    await wait_for(lambda: socket_is_live(sv_dirs.socket), timeout=30, what="control socket")
+    assert (await ask(sv_dirs.socket, "ping"))["pid"] == supervisor.pid
+    before = rss_bytes(supervisor.pid)
+    clients: list[LongLineClient] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(LONG_LINE_CLIENTS):
+                clients.append(LongLineClient(await connected(sv_dirs.socket)))
+                nursery.start_soon(clients[-1].send, b"x" * MAX_LINE_BYTES)
+                nursery.start_soon(clients[-1].read_reply)
+            await wait_for(
+                lambda: all(client.settled for client in clients),
+                timeout=25,  # within the supervisor's 30 s for an idle client
+                what="every long line read or refused",
+            )
+            grown = rss_bytes(supervisor.pid) - before
+            assert await ask(sv_dirs.socket, "status") == []
+            nursery.cancel_scope.cancel()
+    finally:
+        for client in clients:
+            client.stream.socket.close()
+    assert grown < 64 << 20, f"{LONG_LINE_CLIENTS} clients grew the supervisor {grown >> 20} MiB"
+    errors = [client.reply["error"] for client in clients if client.reply]
+    assert len(errors) >= LONG_LINE_CLIENTS - LONG_LINE_SLOTS
+    assert all("reading other long requests" in error for error in errors), set(errors)
+    assert "send yours again later" in errors[0]
