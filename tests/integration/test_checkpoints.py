@@ -31,6 +31,16 @@ pytestmark = [pytest.mark.root, pytest.mark.criu]
 MEMCACHED = "/usr/bin/memcached"
 
 
+# CRIU cannot dump an io_uring instance (syscall 425 on x86-64).
+UNDUMPABLE = python_program(
+    "import ctypes, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "assert libc.syscall(425, 4, ctypes.create_string_buffer(120)) >= 0\n"
+    "while True: print('alive'); time.sleep(0.1)\n"
+)
+
+
 def memcached_command(port: int) -> str:
     return f'["{MEMCACHED}", "-u", "root", "-l", "127.0.0.1", "-p", "{port}"]'
 
@@ -161,15 +171,7 @@ async def test_deploy_that_never_gets_ready_is_rolled_back_with_its_state(
 
 
 async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: SupervisorDirs):
-    # CRIU cannot dump an io_uring instance (syscall 425 on x86-64).
-    undumpable = python_program(
-        "import ctypes, signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "assert libc.syscall(425, 4, ctypes.create_string_buffer(120)) >= 0\n"
-        "while True: print('alive'); time.sleep(0.1)\n"
-    )
-    config = sv_dirs.write_config(f"[programs.odd]\ncommand = {undumpable}\nstartsecs = 0.2\n")
+    config = sv_dirs.write_config(f"[programs.odd]\ncommand = {UNDUMPABLE}\nstartsecs = 0.2\n")
     store = ImageStore(sv_dirs.state_dir)
     async with running_supervisor(config) as sv:
         pid = await wait_state(sv, "odd", State.RUNNING)
@@ -182,6 +184,25 @@ async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: Su
         assert not any(p.name.startswith(".") for p in (store.root / "odd").iterdir())
         size = sv_dirs.stdout_log("odd").stat().st_size
         await wait_for(lambda: sv_dirs.stdout_log("odd").stat().st_size > size)
+
+
+async def test_a_checkpoint_of_several_programs_lists_the_images_made_beside_the_failures(
+    sv_dirs: SupervisorDirs,
+):
+    config = sv_dirs.write_config(
+        f"[programs.odd]\ncommand = {UNDUMPABLE}\nstartsecs = 0.2\n"
+        f"[programs.ticker]\ncommand = {TICKER}\nstartsecs = 0.2\n"
+    )
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        await wait_state(sv, "odd", State.RUNNING)
+        await wait_state(sv, "ticker", State.RUNNING)
+        odd, ticker = await sv.operations.checkpoint_programs(["odd", "ticker"], stop=False)
+        assert (odd["program"], odd["ok"]) == ("odd", False)
+        assert "criu dump failed" in odd["error"]
+        assert (ticker["program"], ticker["ok"]) == ("ticker", True)
+        assert [m.id for m in store.list("ticker")] == [ticker["image"]["id"]]
+        assert store.list("odd") == []
 
 
 async def test_corrupt_image_is_refused_before_criu_runs(sv_dirs: SupervisorDirs):
