@@ -15,11 +15,13 @@ from structlog.testing import capture_logs
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.store.images import ImageStore
+from grenadine_sv.supervisor.core import Supervisor
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,
     counter_command,
     hit,
+    pid_alive,
     python_program,
     running_supervisor,
     wait_for,
@@ -160,16 +162,20 @@ async def test_deploy_that_never_gets_ready_is_rolled_back_with_its_state(
         assert "rolled back" in sv.operations.status(["counter"])[0]["reason"]
 
 
+# CRIU cannot dump an io_uring instance (syscall 425 on x86-64).
+UNDUMPABLE = python_program(
+    "import ctypes, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "assert libc.syscall(425, 4, ctypes.create_string_buffer(120)) >= 0\n"
+    "while True: print('alive'); time.sleep(0.1)\n"
+)
+# Bounds of a checkpoint --stop with a stop asked meanwhile, both done.
+CHECKPOINT_AND_STOP_SECONDS = 60.0
+
+
 async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: SupervisorDirs):
-    # CRIU cannot dump an io_uring instance (syscall 425 on x86-64).
-    undumpable = python_program(
-        "import ctypes, signal, sys, time\n"
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "assert libc.syscall(425, 4, ctypes.create_string_buffer(120)) >= 0\n"
-        "while True: print('alive'); time.sleep(0.1)\n"
-    )
-    config = sv_dirs.write_config(f"[programs.odd]\ncommand = {undumpable}\nstartsecs = 0.2\n")
+    config = sv_dirs.write_config(f"[programs.odd]\ncommand = {UNDUMPABLE}\nstartsecs = 0.2\n")
     store = ImageStore(sv_dirs.state_dir)
     async with running_supervisor(config) as sv:
         pid = await wait_state(sv, "odd", State.RUNNING)
@@ -182,6 +188,66 @@ async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: Su
         assert not any(p.name.startswith(".") for p in (store.root / "odd").iterdir())
         size = sv_dirs.stdout_log("odd").stat().st_size
         await wait_for(lambda: sv_dirs.stdout_log("odd").stat().st_size > size)
+
+
+async def checkpoint_stop_and_a_stop_meanwhile(
+    sv: Supervisor, name: str
+) -> tuple[object, list[State]]:
+    """`checkpoint --stop NAME` and, while CRIU dumps it (the program STOPPING for the
+    checkpoint), `stop NAME`. Returns the checkpoint's answer (or its ControlError) and the
+    states the program went through meanwhile: a RUNNING among them would be a stop asked
+    once the checkpoint had ended."""
+    runner = sv.programs.runners[name]
+    history = runner.machine.history
+    before = len(history)
+    outcome: list[object] = []
+
+    async def checkpoint_stop() -> None:
+        try:
+            outcome.append(await sv.operations.checkpoint_programs([name], stop=True))
+        except ControlError as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(CHECKPOINT_AND_STOP_SECONDS):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checkpoint_stop)
+            await runner.wait_until(lambda s: s == State.STOPPING, CHECKPOINT_AND_STOP_SECONDS)
+            assert runner.state == State.STOPPING
+            assert not outcome
+            await sv.operations.stop_programs([name])
+    return outcome[0], [state for _, state in history[before:]]
+
+
+async def test_a_stop_asked_during_a_failing_checkpoint_stop_is_carried_out(
+    sv_dirs: SupervisorDirs,
+):
+    config = sv_dirs.write_config(f"[programs.odd]\ncommand = {UNDUMPABLE}\nstartsecs = 0.2\n")
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        pid = await wait_state(sv, "odd", State.RUNNING)
+        failed, states = await checkpoint_stop_and_a_stop_meanwhile(sv, "odd")
+        assert isinstance(failed, ControlError)
+        assert "criu dump failed" in str(failed)
+        assert states == [State.STOPPING, State.STOPPED]
+        assert not pid_alive(pid)
+        assert sv.programs.runners["odd"].machine.last_exit == 0  # its own SIGTERM handler
+        assert store.list("odd") == []
+
+
+async def test_a_stop_asked_during_a_checkpoint_stop_that_succeeds_keeps_the_image(
+    sv_dirs: SupervisorDirs,
+):
+    config = sv_dirs.write_config(f"[programs.ticker]\ncommand = {TICKER}\nstartsecs = 0.2\n")
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        pid = await wait_state(sv, "ticker", State.RUNNING)
+        answer, states = await checkpoint_stop_and_a_stop_meanwhile(sv, "ticker")
+        assert isinstance(answer, list), answer
+        [image] = store.list("ticker")
+        assert answer[0]["image"]["id"] == image.id
+        assert states == [State.STOPPING, State.STOPPED]
+        assert not pid_alive(pid)
+        assert sv.programs.runners["ticker"].machine.last_exit == -signal.SIGKILL
 
 
 async def test_corrupt_image_is_refused_before_criu_runs(sv_dirs: SupervisorDirs):
