@@ -233,6 +233,10 @@ class ProgramMachine:
     last_exit_requested: bool = False
     reason: str = ""
     restart_count: int = 0
+    # STOPPING for a checkpoint that ends the instance itself.
+    stopping_for_checkpoint: bool = False
+    # A stop asked for meanwhile: carried out if that checkpoint fails.
+    stop_after_checkpoint: bool = False
     history: list[tuple[float, State]] = field(default_factory=list)
 
     def handle(self, event: Event) -> list[Action]:
@@ -278,9 +282,13 @@ class ProgramMachine:
         if self.state == State.BACKOFF:
             self._enter(State.STOPPED, event.now)
             return []
+        if self.stopping_for_checkpoint and not event.by_checkpoint:
+            self.stop_after_checkpoint = True
+            return []
         if self.state not in (State.STARTING, State.RUNNING):
             return []
         self._enter(State.STOPPING, event.now)
+        self.stopping_for_checkpoint = event.by_checkpoint
         if event.by_checkpoint or self.pid is None:
             return []
         return [
@@ -392,8 +400,16 @@ class ProgramMachine:
         return [Kill(self.instance)]
 
     def _on_stop_aborted(self, event: StopAborted) -> list[Action]:
-        if event.instance == self.instance and self.state == State.STOPPING and self.pid:
-            self._enter(State.RUNNING, event.now)
+        if event.instance != self.instance or not self.stopping_for_checkpoint or not self.pid:
+            return []
+        self.stopping_for_checkpoint = False
+        if self.stop_after_checkpoint:
+            self.stop_after_checkpoint = False
+            return [
+                SendStopSignal(self.instance),
+                ScheduleKill(self.instance, self.policy.stopwaitsecs),
+            ]
+        self._enter(State.RUNNING, event.now)
         return []
 
     # helpers -----------------------------------------------------------------
@@ -417,6 +433,8 @@ class ProgramMachine:
     def _enter(self, state: State, now: float) -> None:
         self.state = state
         self.since = now
+        if state != State.STOPPING:
+            self.stopping_for_checkpoint = self.stop_after_checkpoint = False
         if state in RESTING_STATES or state == State.BACKOFF:
             self.started_at = None
         self.history.append((now, state))

@@ -95,7 +95,10 @@ class Deploys:
                 await programs.remove(name)
             safety_images = await self._pre_deploy_checkpoints(diff)
             stopped_by_hand = {
-                n for n in diff.changed if programs.runners[n].state == State.STOPPED
+                n
+                for n in diff.changed
+                if programs.runners[n].state == State.STOPPED
+                and not programs.runners[n].dependency_waits
             }
             await programs.stop_programs(list(diff.changed))
             old_programs = current.programs

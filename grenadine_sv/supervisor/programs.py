@@ -83,6 +83,8 @@ class Programs:
         # Set by the supervisor once it runs: a cgroup per program, when the host has them.
         self.cgroups: ProgramCgroups | None = None
         self.preparation_threads = preparation_limiter()
+        # Renewed whenever a runner joins or leaves.
+        self._roster_changed = trio.Event()
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -152,6 +154,7 @@ class Programs:
         scope = trio.CancelScope()
         self.runners[program.name] = runner
         self._scopes[program.name] = scope
+        self._change_roster()
         for listener in self.listeners:
             await listener.program_added(runner)
         await self.nursery.start(self._run_runner, runner, scope)
@@ -175,12 +178,17 @@ class Programs:
 
     def forget(self, name: str, *, for_good: bool = False) -> None:
         """Drop a (stopped) program's runner; `for_good` when it leaves the configuration."""
-        self.runners.pop(name)
+        self.runners.pop(name).retire()
+        self._change_roster()
         if for_good and self.metrics is not None:
             self.metrics.forget_program(name)
         self._scopes.pop(name).cancel()
         for listener in self.listeners:
             listener.program_forgotten(name)
+
+    def _change_roster(self) -> None:
+        self._roster_changed.set()
+        self._roster_changed = trio.Event()
 
     async def remove(self, name: str) -> None:
         runner = self.runners[name]
@@ -204,19 +212,34 @@ class Programs:
         """Start a program once its dependencies run; through `launcher` when given."""
         runner = self.runners[name]
         for dependency in runner.config.depends_on:
+            with runner.waiting_for_dependencies():
+                state = await self._wait_for_dependency(runner, dependency)
+            if runner.retired:  # replaced meanwhile: the reload starts its successor
+                return runner.state
+            if state not in (None, State.RUNNING):
+                runner.refuse_start(f"dependency {dependency} is {state}")
+                log.error("dependency_failed", program=name, dependency=dependency)
+                return runner.state
+        return await runner.start(start_timeout_bound(runner.config), launcher, cause)
+
+    async def _wait_for_dependency(self, runner: ProgramRunner, dependency: str) -> State | None:
+        """The dependency's state once it is RUNNING or FATAL, following a reload that
+        replaces its runner meanwhile; None when it is not configured."""
+        while not runner.retired:
             dep = self.runners.get(dependency)
             if dep is None:
+                if dependency not in self.config.programs:
+                    return None
+                await self._roster_changed.wait()  # a reload is about to add its new runner
                 continue
             if dep.state != State.RUNNING:
-                log.info("waiting_for_dependency", program=name, dependency=dependency)
-                state = await dep.wait_until(
-                    lambda s: s in (State.RUNNING, State.FATAL), DEPENDENCY_WAIT_SECONDS
-                )
-                if state != State.RUNNING:
-                    runner.refuse_start(f"dependency {dependency} is {state.value}")
-                    log.error("dependency_failed", program=name, dependency=dependency)
-                    return runner.state
-        return await runner.start(start_timeout_bound(runner.config), launcher, cause)
+                log.info("waiting_for_dependency", program=runner.name, dependency=dependency)
+            state = await dep.wait_until(
+                lambda s: s in (State.RUNNING, State.FATAL), DEPENDENCY_WAIT_SECONDS
+            )
+            if not dep.retired:
+                return state
+        return None
 
     def _follow_dependencies(self, runner: ProgramRunner, before: State, after: State) -> None:
         """A dependency that stops or crashes stops its dependents (on_dependency_stop =

@@ -137,6 +137,10 @@ class ProgramRunner:
         # Above 0 while a restore, a rollback or a checkpoint that stops the program is under
         # way: its stop and start are not passed on to the programs that depend on it.
         self.dependents_unaffected = 0
+        # Above 0 while a start of the program waits for its dependencies to run.
+        self.dependency_waits = 0
+        # Set once the runner is dropped (its program removed, or replaced by a reload).
+        self.retired = False
 
     @property
     def name(self) -> str:
@@ -183,6 +187,21 @@ class ProgramRunner:
             yield
         finally:
             self.dependents_unaffected -= 1
+
+    @contextlib.contextmanager
+    def waiting_for_dependencies(self) -> Iterator[None]:
+        """Within this, a start of the program waits for its dependencies."""
+        self.dependency_waits += 1
+        try:
+            yield
+        finally:
+            self.dependency_waits -= 1
+
+    def retire(self) -> None:
+        """The runner is dropped: whoever waits on it wakes (to find its successor)."""
+        self.retired = True
+        self._changed.set()
+        self._changed = trio.Event()
 
     def restored_image_created(self) -> datetime | None:
         """When the image the running instance was restored from was made (None: cold,
@@ -247,8 +266,10 @@ class ProgramRunner:
         return self.process
 
     async def wait_until(self, predicate: Callable[[State], bool], timeout: float) -> State:
+        """The state once `predicate` holds for it, `timeout` has passed or the runner has
+        been retired (its state then changes no more)."""
         with trio.move_on_after(timeout):
-            while not predicate(self.state):
+            while not predicate(self.state) and not self.retired:
                 await self._changed.wait()
         return self.state
 

@@ -15,11 +15,13 @@ from structlog.testing import capture_logs
 from grenadine_sv.control.protocol import ControlError
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.store.images import ImageStore
+from grenadine_sv.supervisor.core import Supervisor
 from tests.conftest import SupervisorDirs, free_port
 from tests.integration.supervising import (
     TICKER,
     counter_command,
     hit,
+    pid_alive,
     python_program,
     running_supervisor,
     wait_for,
@@ -170,6 +172,10 @@ async def test_deploy_that_never_gets_ready_is_rolled_back_with_its_state(
         assert "rolled back" in sv.operations.status(["counter"])[0]["reason"]
 
 
+# Bounds of a checkpoint --stop with a stop asked meanwhile, both done.
+CHECKPOINT_AND_STOP_SECONDS = 60.0
+
+
 async def test_failed_checkpoint_leaves_program_running_and_no_image(sv_dirs: SupervisorDirs):
     config = sv_dirs.write_config(f"[programs.odd]\ncommand = {UNDUMPABLE}\nstartsecs = 0.2\n")
     store = ImageStore(sv_dirs.state_dir)
@@ -203,6 +209,66 @@ async def test_a_checkpoint_of_several_programs_lists_the_images_made_beside_the
         assert (ticker["program"], ticker["ok"]) == ("ticker", True)
         assert [m.id for m in store.list("ticker")] == [ticker["image"]["id"]]
         assert store.list("odd") == []
+
+
+async def checkpoint_stop_and_a_stop_meanwhile(
+    sv: Supervisor, name: str
+) -> tuple[object, list[State]]:
+    """`checkpoint --stop NAME` and, while CRIU dumps it (the program STOPPING for the
+    checkpoint), `stop NAME`. Returns the checkpoint's answer (or its ControlError) and the
+    states the program went through meanwhile: a RUNNING among them would be a stop asked
+    once the checkpoint had ended."""
+    runner = sv.programs.runners[name]
+    history = runner.machine.history
+    before = len(history)
+    outcome: list[object] = []
+
+    async def checkpoint_stop() -> None:
+        try:
+            outcome.append(await sv.operations.checkpoint_programs([name], stop=True))
+        except ControlError as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(CHECKPOINT_AND_STOP_SECONDS):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checkpoint_stop)
+            await runner.wait_until(lambda s: s == State.STOPPING, CHECKPOINT_AND_STOP_SECONDS)
+            assert runner.state == State.STOPPING
+            assert not outcome
+            await sv.operations.stop_programs([name])
+    return outcome[0], [state for _, state in history[before:]]
+
+
+async def test_a_stop_asked_during_a_failing_checkpoint_stop_is_carried_out(
+    sv_dirs: SupervisorDirs,
+):
+    config = sv_dirs.write_config(f"[programs.odd]\ncommand = {UNDUMPABLE}\nstartsecs = 0.2\n")
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        pid = await wait_state(sv, "odd", State.RUNNING)
+        failed, states = await checkpoint_stop_and_a_stop_meanwhile(sv, "odd")
+        assert isinstance(failed, ControlError)
+        assert "criu dump failed" in str(failed)
+        assert states == [State.STOPPING, State.STOPPED]
+        assert not pid_alive(pid)
+        assert sv.programs.runners["odd"].machine.last_exit == 0  # its own SIGTERM handler
+        assert store.list("odd") == []
+
+
+async def test_a_stop_asked_during_a_checkpoint_stop_that_succeeds_keeps_the_image(
+    sv_dirs: SupervisorDirs,
+):
+    config = sv_dirs.write_config(f"[programs.ticker]\ncommand = {TICKER}\nstartsecs = 0.2\n")
+    store = ImageStore(sv_dirs.state_dir)
+    async with running_supervisor(config) as sv:
+        pid = await wait_state(sv, "ticker", State.RUNNING)
+        answer, states = await checkpoint_stop_and_a_stop_meanwhile(sv, "ticker")
+        assert isinstance(answer, list), answer
+        [image] = store.list("ticker")
+        assert answer[0]["image"]["id"] == image.id
+        assert states == [State.STOPPING, State.STOPPED]
+        assert not pid_alive(pid)
+        assert sv.programs.runners["ticker"].machine.last_exit == -signal.SIGKILL
 
 
 async def test_corrupt_image_is_refused_before_criu_runs(sv_dirs: SupervisorDirs):

@@ -4,6 +4,7 @@ crashes ("restart": stopped, started again once the dependency runs; "stop": sto
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -98,3 +99,30 @@ def test_an_operators_stop_of_a_dependent_is_not_undone(
     events = [e.get("event") for e in log_events(supervisor) if e.get("program") == "web"]
     assert "dependency_running_again" not in events
     assert states(supervisor)["web"] == "STOPPED"
+
+
+def test_a_dependent_waiting_for_its_dependency_starts_once_a_reload_replaced_it(
+    supervisor: SupervisorProcess, sv_dirs: SupervisorDirs
+) -> None:
+    """web waits for db, whose definition a reload changes before db is ready: db's runner
+    is replaced, and web starts once the new db runs."""
+    never_ready_db = f"[programs.db]\ncommand = {IDLE}\nstartsecs = 3600\n\n"
+    sv_dirs.write_config(never_ready_db + program("web", "restart"))
+    supervisor.start()
+    wait_until(
+        lambda: any(
+            (e.get("event"), e.get("program")) == ("waiting_for_dependency", "web")
+            for e in log_events(supervisor)
+        ),
+        TIMEOUT,
+        "web waits for db",
+    )
+    first_db = supervisor.status()["db"]
+    assert (first_db["state"], states(supervisor)["web"]) == ("STARTING", "STOPPED")
+
+    changed_db = f'[programs.db]\ncommand = {IDLE}\nstartsecs = 0\nenvironment = {{ V = "2" }}\n\n'
+    sv_dirs.write_config(changed_db + program("web", "restart"))
+    assert json.loads(supervisor.cli("reload", "--json").stdout)["changed"] == ["db"]
+    pids = supervisor.wait_running("db", "web")
+    assert pids["db"] != first_db["pid"]
+    assert not is_alive(int(str(first_db["pid"])))

@@ -214,6 +214,41 @@ def test_failed_stopping_checkpoint_returns_to_running():
     assert machine.state == State.RUNNING
 
 
+def test_a_stop_asked_during_a_stopping_checkpoint_is_carried_out_when_the_checkpoint_fails():
+    machine = running_machine(stopwaitsecs=4.0)
+    machine.handle(StopRequested(2.0, by_checkpoint=True))
+    assert machine.handle(StopRequested(2.1)) == []  # the frozen instance is not signalled
+    assert machine.state == State.STOPPING
+    actions = machine.handle(StopAborted(machine.instance, 2.5))
+    assert actions == [SendStopSignal(machine.instance), ScheduleKill(machine.instance, 4.0)]
+    assert machine.state == State.STOPPING
+    machine.handle(Exited(machine.instance, -15, 2.6))
+    assert machine.state == State.STOPPED
+    assert machine.last_exit_requested
+
+
+def test_a_stop_asked_during_a_stopping_checkpoint_that_succeeds_ends_stopped():
+    machine = running_machine()
+    machine.handle(StopRequested(2.0, by_checkpoint=True))
+    machine.handle(StopRequested(2.1))
+    assert machine.handle(Exited(machine.instance, -9, 2.5)) == []
+    assert machine.state == State.STOPPED
+
+
+def test_a_stop_carried_out_after_a_failed_checkpoint_is_not_carried_over_to_the_next():
+    machine = running_machine()
+    machine.handle(StopRequested(2.0, by_checkpoint=True))
+    machine.handle(StopRequested(2.1))
+    machine.handle(StopAborted(machine.instance, 2.5))
+    machine.handle(Exited(machine.instance, -15, 2.6))
+    machine.handle(StartRequested(3.0))
+    machine.handle(Spawned(machine.instance, 200, 3.1))
+    machine.handle(BecameReady(machine.instance, 4.1))
+    machine.handle(StopRequested(5.0, by_checkpoint=True))
+    assert machine.handle(StopAborted(machine.instance, 5.5)) == []
+    assert machine.state == State.RUNNING
+
+
 def test_a_refused_start_leaves_the_state_and_gives_the_reason():
     machine = ProgramMachine(LifecyclePolicy())
     assert machine.handle(StartRefused("dependency db is FATAL", 1.0)) == []

@@ -161,3 +161,30 @@ async def test_a_stopping_checkpoint_holds_the_instance_without_a_signal_and_can
         assert runner.state == State.RUNNING
         assert runner.running_process() is made[0]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stop_asked_during_a_failed_stopping_checkpoint_is_carried_out(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    launcher = FakeLauncher()
+    made = launcher.made
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
+    runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
+    stopped: list[State] = []
+
+    async def stop() -> None:
+        stopped.append(await runner.stop(timeout=30))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        assert await runner.start(timeout=10) == State.RUNNING
+        instance = runner.stop_for_checkpoint()
+        nursery.start_soon(stop)
+        await trio.sleep(2)  # the checkpoint's dump, on the mock clock
+        assert (made[0].signals, stopped) == ([], [])
+        runner.resume_instance(instance)  # the dump failed
+        await runner.wait_until(lambda s: s == State.STOPPED, 30)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stopped == [State.STOPPED]
+        assert [sig for _, sig in made[0].signals] == [signal.SIGTERM]
+        nursery.cancel_scope.cancel()
