@@ -38,6 +38,16 @@ PARALLEL_CHECKPOINTS = max(os.cpu_count() or 1, 1)
 KILL_POLL_SECONDS = 0.05
 
 
+def what_runs(runner: ProgramRunner) -> str:
+    """The program's state, and for a process what it was started from."""
+    pid = runner.machine.pid
+    if pid is None:
+        return runner.state.value
+    origin = runner.restored_from
+    source = f"restored from image {origin.image_id[:12]}" if origin else "started from scratch"
+    return f"{runner.state.value} pid {pid}, {source}"
+
+
 class Checkpointing:
     """The checkpoint policies (SIGUSR1 rounds, intervals) and the checkpoint, restore and
     prune requests, on top of one CheckpointService (None when no CRIU is usable)."""
@@ -247,9 +257,11 @@ class Checkpointing:
         """Restore a program from an image; the reply says which, and any fallback taken.
         An image taken under another definition is refused before the running instance is
         touched, unless `allow_changed_definition`. A RUNNING program is checkpointed first,
-        so that its live memory is not lost; if that fails, nothing happens unless `force`."""
+        so that its live memory is not lost; if that fails, nothing happens unless `force`.
+        A stop asked meanwhile wins: the reply is then a ControlError saying what runs."""
         service = self.usable_service()
         runner = self.programs.runners[self.programs.select([name])[0]]
+        stops = runner.stops_asked
         try:
             await trio.to_thread.run_sync(service.store.check_trusted)
             if ref.startswith(REMOTE_PREFIX):
@@ -289,7 +301,8 @@ class Checkpointing:
         # may take its stopwaitsecs); a restore never stops the program's dependents.
         with service.using(image), runner.leaving_dependents_alone():
             if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
-                await runner.stop(runner.stop_timeout_bound())
+                await runner.stop(runner.stop_timeout_bound(), replacing=True)
+            self._refuse_if_overtaken(runner, stops, image)
             await runner.start(
                 start_timeout_bound(runner.config),
                 lambda r: service.launch_with_fallback(
@@ -300,7 +313,19 @@ class Checkpointing:
                     allow_changed_definition=allow_changed_definition,
                 ),
             )
+        self._refuse_if_overtaken(runner, stops, image)
         return restored
+
+    @staticmethod
+    def _refuse_if_overtaken(runner: ProgramRunner, stops: int, image: ImageMeta) -> None:
+        """ControlError when a stop was asked since `stops`: it wins over the restore, whose
+        reply would claim `image` where something else runs."""
+        if runner.stops_asked == stops:
+            return
+        why = "a stop or a reload of it was asked during the restore"
+        raise ControlError(
+            f"image {image.id[:12]} is not what runs: {why}; {runner.name} is {what_runs(runner)}"
+        )
 
     async def prune(
         self, names: list[str], keep: int | None, force: bool = False

@@ -137,6 +137,9 @@ class ProgramRunner:
         # Above 0 while a restore, a rollback or a checkpoint that stops the program is under
         # way: its stop and start are not passed on to the programs that depend on it.
         self.dependents_unaffected = 0
+        # Stops asked of the program (a restore's own stop aside): one that grew during a
+        # restore was asked during it, and wins.
+        self.stops_asked = 0
 
     @property
     def name(self) -> str:
@@ -227,7 +230,10 @@ class ProgramRunner:
         """A start that cannot happen: the program stays as it is and shows why."""
         self._dispatch(StartRefused(reason, trio.current_time()))
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, replacing: bool = False) -> None:
+        """Stop the program; `replacing` when the caller starts another instance next."""
+        if not replacing:
+            self.stops_asked += 1
         self._dispatch(StopRequested(trio.current_time()))
 
     def stop_for_checkpoint(self) -> int:
@@ -257,10 +263,14 @@ class ProgramRunner:
     ) -> State:
         """Start and wait until the start has succeeded or failed (or `timeout`)."""
         self.request_start(launcher, cause)
-        return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
+        return await self.settled(timeout)
 
-    async def stop(self, timeout: float) -> State:
-        self.request_stop()
+    async def stop(self, timeout: float, *, replacing: bool = False) -> State:
+        self.request_stop(replacing=replacing)
+        return await self.settled(timeout)
+
+    async def settled(self, timeout: float) -> State:
+        """Wait until the program is neither starting nor stopping (or `timeout`)."""
         return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
 
     def stop_timeout_bound(self) -> float:
