@@ -97,7 +97,7 @@ class Deploys:
             stopped_by_hand = {
                 n for n in diff.changed if programs.runners[n].state == State.STOPPED
             }
-            await programs.stop_programs(list(diff.changed))
+            await programs.stop_until_stopped(list(diff.changed))
             old_programs = current.programs
             for name in diff.changed:
                 programs.forget(name)

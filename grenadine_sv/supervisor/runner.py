@@ -217,14 +217,19 @@ class ProgramRunner:
 
     # Requests are handled at once rather than queued, so the state has changed on return.
 
-    def request_start(self, launcher: Launcher | None = None, cause: StartCause = "start") -> None:
-        """Start the program (if it is not active), through `launcher` for this instance."""
+    def request_start(
+        self, launcher: Launcher | None = None, cause: StartCause = "start"
+    ) -> int | None:
+        """Start the program (if it is not active), through `launcher` for this instance.
+        Returns the instance started (None: it was active, nothing started)."""
         before = self.machine.instance
         self._dispatch(StartRequested(trio.current_time()))
-        if self.machine.instance != before:
-            self._causes[self.machine.instance] = cause
-            if launcher is not None:
-                self._launchers[self.machine.instance] = launcher
+        if self.machine.instance == before:
+            return None
+        self._causes[self.machine.instance] = cause
+        if launcher is not None:
+            self._launchers[self.machine.instance] = launcher
+        return self.machine.instance
 
     def refuse_start(self, reason: str) -> None:
         """A start that cannot happen: the program stays as it is and shows why."""

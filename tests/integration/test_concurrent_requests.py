@@ -6,7 +6,8 @@ a second request sent once the program is STOPPING arrives inside it every time.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from grenadine_sv.supervisor.runner import ProgramRunner
 from tests.conftest import SupervisorDirs
 from tests.integration.supervising import python_program, running_supervisor, wait_for, wait_state
 from tests.integration.supervisor_processes import GRENADINE_SV
+from tests.leftovers import alive, end_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.criu]
 
@@ -48,6 +50,17 @@ def running_image(runner: ProgramRunner) -> str | None:
 async def checkpoint(sv: Supervisor) -> str:
     (made,) = await sv.operations.checkpoint_programs(["stubborn"], stop=False)
     return str(made["image"]["id"])
+
+
+@contextmanager
+def ended_on_leaving() -> Iterator[set[int]]:
+    """Pids the caller adds are ended on leaving: an instance a runner dropped without ending
+    it is no longer the supervisor's to end."""
+    seen: set[int] = set()
+    try:
+        yield seen
+    finally:
+        end_pids([pid for pid in seen if alive(pid)])
 
 
 async def restore(sv: Supervisor, image: str) -> tuple[dict[str, Any] | ControlError, str | None]:
@@ -82,6 +95,29 @@ async def in_stop_phase_of_a_restore(
     return outcome[0]
 
 
+async def test_two_restores_of_one_program_run_one_after_the_other_each_reply_true(
+    sv_dirs: SupervisorDirs,
+) -> None:
+    stubborn_config(sv_dirs)
+    async with running_supervisor(sv_dirs.config) as sv:
+        await wait_state(sv, "stubborn", State.RUNNING)
+        first, second = await checkpoint(sv), await checkpoint(sv)
+        later: list[tuple[dict[str, Any] | ControlError, str | None]] = []
+
+        async def second_restore() -> None:
+            later.append(await restore(sv, second))
+
+        reply, running = await in_stop_phase_of_a_restore(sv, first, second_restore)
+        ((second_reply, second_running),) = later
+        assert isinstance(reply, dict), reply
+        assert isinstance(second_reply, dict), second_reply
+        # Each reply is true when it is made, and the restore asked last is what runs.
+        assert (reply["image"], reply["state"], running) == (first, "RUNNING", first)
+        assert (second_reply["image"], second_reply["state"]) == (second, "RUNNING")
+        assert second_running == second
+        assert running_image(sv.programs.runners["stubborn"]) == second
+
+
 async def test_a_stop_asked_during_the_stop_phase_of_a_restore_wins(
     sv_dirs: SupervisorDirs,
 ) -> None:
@@ -103,6 +139,35 @@ async def test_a_stop_asked_during_the_stop_phase_of_a_restore_wins(
         assert not reply.usage
         assert f"image {image[:12]} is not what runs" in str(reply)
         assert "STOPPED" in str(reply)
+
+
+async def test_a_restore_overtaken_by_a_reload_does_not_claim_it_restored(
+    sv_dirs: SupervisorDirs,
+) -> None:
+    stubborn_config(sv_dirs, mark="one")
+    async with running_supervisor(sv_dirs.config) as sv:
+        await wait_state(sv, "stubborn", State.RUNNING)
+        image = await checkpoint(sv)
+        old = sv.programs.runners["stubborn"]
+        with ended_on_leaving() as seen:
+
+            async def reload() -> None:
+                stubborn_config(sv_dirs, mark="two")
+                assert (await sv.operations.reload())["changed"] == ["stubborn"]
+
+            try:
+                reply, _ = await in_stop_phase_of_a_restore(sv, image, reload)
+            finally:
+                if old.process is not None:  # the old runner's last instance
+                    seen.add(old.process.pid)
+            assert isinstance(reply, ControlError), reply
+            assert f"image {image[:12]} is not what runs" in str(reply)
+            new = sv.programs.runners["stubborn"]
+            assert new is not old
+            assert new.config.environment == {"MARK": "two"}
+            await wait_state(sv, "stubborn", State.RUNNING)
+            assert new.restored_from is None
+            assert old.process is None or not alive(old.process.pid), "the old definition runs"
 
 
 async def test_the_command_line_restore_overtaken_by_a_stop_exits_1_saying_what_runs(
