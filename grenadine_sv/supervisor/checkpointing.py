@@ -6,6 +6,7 @@ when, for which programs, and how many at once.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from typing import Any
@@ -38,6 +39,25 @@ PARALLEL_CHECKPOINTS = max(os.cpu_count() or 1, 1)
 KILL_POLL_SECONDS = 0.05
 
 
+def what_runs(runner: ProgramRunner) -> str:
+    """The program's state, and for a process what it was started from."""
+    pid = runner.machine.pid
+    if pid is None:
+        return runner.state.value
+    origin = runner.restored_from
+    source = f"restored from image {origin.image_id[:12]}" if origin else "started from scratch"
+    return f"{runner.state.value} pid {pid}, {source}"
+
+
+def replaced(runner: ProgramRunner, instance: int | None) -> str | None:
+    """Why the instance a restore started (None: none) is not the runner's; None if it is."""
+    if instance is None:
+        return "the program had not stopped for the restore"
+    if instance != runner.machine.instance:
+        return "another instance has replaced the restored one"
+    return None
+
+
 class Checkpointing:
     """The checkpoint policies (SIGUSR1 rounds, intervals) and the checkpoint, restore and
     prune requests, on top of one CheckpointService (None when no CRIU is usable)."""
@@ -50,6 +70,10 @@ class Checkpointing:
         self._interval_scopes: dict[str, trio.CancelScope] = {}
         # Programs whose newest image learn_last_checkpoints has just read, for program_added.
         self._learned: set[str] = set()
+        # One per program: its restores wait their turn on it.
+        self._restoring: collections.defaultdict[str, trio.Lock] = collections.defaultdict(
+            trio.Lock
+        )
         programs.listeners.append(self)
 
     def usable_service(self) -> CheckpointService:
@@ -245,23 +269,58 @@ class Checkpointing:
         self, name: str, ref: str, force: bool = False, *, allow_changed_definition: bool = False
     ) -> dict[str, Any]:
         """Restore a program from an image; the reply says which, and any fallback taken.
-        An image taken under another definition is refused before the running instance is
-        touched, unless `allow_changed_definition`. A RUNNING program is checkpointed first,
-        so that its live memory is not lost; if that fails, nothing happens unless `force`."""
+        Restores of one program run one at a time, in the order asked. An image taken under
+        another definition is refused before the running instance is touched, unless
+        `allow_changed_definition`. A RUNNING program is checkpointed first, so that its live
+        memory is not lost; if that fails, nothing happens unless `force`. A stop or a reload
+        asked meanwhile wins: the reply is then a ControlError saying what runs."""
         service = self.usable_service()
         runner = self.programs.runners[self.programs.select([name])[0]]
+        stops = runner.stops_asked
+        image = await self._resolve(service, runner, ref, allow_changed_definition)
+        with service.using(image):  # while it waits its turn too, a prune leaves it alone
+            async with self._restoring[runner.name]:
+                return await self._restore(
+                    service,
+                    runner,
+                    stops,
+                    image,
+                    force=force,
+                    allow_changed_definition=allow_changed_definition,
+                )
+
+    async def _resolve(
+        self,
+        service: CheckpointService,
+        runner: ProgramRunner,
+        ref: str,
+        allow_changed_definition: bool,
+    ) -> ImageMeta:
         try:
             await trio.to_thread.run_sync(service.store.check_trusted)
             if ref.startswith(REMOTE_PREFIX):
-                image = await service.resolve_for_start(
+                return await service.resolve_for_start(
                     runner.config, ref, allow_changed_definition=allow_changed_definition
                 )
-            else:
-                image = await trio.to_thread.run_sync(service.store.resolve, name, ref)
+            return await trio.to_thread.run_sync(service.store.resolve, runner.name, ref)
         except (UntrustedPath, RemoteUnavailable) as exc:
             raise ControlError(str(exc)) from exc
         except (LookupError, ValueError) as exc:
             raise ControlError(str(exc), usage=True) from exc
+
+    async def _restore(
+        self,
+        service: CheckpointService,
+        runner: ProgramRunner,
+        stops: int,
+        image: ImageMeta,
+        *,
+        force: bool,
+        allow_changed_definition: bool,
+    ) -> dict[str, Any]:
+        """One restore, its turn come; `stops` is the runner's stops_asked when it was asked."""
+        name = runner.name
+        self._refuse_if_overtaken(runner, stops, image)
         check = check_definition(runner.config, image)
         if not check.unchanged and not allow_changed_definition:
             raise ControlError(changed_definition_message(image, check))
@@ -289,18 +348,36 @@ class Checkpointing:
         # may take its stopwaitsecs); a restore never stops the program's dependents.
         with service.using(image), runner.leaving_dependents_alone():
             if runner.state in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING):
-                await runner.stop(runner.stop_timeout_bound())
-            await runner.start(
-                start_timeout_bound(runner.config),
+                await runner.stop(runner.stop_timeout_bound(), replacing=True)
+            self._refuse_if_overtaken(runner, stops, image)
+            instance = runner.request_start(
                 lambda r: service.launch_with_fallback(
                     r,
                     image,
                     note_fallback,
                     occasion="restore",
                     allow_changed_definition=allow_changed_definition,
-                ),
+                )
             )
+            await runner.settled(start_timeout_bound(runner.config))
+        self._refuse_if_overtaken(runner, stops, image, replaced(runner, instance))
         return restored
+
+    def _refuse_if_overtaken(
+        self, runner: ProgramRunner, stops: int, image: ImageMeta, why: str | None = None
+    ) -> None:
+        """ControlError when the restore has been overtaken (its reply would claim `image`
+        where something else runs): its runner replaced by a reload, a stop asked since
+        `stops`, or `why`."""
+        current = self.programs.runners.get(runner.name)
+        if current is not runner:
+            why = "it was reloaded or removed during the restore"
+        elif runner.stops_asked != stops:
+            why = "a stop or a reload of it was asked during the restore"
+        if why is None:
+            return
+        now = f"{runner.name} is {what_runs(current)}" if current else "it is no longer configured"
+        raise ControlError(f"image {image.id[:12]} is not what runs: {why}; {now}")
 
     async def prune(
         self, names: list[str], keep: int | None, force: bool = False

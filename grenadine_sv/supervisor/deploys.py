@@ -100,7 +100,7 @@ class Deploys:
                 if programs.runners[n].state == State.STOPPED
                 and not programs.runners[n].dependency_waits
             }
-            await programs.stop_programs(list(diff.changed))
+            await programs.stop_until_stopped(list(diff.changed))
             old_programs = current.programs
             for name in diff.changed:
                 programs.forget(name)

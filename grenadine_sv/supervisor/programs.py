@@ -191,8 +191,7 @@ class Programs:
         self._roster_changed = trio.Event()
 
     async def remove(self, name: str) -> None:
-        runner = self.runners[name]
-        await runner.stop(runner.stop_timeout_bound())
+        await self.stop_until_stopped([name])
         self.forget(name, for_good=True)
 
     def autostart(self, names: Iterable[str], launchers: Mapping[str, Launcher]) -> None:
@@ -303,6 +302,15 @@ class Programs:
         async with trio.open_nursery() as nursery:
             for name in selected:
                 nursery.start_soon(stop_one, name)
+
+    async def stop_until_stopped(self, names: list[str]) -> None:
+        """Stop these programs, and again those started meanwhile (a restore that was
+        waiting for its stop): on return none runs, and a caller that forgets their runners
+        before its next await leaves no instance running unwatched."""
+        pending = names
+        while pending:
+            await self.stop_programs(pending)
+            pending = [n for n in names if self.runners[n].state in ACTIVE_OR_RETRYING]
 
     async def start_programs(self, names: list[str]) -> None:
         """Start these programs and what they depend on, each after its dependencies."""

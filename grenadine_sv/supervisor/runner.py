@@ -141,6 +141,9 @@ class ProgramRunner:
         self.dependency_waits = 0
         # Set once the runner is dropped (its program removed, or replaced by a reload).
         self.retired = False
+        # Stops asked of the program (a restore's own stop aside): one that grew during a
+        # restore was asked during it, and wins.
+        self.stops_asked = 0
 
     @property
     def name(self) -> str:
@@ -233,20 +236,28 @@ class ProgramRunner:
 
     # Requests are handled at once rather than queued, so the state has changed on return.
 
-    def request_start(self, launcher: Launcher | None = None, cause: StartCause = "start") -> None:
-        """Start the program (if it is not active), through `launcher` for this instance."""
+    def request_start(
+        self, launcher: Launcher | None = None, cause: StartCause = "start"
+    ) -> int | None:
+        """Start the program (if it is not active), through `launcher` for this instance.
+        Returns the instance started (None: it was active, nothing started)."""
         before = self.machine.instance
         self._dispatch(StartRequested(trio.current_time()))
-        if self.machine.instance != before:
-            self._causes[self.machine.instance] = cause
-            if launcher is not None:
-                self._launchers[self.machine.instance] = launcher
+        if self.machine.instance == before:
+            return None
+        self._causes[self.machine.instance] = cause
+        if launcher is not None:
+            self._launchers[self.machine.instance] = launcher
+        return self.machine.instance
 
     def refuse_start(self, reason: str) -> None:
         """A start that cannot happen: the program stays as it is and shows why."""
         self._dispatch(StartRefused(reason, trio.current_time()))
 
-    def request_stop(self) -> None:
+    def request_stop(self, *, replacing: bool = False) -> None:
+        """Stop the program; `replacing` when the caller starts another instance next."""
+        if not replacing:
+            self.stops_asked += 1
         self._dispatch(StopRequested(trio.current_time()))
 
     def stop_for_checkpoint(self) -> int:
@@ -278,10 +289,14 @@ class ProgramRunner:
     ) -> State:
         """Start and wait until the start has succeeded or failed (or `timeout`)."""
         self.request_start(launcher, cause)
-        return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
+        return await self.settled(timeout)
 
-    async def stop(self, timeout: float) -> State:
-        self.request_stop()
+    async def stop(self, timeout: float, *, replacing: bool = False) -> State:
+        self.request_stop(replacing=replacing)
+        return await self.settled(timeout)
+
+    async def settled(self, timeout: float) -> State:
+        """Wait until the program is neither starting nor stopping (or `timeout`)."""
         return await self.wait_until(lambda s: s not in WAITING_STATES, timeout)
 
     def stop_timeout_bound(self) -> float:
