@@ -74,6 +74,7 @@ StateObserver = Callable[["ProgramRunner", State, State], None]
 
 
 WAITING_STATES = frozenset({State.STARTING, State.BACKOFF, State.STOPPING})
+STARTED_WHILE_STOPPING = "it was stopping when the start was asked: start it again"
 
 
 # A launcher starts an instance of the program: from scratch, or from an image.
@@ -287,9 +288,14 @@ class ProgramRunner:
     async def start(
         self, timeout: float, launcher: Launcher | None = None, cause: StartCause = "start"
     ) -> State:
-        """Start and wait until the start has succeeded or failed (or `timeout`)."""
+        """Start and wait until the start has succeeded or failed (or `timeout`). A start
+        asked while the program stops is not carried out, and the program shows why."""
+        stopping = self.state == State.STOPPING
         self.request_start(launcher, cause)
-        return await self.settled(timeout)
+        state = await self.settled(timeout)
+        if stopping and state in (State.STOPPED, State.EXITED):
+            self.refuse_start(STARTED_WHILE_STOPPING)
+        return state
 
     async def stop(self, timeout: float, *, replacing: bool = False) -> State:
         self.request_stop(replacing=replacing)

@@ -13,7 +13,12 @@ from grenadine_sv.config.loading import ProgramConfig
 from grenadine_sv.lifecycle.machine import State
 from grenadine_sv.sandbox import SandboxError
 from grenadine_sv.sandbox.spec import InvalidSandboxSpec
-from grenadine_sv.supervisor.runner import LaunchedInstance, ProgramRunner, RunnerContext
+from grenadine_sv.supervisor.runner import (
+    STARTED_WHILE_STOPPING,
+    LaunchedInstance,
+    ProgramRunner,
+    RunnerContext,
+)
 from grenadine_sv.testing import FakeLauncher, FakeProcess
 
 
@@ -187,4 +192,31 @@ async def test_a_stop_asked_during_a_failed_stopping_checkpoint_is_carried_out(
         await trio.testing.wait_all_tasks_blocked()
         assert stopped == [State.STOPPED]
         assert [sig for _, sig in made[0].signals] == [signal.SIGTERM]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_start_asked_while_a_checkpoint_stops_the_program_says_why_it_did_not_start(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+):
+    launcher = FakeLauncher()
+    made = launcher.made
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
+    runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
+    started: list[State] = []
+
+    async def start() -> None:
+        started.append(await runner.start(timeout=30))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        assert await runner.start(timeout=10) == State.RUNNING
+        runner.stop_for_checkpoint()
+        nursery.start_soon(start)
+        await trio.sleep(2)  # the checkpoint's dump, on the mock clock
+        made[0].exit(-signal.SIGKILL)  # the image is listed: the frozen tree is ended
+        await runner.wait_until(lambda s: s == State.STOPPED, 30)
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == [State.STOPPED]
+        assert len(made) == 1
+        assert runner.machine.reason == STARTED_WHILE_STOPPING
         nursery.cancel_scope.cancel()
