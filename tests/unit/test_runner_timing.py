@@ -35,6 +35,14 @@ def runner_with(tmp_path: Path, config: ProgramConfig, make: object) -> ProgramR
     )
 
 
+def checkpointable_runner(tmp_path: Path) -> tuple[ProgramRunner, list[FakeProcess]]:
+    """A runner (startsecs and stopwaitsecs 1) and the fake processes its launcher makes."""
+    launcher = FakeLauncher()
+    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
+    runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
+    return runner, launcher.made
+
+
 async def test_failed_starts_back_off_one_then_two_seconds_then_fatal(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
@@ -149,10 +157,7 @@ async def test_a_start_with_its_own_launcher_uses_it_for_that_instance_only(
 async def test_a_stopping_checkpoint_holds_the_instance_without_a_signal_and_can_resume(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
-    launcher = FakeLauncher()
-    made = launcher.made
-    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
-    runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
+    runner, made = checkpointable_runner(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
         assert await runner.start(timeout=10) == State.RUNNING
@@ -171,10 +176,7 @@ async def test_a_stopping_checkpoint_holds_the_instance_without_a_signal_and_can
 async def test_a_stop_asked_during_a_failed_stopping_checkpoint_is_carried_out(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
-    launcher = FakeLauncher()
-    made = launcher.made
-    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
-    runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
+    runner, made = checkpointable_runner(tmp_path)
     stopped: list[State] = []
 
     async def stop() -> None:
@@ -198,10 +200,7 @@ async def test_a_stop_asked_during_a_failed_stopping_checkpoint_is_carried_out(
 async def test_a_start_asked_while_a_checkpoint_stops_the_program_says_why_it_did_not_start(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ):
-    launcher = FakeLauncher()
-    made = launcher.made
-    context = RunnerContext(log_dir=tmp_path, root_anchor=tmp_path, state_dir=tmp_path)
-    runner = ProgramRunner(program(tmp_path, startsecs=1, stopwaitsecs=1), context, launcher)
+    runner, made = checkpointable_runner(tmp_path)
     started: list[State] = []
 
     async def start() -> None:
